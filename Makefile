@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   probe gradflow.demos:seed_bug, patch it, and show the proof
+#   make test   the test suite on both supported stacks
+PY ?= python3
+OLD := .venv-old   # the seed's stack: transformers 4.57.x + peft 0.18.0
+NEW := .venv       # the latest:      transformers 5.x   + peft 0.21.x
+TORCH := torch==2.13.0
+COMMON := "typer>=0.15,<0.30" "rich>=13" "accelerate>=1.0" safetensors "bitsandbytes==0.50.2" "pytest>=8" "tensorboard>=2.14" "matplotlib>=3.7"
+PIP_FLAGS := -q --disable-pip-version-check
+
+.PHONY: demo test test-old test-new venvs clean
+
+$(NEW)/.ok:
+	$(PY) -m venv $(NEW)
+	$(NEW)/bin/pip install $(PIP_FLAGS) $(TORCH)
+	$(NEW)/bin/pip install $(PIP_FLAGS) $(TORCH) "transformers>=5,<6" "peft>=0.21,<0.22" $(COMMON)
+	$(NEW)/bin/pip install $(PIP_FLAGS) --no-deps -e .
+	touch $@
+
+$(OLD)/.ok:
+	$(PY) -m venv $(OLD)
+	$(OLD)/bin/pip install $(PIP_FLAGS) $(TORCH)
+	$(OLD)/bin/pip install $(PIP_FLAGS) $(TORCH) "transformers==4.57.*" "peft==0.18.0" $(COMMON)
+	$(OLD)/bin/pip install $(PIP_FLAGS) --no-deps -e .
+	touch $@
+
+venvs: $(NEW)/.ok $(OLD)/.ok
+
+demo: $(NEW)/.ok
+	@echo "== 1. probe the seed's broken setup (exit 1 = findings) =="
+	-$(NEW)/bin/gradflow probe-backward gradflow.demos:seed_bug
+	@if $(NEW)/bin/gradflow --help | grep -q ' patch '; then \
+	  echo "== 2. patch it: apply the safe fixes and re-probe =="; \
+	  $(NEW)/bin/gradflow patch gradflow.demos:seed_bug; \
+	fi
+
+test-new: $(NEW)/.ok
+	$(NEW)/bin/python -m pytest tests
+
+test-old: $(OLD)/.ok
+	$(OLD)/bin/python -m pytest tests
+
+test: test-old test-new
+
+clean:
+	rm -rf $(OLD) $(NEW) *.egg-info

@@ -1,0 +1,32 @@
+"""Shared command plumbing: build the setup and batch, print a report, choose the exit code."""
+
+from __future__ import annotations
+
+from gradflow.errors import ExitCode, GradflowError
+
+
+def prepare(model, opts, *, data, batch_size, seq_len, seed, out):
+    """Resolve, build and batch, with progress on stderr."""
+    from gradflow.cli._options import check_positive
+    from gradflow.runner import load_setup, make_batch
+
+    check_positive(batch_size, "--batch-size")
+    check_positive(seq_len, "--seq-len")
+    with out.status(f"loading {model}"):
+        setup = load_setup(model, opts)
+    batch = make_batch(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    return setup, batch
+
+
+def exit_for(report, fail_on: str) -> int:
+    return int(ExitCode.FINDINGS if report.fails(fail_on) else ExitCode.OK)
+
+
+def check_format(fmt: str, allowed) -> None:
+    if fmt not in allowed:
+        raise GradflowError(f"--format {fmt!r} is not one of {', '.join(allowed)}", "Pick one of those")
+
+
+def check_fail_on(fail_on: str) -> None:
+    if fail_on not in ("error", "warning", "never"):
+        raise GradflowError(f"--fail-on {fail_on!r} is not error, warning or never", "Pick one of those")

@@ -1,0 +1,37 @@
+"""One output object: data to stdout (text, JSON or SARIF), talk and progress to stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+
+
+class Output:
+    def __init__(self, fmt: str = "text"):
+        from rich.console import Console
+
+        self.fmt = fmt
+        # pipes and CI logs get 120 columns rather than 80, so module paths stay on one line
+        width = None if sys.stdout.isatty() else 120
+        self.out = Console(file=sys.stdout, soft_wrap=False, highlight=False, width=width)
+        self.err = Console(file=sys.stderr, highlight=False)
+
+    def data(self, obj) -> None:
+        """A JSON-able object to stdout."""
+        sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+
+    def show(self, renderable) -> None:
+        self.out.print(renderable)
+
+    def say(self, text: str) -> None:
+        self.err.print(text)
+
+    @contextmanager
+    def status(self, text: str):
+        if self.err.is_terminal:
+            with self.err.status(text):
+                yield
+        else:
+            yield

@@ -1,0 +1,47 @@
+"""`gradflow explain [CODE|SLUG]`: a finding's documentation, or the list of all findings."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from gradflow.cli._errors import fail
+
+
+def explain(code: Annotated[Optional[str], typer.Argument(help="A finding code (GF101) or slug.")] = None,
+            format: Annotated[str, typer.Option("--format", help="text | json")] = "text"):
+    """Print a finding's documentation (What it does / Why is this bad? / Example / Fix safety)."""
+    from gradflow.errors import GradflowError
+    from gradflow.rules import load
+    from gradflow.rules.codes import CODES, lookup
+
+    try:
+        if format not in ("text", "json"):
+            raise GradflowError(f"--format {format!r} is not text or json", "Pick one of those")
+        if code is None:
+            rules = [load(c) for c in CODES]
+            if format == "json":
+                import json
+
+                print(json.dumps([{"code": r.code, "slug": r.slug, "severity": r.severity,
+                                   "fix": r.applicability} for r in rules], indent=2))
+                return
+            for r in rules:
+                print(f"{r.code}  {r.slug:<36} {r.severity:<8} fix: {r.applicability or '-'}")
+            return
+        found = lookup(code)
+        if found is None:
+            raise GradflowError(f"unknown finding {code!r}", "Run 'gradflow explain' to list every code and slug")
+        rule = load(found)
+        if format == "json":
+            import json
+
+            print(json.dumps({"code": rule.code, "slug": rule.slug, "severity": rule.severity,
+                              "fix": rule.applicability, "doc": rule.doc.strip()}, indent=2))
+            return
+        print(f"{rule.code} {rule.slug} ({rule.severity})\n")
+        print(rule.doc.strip())
+    except GradflowError as exc:
+        fail(exc)

@@ -1,0 +1,54 @@
+"""`gradflow inspect`: the model as a tree, with checkpointing, hooks and (unless --static) a forward trace."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from gradflow.cli import _options as o
+from gradflow.cli._errors import fail
+
+
+def inspect(
+    model: o.ModelArg,
+    lora_r: o.LoraR = None, lora_alpha: o.LoraAlpha = None, lora_targets: o.LoraTargets = None,
+    adapter: o.Adapter = None, adapter_trainable: o.AdapterTrainable = False, quant: o.Quant = "none",
+    gc: o.GC = None, dtype: o.DType = None, device: o.Device = "auto", trainable: o.Trainable = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    data: o.Data = None, batch_size: o.BatchSize = 2, seq_len: o.SeqLen = 32, seed: o.Seed = 0,
+    static: bool = typer.Option(False, "--static", help="Describe only; do not run a forward."),
+    depth: Optional[int] = typer.Option(4, "--depth", help="Tree depth to show (cuts are always shown)."),
+    format: str = typer.Option("text", "--format", help="text | json"),
+    fail_on: o.FailOn = "error",
+):
+    """Show the model module by module: trainable/frozen/quantized counts, dtype, hooks, checkpointing."""
+    from gradflow.cli._common import check_fail_on, check_format, exit_for, prepare
+    from gradflow.cli._output import Output
+    from gradflow.errors import GradflowError
+
+    out = Output(format)
+    try:
+        check_format(format, ("text", "json"))
+        check_fail_on(fail_on)
+        if depth is not None and depth < 1:
+            raise GradflowError(f"--depth must be at least 1, got {depth}", "Pass e.g. --depth 3")
+        opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
+                               device, trainable, trust_remote_code, seed)
+        setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out)
+        import gradflow
+
+        report = gradflow.inspect(setup.model, batch, static=static, loss_fn=setup.loss_fn,
+                                  trainable=setup.trainable)
+    except Exception as exc:
+        fail(exc)
+    if format == "json":
+        out.data(report.to_dict())
+    else:
+        from gradflow.render.text import findings_table, summary
+        from gradflow.render.tree import render_tree
+
+        out.show(summary(report))
+        out.show(render_tree(report, depth=depth))
+        out.show(findings_table(report.findings))
+    raise typer.Exit(exit_for(report, fail_on))

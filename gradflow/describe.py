@@ -1,0 +1,150 @@
+"""Static description of a model: parameters, per-module counts, hooks and checkpointing. Runs nothing."""
+
+from __future__ import annotations
+
+import re
+
+from gradflow.snapshot import ModuleState, ParamState, Snapshot
+
+_QUANT_PARAM_CLASSES = ("Params4bit", "Int8Params")
+_QUANT_MODULE_CLASSES = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}
+_INPUT_GRAD_HOOK = re.compile(r"inputs?_require_grads?")
+
+
+def hook_names(module) -> tuple[str, ...]:
+    """Names of the user-visible forward hooks on `module` (pre-hooks prefixed 'pre:')."""
+    names = []
+    for hook in getattr(module, "_forward_pre_hooks", {}).values():
+        if not getattr(hook, "_gradflow", False):
+            names.append("pre:" + _callable_name(hook))
+    for hook in getattr(module, "_forward_hooks", {}).values():
+        if not getattr(hook, "_gradflow", False):
+            names.append(_callable_name(hook))
+    return tuple(names)
+
+
+def _callable_name(fn) -> str:
+    fn = getattr(fn, "func", fn)  # functools.partial
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
+def is_input_grad_hook(name: str) -> bool:
+    return bool(_INPUT_GRAD_HOOK.search(name))
+
+
+def gc_mode_of(module) -> str:
+    """transformers' per-module checkpointing state: off, reentrant or non-reentrant."""
+    if getattr(module, "gradient_checkpointing", False) is not True:
+        return "off"
+    func = getattr(module, "_gradient_checkpointing_func", None)
+    keywords = getattr(func, "keywords", None) or {}
+    # torch falls back to reentrant when use_reentrant is not given (with a warning).
+    return "non-reentrant" if keywords.get("use_reentrant", True) is False else "reentrant"
+
+
+def _is_gc_layer(module) -> bool:
+    return any(c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__)
+
+
+def describe(model, *, trainable: str | None = None, optimizer=None) -> Snapshot:
+    """Parameters and modules of `model` as plain data (no forward)."""
+    import torch
+
+    intended_re = re.compile(trainable) if trainable else None
+    is_peft = hasattr(model, "peft_config") and hasattr(model, "active_adapter")
+    adapters = tuple(getattr(model, "peft_config", {}) or ()) if is_peft else ()
+    active = getattr(model, "active_adapters", None) if is_peft else None
+    if callable(active):
+        active = active()
+    active = tuple(active or ([model.active_adapter] if is_peft else []))
+    in_opt = None
+    if optimizer is not None:
+        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+    embed_ids = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            emb = getattr(model, getter)() if hasattr(model, getter) else None
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if emb is not None and hasattr(emb, "weight"):
+            embed_ids.add(id(emb.weight))
+
+    names = {}
+    modules: list[ModuleState] = []
+    index: dict[str, ModuleState] = {}
+    quant_kind = "none"
+    gc_modes = []
+    input_hook = False
+    for name, module in model.named_modules():
+        names[module] = name
+        state = ModuleState(name=name, cls=type(module).__name__, depth=0 if not name else name.count(".") + 1,
+                            hooks=hook_names(module), gc=gc_mode_of(module))
+        if state.gc != "off" and _is_gc_layer(module):
+            gc_modes.append(state.gc)
+        if type(module).__name__ in _QUANT_MODULE_CLASSES:
+            quant_kind = _QUANT_MODULE_CLASSES[type(module).__name__]
+        if isinstance(module, torch.nn.Embedding) and hasattr(module, "weight"):
+            embed_ids.add(id(module.weight))
+        input_hook = input_hook or any(is_input_grad_hook(h) for h in state.hooks)
+        modules.append(state)
+        index[name] = state
+
+    params: list[ParamState] = []
+    dtypes: dict[str, set] = {}
+    for name, p in model.named_parameters():
+        module_name = name.rsplit(".", 1)[0] if "." in name else ""
+        quantized = type(p).__name__ in _QUANT_PARAM_CLASSES or p.dtype in (torch.uint8, torch.int8)
+        segments = name.split(".")
+        in_adapter = any(a in segments for a in adapters)
+        state = ParamState(
+            name=name, module=module_name, numel=_numel(p), dtype=str(p.dtype).replace("torch.", ""),
+            requires_grad=bool(p.requires_grad), quantized=quantized,
+            adapter=in_adapter and "modules_to_save" not in segments,
+            saved=in_adapter if is_peft else None,
+            embedding=id(p) in embed_ids,
+            intended=bool(intended_re.search(name)) if intended_re else None,
+            in_optimizer=(id(p) in in_opt) if in_opt is not None else None,
+        )
+        params.append(state)
+        # roll the counts up to every ancestor module
+        prefix = module_name
+        while True:
+            m = index.get(prefix)
+            if m is not None:
+                if quantized:
+                    m.quantized += state.numel
+                elif p.requires_grad:
+                    m.trainable += state.numel
+                else:
+                    m.frozen += state.numel
+                dtypes.setdefault(prefix, set()).add(state.dtype)
+            if not prefix:
+                break
+            prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+    for name, ds in dtypes.items():
+        index[name].dtypes = tuple(sorted(ds))
+
+    config = getattr(model, "config", None)
+    snap = Snapshot(
+        model_class=type(model).__name__, params=params, modules=modules, is_peft=is_peft,
+        adapter_names=adapters, quantized=quant_kind, input_grad_hook=input_hook,
+        gc_mode=gc_modes[0] if gc_modes else "off",
+        use_cache=getattr(config, "use_cache", None) if config is not None else None,
+        trainable_regex=trainable, optimizer_given=optimizer is not None,
+    )
+    snap.extra["active_adapters"] = active
+    snap.extra["module_names"] = names  # module object -> path, for the tracer (not serialised)
+    return snap
+
+
+def _numel(p) -> int:
+    # bitsandbytes packs two 4-bit values per byte; report the logical count when it is known
+    quant_state = getattr(p, "quant_state", None)
+    shape = getattr(quant_state, "shape", None)
+    if shape is not None:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        return n
+    return p.numel()

@@ -1,0 +1,25 @@
+"""Errors gradflow raises for bad input, and the exit codes the CLI returns."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Process exit codes of the `gradflow` CLI."""
+
+    OK = 0  # no finding at or above --fail-on
+    FINDINGS = 1  # at least one finding at or above --fail-on
+    USAGE = 2  # bad usage, bad input, or the tool itself failed
+
+
+class GradflowError(Exception):
+    """A problem with what the user asked for: one line saying what is wrong and what to do."""
+
+    def __init__(self, what: str, todo: str | None = None):
+        self.what = what
+        self.todo = todo
+        super().__init__(self.line())
+
+    def line(self) -> str:
+        return f"{self.what}. {self.todo}" if self.todo else self.what

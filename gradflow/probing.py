@@ -1,0 +1,241 @@
+"""Backward probe: one forward and backward in train mode, each trainable parameter's gradient classified."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+from gradflow.snapshot import LossState, Snapshot
+
+
+def model_device(model):
+    import torch
+
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def vocab_size(model) -> int | None:
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if size:
+        return int(size)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(emb, "num_embeddings", None)
+
+
+def synthetic_batch(model, *, batch_size: int = 2, seq_len: int = 32, seed: int = 0) -> dict:
+    """Token ids inside the vocab and labels equal to them: a causal-LM batch."""
+    import torch
+
+    vocab = vocab_size(model)
+    if vocab is None:
+        raise ValueError("cannot synthesise a batch: the model has no vocab_size; pass a batch or loss_fn")
+    gen = torch.Generator().manual_seed(seed)
+    # skip the first ids: presets keep pad/bos/eos there
+    ids = torch.randint(min(3, vocab - 1), vocab, (batch_size, seq_len), generator=gen)
+    device = model_device(model)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.clone().to(device)}
+
+
+def call_model(model, batch):
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def extract_loss(out):
+    """The scalar loss from a model output or a loss_fn's return value."""
+    import torch
+
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if loss is None and isinstance(out, torch.Tensor):
+        loss = out
+    if loss is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        loss = out[0]
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"no loss in the output ({type(out).__name__}); pass labels in the batch or a loss_fn")
+    if loss.numel() != 1:
+        raise TypeError(f"the loss has shape {tuple(loss.shape)}, not a scalar; reduce it in your loss_fn")
+    return loss.reshape(())
+
+
+def _graph_reaches(root_fn, target_fn, limit: int = 2_000_000) -> bool:
+    seen = set()
+    stack = [root_fn]
+    while stack and len(seen) < limit:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        if fn is target_fn:
+            return True
+        seen.add(id(fn))
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return False
+
+
+@contextlib.contextmanager
+def preserved(model):
+    """Leave the model as it was found: train/eval flags, gradients, and the RNG streams."""
+    import torch
+
+    modes = [(m, m.training) for m in model.modules()]
+    params = [p for p in model.parameters()]
+    grads = [p.grad for p in params]
+    flags = [p.requires_grad for p in params]
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        for p in params:
+            p.grad = None
+        yield
+    finally:
+        for p, g, f in zip(params, grads, flags):
+            p.grad = g
+            if p.requires_grad != f:
+                p.requires_grad_(f)
+        for m, mode in modes:
+            m.training = mode
+        torch.set_rng_state(cpu_rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+
+
+def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimizer=None,
+          trainable: str | None = None, backward: bool = True, static: bool = False) -> Snapshot:
+    """Describe `model`, trace one train-mode forward, run backward, and classify every trainable gradient."""
+    import torch
+
+    from gradflow.describe import describe
+    from gradflow.trace import Tracer, main_output
+
+    snap = describe(model, trainable=trainable, optimizer=optimizer)
+    if static:
+        return snap
+    names = snap.extra["module_names"]
+    if batch is None and loss_fn is None:
+        batch = synthetic_batch(model)
+    if isinstance(batch, dict):
+        snap.inputs_embeds_given = batch.get("inputs_embeds") is not None
+        pkv = batch.get("past_key_values")
+        snap.legacy_cache_in_batch = isinstance(pkv, (tuple, list))
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor):
+            supervised = labels[..., 1:] if labels.dim() > 1 and labels.shape[-1] > 1 else labels
+            snap.labels_all_masked = bool((supervised == -100).all())
+
+    loss_state = LossState()
+    trainable_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    with preserved(model):
+        model.train()
+        with Tracer(model, names) as tracer:
+            loss = None
+            try:
+                out = loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
+            except Exception as exc:  # the user's forward failing is data, not a crash
+                loss_state.error, loss_state.error_phase = _describe_exc(exc), "forward"
+                out = None
+            if out is not None:
+                try:
+                    loss = extract_loss(out)
+                except TypeError as exc:
+                    loss_state.error, loss_state.error_phase = str(exc), "loss"
+            tracer.phase = "backward"
+            model_out = main_output(tracer.output) if tracer.output is not None else None
+            if model_out is not None:
+                snap.output_requires_grad = bool(model_out.requires_grad)
+            if loss is not None:
+                loss_state.value = float(loss.detach().float())  # one sync, after the forward
+                loss_state.requires_grad = bool(loss.requires_grad)
+                loss_state.grad_fn = type(loss.grad_fn).__name__ if loss.grad_fn is not None else None
+                loss_state.is_leaf = loss.requires_grad and loss.grad_fn is None
+                if model_out is not None and model_out.grad_fn is not None:
+                    loss_state.reaches_output = (loss.grad_fn is not None and
+                                                 _graph_reaches(loss.grad_fn, model_out.grad_fn))
+                elif tracer.output is None:
+                    loss_state.reaches_output = False  # the model never ran
+                if backward and loss.requires_grad:
+                    try:
+                        loss.backward()
+                    except Exception as exc:
+                        loss_state.error, loss_state.error_phase = _describe_exc(exc), "backward"
+            del loss, out, model_out
+            tracer.output = None
+        _fill_trace(snap, tracer)
+        _fill_grads(snap, trainable_params)
+    snap.loss = loss_state
+    snap.traced = True
+    snap.probed = backward
+    return snap
+
+
+def _describe_exc(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _fill_trace(snap: Snapshot, tracer) -> None:
+    import torch
+
+    finite_names, finite_flags = [], []
+    for m in snap.modules:
+        rec = tracer.records.get(m.name)
+        m.ran = rec is not None and rec.calls > 0
+        if not m.ran:
+            continue
+        m.calls, m.order = rec.calls, rec.order
+        m.in_requires_grad, m.out_requires_grad, m.out_grad_fn = rec.in_rg, rec.out_rg, rec.grad_fn
+        m.grad_enabled, m.in_reentrant, m.detached_output = rec.grad_enabled, rec.in_reentrant, rec.detached
+        if rec.no_grad_call:
+            snap.extra.setdefault("no_grad_modules", []).append(m.name)
+        if rec.finite is not None:
+            finite_names.append(m)
+            finite_flags.append(rec.finite)
+    if finite_flags:
+        dev = finite_flags[0].device
+        flags = torch.stack([f.to(dev) for f in finite_flags]).tolist()  # one transfer for all modules
+        for m, ok in zip(finite_names, flags):
+            m.out_finite = bool(ok)
+        bad = sorted((m for m in finite_names if m.out_finite is False), key=lambda m: m.order)
+        snap.forward_nonfinite_at = bad[0].name if bad else None
+    snap.checkpoints = tracer.checkpoints
+    ran = {m.name for m in snap.modules if m.ran}
+    for p in snap.params:
+        p.used = p.module in ran
+
+
+def _fill_grads(snap: Snapshot, trainable_params) -> None:
+    import torch
+
+    by_name = {p.name: p for p in snap.params}
+    with_grad = [(n, p.grad) for n, p in trainable_params if p.grad is not None]
+    norms = []
+    if with_grad:
+        dev = with_grad[0][1].device
+        # stacked on the device and read back once: a per-parameter .item() would sync hundreds of times
+        norms = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(dev)
+                             if g.is_floating_point() else torch.tensor(float("nan"), device=dev)
+                             for _, g in with_grad]).tolist()
+    norm_of = {n: v for (n, _), v in zip(with_grad, norms)}
+    modules = {m.name: m for m in snap.modules}
+    for name, _ in trainable_params:
+        state = by_name.get(name)
+        if state is None:
+            continue
+        if name not in norm_of:
+            state.grad = "none"
+        else:
+            v = norm_of[name]
+            state.grad_norm = v
+            state.grad = "nonfinite" if v != v or v in (float("inf"), float("-inf")) else ("zero" if v == 0 else "ok")
+        m = modules.get(state.module)
+        if m is not None:
+            m.grads[state.grad] = m.grads.get(state.grad, 0) + 1
+            if state.grad_norm is not None and state.grad != "nonfinite":
+                m.grad_norm = ((m.grad_norm or 0.0) ** 2 + state.grad_norm ** 2) ** 0.5

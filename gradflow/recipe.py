@@ -1,0 +1,241 @@
+"""The training setup from options: LoRA, adapters, quantization, checkpointing, dtype and device."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+from gradflow.errors import GradflowError
+from gradflow.sources import Setup, compile_regex
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}
+GC_MODES = ("off", "reentrant", "non-reentrant")
+QUANT_MODES = ("none", "4bit", "8bit")
+
+
+@dataclasses.dataclass
+class RecipeOptions:
+    """Setup options as the CLI takes them. None means: leave the model as its source built it."""
+
+    lora_r: int | None = None  # None: 8 for presets/dirs/hub ids, no LoRA for factories; 0: no LoRA
+    lora_alpha: int | None = None
+    lora_targets: str | None = None  # "all-linear" or "a,b,c"
+    adapter: str | None = None
+    adapter_trainable: bool = False
+    quant: str = "none"
+    gc: str | None = None
+    dtype: str | None = None
+    device: str = "auto"
+    trainable: str | None = None
+    trust_remote_code: bool = False
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.quant not in QUANT_MODES:
+            raise GradflowError(f"--quant {self.quant!r} is not one of {', '.join(QUANT_MODES)}", "Pick one of those")
+        if self.gc is not None and self.gc not in GC_MODES:
+            raise GradflowError(f"--gc {self.gc!r} is not one of {', '.join(GC_MODES)}", "Pick one of those")
+        if self.dtype is not None and self.dtype not in DTYPES and self.dtype != "auto":
+            raise GradflowError(f"--dtype {self.dtype!r} is not a known dtype", "Use float32, bfloat16 or float16")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise GradflowError(f"--device {self.device!r} is not auto, cpu or cuda", "Pick one of those")
+        if self.lora_r is not None and self.lora_r < 0:
+            raise GradflowError(f"--lora-r {self.lora_r} is negative", "Use 0 for no LoRA, or a rank like 8 or 16")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise GradflowError(f"--lora-alpha {self.lora_alpha} must be positive", "Use e.g. twice the rank")
+        if self.adapter is not None and not os.path.isfile(os.path.join(self.adapter, "adapter_config.json")):
+            raise GradflowError(f"--adapter {self.adapter} holds no adapter_config.json",
+                                "Pass a directory written by PeftModel.save_pretrained")
+        if self.trainable is not None:
+            compile_regex(self.trainable)
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise GradflowError("--device cuda was asked for, but no CUDA GPU is visible", "Use --device cpu or --device auto")
+    return device
+
+
+def resolve_dtype(name: str | None):
+    import torch
+
+    if name is None or name == "auto":
+        return None
+    return getattr(torch, DTYPES[name])
+
+
+def build(setup: Setup, opts: RecipeOptions) -> Setup:
+    """Load or adapt the model in `setup` as `opts` say, in the order careful users follow."""
+    opts.validate()
+    device = resolve_device(opts.device)
+    dtype = resolve_dtype(opts.dtype)
+    is_factory = setup.kind == "factory"
+    if setup.model is None:
+        setup.model = _load(setup, opts, device, dtype)
+    elif dtype is not None or device != "cpu":
+        setup.model.to(device=device, dtype=dtype) if dtype is not None else setup.model.to(device)
+    model = setup.model
+
+    if opts.quant != "none" and _quantized(model):
+        from peft import prepare_model_for_kbit_training
+
+        gc_on = opts.gc in ("reentrant", "non-reentrant")
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc_on,
+            gradient_checkpointing_kwargs={"use_reentrant": opts.gc == "reentrant"} if gc_on else None)
+    elif opts.gc is not None:
+        set_checkpointing(model, opts.gc)
+
+    if opts.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, opts.adapter, is_trainable=opts.adapter_trainable)
+    else:
+        rank = opts.lora_r if opts.lora_r is not None else (0 if is_factory or _is_peft(model) else 8)
+        if rank > 0:
+            model = apply_lora(model, rank, opts.lora_alpha or 2 * rank, opts.lora_targets or "all-linear")
+    setup.model = model
+    if opts.trainable is not None:
+        setup.trainable = opts.trainable
+    return setup
+
+
+def _load(setup: Setup, opts: RecipeOptions, device: str, dtype):
+    import torch
+
+    quant_config = _quant_config(opts.quant, dtype or torch.float32)
+    if setup.kind == "preset":
+        from gradflow.presets import build_preset, build_tokenizer
+
+        setup.tokenizer = build_tokenizer()
+        if quant_config is None:
+            return build_preset(setup.preset, dtype=dtype, device=device, seed=opts.seed)
+        # bitsandbytes quantizes while loading, so the preset goes through a real save/load round-trip.
+        base = build_preset(setup.preset, dtype=dtype, device="cpu", seed=opts.seed)
+        with tempfile.TemporaryDirectory(prefix="gradflow-preset-") as tmp:
+            base.save_pretrained(tmp)
+            del base
+            return _from_pretrained(tmp, opts, device, dtype, quant_config)
+    if setup.kind == "dir" and os.path.isfile(os.path.join(setup.source, "adapter_config.json")):
+        return _load_adapter_dir(setup, opts, device, dtype)
+    if setup.kind == "dir" and not os.path.isfile(os.path.join(setup.source, "config.json")):
+        raise GradflowError(f"{setup.source} has no config.json or adapter_config.json",
+                            "Pass a directory written by save_pretrained")
+    return _from_pretrained(setup.source, opts, device, dtype, quant_config)
+
+
+def _load_adapter_dir(setup: Setup, opts: RecipeOptions, device: str, dtype):
+    """A PEFT adapter directory: load its base (a preset name works too), then the adapter, frozen or not."""
+    from gradflow.sources import resolve
+
+    with open(os.path.join(setup.source, "adapter_config.json")) as fh:
+        base_id = json.load(fh).get("base_model_name_or_path")
+    if not base_id:
+        raise GradflowError(f"{setup.source}/adapter_config.json names no base model",
+                            "Set base_model_name_or_path, or load the base and pass --adapter DIR")
+    base_setup = resolve(base_id, trust_remote_code=opts.trust_remote_code)
+    base = _load(base_setup, opts, device, dtype) if base_setup.model is None else base_setup.model
+    setup.tokenizer = base_setup.tokenizer
+    opts.adapter = opts.adapter or setup.source
+    return base
+
+
+def _from_pretrained(path: str, opts: RecipeOptions, device: str, dtype, quant_config):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"trust_remote_code": opts.trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if quant_config is not None:
+        kwargs["quantization_config"] = quant_config
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "trust_remote_code" in str(exc):
+            raise GradflowError(f"{path} needs custom code: {first}",
+                                "Read that code, then pass --trust-remote-code") from exc
+        raise GradflowError(f"could not load {path}: {first}",
+                            "Check the directory or hub id (hub ids need network access)") from exc
+    if quant_config is None:
+        model.to(device)
+    return model
+
+
+def _quant_config(quant: str, compute_dtype):
+    if quant == "none":
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise GradflowError(f"--quant {quant} needs bitsandbytes, which is not installed",
+                            "Run: pip install 'bitsandbytes>=0.45'") from exc
+    from transformers import BitsAndBytesConfig
+
+    if quant == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def _quantized(model) -> bool:
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
+
+
+def _is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def set_checkpointing(model, mode: str) -> None:
+    """Turn transformers' gradient checkpointing off, reentrant or non-reentrant, on either stack."""
+    target = model.get_base_model() if _is_peft(model) else model
+    if not hasattr(target, "gradient_checkpointing_enable"):
+        if mode == "off":
+            return
+        raise GradflowError(f"--gc {mode}: {type(target).__name__} is not a transformers model with checkpointing",
+                            "Use --gc off, or checkpoint inside your factory")
+    if mode == "off":
+        disable = getattr(target, "activation_checkpointing_disable", None) or target.gradient_checkpointing_disable
+        disable()
+        return
+    kwargs = {"use_reentrant": mode == "reentrant"}
+    enable = getattr(target, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.x; gradient_checkpointing_enable is a deprecated alias there
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def linear_module_names(model) -> set[str]:
+    """Last name segments of modules LoRA can target (Linear, Conv1D, bitsandbytes linears)."""
+    import torch
+
+    names = set()
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if isinstance(module, torch.nn.Linear) or cls in ("Conv1D", "Linear4bit", "Linear8bitLt"):
+            names.add(name.rsplit(".", 1)[-1])
+    return names
+
+
+def apply_lora(model, rank: int, alpha: int, targets: str):
+    from peft import LoraConfig, get_peft_model
+
+    if targets == "all-linear":
+        target_modules = "all-linear"
+    else:
+        target_modules = [t.strip() for t in targets.split(",") if t.strip()]
+        available = linear_module_names(model)
+        missing = [t for t in target_modules if t not in available]
+        if not target_modules or missing:
+            raise GradflowError(f"--lora-targets {', '.join(missing) or targets!r}: no such linear module in "
+                                f"{type(model).__name__}", f"Use all-linear or some of: {', '.join(sorted(available))}")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, task_type="CAUSAL_LM")
+    return get_peft_model(model, config)

@@ -1,0 +1,1 @@
+"""Rendering of Reports: rich text, the module tree, SARIF."""

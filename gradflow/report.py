@@ -1,0 +1,133 @@
+"""Report and Finding: what gradflow hands back, and exactly the JSON the CLI prints."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SCHEMA_VERSION = 1
+SEVERITIES = ("info", "warning", "error")
+
+
+@dataclasses.dataclass
+class Fix:
+    title: str
+    applicability: str  # safe | unsafe | display-only
+
+
+@dataclasses.dataclass
+class Finding:
+    code: str
+    slug: str
+    severity: str
+    message: str
+    location: str | None = None
+    fix: Fix | None = None
+    params: list[str] = dataclasses.field(default_factory=list)  # the parameters it concerns
+
+    def to_dict(self) -> dict:
+        return {"code": self.code, "slug": self.slug, "severity": self.severity, "message": self.message,
+                "location": self.location, "fix": dataclasses.asdict(self.fix) if self.fix else None,
+                "params": self.params[:50], "params_count": len(self.params)}
+
+
+def severity_rank(severity: str) -> int:
+    return SEVERITIES.index(severity)
+
+
+@dataclasses.dataclass
+class Report:
+    """The outcome of inspect / probe / patch. `to_dict()` is the CLI's JSON."""
+
+    command: str
+    model: dict
+    loss: dict | None
+    params: dict
+    modules: list[dict]
+    findings: list[Finding]
+    snapshot: Any = dataclasses.field(default=None, repr=False)  # the Snapshot it came from (not serialised)
+    before: "Report | None" = None
+    after: "Report | None" = None
+    fixes_applied: list[dict] = dataclasses.field(default_factory=list)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def worst(self) -> str | None:
+        ranks = [severity_rank(f.severity) for f in self.findings]
+        return SEVERITIES[max(ranks)] if ranks else None
+
+    def fails(self, fail_on: str) -> bool:
+        """True when some finding is at or above `fail_on` (error | warning | never). Info never fails."""
+        if fail_on == "never":
+            return False
+        floor = severity_rank(fail_on)
+        return any(severity_rank(f.severity) >= floor and f.severity != "info" for f in self.findings)
+
+    def slugs(self) -> list[str]:
+        return [f.slug for f in self.findings]
+
+    def to_dict(self) -> dict:
+        from gradflow import __version__
+
+        data = {
+            "schema_version": SCHEMA_VERSION, "gradflow_version": __version__, "command": self.command,
+            "model": self.model, "loss": self.loss, "params": self.params, "modules": self.modules,
+            "findings": [f.to_dict() for f in self.findings],
+        }
+        if self.before is not None or self.after is not None:
+            data["before"] = self.before.to_dict() if self.before else None
+            data["after"] = self.after.to_dict() if self.after else None
+            data["fixes_applied"] = self.fixes_applied
+        data.update(self.extra)
+        return data
+
+
+def build_report(snap, findings: list[Finding], command: str) -> Report:
+    """Turn a Snapshot and its findings into a Report."""
+    trainable = [p for p in snap.params if p.requires_grad]
+    counts = {"trainable": len(trainable), "with_grad": 0, "none_grad": 0, "zero_grad": 0, "nonfinite_grad": 0}
+    if snap.probed:
+        for p in trainable:
+            key = {"ok": "with_grad", "none": "none_grad", "zero": "zero_grad", "nonfinite": "nonfinite_grad"}[p.grad]
+            counts[key] += 1
+        counts["with_grad"] += counts["zero_grad"] + counts["nonfinite_grad"]  # a zero or NaN grad is still a grad
+    else:
+        for key in ("with_grad", "none_grad", "zero_grad", "nonfinite_grad"):
+            counts[key] = None
+    counts["trainable_numel"] = sum(p.numel for p in trainable)
+    model = {
+        "class": snap.model_class,
+        "params_total": sum(p.numel for p in snap.params),
+        "params_trainable": counts["trainable_numel"],
+        "quantized": snap.quantized,
+        "peft": snap.is_peft,
+        "adapters": list(snap.adapter_names),
+        "gradient_checkpointing": snap.gc_mode,
+        "input_grad_hook": snap.input_grad_hook,
+        "use_cache": snap.use_cache,
+    }
+    loss = None
+    if snap.loss is not None:
+        loss = dataclasses.asdict(snap.loss)
+        if loss["value"] is not None and loss["value"] != loss["value"]:
+            loss["value"] = None  # NaN is not JSON; nonfinite-grad / no-supervised-tokens say why
+    modules = [_module_row(m) for m in snap.modules]
+    params = dict(counts)
+    params["per_param"] = [
+        {"name": p.name, "module": p.module, "numel": p.numel, "dtype": p.dtype, "grad": p.grad,
+         "grad_norm": p.grad_norm}
+        for p in trainable
+    ] if snap.probed else []
+    return Report(command=command, model=model, loss=loss, params=params, modules=modules,
+                  findings=findings, snapshot=snap)
+
+
+def _module_row(m) -> dict:
+    row = {"name": m.name, "class": m.cls, "trainable": m.trainable, "frozen": m.frozen, "quantized": m.quantized,
+           "dtypes": list(m.dtypes), "hooks": list(m.hooks), "checkpointing": m.gc}
+    if m.ran is not None:
+        row.update({"ran": m.ran, "in_requires_grad": m.in_requires_grad, "out_requires_grad": m.out_requires_grad,
+                    "grad_fn": m.out_grad_fn, "grad_enabled": m.grad_enabled, "in_reentrant_checkpoint": m.in_reentrant})
+    if m.grads:
+        row["grads"] = dict(m.grads)
+        row["grad_norm"] = m.grad_norm
+    return row

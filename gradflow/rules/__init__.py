@@ -1,0 +1,39 @@
+"""Rules: one file per finding. Each reads a Snapshot and returns Findings; none runs the model."""
+
+from __future__ import annotations
+
+import importlib
+
+from gradflow.rules.codes import CODES, lookup
+
+
+def load(code: str):
+    """The Rule object for `code`."""
+    slug, module = CODES[code]
+    return importlib.import_module(f"gradflow.rules.{module}").RULE
+
+
+def all_rules():
+    return [load(code) for code in CODES]
+
+
+def run_rules(snap) -> list:
+    """Every rule over `snap`, minus those superseded by a more specific finding; ordered by severity."""
+    from gradflow.report import severity_rank
+
+    found = []
+    for rule in all_rules():
+        found.extend(rule.check(snap))
+    fired = {f.slug for f in found}
+    kept = []
+    for f in found:
+        rule = load(lookup(f.slug))
+        if not any(s in fired for s in rule.superseded_by):
+            kept.append(f)
+    kept.sort(key=lambda f: (-severity_rank(f.severity), f.code))
+    return kept
+
+
+def doc(code: str) -> str:
+    rule = load(code)
+    return rule.doc

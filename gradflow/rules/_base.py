@@ -1,0 +1,71 @@
+"""Shared pieces for rules: the Rule record and small helpers over a Snapshot."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterable
+
+from gradflow.report import Finding, Fix
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    code: str
+    slug: str
+    severity: str
+    fix_title: str | None
+    applicability: str | None  # safe | unsafe | display-only
+    check: Callable  # check(snapshot) -> list[Finding]
+    doc: str = ""
+    superseded_by: tuple[str, ...] = ()  # slugs that, when they fire, make this one redundant
+
+    def finding(self, message: str, location: str | None = None, params: Iterable[str] = (),
+                fix_title: str | None = None, applicability: str | None = None) -> Finding:
+        title = fix_title or self.fix_title
+        fix = Fix(title, applicability or self.applicability) if title else None
+        return Finding(code=self.code, slug=self.slug, severity=self.severity, message=message,
+                       location=location, fix=fix, params=list(params))
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def short(names: list[str], limit: int = 3) -> str:
+    """A few names, then how many more."""
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def first_module(params) -> str | None:
+    return params[0].module if params else None
+
+
+def under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".") or prefix == ""
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def layer_span(names: list[str]) -> str:
+    """'model.layers.0–3' for consecutive numbered siblings, else the first name."""
+    import re
+
+    if not names:
+        return ""
+    m = re.match(r"^(.*\.)(\d+)$", names[0])
+    if m and len(names) > 1:
+        idx = []
+        for n in names:
+            mm = re.match(r"^(.*\.)(\d+)$", n)
+            if not mm or mm.group(1) != m.group(1):
+                return names[0]
+            idx.append(int(mm.group(2)))
+        return f"{m.group(1)}{min(idx)}–{max(idx)}"
+    return names[0]

@@ -1,0 +1,75 @@
+"""## What it does
+Finds the module where the autograd graph is cut: its output does not depend on its input or parameters through
+autograd (`.detach()`, `.data`, `torch.no_grad()`, inference mode, a non-differentiable op), so trainable
+parameters before it get no gradient. `location` names the module.
+
+## Why is this bad?
+Everything upstream of the cut stops learning. When something after the cut is still trainable the run goes on
+without any error, and only those later parameters move.
+
+## Example
+```python
+class Adapter(nn.Module):
+    def forward(self, x):
+        return self.proj(x).detach()        # cut: self.proj and everything before get no gradient
+```
+Remove the `.detach()` / `.data` / `no_grad` from the training path.
+
+## Fix safety
+Display-only: the cut is in your code; gradflow names the module and does not rewrite it.
+"""
+
+from __future__ import annotations
+
+from gradflow.rules._base import Rule, plural, short, under
+
+
+def lost_params(snap):
+    """Trainable params without a gradient that ran outside a reentrant no-grad region."""
+    if not snap.probed:
+        return []
+    modules = {m.name: m for m in snap.modules}
+    lost = []
+    for p in snap.params:
+        if not p.requires_grad or p.grad != "none" or not p.used:
+            continue
+        m = modules.get(p.module)
+        if m is not None and m.in_reentrant:
+            continue  # explained by reentrant-checkpoint-no-input-grad
+        lost.append(p)
+    return lost
+
+
+def check(snap):
+    lost = lost_params(snap)
+    if not lost:
+        return []
+    modules = {m.name: m for m in snap.modules}
+    no_grad = sorted((modules[n] for n in snap.extra.get("no_grad_modules", [])), key=lambda m: m.depth)
+    for m in no_grad:
+        cut = [p for p in lost if under(p.module, m.name)]
+        if cut:
+            message = (f"{m.name or 'the model'} ran with autograd off (torch.no_grad / inference mode) although "
+                       f"it holds trainable parameters; {plural(len(cut), 'trainable parameter')} get no gradient")
+            return [RULE.finding(message, location=m.name or None, params=[p.name for p in cut])]
+    # children finish before their parents, so forward-completion order puts the innermost cut first
+    candidates = sorted((m for m in snap.modules if m.detached_output and m.order is not None),
+                        key=lambda m: m.order)
+    for m in candidates:
+        cut = [p for p in lost if (modules.get(p.module) and modules[p.module].order is not None
+                                   and modules[p.module].order <= m.order)]
+        if not cut:
+            continue
+        message = (f"the output of {m.name} ({m.cls}) does not require grad although its "
+                   f"{'input' if m.in_requires_grad else 'parameters'} do: the graph is cut there "
+                   f"(.detach(), .data, no_grad or a non-differentiable op); "
+                   f"{plural(len(cut), 'trainable parameter')} upstream get no gradient: {short([p.name for p in cut], 2)}")
+        return [RULE.finding(message, location=m.name, params=[p.name for p in cut])]
+    return []
+
+
+RULE = Rule(
+    code="GF120", slug="graph-break", severity="error",
+    fix_title="Remove the .detach() / .data / no_grad from the training path in that module",
+    applicability="display-only", check=check, doc=__doc__,
+)

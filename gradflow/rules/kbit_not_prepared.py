@@ -1,0 +1,47 @@
+"""## What it does
+Fires when a bitsandbytes 4-bit or 8-bit base is trained without the preparation
+`peft.prepare_model_for_kbit_training` does: its unquantized parameters (norms, embeddings, head) are still in
+half precision, or checkpointing is on without the input-grad hook.
+
+## Why is this bad?
+Layer norms in fp16/bf16 make k-bit training unstable, and PEFT does not add the input-grad hook on quantized
+models by itself, so reentrant checkpointing leaves the adapters without gradients.
+
+## Example
+```python
+model = AutoModelForCausalLM.from_pretrained(name, quantization_config=bnb, dtype=torch.bfloat16)
+model = prepare_model_for_kbit_training(model)      # missing
+model = get_peft_model(model, config)
+```
+
+## Fix safety
+Safe: norms are cast to fp32 and the input-grad hook is installed, as prepare_model_for_kbit_training does.
+"""
+
+from __future__ import annotations
+
+from gradflow.rules._base import Rule, plural, short
+
+
+def check(snap):
+    if snap.quantized == "none" or not any(p.requires_grad for p in snap.params):
+        return []
+    half = [p for p in snap.params if not p.quantized and not p.adapter and not p.requires_grad
+            and p.dtype in ("float16", "bfloat16") and not p.embedding]
+    reasons = []
+    if half:
+        reasons.append(f"{plural(len(half), 'unquantized parameter')} ({short([p.module for p in half], 2)}) "
+                       f"are still in {half[0].dtype}")
+    if snap.gc_mode != "off" and not snap.input_grad_hook:
+        reasons.append("checkpointing is on without the input-grad hook")
+    if not reasons:
+        return []
+    message = f"{snap.quantized} quantized base not prepared for training: " + "; ".join(reasons)
+    return [RULE.finding(message, location=half[0].module if half else None, params=[p.name for p in half])]
+
+
+RULE = Rule(
+    code="GF205", slug="kbit-not-prepared", severity="warning",
+    fix_title="Call peft.prepare_model_for_kbit_training(model) before get_peft_model", applicability="safe",
+    check=check, doc=__doc__,
+)

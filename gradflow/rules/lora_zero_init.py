@@ -1,0 +1,36 @@
+"""## What it does
+Notes that `lora_A` got an exactly-zero gradient on the first step because `lora_B` starts at zero.
+
+## Why is this bad?
+It is not: it is how LoRA starts (the adapter is the identity at step 0). `lora_B` gets a gradient on the first
+step, and `lora_A` from the second. gradflow reports it as info so a zero is not mistaken for a break.
+
+## Example
+```python
+LoraConfig(r=8, init_lora_weights=True)   # lora_B = 0 → d loss / d lora_A = 0 at step 0
+```
+
+## Fix safety
+Nothing to fix.
+"""
+
+from __future__ import annotations
+
+from gradflow.rules._base import Rule, plural
+
+
+def check(snap):
+    zero_a = [p for p in snap.params if p.requires_grad and p.grad == "zero" and ".lora_A." in p.name]
+    if not zero_a:
+        return []
+    ok_b = {p.name.replace(".lora_B.", ".lora_A.") for p in snap.params if ".lora_B." in p.name and p.grad == "ok"}
+    expected = [p for p in zero_a if p.name in ok_b]
+    if not expected:
+        return []
+    return [RULE.finding(f"{plural(len(expected), 'lora_A weight')} got an exactly-zero first gradient because "
+                         "lora_B starts at zero (expected; they move from the second step)",
+                         location=expected[0].module, params=[p.name for p in expected])]
+
+
+RULE = Rule(code="GF301", slug="lora-zero-init", severity="info", fix_title=None, applicability=None,
+            check=check, doc=__doc__)

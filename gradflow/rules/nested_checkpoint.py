@@ -1,0 +1,63 @@
+"""## What it does
+Finds a checkpointed region called inside another checkpointed region whose inner call gets no tensor
+inputs (for example decoder layers that checkpoint themselves, called with keyword arguments only, inside your
+own outer `checkpoint`). It also recognises the error this produces in backward.
+
+## Why is this bad?
+The inner reentrant checkpoint sees no tensor input, so its output does not require grad. When the outer
+region recomputes during backward, torch raises `none of output has requires_grad=True, this checkpoint() is not
+necessary`, or, without the error, the layers inside get no gradient. Checkpointing twice also recomputes the
+same activations twice.
+
+## Example
+```python
+model.gradient_checkpointing_enable()              # layers checkpoint themselves
+def block(h):                                       # and an outer wrapper checkpoints them again
+    return layer(hidden_states=h, position_embeddings=pe)[0]
+h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True)
+```
+Use one level of checkpointing: `model.gradient_checkpointing_disable()` under your wrapper, or drop the wrapper.
+
+## Fix safety
+Safe when the inner checkpointing is transformers' per-layer flag (turning it off changes memory, not results);
+display-only when the inner call is your own code.
+"""
+
+from __future__ import annotations
+
+from gradflow.rules._base import Rule, plural
+
+_ERROR = "this checkpoint() is not necessary"
+
+
+def check(snap):
+    inner = [c for c in snap.checkpoints if c.depth >= 1 and c.tensor_args == 0]
+    seen, locations = set(), []
+    for c in inner:
+        if c.location not in seen:
+            seen.add(c.location)
+            locations.append(c.location)
+    error = snap.loss is not None and snap.loss.error is not None and _ERROR in snap.loss.error
+    if not locations and not error:
+        return []
+    where = locations[0] if locations else None
+    mod = snap.module(where) if where else None
+    inner_is_hf = mod is not None and mod.gc != "off"
+    if locations:
+        message = (f"{plural(len(locations), 'checkpointed region')} ({where}{', …' if len(locations) > 1 else ''}) "
+                   "run inside another checkpointed region and get no tensor inputs (keyword-only call)")
+    else:
+        message = "a nested checkpoint got no tensor inputs"
+    if error:
+        message += f"; backward raised: {snap.loss.error}"
+    if inner_is_hf:
+        return [RULE.finding(message, location=where)]
+    return [RULE.finding(message, location=where, fix_title="Checkpoint only once: remove the outer or the inner "
+                         "checkpoint call, or pass the hidden states positionally", applicability="display-only")]
+
+
+RULE = Rule(
+    code="GF102", slug="nested-checkpoint", severity="error",
+    fix_title="Turn off the inner checkpointing under the outer checkpoint", applicability="safe",
+    check=check, doc=__doc__,
+)

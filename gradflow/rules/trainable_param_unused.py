@@ -1,0 +1,52 @@
+"""## What it does
+Finds trainable parameters that took no part in the forward and got no gradient: their module never ran. Experts
+of a mixture-of-experts layer that the router did not pick in this batch are not reported, as long as a sibling
+expert ran.
+
+## Why is this bad?
+They cost optimizer memory and never learn. Often a stale reference: a module replaced by PEFT (the old
+`nn.Linear` object kept in a custom attribute), a head the forward never calls, or a branch behind a flag.
+
+## Example
+```python
+self.extra_head = nn.Linear(d, d)       # trainable, never called in forward
+```
+
+## Fix safety
+Display-only: remove the module, freeze it, or call it.
+"""
+
+from __future__ import annotations
+
+import re
+
+from gradflow.rules._base import Rule, plural, short
+
+_EXPERT = re.compile(r"^(.*\.experts)\.\d+(\.|$)")
+
+
+def check(snap):
+    if not snap.probed:
+        return []
+    unused = [p for p in snap.params if p.requires_grad and p.used is False and p.grad == "none"]
+    if not unused:
+        return []
+    ran_experts = set()
+    for m in snap.modules:
+        hit = _EXPERT.match(m.name)
+        if hit and m.ran:
+            ran_experts.add(hit.group(1))
+    unused = [p for p in unused if not (_EXPERT.match(p.module) and _EXPERT.match(p.module).group(1) in ran_experts)]
+    if not unused:
+        return []
+    modules = list(dict.fromkeys(p.module for p in unused))
+    message = (f"{plural(len(unused), 'trainable parameter')} in {plural(len(modules), 'module')} never ran in the "
+               f"forward: {short(modules, 2)}")
+    return [RULE.finding(message, location=modules[0], params=[p.name for p in unused])]
+
+
+RULE = Rule(
+    code="GF201", slug="trainable-param-unused", severity="warning",
+    fix_title="Freeze or remove modules the forward never calls (or call them)", applicability="display-only",
+    check=check, doc=__doc__,
+)

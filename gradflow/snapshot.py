@@ -1,0 +1,114 @@
+"""What trace and probe observed: plain data that rules read. No torch here, so rules stay pure."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass
+class ParamState:
+    """One parameter: where it lives, what it is, and (after a probe) what gradient it got."""
+
+    name: str
+    module: str
+    numel: int
+    dtype: str
+    requires_grad: bool
+    quantized: bool = False
+    adapter: bool = False  # a PEFT adapter weight (lora_A / lora_B / ...)
+    saved: bool | None = None  # kept by the adapter's save_pretrained; None when not a PEFT model
+    embedding: bool = False  # an input embedding or the output head matrix
+    intended: bool | None = None  # matches the user's `trainable` regex; None when no regex was given
+    grad: str | None = None  # ok | none | zero | nonfinite, for trainable params after a probe
+    grad_norm: float | None = None
+    used: bool | None = None  # its module ran in the forward
+    in_optimizer: bool | None = None
+
+
+@dataclasses.dataclass
+class ModuleState:
+    """One module: parameter counts, hooks and checkpointing, and what its forward produced."""
+
+    name: str
+    cls: str
+    depth: int
+    trainable: int = 0
+    frozen: int = 0
+    quantized: int = 0
+    dtypes: tuple[str, ...] = ()
+    hooks: tuple[str, ...] = ()
+    gc: str = "off"  # off | reentrant | non-reentrant (transformers' per-layer checkpointing)
+    ran: bool | None = None
+    calls: int = 0
+    order: int | None = None  # index of its first finished call in the forward
+    in_requires_grad: bool | None = None
+    out_requires_grad: bool | None = None
+    out_grad_fn: str | None = None
+    out_finite: bool | None = None
+    grad_enabled: bool | None = None  # autograd was on at its first call
+    in_reentrant: bool = False  # first call ran inside a reentrant checkpoint's no-grad forward
+    detached_output: bool = False  # grad on, inputs or params require grad, yet no floating output does
+    grads: dict[str, int] = dataclasses.field(default_factory=dict)  # ok/none/zero/nonfinite counts (own params)
+    grad_norm: float | None = None
+
+
+@dataclasses.dataclass
+class CheckpointCall:
+    """One call into torch.utils.checkpoint seen during the forward."""
+
+    reentrant: bool
+    tensor_args: int
+    grad_args: int  # tensor arguments that require grad
+    depth: int  # 0 for an outermost region, 1+ when nested in another region
+    location: str | None  # first module run inside the region, else the module that called checkpoint
+    modules: list[str] = dataclasses.field(default_factory=list)  # modules run inside (first level)
+    phase: str = "forward"  # forward | backward (recomputation)
+
+
+@dataclasses.dataclass
+class LossState:
+    value: float | None = None
+    requires_grad: bool = False
+    grad_fn: str | None = None
+    error: str | None = None
+    error_phase: str | None = None  # forward | loss | backward
+    is_leaf: bool = False
+    reaches_output: bool | None = None  # the loss's graph contains the model output
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """Everything rules look at."""
+
+    model_class: str
+    params: list[ParamState]
+    modules: list[ModuleState]
+    is_peft: bool = False
+    adapter_names: tuple[str, ...] = ()
+    quantized: str = "none"
+    kbit_prepared: bool | None = None
+    input_grad_hook: bool = False
+    inputs_embeds_given: bool = False
+    gc_mode: str = "off"
+    use_cache: bool | None = None
+    legacy_cache_in_batch: bool = False
+    trainable_regex: str | None = None
+    optimizer_given: bool = False
+    traced: bool = False
+    probed: bool = False
+    checkpoints: list[CheckpointCall] = dataclasses.field(default_factory=list)
+    loss: LossState | None = None
+    labels_all_masked: bool | None = None
+    output_requires_grad: bool | None = None
+    forward_nonfinite_at: str | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def module(self, name: str) -> ModuleState | None:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        return None
+
+    def trainable_params(self) -> list[ParamState]:
+        return [p for p in self.params if p.requires_grad]

@@ -1,0 +1,132 @@
+"""MODEL → a training setup: presets, local directories, hub ids and factories."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from typing import Any, Callable
+
+from gradflow.errors import GradflowError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclasses.dataclass
+class Setup:
+    """What gradflow works on: the model and, from a factory, the user's batch, loss, optimizer and intent."""
+
+    model: Any
+    kind: str  # preset | dir | hub | factory | object
+    source: str
+    batch: Any = None
+    loss_fn: Callable | None = None
+    optimizer: Any = None
+    trainable: str | None = None
+    tokenizer: Any = None
+    preset: str | None = None
+
+
+def resolve(spec: str, *, trust_remote_code: bool = False) -> Setup:
+    """Turn a MODEL argument into a Setup, or raise GradflowError saying what to do."""
+    from gradflow.presets import PRESETS
+
+    if spec in PRESETS:
+        return Setup(model=None, kind="preset", source=spec, preset=spec)
+    if os.path.isdir(spec):
+        return Setup(model=None, kind="dir", source=spec)
+    if _looks_like_factory(spec):
+        return load_factory(spec)
+    if os.path.exists(spec):
+        raise GradflowError(f"{spec} is a file, not a model directory or factory",
+                            "Pass a directory written by save_pretrained, or FILE.py:FUNCTION")
+    if _HUB_ID.match(spec) and not spec.startswith("."):
+        return Setup(model=None, kind="hub", source=spec)
+    if os.sep in spec or spec.startswith("."):
+        raise GradflowError(f"no such directory: {spec}", "Check the path, or pass a preset name")
+    names = ", ".join(sorted(PRESETS))
+    raise GradflowError(f"unknown preset {spec!r}", f"Use one of: {names}; or a directory, hub id, or FILE.py:FUNCTION")
+
+
+def _looks_like_factory(spec: str) -> bool:
+    return ":" in spec and not os.path.exists(spec)
+
+
+def load_factory(spec: str) -> Setup:
+    """Import `file.py:func` or `package.module:func`, call it, and check what it returns."""
+    target, _, func_name = spec.rpartition(":")
+    if not target or not func_name:
+        raise GradflowError(f"bad factory {spec!r}", "Write it as path/to/file.py:function or package.module:function")
+    if target.endswith(".py"):
+        if not os.path.isfile(target):
+            raise GradflowError(f"factory file not found: {target}", "Check the path before the ':'")
+        mod_name = f"_gradflow_factory_{abs(hash(os.path.abspath(target)))}"
+        try:
+            spec_obj = importlib.util.spec_from_file_location(mod_name, target)
+            module = importlib.util.module_from_spec(spec_obj)
+            sys.modules[mod_name] = module
+            spec_obj.loader.exec_module(module)
+        except Exception as exc:  # the user's file: any error is theirs to fix
+            raise GradflowError(f"factory file {target} failed to import: {type(exc).__name__}: {_first_line(exc)}",
+                                "Fix the error in that file, then run again") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as exc:
+            raise GradflowError(f"cannot import module {target!r} for factory {spec}: {_first_line(exc)}",
+                                "Check the module name, or that it is installed / on PYTHONPATH") from exc
+        except Exception as exc:
+            raise GradflowError(f"module {target} failed to import: {type(exc).__name__}: {_first_line(exc)}",
+                                "Fix the error in that module, then run again") from exc
+    func = getattr(module, func_name, None)
+    if func is None or not callable(func):
+        raise GradflowError(f"{target} has no function {func_name!r}", "Check the name after the ':'")
+    try:
+        result = func()
+    except Exception as exc:
+        raise GradflowError(f"factory {spec} raised {type(exc).__name__}: {_first_line(exc)}",
+                            "Fix the factory so that it builds the model, then run again") from exc
+    return setup_from_factory_result(result, spec)
+
+
+def setup_from_factory_result(result: Any, source: str) -> Setup:
+    """Check a factory's return value against the contract: an nn.Module, or a dict with `model`."""
+    import torch
+
+    if isinstance(result, torch.nn.Module):
+        return Setup(model=result, kind="factory", source=source)
+    if isinstance(result, dict):
+        model = result.get("model")
+        if not isinstance(model, torch.nn.Module):
+            raise GradflowError(f"factory {source} returned a dict whose 'model' is {type(model).__name__}, not an nn.Module",
+                                "Return {'model': module, ...} with an nn.Module under 'model'")
+        unknown = set(result) - {"model", "batch", "loss_fn", "optimizer", "trainable", "tokenizer"}
+        if unknown:
+            raise GradflowError(f"factory {source} returned unknown keys: {', '.join(sorted(unknown))}",
+                                "Use only model, batch, loss_fn, optimizer, trainable, tokenizer")
+        loss_fn = result.get("loss_fn")
+        if loss_fn is not None and not callable(loss_fn):
+            raise GradflowError(f"factory {source}: 'loss_fn' is not callable", "Pass a function loss_fn(model, batch) -> loss")
+        trainable = result.get("trainable")
+        if trainable is not None:
+            compile_regex(trainable, what=f"factory {source}: 'trainable'")
+        return Setup(model=model, kind="factory", source=source, batch=result.get("batch"), loss_fn=loss_fn,
+                     optimizer=result.get("optimizer"), trainable=trainable, tokenizer=result.get("tokenizer"))
+    raise GradflowError(f"factory {source} returned {type(result).__name__}, not an nn.Module or dict",
+                        "Return an nn.Module, or a dict with 'model' (and optional batch, loss_fn, optimizer, trainable)")
+
+
+def compile_regex(pattern: str, *, what: str = "--trainable"):
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise GradflowError(f"{what} is not a valid regular expression ({pattern!r}: {exc})",
+                            "Fix the pattern, e.g. 'lora_|so8'") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,213 @@
+"""Forward trace: per-module output requires_grad / grad_fn, and every torch.utils.checkpoint call."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+
+import torch
+import torch.utils.checkpoint as tuc
+
+from gradflow.snapshot import CheckpointCall
+
+
+def _tensors(obj, depth: int = 0):
+    """Tensors inside args/kwargs/outputs (tuples, lists, dicts, ModelOutput), a few levels deep."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 3 and isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _tensors(item, depth + 1)
+    elif depth < 3 and isinstance(obj, dict):  # ModelOutput is a dict too
+        for item in obj.values():
+            yield from _tensors(item, depth + 1)
+
+
+def _floating(tensors):
+    return [t for t in tensors if t.is_floating_point() or t.is_complex()]
+
+
+def main_output(out):
+    """The tensor a loss is normally built from: logits, else the first floating tensor."""
+    logits = getattr(out, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    for t in _tensors(out):
+        if t.is_floating_point():
+            return t
+    return None
+
+
+def _is_gc_layer(module) -> bool:
+    return getattr(module, "gradient_checkpointing", False) is True and any(
+        c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__)
+
+
+class _Record:
+    __slots__ = ("calls", "order", "in_rg", "out_rg", "grad_fn", "finite", "grad_enabled", "in_reentrant",
+                 "detached", "no_grad_call")
+
+    def __init__(self):
+        self.calls = 0
+        self.order = None
+        self.in_rg = None
+        self.out_rg = None
+        self.grad_fn = None
+        self.finite = None  # a 0-dim bool tensor, read once after the forward (no per-module sync)
+        self.grad_enabled = None
+        self.in_reentrant = False
+        self.detached = False
+        self.no_grad_call = False
+
+
+class Tracer:
+    """Context manager that watches one forward (and the recomputations of its backward)."""
+
+    def __init__(self, model, module_names: dict, *, finite_checks: bool = True):
+        self.model = model
+        self.names = module_names
+        self.records: dict[str, _Record] = {}
+        self.checkpoints: list[CheckpointCall] = []
+        self.phase = "forward"
+        self.output = None  # the last top-level call's output
+        self._finite_checks = finite_checks
+        self._stack: list[str] = []
+        self._stack_gc: list[bool] = []  # whether each module on the stack has transformers checkpointing on
+        self._regions: list[tuple[CheckpointCall, int]] = []
+        self._order = itertools.count()
+        self._handles = []
+        self._saved = {}
+        self._leaf = {m for m in module_names if not any(True for _ in m.children())}
+        self._has_trainable = {m: any(p.requires_grad for p in m.parameters()) for m in module_names}
+
+    # --- installation -------------------------------------------------------------------------
+    def __enter__(self):
+        for module in self.names:
+            self._handles.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._handles.append(module.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+        self._patch_checkpoint()
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for name, value in self._saved.items():
+            setattr(tuc, name, value)
+        self._saved.clear()
+        return False
+
+    def _patch_checkpoint(self):
+        # Both checkpoint variants look these names up in torch.utils.checkpoint at call time, so patching
+        # them sees every region: transformers' bound partials, user wrappers and checkpoint_sequential alike.
+        tracer = self
+        orig_cf = tuc.CheckpointFunction
+        orig_gen = tuc._checkpoint_without_reentrant_generator
+        fixed = 0
+        for param in inspect.signature(orig_gen).parameters.values():
+            if param.kind is inspect.Parameter.VAR_POSITIONAL:
+                break
+            fixed += 1
+
+        class _RecordingCheckpointFunction:
+            @staticmethod
+            def apply(function, preserve, *args):
+                call = tracer._enter_region(True, args, {})
+                try:
+                    return orig_cf.apply(function, preserve, *args)
+                finally:
+                    tracer._exit_region(call)
+
+        def _recording_generator(*args, **kwargs):
+            call = tracer._enter_region(False, args[fixed:], kwargs)
+            try:
+                yield from orig_gen(*args, **kwargs)
+            finally:
+                tracer._exit_region(call)
+
+        self._saved = {"CheckpointFunction": orig_cf, "_checkpoint_without_reentrant_generator": orig_gen}
+        tuc.CheckpointFunction = _RecordingCheckpointFunction
+        tuc._checkpoint_without_reentrant_generator = _recording_generator
+
+    # --- checkpoint regions ---------------------------------------------------------------------
+    def _enter_region(self, reentrant: bool, args, kwargs) -> CheckpointCall:
+        tensors = list(_tensors(tuple(args))) + list(_tensors(dict(kwargs)))
+        call = CheckpointCall(
+            reentrant=reentrant, tensor_args=len(tensors), grad_args=sum(t.requires_grad for t in tensors),
+            depth=len(self._regions), location=self._stack[-1] if self._stack else None, phase=self.phase,
+        )
+        # transformers >= 5 checkpoints from inside the layer's own call: the enclosing layer is the region.
+        # Otherwise (4.x, user wrappers) the first module run inside names it.
+        call.modules = [call.location] if self._stack and self._stack_gc[-1] else []
+        self.checkpoints.append(call)
+        self._regions.append((call, len(self._stack)))
+        return call
+
+    def _exit_region(self, call):
+        while self._regions:
+            top, _ = self._regions.pop()
+            if top is call:
+                break
+
+    def _inside_reentrant(self) -> bool:
+        return any(c.reentrant for c, _ in self._regions)
+
+    # --- module hooks ---------------------------------------------------------------------------
+    def _pre_hook(self, module, args, kwargs):
+        name = self.names.get(module)
+        if name is None:
+            return None
+        if self._regions:
+            call, level = self._regions[-1]
+            if len(self._stack) == level and not (level and self._stack_gc[level - 1]):
+                if not call.modules:
+                    call.location = name
+                call.modules.append(name)
+        self._stack.append(name)
+        self._stack_gc.append(_is_gc_layer(module))
+        if self.phase == "forward":
+            rec = self.records.get(name)
+            if rec is None:
+                rec = self.records[name] = _Record()
+            if rec.calls == 0:
+                inputs = _floating(list(_tensors(args)) + list(_tensors(kwargs)))
+                rec.in_rg = any(t.requires_grad for t in inputs)
+                rec.grad_enabled = torch.is_grad_enabled()
+                rec.in_reentrant = self._inside_reentrant()
+            rec.calls += 1
+        return None
+
+    def _post_hook(self, module, args, kwargs, output):
+        name = self.names.get(module)
+        if name is None:
+            return None
+        if self._stack and self._stack[-1] == name:
+            self._stack.pop()
+            self._stack_gc.pop()
+        if self.phase != "forward":
+            return None
+        rec = self.records.get(name)
+        if rec is None or rec.order is not None:
+            return None
+        rec.order = next(self._order)
+        outs = _floating(list(_tensors(output)))
+        if outs:
+            rec.out_rg = any(t.requires_grad for t in outs)
+            fn = next((t.grad_fn for t in outs if t.grad_fn is not None), None)
+            rec.grad_fn = type(fn).__name__ if fn is not None else None
+            if self._finite_checks and module in self._leaf:
+                # no_grad: isfinite is composite (abs) and would save tensors, which non-reentrant
+                # checkpointing counts and compares on recomputation
+                with torch.no_grad():
+                    rec.finite = torch.stack([torch.isfinite(t.detach()).all() for t in outs]).all()
+        if rec.grad_enabled and not rec.in_reentrant:
+            if outs and not rec.out_rg and (rec.in_rg or self._has_trainable[module]):
+                in_shapes = {tuple(t.shape) for t in _floating(list(_tensors(args)) + list(_tensors(kwargs)))}
+                # parameter-free helpers whose output is a new quantity (rotary cos/sin) are not breaks
+                if self._has_trainable[module] or any(tuple(t.shape) in in_shapes for t in outs):
+                    rec.detached = True
+        elif not rec.grad_enabled and not rec.in_reentrant and self._has_trainable[module]:
+            rec.no_grad_call = True
+        if not self._stack:
+            self.output = output
+        return None
