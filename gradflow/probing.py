@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Callable
 
 from gradflow.snapshot import LossState, Snapshot
@@ -66,14 +67,15 @@ def extract_loss(out):
     return loss.reshape(())
 
 
-def _graph_reaches(root_fn, target_fn, limit: int = 2_000_000) -> bool:
+def _graph_reaches(root_fn, targets: dict, limit: int = 2_000_000) -> bool:
+    """Whether the autograd graph below `root_fn` contains any node whose id is in `targets`."""
     seen = set()
     stack = [root_fn]
     while stack and len(seen) < limit:
         fn = stack.pop()
         if fn is None or id(fn) in seen:
             continue
-        if fn is target_fn:
+        if id(fn) in targets:
             return True
         seen.add(id(fn))
         stack.extend(nxt for nxt, _ in fn.next_functions)
@@ -134,7 +136,9 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     trainable_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     with preserved(model):
         model.train()
-        with Tracer(model, names) as tracer:
+        trainable_modules = {m.name for m in snap.modules if m.trainable}
+        rng = _rng_state()
+        with Tracer(model, names, trainable_modules=trainable_modules) as tracer:
             loss = None
             try:
                 out = loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
@@ -155,11 +159,13 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
                 loss_state.requires_grad = bool(loss.requires_grad)
                 loss_state.grad_fn = type(loss.grad_fn).__name__ if loss.grad_fn is not None else None
                 loss_state.is_leaf = loss.requires_grad and loss.grad_fn is None
-                if model_out is not None and model_out.grad_fn is not None:
-                    loss_state.reaches_output = (loss.grad_fn is not None and
-                                                 _graph_reaches(loss.grad_fn, model_out.grad_fn))
-                elif tracer.output is None:
+                if tracer.output is None and not tracer.output_fns:
                     loss_state.reaches_output = False  # the model never ran
+                elif tracer.output_fns:
+                    # does the loss depend on any module's output? (the walk stops at the first hit, which for
+                    # a loss computed by the model is the loss node itself)
+                    loss_state.reaches_output = (loss.grad_fn is not None and
+                                                 _graph_reaches(loss.grad_fn, tracer.output_fns))
                 if backward and loss.requires_grad:
                     try:
                         loss.backward()
@@ -167,12 +173,50 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
                         loss_state.error, loss_state.error_phase = _describe_exc(exc), "backward"
             del loss, out, model_out
             tracer.output = None
+            tracer.output_fns.clear()  # release the graph nodes as soon as the walk is done
         _fill_trace(snap, tracer)
         _fill_grads(snap, trainable_params)
+        loss_bad = loss_state.value is not None and not math.isfinite(loss_state.value)
+        if loss_bad or any(p.grad == "nonfinite" for p in snap.params):
+            snap.forward_nonfinite_at = _locate_nonfinite(model, batch, loss_fn, names, rng)
     snap.loss = loss_state
     snap.traced = True
     snap.probed = backward
     return snap
+
+
+def _rng_state():
+    import torch
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _locate_nonfinite(model, batch, loss_fn, names, rng) -> str | None:
+    """Re-run the forward (same RNG, no grad) with finiteness checks: the first module whose output is NaN/Inf.
+
+    Only on the failure path, so a healthy probe pays nothing for it.
+    """
+    import torch
+
+    from gradflow.trace import Tracer
+
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state_all(rng[1])
+    with Tracer(model, names, finite_checks=True) as tracer, torch.no_grad():
+        try:
+            loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
+        except Exception:  # the first pass already recorded it
+            pass
+    tracer.output = None
+    flagged = [(rec.order, name) for name, rec in tracer.records.items() if rec.finite is not None]
+    if not flagged:
+        return None
+    dev = tracer.records[flagged[0][1]].finite.device
+    ok = torch.stack([tracer.records[n].finite.to(dev) for _, n in flagged]).tolist()  # one transfer
+    bad = sorted(order for (order, _), fine in zip(flagged, ok) if not fine)
+    return next((n for o, n in flagged if o == bad[0]), None) if bad else None
 
 
 def _describe_exc(exc: BaseException) -> str:
@@ -181,9 +225,6 @@ def _describe_exc(exc: BaseException) -> str:
 
 
 def _fill_trace(snap: Snapshot, tracer) -> None:
-    import torch
-
-    finite_names, finite_flags = [], []
     for m in snap.modules:
         rec = tracer.records.get(m.name)
         m.ran = rec is not None and rec.calls > 0
@@ -194,16 +235,6 @@ def _fill_trace(snap: Snapshot, tracer) -> None:
         m.grad_enabled, m.in_reentrant, m.detached_output = rec.grad_enabled, rec.in_reentrant, rec.detached
         if rec.no_grad_call:
             snap.extra.setdefault("no_grad_modules", []).append(m.name)
-        if rec.finite is not None:
-            finite_names.append(m)
-            finite_flags.append(rec.finite)
-    if finite_flags:
-        dev = finite_flags[0].device
-        flags = torch.stack([f.to(dev) for f in finite_flags]).tolist()  # one transfer for all modules
-        for m, ok in zip(finite_names, flags):
-            m.out_finite = bool(ok)
-        bad = sorted((m for m in finite_names if m.out_finite is False), key=lambda m: m.order)
-        snap.forward_nonfinite_at = bad[0].name if bad else None
     snap.checkpoints = tracer.checkpoints
     ran = {m.name for m in snap.modules if m.ran}
     for p in snap.params:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
 
@@ -63,7 +64,7 @@ class _Record:
 class Tracer:
     """Context manager that watches one forward (and the recomputations of its backward)."""
 
-    def __init__(self, model, module_names: dict, *, finite_checks: bool = True):
+    def __init__(self, model, module_names: dict, *, finite_checks: bool = False, trainable_modules=None):
         self.model = model
         self.names = module_names
         self.records: dict[str, _Record] = {}
@@ -78,13 +79,19 @@ class Tracer:
         self._handles = []
         self._saved = {}
         self._leaf = {m for m in module_names if not any(True for _ in m.children())}
-        self._has_trainable = {m: any(p.requires_grad for p in m.parameters()) for m in module_names}
+        if trainable_modules is None:
+            trainable_modules = {n for m, n in module_names.items() if any(p.requires_grad for p in m.parameters())}
+        self._trainable_modules = trainable_modules
+        self.output_fns: dict[int, object] = {}  # id -> grad_fn of every traced module output (kept alive here)
 
     # --- installation -------------------------------------------------------------------------
     def __enter__(self):
-        for module in self.names:
-            self._handles.append(module.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-            self._handles.append(module.register_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+        # Two global hooks rather than two per module: registering thousands of per-module hooks costs more
+        # than the forward itself on a 3.8B model. Modules of other models are ignored by name lookup.
+        from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+        self._handles.append(register_module_forward_pre_hook(self._pre_hook))
+        self._handles.append(register_module_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
         self._patch_checkpoint()
         return self
 
@@ -114,12 +121,14 @@ class Tracer:
             def apply(function, preserve, *args):
                 call = tracer._enter_region(True, args, {})
                 try:
-                    return orig_cf.apply(function, preserve, *args)
+                    return orig_cf.apply(tracer._recomputing(function, call), preserve, *args)
                 finally:
                     tracer._exit_region(call)
 
         def _recording_generator(*args, **kwargs):
             call = tracer._enter_region(False, args[fixed:], kwargs)
+            if args:  # the generator calls its fn only to recompute; the forward calls the function itself
+                args = (tracer._recomputing(args[0], call),) + tuple(args[1:])
             try:
                 yield from orig_gen(*args, **kwargs)
             finally:
@@ -143,6 +152,26 @@ class Tracer:
         self._regions.append((call, len(self._stack)))
         return call
 
+    def _recomputing(self, function, call: CheckpointCall):
+        """Wrap a region's function so that its recomputation in backward runs inside the region again.
+
+        Without this, a checkpoint nested in another one (transformers >= 5 only checkpoints a layer when grad is
+        on, so only in the outer region's recomputation) would look like an outermost region.
+        """
+        tracer = self
+
+        def run(*args, **kwargs):
+            if tracer.phase != "backward":
+                return function(*args, **kwargs)
+            again = dataclasses.replace(call, modules=[], phase="backward")  # not a new call: not recorded
+            tracer._regions.append((again, len(tracer._stack)))
+            try:
+                return function(*args, **kwargs)
+            finally:
+                tracer._exit_region(again)
+
+        return run
+
     def _exit_region(self, call):
         while self._regions:
             top, _ = self._regions.pop()
@@ -153,7 +182,7 @@ class Tracer:
         return any(c.reentrant for c, _ in self._regions)
 
     # --- module hooks ---------------------------------------------------------------------------
-    def _pre_hook(self, module, args, kwargs):
+    def _pre_hook(self, module, args):
         name = self.names.get(module)
         if name is None:
             return None
@@ -170,8 +199,6 @@ class Tracer:
             if rec is None:
                 rec = self.records[name] = _Record()
             if rec.calls == 0:
-                inputs = _floating(list(_tensors(args)) + list(_tensors(kwargs)))
-                rec.in_rg = any(t.requires_grad for t in inputs)
                 rec.grad_enabled = torch.is_grad_enabled()
                 rec.in_reentrant = self._inside_reentrant()
             rec.calls += 1
@@ -190,23 +217,28 @@ class Tracer:
         if rec is None or rec.order is not None:
             return None
         rec.order = next(self._order)
+        inputs = _floating(list(_tensors(args)) + list(_tensors(kwargs)))
+        rec.in_rg = any(t.requires_grad for t in inputs)
         outs = _floating(list(_tensors(output)))
         if outs:
             rec.out_rg = any(t.requires_grad for t in outs)
             fn = next((t.grad_fn for t in outs if t.grad_fn is not None), None)
             rec.grad_fn = type(fn).__name__ if fn is not None else None
+            if fn is not None:
+                self.output_fns[id(fn)] = fn
             if self._finite_checks and module in self._leaf:
                 # no_grad: isfinite is composite (abs) and would save tensors, which non-reentrant
                 # checkpointing counts and compares on recomputation
                 with torch.no_grad():
                     rec.finite = torch.stack([torch.isfinite(t.detach()).all() for t in outs]).all()
         if rec.grad_enabled and not rec.in_reentrant:
-            if outs and not rec.out_rg and (rec.in_rg or self._has_trainable[module]):
-                in_shapes = {tuple(t.shape) for t in _floating(list(_tensors(args)) + list(_tensors(kwargs)))}
+            trainable = name in self._trainable_modules
+            if outs and not rec.out_rg and (rec.in_rg or trainable):
+                in_shapes = {tuple(t.shape) for t in inputs}
                 # parameter-free helpers whose output is a new quantity (rotary cos/sin) are not breaks
-                if self._has_trainable[module] or any(tuple(t.shape) in in_shapes for t in outs):
+                if trainable or any(tuple(t.shape) in in_shapes for t in outs):
                     rec.detached = True
-        elif not rec.grad_enabled and not rec.in_reentrant and self._has_trainable[module]:
+        elif not rec.grad_enabled and not rec.in_reentrant and name in self._trainable_modules:
             rec.no_grad_call = True
         if not self._stack:
             self.output = output

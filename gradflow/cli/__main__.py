@@ -1,0 +1,5 @@
+"""`python -m gradflow.cli`: the same entry point as the `gradflow` console script."""
+
+from gradflow.cli import main
+
+main()
