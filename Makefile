@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   probe gradflow.demos:seed_bug, patch it, and show the proof
 #   make test   the test suite on both supported stacks
+#   make train-demo   a short /think fine-tune of a tiny preset on CPU, with the checks built in
 PY ?= python3
 OLD := .venv-old   # the seed's stack: transformers 4.57.x + peft 0.18.0
 NEW := .venv       # the latest:      transformers 5.x   + peft 0.21.x
@@ -8,7 +9,7 @@ TORCH := torch==2.13.0
 COMMON := "typer>=0.15,<0.30" "rich>=13" "accelerate>=1.0" safetensors "bitsandbytes==0.50.2" "pytest>=8" "tensorboard>=2.14" "matplotlib>=3.7"
 PIP_FLAGS := -q --disable-pip-version-check
 
-.PHONY: demo test test-old test-new venvs clean
+.PHONY: demo train-demo test test-old test-new venvs clean
 
 $(NEW)/.ok:
 	$(PY) -m venv $(NEW)
@@ -33,6 +34,10 @@ demo: $(NEW)/.ok
 	  echo "== 2. patch it: apply the safe fixes and re-probe =="; \
 	  $(NEW)/bin/gradflow patch gradflow.demos:seed_bug; \
 	fi
+
+train-demo: $(NEW)/.ok
+	$(NEW)/bin/gradflow train tiny-phi3 --data gradflow/data/think_demo.jsonl --output runs/think-demo \
+	  --max-steps 60 --lr 1e-2 --seq-len 96 --so8-layers 2,3 --overwrite
 
 test-new: $(NEW)/.ok
 	$(NEW)/bin/python -m pytest tests

@@ -19,7 +19,7 @@ def check_trainable_regex(model, trainable: str | None) -> None:
     if not any(pattern.search(n) for n in names):
         example = names[len(names) // 2] if names else "(none)"
         raise GradflowError(f"--trainable {trainable!r} matches no parameter of {type(model).__name__}",
-                            f"Parameter names look like {example!r}")
+                            f"Fix the pattern; parameter names look like {example!r}")
 
 
 def snapshot(model, batch=None, *, loss_fn=None, optimizer=None, trainable=None, backward=True, static=False):

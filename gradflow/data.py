@@ -80,18 +80,60 @@ def validate(record) -> str | None:
                 return f"messages[{i}] has unknown role {m.get('role')!r} (use {', '.join(ROLES)})"
         if not any(m["role"] == "assistant" for m in msgs):
             return "no assistant message: nothing to learn"
+        for i, m in enumerate(msgs):
+            what = _check_think(m["content"], assistant=m["role"] == "assistant", where=f"messages[{i}]")
+            if what:
+                return what
         return None
     if "prompt" in record or "completion" in record:
         if not isinstance(record.get("prompt"), str) or not isinstance(record.get("completion"), str):
             return "'prompt' and 'completion' must both be strings"
         if not record["completion"]:
             return "'completion' is empty: nothing to learn"
-        return None
+        return (_check_think(record["prompt"], assistant=False, where="'prompt'")
+                or _check_think(record["completion"], assistant=True, where="'completion'"))
     if "text" in record:
         if not isinstance(record["text"], str) or not record["text"]:
             return "'text' must be a non-empty string"
-        return None
+        return _check_think(record["text"], assistant=False, where="'text'")
     return "needs 'text', 'prompt'/'completion', or 'messages'"
+
+
+def _check_think(content: str, *, assistant: bool, where: str) -> str | None:
+    """/think tags only in assistant content or a completion, and then well-formed. Never quotes the text."""
+    from gradflow.training.think import has_think_tags, parse
+
+    if not has_think_tags(content):
+        return None
+    if not assistant:
+        return f"{where} uses /think tags, which belong only in assistant content or a completion"
+    _, why = parse(content)
+    return f"{where}: {why}" if why else None
+
+
+def think_of(sample: Sample):
+    """The parsed /think block of a sample (its last assistant turn or completion), or None."""
+    from gradflow.training.think import has_think_tags, parse
+
+    record = sample.record
+    if sample.kind == "messages":
+        contents = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+    elif sample.kind == "prompt":
+        contents = [record["completion"]]
+    else:
+        contents = []
+    for content in reversed(contents):
+        if has_think_tags(content):
+            return parse(content)[0]
+    return None
+
+
+def sample_id(sample: Sample, path: str) -> str:
+    """The sample's own 'id' when it has one, else file:line."""
+    given = sample.record.get("id")
+    if isinstance(given, (str, int)) and not isinstance(given, bool):
+        return str(given)
+    return f"{os.path.basename(path)}:{sample.line}"
 
 
 def encode(sample: Sample, tokenizer, seq_len: int, *, loss_on: str = "completion") -> dict:
@@ -109,9 +151,15 @@ def encode(sample: Sample, tokenizer, seq_len: int, *, loss_on: str = "completio
         mask = [1 if loss_on == "all" else 0] * len(p) + [1] * len(c)
     else:
         ids, mask = _encode_messages(record["messages"], tokenizer, loss_on)
+    full = len(ids)
     ids, mask = ids[:seq_len], mask[:seq_len]
     labels = [t if m else -100 for t, m in zip(ids, mask)]
-    return {"input_ids": ids, "labels": labels}
+    return {"input_ids": ids, "labels": labels, "full_length": full}
+
+
+def supervised_count(labels: list[int]) -> int:
+    """Tokens the loss sees: labels after the causal shift that are not -100."""
+    return sum(1 for t in labels[1:] if t != -100)
 
 
 def _encode_messages(messages, tokenizer, loss_on: str):
@@ -121,13 +169,30 @@ def _encode_messages(messages, tokenizer, loss_on: str):
     ids, mask = [], []
     # Render turn by turn so the mask follows the roles, whatever the template's generation tags.
     for i in range(len(messages)):
-        prefix = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        upto = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+        assistant = messages[i]["role"] == "assistant"
+        if assistant and loss_on != "all":
+            # the assistant header ('<|assistant|>\n') is prompt: the model should not learn to emit it
+            header = _render(tokenizer, messages[:i], generation_prompt=True)
+            if header is not None and header[: len(ids)] == ids:
+                new = header[len(ids):]
+                ids.extend(new)
+                mask.extend([0] * len(new))
+        upto = _render(tokenizer, messages[: i + 1], generation_prompt=False)
         new = upto[len(ids):]
-        learn = loss_on == "all" or messages[i]["role"] == "assistant"
+        learn = loss_on == "all" or assistant
         ids.extend(new)
         mask.extend([1 if learn else 0] * len(new))
     return ids, mask
+
+
+def _render(tokenizer, messages, *, generation_prompt: bool):
+    if not messages and not generation_prompt:
+        return []
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception:  # a template that cannot render this prefix: fall back to the plain turn split
+        return None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def collate(rows: list[dict], pad_id: int, device=None) -> dict:

@@ -103,7 +103,8 @@ def describe(model, *, trainable: str | None = None, optimizer=None) -> Snapshot
             adapter=in_adapter and "modules_to_save" not in segments,
             saved=in_adapter if is_peft else None,
             embedding=id(p) in embed_ids,
-            intended=bool(intended_re.search(name)) if intended_re else None,
+            # PEFT's frozen original behind a modules_to_save copy is not what anyone trains
+            intended=(bool(intended_re.search(name)) and "original_module" not in segments) if intended_re else None,
             in_optimizer=(id(p) in in_opt) if in_opt is not None else None,
         )
         params.append(state)

@@ -22,4 +22,5 @@ class GradflowError(Exception):
         super().__init__(self.line())
 
     def line(self) -> str:
-        return f"{self.what}. {self.todo}" if self.todo else self.what
+        # messages quoted from other libraries often end in "." already
+        return f"{self.what.rstrip('.')}. {self.todo}" if self.todo else self.what

@@ -64,7 +64,8 @@ def extract_loss(out):
         raise TypeError(f"no loss in the output ({type(out).__name__}); pass labels in the batch or a loss_fn")
     if loss.numel() != 1:
         raise TypeError(f"the loss has shape {tuple(loss.shape)}, not a scalar; reduce it in your loss_fn")
-    return loss.reshape(())
+    # a reshape of a 0-dim loss would add a view node and hide a hand-made leaf (loss.requires_grad_())
+    return loss if loss.dim() == 0 else loss.reshape(())
 
 
 def _graph_reaches(root_fn, targets: dict, limit: int = 2_000_000) -> bool:
@@ -176,6 +177,9 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
             tracer.output_fns.clear()  # release the graph nodes as soon as the walk is done
         _fill_trace(snap, tracer)
         _fill_grads(snap, trainable_params)
+        if backward:
+            _fill_cuts(snap, tracer, trainable_params)
+        tracer.records.clear()  # drop the autograd nodes the records hold
         loss_bad = loss_state.value is not None and not math.isfinite(loss_state.value)
         if loss_bad or any(p.grad == "nonfinite" for p in snap.params):
             snap.forward_nonfinite_at = _locate_nonfinite(model, batch, loss_fn, names, rng)
@@ -270,3 +274,94 @@ def _fill_grads(snap: Snapshot, trainable_params) -> None:
             m.grads[state.grad] = m.grads.get(state.grad, 0) + 1
             if state.grad_norm is not None and state.grad != "nonfinite":
                 m.grad_norm = ((m.grad_norm or 0.0) ** 2 + state.grad_norm ** 2) ** 0.5
+
+
+def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000) -> None:
+    """For each trainable param that ran yet got no gradient, the first module whose outputs lost it.
+
+    A module cuts a parameter when the parameter sits inside it or reaches its inputs through autograd, but none
+    of its outputs does: `.detach()`, `.data`, an integer cast or a comparison inside its forward. Params inside
+    a reentrant checkpoint's no-grad forward are left to that rule.
+    """
+    by_name = {p.name: p for p in snap.params}
+    modules = {m.name: m for m in snap.modules}
+    lost = []
+    for name, tensor in trainable_params:
+        state = by_name.get(name)
+        if state is None or state.grad != "none" or not state.used:
+            continue
+        owner = modules.get(state.module)
+        if owner is not None and owner.in_reentrant:
+            continue
+        lost.append((state, tensor))
+    if not lost:
+        return
+    bit_of = {id(tensor): 1 << i for i, (_, tensor) in enumerate(lost)}
+    inside: dict[str, int] = {}
+    for i, (state, _) in enumerate(lost):
+        prefix = state.module
+        while True:
+            inside[prefix] = inside.get(prefix, 0) | (1 << i)
+            if not prefix:
+                break
+            prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+    records = [(modules[name], rec) for name, rec in tracer.records.items()
+               if name in modules and rec.grad_enabled and not rec.in_reentrant]
+    roots = [fn for _, rec in records for fn in rec.in_fns + rec.out_fns]
+    reach = _reachable_params(roots, bit_of, budget)
+    if reach is None:
+        return  # too large a graph to walk; the rule falls back to modules whose output has no grad_fn
+    first: dict[int, tuple] = {}  # param bit -> (order, module) of the earliest module that cuts it
+    for m, rec in records:
+        if m.order is None:
+            continue
+        out_reach = 0
+        for fn in rec.out_fns:
+            out_reach |= reach.get(id(fn), 0)
+        in_reach = 0
+        if m.trainable or rec.keeps_shape:  # parameter-free helpers may drop their input (rotary cos/sin)
+            for fn in rec.in_fns:
+                in_reach |= reach.get(id(fn), 0)
+        cut = (in_reach | inside.get(m.name, 0)) & ~out_reach
+        while cut:
+            low = cut & -cut
+            cut ^= low
+            if low not in first or m.order < first[low][0]:
+                first[low] = (m.order, m)
+    for i, (state, _) in enumerate(lost):
+        hit = first.get(1 << i)
+        if hit is not None:
+            hit[1].cut_params.append(state.name)
+
+
+def _reachable_params(roots, bit_of: dict, budget: int) -> dict | None:
+    """id(autograd node) -> bitmask of the params (by bit_of) whose AccumulateGrad it reaches; None past budget."""
+    reach: dict[int, int] = {}
+    keep = []  # hold the node wrappers so their ids are not reused during the walk
+    visits = 0
+    for root in roots:
+        if id(root) in reach:
+            continue
+        stack = [(root, False)]
+        while stack:
+            node, done = stack.pop()
+            key = id(node)
+            if done:
+                value = bit_of.get(id(getattr(node, "variable", None)), 0)
+                for nxt, _ in node.next_functions:
+                    if nxt is not None:
+                        value |= reach.get(id(nxt), 0)
+                reach[key] = value
+                continue
+            if key in reach:
+                continue
+            visits += 1
+            if visits > budget:
+                return None
+            reach[key] = 0  # provisional; the graph is acyclic, so no parent reads it before it is final
+            keep.append(node)
+            stack.append((node, True))
+            for nxt, _ in node.next_functions:
+                if nxt is not None and id(nxt) not in reach:
+                    stack.append((nxt, False))
+    return reach

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import tempfile
 
 from gradflow.errors import GradflowError
-from gradflow.sources import Setup, compile_regex
+from gradflow.sources import Setup, _first_line, compile_regex
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -46,6 +47,14 @@ class RecipeOptions:
             raise GradflowError(f"--lora-r {self.lora_r} is negative", "Use 0 for no LoRA, or a rank like 8 or 16")
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise GradflowError(f"--lora-alpha {self.lora_alpha} must be positive", "Use e.g. twice the rank")
+        if self.adapter_trainable and self.adapter is None:
+            raise GradflowError("--adapter-trainable has no adapter to apply to", "Pass --adapter DIR with it")
+        if self.adapter is not None and (self.lora_r or self.lora_targets):
+            raise GradflowError("--adapter loads an existing adapter, so --lora-r / --lora-targets would be ignored",
+                                "Drop --lora-r and --lora-targets, or drop --adapter")
+        if self.adapter is not None and not os.path.isdir(self.adapter):
+            raise GradflowError(f"--adapter {self.adapter}: no such directory",
+                                "Pass a directory written by PeftModel.save_pretrained")
         if self.adapter is not None and not os.path.isfile(os.path.join(self.adapter, "adapter_config.json")):
             raise GradflowError(f"--adapter {self.adapter} holds no adapter_config.json",
                                 "Pass a directory written by PeftModel.save_pretrained")
@@ -79,6 +88,10 @@ def build(setup: Setup, opts: RecipeOptions) -> Setup:
     is_factory = setup.kind == "factory"
     if setup.model is None:
         setup.model = _load(setup, opts, device, dtype)
+    elif opts.quant != "none" and not _quantized(setup.model):
+        # bitsandbytes quantizes while loading; a model the factory already built cannot be quantized here
+        raise GradflowError(f"--quant {opts.quant} needs gradflow to load the model, but {setup.source} built it already",
+                            "Quantize inside the factory (from_pretrained with a BitsAndBytesConfig), or drop --quant")
     elif dtype is not None or device != "cpu":
         setup.model.to(device=device, dtype=dtype) if dtype is not None else setup.model.to(device)
     model = setup.model
@@ -118,8 +131,8 @@ def _load(setup: Setup, opts: RecipeOptions, device: str, dtype):
         if quant_config is None:
             return build_preset(setup.preset, dtype=dtype, device=device, seed=opts.seed)
         # bitsandbytes quantizes while loading, so the preset goes through a real save/load round-trip.
-        base = build_preset(setup.preset, dtype=dtype, device="cpu", seed=opts.seed)
-        with tempfile.TemporaryDirectory(prefix="gradflow-preset-") as tmp:
+        base = build_preset(setup.preset, dtype=dtype or torch.float32, device=device, seed=opts.seed)
+        with tempfile.TemporaryDirectory(prefix="gradflow-preset-") as tmp, _no_progress_bars():
             base.save_pretrained(tmp)
             del base
             return _from_pretrained(tmp, opts, device, dtype, quant_config)
@@ -129,6 +142,20 @@ def _load(setup: Setup, opts: RecipeOptions, device: str, dtype):
         raise GradflowError(f"{setup.source} has no config.json or adapter_config.json",
                             "Pass a directory written by save_pretrained")
     return _from_pretrained(setup.source, opts, device, dtype, quant_config)
+
+
+@contextlib.contextmanager
+def _no_progress_bars():
+    """The preset's internal save/load round-trip is an implementation detail: no shard/weight bars for it."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def _load_adapter_dir(setup: Setup, opts: RecipeOptions, device: str, dtype):
@@ -159,12 +186,13 @@ def _from_pretrained(path: str, opts: RecipeOptions, device: str, dtype, quant_c
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         if "trust_remote_code" in str(exc):
             raise GradflowError(f"{path} needs custom code: {first}",
                                 "Read that code, then pass --trust-remote-code") from exc
-        raise GradflowError(f"could not load {path}: {first}",
-                            "Check the directory or hub id (hub ids need network access)") from exc
+        todo = ("Check that it holds a complete save_pretrained output (config.json and weights)"
+                if os.path.isdir(path) else "Check the hub id, your network access and HF_TOKEN, or pass a local directory")
+        raise GradflowError(f"could not load {path}: {first}", todo) from exc
     if quant_config is None:
         model.to(device)
     return model
@@ -225,7 +253,7 @@ def linear_module_names(model) -> set[str]:
     return names
 
 
-def apply_lora(model, rank: int, alpha: int, targets: str):
+def apply_lora(model, rank: int, alpha: int, targets: str, modules_to_save: list[str] | None = None):
     from peft import LoraConfig, get_peft_model
 
     if targets == "all-linear":
@@ -237,5 +265,13 @@ def apply_lora(model, rank: int, alpha: int, targets: str):
         if not target_modules or missing:
             raise GradflowError(f"--lora-targets {', '.join(missing) or targets!r}: no such linear module in "
                                 f"{type(model).__name__}", f"Use all-linear or some of: {', '.join(sorted(available))}")
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0, task_type="CAUSAL_LM")
+    # a plain nn.Module (from a factory) is neither a causal LM nor a PreTrainedModel, which PEFT's "all-linear" needs
+    causal_lm = hasattr(model, "prepare_inputs_for_generation")
+    if not causal_lm and target_modules == "all-linear":
+        target_modules = sorted(linear_module_names(model))
+        if not target_modules:
+            raise GradflowError(f"--lora-r {rank}: {type(model).__name__} has no linear layer for LoRA",
+                                "Use --lora-r 0, or add LoRA inside the factory")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0,
+                        task_type="CAUSAL_LM" if causal_lm else None, modules_to_save=modules_to_save)
     return get_peft_model(model, config)

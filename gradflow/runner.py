@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from gradflow.errors import GradflowError
 from gradflow.recipe import RecipeOptions, build
 from gradflow.sources import Setup, resolve
 
@@ -10,10 +11,23 @@ def load_setup(model: str, opts: RecipeOptions) -> Setup:
     """Resolve MODEL and build the training setup the options describe."""
     opts.validate()
     setup = resolve(model, trust_remote_code=opts.trust_remote_code)
+    check_lora_flags(setup, opts)
     setup = build(setup, opts)
     if setup.tokenizer is None and setup.kind in ("dir", "hub"):
         setup.tokenizer = _try_tokenizer(setup.source)
     return setup
+
+
+def check_lora_flags(setup: Setup, opts: RecipeOptions) -> None:
+    """--lora-targets / --lora-alpha without a LoRA to shape would be silently ignored: say so instead."""
+    if not (opts.lora_targets or opts.lora_alpha) or opts.adapter is not None:
+        return
+    flag = "--lora-targets" if opts.lora_targets else "--lora-alpha"
+    if opts.lora_r == 0:
+        raise GradflowError(f"{flag} has no effect with --lora-r 0", "Drop it, or pass a rank like --lora-r 8")
+    if opts.lora_r is None and setup.kind == "factory":
+        raise GradflowError(f"{flag} has no effect: gradflow adds no LoRA to a factory's model unless asked",
+                            "Pass --lora-r 8 (or another rank) with it, or add LoRA inside the factory")
 
 
 def _try_tokenizer(path: str):
@@ -27,8 +41,10 @@ def _try_tokenizer(path: str):
 
 def make_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: int, seed: int):
     """The probe batch: from --data, else the factory's batch, else synthetic token ids."""
-    from gradflow.probing import model_device, synthetic_batch
+    from gradflow.probing import model_device, synthetic_batch, vocab_size
 
+    if data is not None or (setup.batch is None and setup.loss_fn is None):
+        check_seq_len(setup.model, seq_len)
     if data is not None:
         from gradflow.data import probe_batch
 
@@ -36,4 +52,24 @@ def make_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: int,
                            device=model_device(setup.model))
     if setup.batch is not None or setup.loss_fn is not None:
         return setup.batch
+    if vocab_size(setup.model) is None:
+        raise GradflowError(f"{setup.source} gave a {type(setup.model).__name__} without a batch, and it has no "
+                            "vocab_size to make token ids for",
+                            "Return {'model': ..., 'batch': ...} from the factory (and 'loss_fn' if the model returns "
+                            "no loss)")
     return synthetic_batch(setup.model, batch_size=batch_size, seq_len=seq_len, seed=seed)
+
+
+# learned absolute position tables: a longer sequence indexes past their end (rotary positions have no such limit)
+_POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
+
+
+def check_seq_len(model, seq_len: int) -> None:
+    """--seq-len must fit a learned position-embedding table, or the forward fails with an IndexError."""
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES:
+            if seq_len > module.num_embeddings:
+                raise GradflowError(f"--seq-len {seq_len} is longer than the model's {module.num_embeddings} "
+                                    f"learned positions ({name})", f"Pass --seq-len {module.num_embeddings} or less")

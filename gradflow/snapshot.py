@@ -49,6 +49,9 @@ class ModuleState:
     grad_enabled: bool | None = None  # autograd was on at its first call
     in_reentrant: bool = False  # first call ran inside a reentrant checkpoint's no-grad forward
     detached_output: bool = False  # grad on, inputs or params require grad, yet no floating output does
+    # trainable params that ran and got no gradient because the autograd path from them ends in this module: they
+    # reach its inputs (or sit inside it) but not its outputs. Filled by the probe only when such params exist.
+    cut_params: list[str] = dataclasses.field(default_factory=list)
     grads: dict[str, int] = dataclasses.field(default_factory=dict)  # ok/none/zero/nonfinite counts (own params)
     grad_norm: float | None = None
 
@@ -64,6 +67,7 @@ class CheckpointCall:
     location: str | None  # first module run inside the region, else the module that called checkpoint
     modules: list[str] = dataclasses.field(default_factory=list)  # modules run inside (first level)
     phase: str = "forward"  # forward | backward (recomputation)
+    caller: str | None = None  # the module whose code called checkpoint (None at top level)
 
 
 @dataclasses.dataclass

@@ -70,7 +70,8 @@ def load_factory(spec: str) -> Setup:
             sys.modules[mod_name] = module
             spec_obj.loader.exec_module(module)
         except Exception as exc:  # the user's file: any error is theirs to fix
-            raise GradflowError(f"factory file {target} failed to import: {type(exc).__name__}: {_first_line(exc)}",
+            raise GradflowError(f"factory file {target} failed to import: {type(exc).__name__}: {_first_line(exc)}"
+                                f"{_where(exc)}",
                                 "Fix the error in that file, then run again") from exc
     else:
         try:
@@ -79,15 +80,18 @@ def load_factory(spec: str) -> Setup:
             raise GradflowError(f"cannot import module {target!r} for factory {spec}: {_first_line(exc)}",
                                 "Check the module name, or that it is installed / on PYTHONPATH") from exc
         except Exception as exc:
-            raise GradflowError(f"module {target} failed to import: {type(exc).__name__}: {_first_line(exc)}",
+            raise GradflowError(f"module {target} failed to import: {type(exc).__name__}: {_first_line(exc)}{_where(exc)}",
                                 "Fix the error in that module, then run again") from exc
     func = getattr(module, func_name, None)
-    if func is None or not callable(func):
+    if func is None:
         raise GradflowError(f"{target} has no function {func_name!r}", "Check the name after the ':'")
+    if not callable(func):
+        raise GradflowError(f"{target}:{func_name} is a {type(func).__name__}, not a function",
+                            "Point at a function that returns the model (or a dict with 'model')")
     try:
         result = func()
     except Exception as exc:
-        raise GradflowError(f"factory {spec} raised {type(exc).__name__}: {_first_line(exc)}",
+        raise GradflowError(f"factory {spec} raised {type(exc).__name__}: {_first_line(exc)}{_where(exc)}",
                             "Fix the factory so that it builds the model, then run again") from exc
     return setup_from_factory_result(result, spec)
 
@@ -127,6 +131,28 @@ def compile_regex(pattern: str, *, what: str = "--trainable"):
                             "Fix the pattern, e.g. 'lora_|so8'") from exc
 
 
-def _first_line(exc: BaseException) -> str:
+def _where(exc: BaseException) -> str:
+    """' (at file.py:LINE)': the innermost frame of the user's code, so the one-line error points at the fix."""
+    import traceback
+
+    if isinstance(exc, SyntaxError):
+        return ""  # its message already names the file and line
+    import sysconfig
+
+    # skip gradflow's own frames and installed libraries': the user's line is the one to fix
+    skip = {os.path.dirname(os.path.abspath(__file__))}
+    skip.update(os.path.abspath(sysconfig.get_paths()[k]) for k in ("purelib", "platlib", "stdlib"))
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        name = frame.filename
+        if name.startswith("<") or any(os.path.abspath(name).startswith(p + os.sep) for p in skip):
+            continue
+        rel = os.path.relpath(name)
+        return f" (at {name if rel.startswith('..') else rel}:{frame.lineno})"
+    return ""
+
+
+def _first_line(exc: BaseException, limit: int = 240) -> str:
+    """The first line of an exception's message, cut short: some libraries put whole lists in theirs."""
     text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"

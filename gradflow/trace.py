@@ -31,6 +31,8 @@ def _floating(tensors):
 def main_output(out):
     """The tensor a loss is normally built from: logits, else the first floating tensor."""
     logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):  # a custom model's {"loss": ..., "logits": ...}
+        logits = out.get("logits")
     if isinstance(logits, torch.Tensor):
         return logits
     for t in _tensors(out):
@@ -46,7 +48,7 @@ def _is_gc_layer(module) -> bool:
 
 class _Record:
     __slots__ = ("calls", "order", "in_rg", "out_rg", "grad_fn", "finite", "grad_enabled", "in_reentrant",
-                 "detached", "no_grad_call")
+                 "detached", "no_grad_call", "in_fns", "out_fns", "keeps_shape", "pending")
 
     def __init__(self):
         self.calls = 0
@@ -59,6 +61,12 @@ class _Record:
         self.in_reentrant = False
         self.detached = False
         self.no_grad_call = False
+        # autograd nodes of the first call's floating inputs and outputs: after backward, the probe walks them to
+        # find where a parameter's gradient path ends (references only; the probe drops them)
+        self.in_fns = ()
+        self.out_fns = ()
+        self.keeps_shape = False  # some output has the shape of some input (it transforms the stream)
+        self.pending = None  # inputs of the first call, until the module's own forward hooks have run
 
 
 class Tracer:
@@ -92,6 +100,12 @@ class Tracer:
 
         self._handles.append(register_module_forward_pre_hook(self._pre_hook))
         self._handles.append(register_module_forward_hook(self._post_hook, with_kwargs=True, always_call=True))
+        # Global hooks run before a module's own forward hooks, which may replace the output (a hook returning
+        # out.detach(), the input-grad hook's requires_grad_): modules with hooks of their own get one more hook,
+        # registered last, that records the output the rest of the model sees.
+        self._late = {m for m in self.names if m._forward_hooks}
+        for module in self._late:
+            self._handles.append(module.register_forward_hook(self._late_hook, with_kwargs=True, always_call=True))
         self._patch_checkpoint()
         return self
 
@@ -144,6 +158,7 @@ class Tracer:
         call = CheckpointCall(
             reentrant=reentrant, tensor_args=len(tensors), grad_args=sum(t.requires_grad for t in tensors),
             depth=len(self._regions), location=self._stack[-1] if self._stack else None, phase=self.phase,
+            caller=self._stack[-1] if self._stack else None,
         )
         # transformers >= 5 checkpoints from inside the layer's own call: the enclosing layer is the region.
         # Otherwise (4.x, user wrappers) the first module run inside names it.
@@ -161,7 +176,8 @@ class Tracer:
         tracer = self
 
         def run(*args, **kwargs):
-            if tracer.phase != "backward":
+            # in the forward, and in a region first entered during backward, the call is already on the stack
+            if tracer.phase != "backward" or any(c is call for c, _ in tracer._regions):
                 return function(*args, **kwargs)
             again = dataclasses.replace(call, modules=[], phase="backward")  # not a new call: not recorded
             tracer._regions.append((again, len(tracer._stack)))
@@ -204,7 +220,9 @@ class Tracer:
             rec.calls += 1
         return None
 
-    def _post_hook(self, module, args, kwargs, output):
+    def _post_hook(self, module, args, *rest):
+        # (kwargs, output); torch calls a global always_call hook as (module, args, None) when the forward raised
+        kwargs, output = rest if len(rest) == 2 else ({}, rest[0])
         name = self.names.get(module)
         if name is None:
             return None
@@ -219,8 +237,29 @@ class Tracer:
         rec.order = next(self._order)
         inputs = _floating(list(_tensors(args)) + list(_tensors(kwargs)))
         rec.in_rg = any(t.requires_grad for t in inputs)
+        rec.in_fns = tuple(t.grad_fn for t in inputs if t.grad_fn is not None)
+        if module in self._late:
+            rec.pending = inputs
+        else:
+            self._record_output(rec, name, module, inputs, output)
+        if not self._stack:
+            self.output = output
+        return None
+
+    def _late_hook(self, module, args, kwargs, output):
+        rec = self.records.get(self.names.get(module)) if self.phase == "forward" else None
+        if rec is None or rec.pending is None:
+            return None
+        inputs, rec.pending = rec.pending, None
+        self._record_output(rec, self.names[module], module, inputs, output)
+        return None
+
+    def _record_output(self, rec, name, module, inputs, output):
         outs = _floating(list(_tensors(output)))
         if outs:
+            rec.out_fns = tuple(t.grad_fn for t in outs if t.grad_fn is not None)
+            in_shapes = {tuple(t.shape) for t in inputs}
+            rec.keeps_shape = any(tuple(t.shape) in in_shapes for t in outs)
             rec.out_rg = any(t.requires_grad for t in outs)
             fn = next((t.grad_fn for t in outs if t.grad_fn is not None), None)
             rec.grad_fn = type(fn).__name__ if fn is not None else None
@@ -234,12 +273,8 @@ class Tracer:
         if rec.grad_enabled and not rec.in_reentrant:
             trainable = name in self._trainable_modules
             if outs and not rec.out_rg and (rec.in_rg or trainable):
-                in_shapes = {tuple(t.shape) for t in inputs}
                 # parameter-free helpers whose output is a new quantity (rotary cos/sin) are not breaks
-                if trainable or any(tuple(t.shape) in in_shapes for t in outs):
+                if trainable or rec.keeps_shape:
                     rec.detached = True
         elif not rec.grad_enabled and not rec.in_reentrant and name in self._trainable_modules:
             rec.no_grad_call = True
-        if not self._stack:
-            self.output = output
-        return None

@@ -12,6 +12,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")
 
 
+def pytest_configure(config):
+    # pytest resets warning filters per test; the rule tests build reentrant regions without grad inputs on purpose
+    config.addinivalue_line("filterwarnings", "ignore:None of the inputs have requires_grad:UserWarning")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -35,3 +40,19 @@ def stack() -> str:
     import transformers
 
     return "new" if int(transformers.__version__.split(".")[0]) >= 5 else "old"
+
+
+@pytest.fixture(scope="session")
+def preset_dir(tmp_path_factory):
+    """`preset_dir(name)`: a tiny preset written once per session by save_pretrained, for real from_pretrained loads."""
+    root = tmp_path_factory.mktemp("presets")
+
+    def get(name: str):
+        from gradflow.presets import build_preset
+
+        directory = root / name
+        if not (directory / "config.json").exists():
+            build_preset(name, seed=0).save_pretrained(str(directory))
+        return directory
+
+    return get

@@ -57,29 +57,44 @@ def _quiet_libraries() -> None:
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if os.environ.get("GRADFLOW_DEBUG", "") in ("", "0"):
+    from gradflow.cli._errors import debug
+
+    if not debug():
+        # huggingface_hub sets its own level on import, so the variable, not setLevel, silences its retry chatter
+        os.environ.setdefault("HF_HUB_VERBOSITY", "error")
         warnings.filterwarnings("ignore")
-        for name in ("bitsandbytes", "transformers", "peft", "accelerate", "torch.utils.checkpoint"):
+        for name in ("bitsandbytes", "transformers", "peft", "accelerate", "huggingface_hub", "torch.utils.checkpoint"):
             logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _is_usage_error(exc: BaseException) -> bool:
+    """Click's (or Typer's vendored Click's) exceptions for bad command lines: unknown option, missing argument."""
+    return hasattr(exc, "format_message") and type(exc).__module__.split(".")[0] in ("click", "typer")
+
+
 def main() -> None:
-    """Console-script entry point: Click's usage errors exit 2 already; ours are one line, exit 2."""
-    from gradflow.cli._errors import fail
-    from gradflow.errors import GradflowError
+    """Console-script entry point: every error is one line on stderr and exit 2; a traceback only with GRADFLOW_DEBUG=1."""
+    from gradflow.cli._errors import fail, usage_error
 
     _quiet_libraries()
     try:
-        app(standalone_mode=True)
+        # standalone_mode=False: Click's usage errors come back here instead of Typer's multi-line boxes
+        code = app(standalone_mode=False, prog_name="gradflow")
     except SystemExit:
         raise
-    except GradflowError as exc:
-        fail(exc)
     except KeyboardInterrupt as exc:
         fail(exc)
-    except Exception as exc:  # last resort: never a traceback unless GRADFLOW_DEBUG=1
-        fail(exc)
+    except Exception as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `gradflow COMMAND`: its help, as a usage error
+            sys.stderr.write(exc.ctx.get_help() + "\n")
+            raise SystemExit(2) from None
+        if type(exc).__name__ == "Abort":  # Click's wrapper for Ctrl-C / EOF
+            fail(KeyboardInterrupt())
+        if _is_usage_error(exc):
+            usage_error(exc)
+        fail(exc)  # GradflowError, or the last resort: never a traceback unless GRADFLOW_DEBUG=1
+    raise SystemExit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

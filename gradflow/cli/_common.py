@@ -12,10 +12,22 @@ def prepare(model, opts, *, data, batch_size, seq_len, seed, out):
 
     check_positive(batch_size, "--batch-size")
     check_positive(seq_len, "--seq-len")
+    if data is not None:
+        check_data(data)
     with out.status(f"loading {model}"):
         setup = load_setup(model, opts)
     batch = make_batch(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
     return setup, batch
+
+
+def check_data(path: str) -> None:
+    """A bad --data file fails before the model loads, not after."""
+    from gradflow.data import read_jsonl
+
+    _, problems = read_jsonl(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise GradflowError(f"malformed sample at {problems[0]}{more}", "Fix or remove that line")
 
 
 def exit_for(report, fail_on: str) -> int:

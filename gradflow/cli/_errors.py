@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 from gradflow.errors import ExitCode, GradflowError
 
@@ -28,8 +29,21 @@ def one_line(exc: BaseException) -> str:
 
 
 def fail(exc: BaseException) -> "NoReturn":  # noqa: F821
+    """One line on stderr and exit 2; GRADFLOW_DEBUG=1 puts the traceback above that line."""
     if debug():
-        raise exc
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
     sys.stderr.write(f"gradflow: error: {one_line(exc)}\n")
+    sys.stderr.flush()
+    raise SystemExit(int(ExitCode.USAGE))
+
+
+def usage_error(exc) -> "NoReturn":  # noqa: F821
+    """Click's usage errors (unknown option, missing argument, bad int) as one line, exit 2."""
+    if debug():
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    text = " ".join(exc.format_message().split()).rstrip(".")
+    ctx = getattr(exc, "ctx", None)
+    where = ctx.command_path if ctx is not None else "gradflow"
+    sys.stderr.write(f"gradflow: error: {text}. Run '{where} --help' for usage\n")
     sys.stderr.flush()
     raise SystemExit(int(ExitCode.USAGE))

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
-ModelArg = Annotated[str, typer.Argument(help="Preset (tiny-phi3, …), save_pretrained directory, hub id, or FILE.py:FUNC / module:FUNC factory.", show_default=False)]
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="Preset (tiny-phi3, …), save_pretrained directory, hub id, or FILE.py:FUNC / module:FUNC factory.", show_default=False)]
 
 LoraR = Annotated[Optional[int], typer.Option("--lora-r", help="LoRA rank; 0 = no LoRA. Default: 8 for presets/dirs/hub ids, none for factories.", rich_help_panel="Setup")]
 LoraAlpha = Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alpha (default 2×rank).", rich_help_panel="Setup")]

@@ -12,8 +12,8 @@ class Output:
         from rich.console import Console
 
         self.fmt = fmt
-        # pipes and CI logs get 120 columns rather than 80, so module paths stay on one line
-        width = None if sys.stdout.isatty() else 120
+        # pipes and CI logs: no wrapping at all, so every module and finding stays on one grep-able line
+        width = None if sys.stdout.isatty() else 1000
         self.out = Console(file=sys.stdout, soft_wrap=False, highlight=False, width=width)
         self.err = Console(file=sys.stderr, highlight=False)
 
@@ -23,7 +23,8 @@ class Output:
         sys.stdout.flush()
 
     def show(self, renderable) -> None:
-        self.out.print(renderable)
+        # crop=False: a long tree row overflows rather than being cut off (its cut marker sits at the end)
+        self.out.print(renderable, crop=False)
 
     def say(self, text: str) -> None:
         self.err.print(text)

@@ -10,7 +10,7 @@ from typing_extensions import Annotated
 from gradflow.cli._errors import fail
 
 
-def explain(code: Annotated[Optional[str], typer.Argument(help="A finding code (GF101) or slug.")] = None,
+def explain(code: Annotated[Optional[str], typer.Argument(metavar="CODE|SLUG", help="A finding code (GF101) or slug.")] = None,
             format: Annotated[str, typer.Option("--format", help="text | json")] = "text"):
     """Print a finding's documentation (What it does / Why is this bad? / Example / Fix safety)."""
     from gradflow.errors import GradflowError

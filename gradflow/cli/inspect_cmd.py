@@ -18,7 +18,7 @@ def inspect(
     trust_remote_code: o.TrustRemoteCode = False,
     data: o.Data = None, batch_size: o.BatchSize = 2, seq_len: o.SeqLen = 32, seed: o.Seed = 0,
     static: bool = typer.Option(False, "--static", help="Describe only; do not run a forward."),
-    depth: Optional[int] = typer.Option(4, "--depth", help="Tree depth to show (cuts are always shown)."),
+    depth: Optional[int] = typer.Option(4, "--depth", help="Tree depth to show; single-child wrappers (PeftModel, LoraModel) do not count, and the way to a cut is always shown."),
     format: str = typer.Option("text", "--format", help="text | json"),
     fail_on: o.FailOn = "error",
 ):
@@ -50,5 +50,8 @@ def inspect(
 
         out.show(summary(report))
         out.show(render_tree(report, depth=depth))
-        out.show(findings_table(report.findings))
+        # inspect runs no backward, so an empty list proves less than probe-backward's does
+        empty = ("no findings (static: the model was not run)" if static
+                 else "no findings in the forward trace; run probe-backward to check every gradient")
+        out.show(findings_table(report.findings, empty=empty))
     raise typer.Exit(exit_for(report, fail_on))

@@ -11,13 +11,14 @@ _NUM = re.compile(r"^\d+$")
 
 
 class Node:
-    __slots__ = ("row", "children", "label", "count")
+    __slots__ = ("row", "children", "label", "count", "fanout")
 
     def __init__(self, row):
         self.row = row
         self.children: list[Node] = []
         self.label = row["name"].rsplit(".", 1)[-1] if row["name"] else ""
         self.count = 1
+        self.fanout = 0  # children before collapsing: a wrapper (one child) does not use up --depth
 
 
 def build_nodes(rows: list[dict]) -> Node:
@@ -31,6 +32,7 @@ def build_nodes(rows: list[dict]) -> Node:
             continue
         parent = row["name"].rsplit(".", 1)[0] if "." in row["name"] else ""
         by_name[parent].children.append(node)
+        by_name[parent].fanout += 1
     return root
 
 
@@ -75,7 +77,7 @@ def fmt_count(n: int) -> str:
 
 def label(node: Node, cut: dict[str, str], traced: bool) -> Text:
     row = node.row
-    t = Text()
+    t = Text(no_wrap=True, overflow="ignore")  # one module, one line: wrapped rows read as children
     name = node.label or "(root)"
     t.append(name, style="bold")
     if node.count > 1:
@@ -100,7 +102,8 @@ def label(node: Node, cut: dict[str, str], traced: bool) -> Text:
         t.append(f"  hook:{h}", style=style)
     if traced and "ran" in row:
         if not row["ran"]:
-            t.append("  not run", style="dim")
+            if not _any_ran(node):  # containers (ModuleList) are never called themselves: only their children
+                t.append("  not run", style="dim")
         else:
             rg = row["out_requires_grad"]
             if rg is not None:
@@ -128,16 +131,27 @@ def render_tree(report, depth: int | None = 4) -> Tree:
     traced = bool(report.snapshot is not None and report.snapshot.traced)
     tree = Tree(label(root, cut, traced))
 
+    def level_below(node, level):
+        # single-child wrappers (PeftModel → LoraModel → the transformers model) cost no depth, so --depth N
+        # shows the same modules with or without an adapter
+        return level + 1 if node.fanout > 1 else level
+
     def add(parent_tree, node, level):
+        """List node's children at `level`, and recurse while within --depth."""
         for child in node.children:
             branch = parent_tree.add(label(child, cut, traced))
-            if depth is None or level < depth:
-                add(branch, child, level + 1)
-            elif child.children and _subtree_has(child, cut):
-                add(branch, child, level + 1)  # always expand down to a highlighted cut
+            nxt = level_below(child, level)
+            if depth is None or nxt <= depth:
+                add(branch, child, nxt)
+            elif any(_subtree_has(c, cut) for c in child.children):
+                add(branch, child, nxt)  # past --depth, expand only on the way down to a highlighted cut
 
-    add(tree, root, 1)
+    add(tree, root, level_below(root, 0))
     return tree
+
+
+def _any_ran(node: Node) -> bool:
+    return bool(node.row.get("ran")) or any(_any_ran(c) for c in node.children)
 
 
 def _subtree_has(node: Node, cut) -> bool:

@@ -49,10 +49,31 @@ def check(snap):
     for m in no_grad:
         cut = [p for p in lost if under(p.module, m.name)]
         if cut:
-            message = (f"{m.name or 'the model'} ran with autograd off (torch.no_grad / inference mode) although "
-                       f"it holds trainable parameters; {plural(len(cut), 'trainable parameter')} get no gradient")
+            parent = modules.get(m.name.rsplit(".", 1)[0] if "." in m.name else "") if m.name else None
+            caller = (f", switched off inside {parent.name or 'the model'} ({parent.cls})"
+                      if parent is not None and parent.grad_enabled else "")
+            message = (f"{m.name or 'the model'} ran with autograd off (torch.no_grad / inference mode{caller}) "
+                       f"although it holds trainable parameters; {plural(len(cut), 'trainable parameter')} get no "
+                       f"gradient")
             return [RULE.finding(message, location=m.name or None, params=[p.name for p in cut])]
-    # children finish before their parents, so forward-completion order puts the innermost cut first
+    # the probe traced each lost parameter's autograd path to the first module whose outputs no longer reach it
+    cuts = sorted((m for m in snap.modules if m.cut_params and m.order is not None), key=lambda m: m.order)
+    lost_names = {p.name for p in lost}
+    for m in cuts:
+        cut = [n for n in m.cut_params if n in lost_names]
+        if not cut:
+            continue
+        if m.out_requires_grad:
+            how = (f"its output still requires grad, but not through {plural(len(cut), 'trainable parameter')} "
+                   f"{'inside it' if all(_inside(n, m.name, snap) for n in cut) else 'before it'}")
+        else:
+            how = "its output does not require grad"
+        message = (f"the graph is cut in {m.name or 'the model'} ({m.cls}): {how} (.detach(), .data, an integer "
+                   f"cast or a comparison); {plural(len(cut), 'trainable parameter')} get no gradient: "
+                   f"{short(cut, 2)}")
+        return [RULE.finding(message, location=m.name or None, params=cut)]
+    # without the autograd walk: children finish before their parents, so forward-completion order puts the
+    # innermost module whose output lost requires_grad first
     candidates = sorted((m for m in snap.modules if m.detached_output and m.order is not None),
                         key=lambda m: m.order)
     for m in candidates:
@@ -61,11 +82,16 @@ def check(snap):
         if not cut:
             continue
         message = (f"the output of {m.name} ({m.cls}) does not require grad although its "
-                   f"{'input' if m.in_requires_grad else 'parameters'} do: the graph is cut there "
+                   f"{'input does' if m.in_requires_grad else 'parameters do'}: the graph is cut there "
                    f"(.detach(), .data, no_grad or a non-differentiable op); "
                    f"{plural(len(cut), 'trainable parameter')} upstream get no gradient: {short([p.name for p in cut], 2)}")
         return [RULE.finding(message, location=m.name, params=[p.name for p in cut])]
     return []
+
+
+def _inside(param: str, module: str, snap) -> bool:
+    state = next((p for p in snap.params if p.name == param), None)
+    return state is not None and under(state.module, module)
 
 
 RULE = Rule(

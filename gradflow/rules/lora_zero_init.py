@@ -27,8 +27,9 @@ def check(snap):
     expected = [p for p in zero_a if p.name in ok_b]
     if not expected:
         return []
-    return [RULE.finding(f"{plural(len(expected), 'lora_A weight')} got an exactly-zero first gradient because "
-                         "lora_B starts at zero (expected; they move from the second step)",
+    return [RULE.finding(f"{plural(len(expected), 'lora_A weight')} (first at {expected[0].module}) got an "
+                         "exactly-zero first gradient because lora_B starts at zero (expected; they move from the "
+                         "second step)",
                          location=expected[0].module, params=[p.name for p in expected])]
 
 

@@ -25,31 +25,36 @@ display-only when the inner call is your own code.
 
 from __future__ import annotations
 
-from gradflow.rules._base import Rule, plural
+from gradflow.rules._base import Rule, plural, under
 
 _ERROR = "this checkpoint() is not necessary"
 
 
 def check(snap):
     inner = [c for c in snap.checkpoints if c.depth >= 1 and c.tensor_args == 0]
-    seen, locations = set(), []
-    for c in inner:
-        if c.location not in seen:
-            seen.add(c.location)
-            locations.append(c.location)
+    # a region recomputed in backward repeats what its forward saw; the forward's view names the modules inside
+    first = [c for c in inner if c.phase == "forward"] or inner
+    locations = list(dict.fromkeys(c.location for c in first if c.location is not None))
     error = snap.loss is not None and snap.loss.error is not None and _ERROR in snap.loss.error
-    if not locations and not error:
+    if not inner and not error:
         return []
     where = locations[0] if locations else None
     mod = snap.module(where) if where else None
     inner_is_hf = mod is not None and mod.gc != "off"
-    if locations:
-        message = (f"{plural(len(locations), 'checkpointed region')} ({where}{', …' if len(locations) > 1 else ''}) "
-                   "run inside another checkpointed region and get no tensor inputs (keyword-only call)")
+    if inner:
+        count = plural(len(locations) or len(first), "checkpointed region")
+        shown = f" ({where}{', …' if len(locations) > 1 else ''})" if where else ""
+        message = (f"{count}{shown} run inside another checkpointed region and get no tensor inputs (a keyword-only "
+                   "call or a partial), so nothing computed inside them can require grad")
     else:
         message = "a nested checkpoint got no tensor inputs"
     if error:
         message += f"; backward raised: {snap.loss.error}"
+    elif snap.probed and locations:
+        lost = [p for p in snap.params if p.requires_grad and p.grad == "none"
+                and any(under(p.module, loc) for loc in locations)]
+        if lost:
+            message += f"; {plural(len(lost), 'trainable parameter')} inside get no gradient"
     if inner_is_hf:
         return [RULE.finding(message, location=where)]
     return [RULE.finding(message, location=where, fix_title="Checkpoint only once: remove the outer or the inner "

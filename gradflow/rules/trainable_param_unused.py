@@ -28,6 +28,9 @@ _EXPERT = re.compile(r"^(.*\.experts)\.\d+(\.|$)")
 def check(snap):
     if not snap.probed:
         return []
+    root = snap.module("")
+    if (root is not None and not root.ran) or (snap.loss is not None and snap.loss.error_phase == "forward"):
+        return []  # the forward raised, or the loss skipped the model: the rest never ran for that reason
     unused = [p for p in snap.params if p.requires_grad and p.used is False and p.grad == "none"]
     if not unused:
         return []
@@ -39,10 +42,24 @@ def check(snap):
     unused = [p for p in unused if not (_EXPERT.match(p.module) and _EXPERT.match(p.module).group(1) in ran_experts)]
     if not unused:
         return []
-    modules = list(dict.fromkeys(p.module for p in unused))
+    alive = set()  # modules that ran, and every ancestor of one (containers such as ModuleList never run)
+    for m in snap.modules:
+        if m.ran:
+            name = m.name
+            while name not in alive:
+                alive.add(name)
+                name = name.rsplit(".", 1)[0] if "." in name else ""
+    modules = list(dict.fromkeys(_outermost_idle(p.module, alive) for p in unused))
     message = (f"{plural(len(unused), 'trainable parameter')} in {plural(len(modules), 'module')} never ran in the "
                f"forward: {short(modules, 2)}")
-    return [RULE.finding(message, location=modules[0], params=[p.name for p in unused])]
+    return [RULE.finding(message, location=modules[0] or None, params=[p.name for p in unused])]
+
+
+def _outermost_idle(name: str, alive: set) -> str:
+    """The highest ancestor of `name` none of whose modules ran: 'model.layers.3', not each lora_A inside it."""
+    while "." in name and name.rsplit(".", 1)[0] not in alive:
+        name = name.rsplit(".", 1)[0]
+    return name
 
 
 RULE = Rule(

@@ -1,0 +1,165 @@
+"""`gradflow train` and `gradflow merge`: thin commands over gradflow.training."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from typing_extensions import Annotated
+
+from gradflow.cli import _options as o
+from gradflow.cli._errors import fail
+
+_T = "Training"
+
+DataFile = Annotated[str, typer.Option("--data", help="JSONL: {text}, {prompt, completion} or {messages} per line.",
+                                       show_default=False)]
+OutputDir = Annotated[str, typer.Option("--output", "-o", help="Run directory: adapter/, checkpoints/, report.json, "
+                                                                "audit.jsonl, tensorboard/, grad_norms.png.",
+                                        show_default=False)]
+
+
+def train(
+    model: o.ModelArg,
+    data: DataFile,
+    output: OutputDir,
+    lora_r: o.LoraR = None, lora_alpha: o.LoraAlpha = None, lora_targets: o.LoraTargets = None,
+    adapter: o.Adapter = None, adapter_trainable: o.AdapterTrainable = False, quant: o.Quant = "none",
+    gc: o.GC = None, dtype: o.DType = None, device: o.Device = "auto", trainable: o.Trainable = None,
+    trust_remote_code: o.TrustRemoteCode = False,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=_T)] = 2e-4,
+    epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.", rich_help_panel=_T)] = 1.0,
+    max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).",
+                                                     rich_help_panel=_T)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per device per step.",
+                                            rich_help_panel=_T)] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.",
+                                            rich_help_panel=_T)] = 1,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Truncate samples to this many tokens (batches are "
+                                                           "padded to their longest row, not to this).",
+                                         rich_help_panel=_T)] = 512,
+    seed: o.Seed = 0,
+    precision: Annotated[str, typer.Option("--precision", help="Mixed precision: fp32 | bf16 | fp16.",
+                                           rich_help_panel=_T)] = "fp32",
+    loss_on: Annotated[str, typer.Option("--loss-on", help="completion (assistant/completion tokens) | all.",
+                                         rich_help_panel=_T)] = "completion",
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on malformed lines instead of skipping them.",
+                                         rich_help_panel=_T)] = False,
+    so8_layers: Annotated[Optional[str], typer.Option("--so8-layers", help="Layers that get an SO(8) rotation "
+                                                                           "adapter before o_proj, e.g. 2,3.",
+                                                      rich_help_panel=_T)] = None,
+    recipe: Annotated[Optional[str], typer.Option("--recipe", help="Apply a recipe written by 'gradflow patch "
+                                                                   "--save' before the pre-flight.",
+                                                  rich_help_panel=_T)] = None,
+    unsafe_fixes: Annotated[bool, typer.Option("--unsafe-fixes", help="Let the pre-flight patch apply unsafe "
+                                                                      "fixes too.", rich_help_panel=_T)] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint in "
+                                                          "--output.", rich_help_panel=_T)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --output.",
+                                            rich_help_panel=_T)] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Also write OUTPUT/merged: LoRA and SO(8) folded into "
+                                                        "the base weights.", rich_help_panel=_T)] = False,
+    check_every: Annotated[int, typer.Option("--check-every", help="Check gradients every N steps.",
+                                             rich_help_panel=_T)] = 10,
+    moved_at: Annotated[int, typer.Option("--moved-at", help="At this step, check the adapter weights moved.",
+                                          rich_help_panel=_T)] = 5,
+    save_steps: Annotated[int, typer.Option("--save-steps", help="Checkpoint every N steps.",
+                                            rich_help_panel=_T)] = 50,
+    logging_steps: Annotated[int, typer.Option("--logging-steps", help="Log loss every N steps.",
+                                               rich_help_panel=_T)] = 10,
+    format: str = typer.Option("text", "--format", help="text | json (the report on stdout)"),
+):
+    """Fine-tune with gradient-flow checks: pre-flight probe → patch → probe, then Trainer with a live watch.
+
+    Exit 0 when training completed; 1 when the pre-flight refused to start or the watch stopped the run (the
+    findings say why); 2 on bad input.
+    """
+    from gradflow.cli._common import check_format
+    from gradflow.cli._output import Output
+    from gradflow.errors import ExitCode
+
+    out = Output(format)
+    try:
+        check_format(format, ("text", "json"))
+        from gradflow.training.so8 import parse_layers
+
+        opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
+                               device, trainable, trust_remote_code, seed)
+        import gradflow
+
+        report = gradflow.train(
+            model, data, output, setup_options=opts, learning_rate=lr, epochs=epochs, max_steps=max_steps,
+            batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, seed=seed, precision=precision,
+            loss_on=loss_on, strict=strict, so8_layers=parse_layers(so8_layers), recipe=recipe,
+            unsafe_fixes=unsafe_fixes, resume=resume, overwrite=overwrite, merge=merge, check_every=check_every,
+            moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps)
+    except Exception as exc:
+        fail(exc)
+    state = report.extra["train"]
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch, rank 0 speaks for the run
+        raise typer.Exit(int(ExitCode.OK if state["status"] == "completed" else ExitCode.FINDINGS))
+    if format == "json":
+        out.data(report.to_dict())
+    else:
+        out.show(_summary(report))
+    if state["status"] == "refused":
+        why = state["refused_because"]
+        more = f" (and {len(why) - 1} more)" if len(why) > 1 else ""
+        import sys
+
+        sys.stderr.write(f"gradflow: the pre-flight refused to start: {why[0]}{more}. "
+                         f"Run 'gradflow patch {model}' to see the fixes, or fix the setup\n")
+    raise typer.Exit(int(ExitCode.OK if state["status"] == "completed" else ExitCode.FINDINGS))
+
+
+def _summary(report) -> str:
+    state, data, pre = report.extra["train"], report.extra["data"], report.extra["preflight"]
+    lines = [f"data      {data['used']} of {data['samples']} samples used, {len(data['skipped'])} skipped, "
+             f"{data['think_samples']} /think, {data['supervised_tokens']} supervised tokens"]
+    before = pre["errors_before"]
+    if before:
+        lines.append(f"pre-flight errors before patch: {len(before)}")
+        lines.extend(f"  - {line}" for line in before)
+        fixes = report.fixes_applied
+        lines.append(f"pre-flight fixes applied: {len(fixes)}")
+        lines.extend(f"  - {f.get('title', f) if isinstance(f, dict) else f}" for f in fixes)
+    after = pre["errors_after"]
+    lines.append(f"pre-flight {'refused: ' + str(len(after)) + ' error(s) remain' if after else 'clean: no error'}")
+    lines.extend(f"  - {line}" for line in after)
+    if state["status"] != "refused":
+        grads = state["gradients"]
+        lines.append(f"train     {state['status']}: {state['steps']}/{state['max_steps']} steps in "
+                     f"{state['seconds']}s, {state['tokens_per_second']} tokens/s")
+        if state["loss_first"] is not None:
+            lines.append(f"loss      {state['loss_first']:.4f} → {state['loss_last']:.4f}")
+        lines.append(f"gradients {grads['checks']} checks, last at step {grads['last_check_step']}: "
+                     f"{grads['missing']} missing, {grads['nonfinite']} non-finite; "
+                     f"{grads['params_moved']}/{grads['params_trainable']} trainable params moved")
+        for f in state["findings"]:
+            lines.append(f"  ! {f['code']} {f['slug']}: {f['message']}")
+        if state.get("adapter"):
+            lines.append(f"adapter   {state['output']}/{state['adapter']}")
+        if state.get("merged"):
+            lines.append(f"merged    {state['output']}/{state['merged']}")
+    lines.append(f"report    {state['output']}/report.json")
+    return "\n".join(lines)
+
+
+def merge(
+    adapter_dir: Annotated[str, typer.Argument(help="An adapter directory a training run wrote (OUTPUT/adapter).",
+                                               show_default=False)],
+    output: OutputDir,
+    dtype: o.DType = None,
+    device: o.Device = "cpu",
+    trust_remote_code: o.TrustRemoteCode = False,
+):
+    """Fold LoRA and SO(8) rotations into the base weights (o_proj ← W·blockdiag(R)) and save a full model."""
+    try:
+        from gradflow.training.merge import merge as run_merge
+
+        done = run_merge(adapter_dir, output, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        fail(exc)
+    print(f"merged {adapter_dir} into {done['output']} ({done['so8_folded']} SO(8) rotation(s) folded into o_proj)")

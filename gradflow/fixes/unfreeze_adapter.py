@@ -1,0 +1,69 @@
+"""## What it does
+Unfreezes the weights of the active PEFT adapter (lora_A / lora_B, and its modules_to_save copies) and marks the
+adapter's config as trainable (`inference_mode=False`): what `PeftModel.from_pretrained(..., is_trainable=True)`
+would have done.
+
+## Why this fix
+An adapter loaded for inference cannot learn; training it was the point.
+
+## Fix safety
+Safe: only the adapter's own weights are unfrozen; the base stays frozen.
+"""
+
+from __future__ import annotations
+
+from gradflow.fixes._base import Fix, Plan, is_peft
+
+ANSWERS = ("adapter-frozen",)
+
+
+def adapter_params(model, adapters):
+    """(name, param) of the adapters' own weights: LoRA matrices and modules_to_save copies, not the base."""
+    for name, p in model.named_parameters():
+        segments = name.split(".")
+        if any(a in segments for a in adapters) and p.is_floating_point():
+            yield name, p
+
+
+def plan(ctx, finding):
+    if not is_peft(ctx.model):
+        return None
+    active = list(ctx.snap.extra.get("active_adapters") or ctx.snap.adapter_names)
+    frozen = [n for n, p in adapter_params(ctx.model, active) if not p.requires_grad]
+    if not frozen:
+        return None
+    return Plan(fix=FIX, data={"adapters": active}, answers=[finding.slug], location=finding.location,
+                changes=[f"requires_grad=True on {len(frozen)} weights of adapter {', '.join(active)}",
+                         f"peft_config[{active[0]!r}].inference_mode = False"],
+                why="the adapter was loaded for inference (is_trainable=False) or frozen by hand; training it needs "
+                    "its weights to require grad")
+
+
+def apply(model, data, env=None) -> list[str]:
+    if not is_peft(model):
+        return []
+    adapters = [a for a in data["adapters"] if a in model.peft_config]
+    changed = 0
+    for _, p in adapter_params(model, adapters):
+        if not p.requires_grad:
+            p.requires_grad_(True)
+            changed += 1
+    for a in adapters:
+        if getattr(model.peft_config[a], "inference_mode", False):
+            model.peft_config[a].inference_mode = False
+    return [f"unfroze {changed} adapter weights ({', '.join(adapters)})"] if changed else []
+
+
+def snippet(data) -> list[str]:
+    adapters = data["adapters"]
+    test = f"{adapters[0]!r} in name.split('.')" if len(adapters) == 1 else \
+        f"any(a in name.split('.') for a in {adapters!r})"
+    return ["# or load it trainable: PeftModel.from_pretrained(base, path, is_trainable=True)",
+            "for name, param in model.named_parameters():",
+            f"    if {test} and param.is_floating_point():",
+            "        param.requires_grad_(True)",
+            *[f"model.peft_config[{a!r}].inference_mode = False" for a in adapters]]
+
+
+FIX = Fix(id="unfreeze-adapter", title="Unfreeze the adapter (as is_trainable=True would)", applicability="safe",
+          answers=ANSWERS, plan=plan, apply=apply, snippet=snippet, doc=__doc__)

@@ -1,0 +1,37 @@
+"""Per-sample audit records and previews: ids, thinking hashes and token counts, never the thinking text."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, obj) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def preview(sample, think, text_width: int = 80) -> str:
+    """One line per sample: its <final> and thinking hash for /think samples, else the start of its target."""
+    if think is not None:
+        return think.preview(text_width)
+    record = sample.record
+    if sample.kind == "messages":
+        target = next((m["content"] for m in reversed(record["messages"]) if m["role"] == "assistant"), "")
+    elif sample.kind == "prompt":
+        target = record["completion"]
+    else:
+        target = record["text"]
+    text = " ".join(target.split())
+    return repr(text if len(text) <= text_width else text[: text_width - 1] + "…")

@@ -1,0 +1,90 @@
+"""Reload a trained adapter (SO(8) rotations included), and merge it into a standalone model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from gradflow.errors import GradflowError
+
+
+def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
+    """PeftModel.from_pretrained, after installing the SO(8) rotations the adapter was trained with.
+
+    Plain `PeftModel.from_pretrained` loads the LoRA weights of any gradflow adapter; this also restores the
+    SO(8) rotations (saved through modules_to_save) and the hooks that apply them.
+    """
+    from peft import PeftModel
+
+    from gradflow.training import so8
+
+    layers = so8.read_meta(adapter_dir)
+    if layers:
+        so8.install(base, layers)
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+    if layers:
+        so8.attach_hooks(model)
+    return model
+
+
+def _run_meta(adapter_dir: str) -> dict:
+    from gradflow.training.engine import RUN_META
+
+    path = os.path.join(adapter_dir, RUN_META)
+    if os.path.isfile(path):
+        with open(path) as fh:
+            return json.load(fh)
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as fh:
+        return {"base": json.load(fh).get("base_model_name_or_path"), "base_seed": 0}
+
+
+def load_base(adapter_dir: str, *, dtype: str | None = None, device: str = "cpu", trust_remote_code: bool = False):
+    """The adapter's base model, unquantized, as it was built for training (presets: the same seed)."""
+    from gradflow.recipe import RecipeOptions, build
+    from gradflow.sources import resolve
+
+    meta = _run_meta(adapter_dir)
+    base = meta.get("base")
+    if not base:
+        raise GradflowError(f"{adapter_dir} does not name a base model gradflow can load (it came from a factory)",
+                            "Load the base yourself, then gradflow.training.load_adapter(base, DIR)")
+    opts = RecipeOptions(lora_r=0, dtype=dtype or meta.get("dtype"), device=device, seed=int(meta.get("base_seed") or 0),
+                         trust_remote_code=trust_remote_code)
+    setup = build(resolve(base, trust_remote_code=trust_remote_code), opts)
+    if setup.tokenizer is None:
+        from gradflow.runner import _try_tokenizer
+
+        setup.tokenizer = _try_tokenizer(adapter_dir)
+    return setup
+
+
+def merge(adapter_dir: str, output: str, *, dtype: str | None = None, device: str = "cpu",
+          trust_remote_code: bool = False) -> dict:
+    """Fold LoRA and SO(8) rotations into the base weights and save a standalone model to `output`.
+
+    Returns:
+        What was written: `{"output", "so8_folded", "base"}`.
+    """
+    from gradflow.training import so8
+
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise GradflowError(f"{adapter_dir} holds no adapter_config.json",
+                            "Pass the adapter directory a training run wrote (OUTPUT/adapter)")
+    if os.path.exists(output) and not os.path.isdir(output):
+        raise GradflowError(f"--output {output} is a file", "Pass a new directory")
+    if os.path.isdir(output) and os.listdir(output):
+        raise GradflowError(f"--output {output} already holds files", "Pass a new or empty directory")
+    setup = load_base(adapter_dir, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = load_adapter(setup.model, adapter_dir)
+    merged = model.merge_and_unload()
+    folded = so8.fold_into_o_proj(merged)
+    tmp = f"{output.rstrip(os.sep)}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    if setup.tokenizer is not None:
+        setup.tokenizer.save_pretrained(tmp)
+    if os.path.isdir(output):
+        os.rmdir(output)
+    os.replace(tmp, output)
+    return {"output": output, "so8_folded": folded, "base": _run_meta(adapter_dir).get("base")}

@@ -1,0 +1,176 @@
+"""reentrant-checkpoint-no-input-grad and nested-checkpoint: the hook where inputs enter, non-reentrant, inner off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import gradflow
+from patchkit import (CustomLM, KeywordCheckpointed, UserCheckpointed, base, batch, custom_batch, custom_lora, gc_on,
+                      ids, lora, patched, remove_input_grad_hooks, seed_order, wrap_layers)
+
+SLUG = "reentrant-checkpoint-no-input-grad"
+
+
+def test_seed_order_gets_the_hook_on_the_transformers_embedding():
+    model = seed_order()
+    report = patched(model, batch(), fixes=["input-grad-hook"], answers=[SLUG])
+    fix = report.fixes_applied[0]
+    assert fix["data"]["via"] == "enable_input_require_grads"
+    assert fix["location"] == "base_model.model.model.embed_tokens"
+    assert "cheap" in fix["why"] and "memory" in fix["why"]
+    # the hook went on the embedding of the transformers model inside the PeftModel; checkpointing stays reentrant
+    assert report.after.model["gradient_checkpointing"] == "reentrant"
+    assert report.after.model["input_grad_hook"] is True
+
+
+def test_removed_hook_after_correct_order():
+    model = lora(gc_on(base("tiny-llama")))  # checkpointing first, then PEFT: the hook was there
+    remove_input_grad_hooks(model)
+    patched(model, batch(), fixes=["input-grad-hook"], answers=[SLUG])
+
+
+def test_inputs_embeds_gets_a_pre_hook_on_the_decoder():
+    model = gc_on(lora())
+    model.get_base_model().enable_input_require_grads()  # the embedding hook exists, but inputs_embeds skips it
+    ids_ = batch()["input_ids"]
+    data = {"inputs_embeds": model.get_input_embeddings()(ids_).detach(), "labels": ids_.clone()}
+    user_tensor = data["inputs_embeds"]
+    report = patched(model, data, fixes=["input-grad-hook"], answers=[SLUG])
+    fix = report.fixes_applied[0]
+    assert fix["data"] == {"where": "region-inputs", "module": "base_model.model.model"}
+    assert "inputs_embeds" in fix["why"]
+    assert user_tensor.requires_grad is False  # the hook marks a view, not the caller's tensor
+
+
+def test_user_checkpoint_wrapper_around_transformers_layers():
+    model = wrap_layers(lora(base("tiny-llama")), UserCheckpointed)
+    report = patched(model, batch(), fixes=["input-grad-hook"], answers=[SLUG])
+    assert report.fixes_applied[0]["data"]["via"] == "enable_input_require_grads"
+
+
+def test_custom_model_gets_a_forward_hook_on_its_embedding():
+    model = custom_lora(CustomLM())
+    report = patched(model, custom_batch(), fixes=["input-grad-hook"], answers=[SLUG])
+    fix = report.fixes_applied[0]
+    assert fix["data"] == {"where": "embedding", "via": "forward-hook", "module": "base_model.model.embed",
+                           "peft": True}
+    assert "register_forward_hook(make_inputs_require_grads)" in "\n".join(fix["code"])
+
+
+def test_custom_model_fed_floats_gets_a_pre_hook():
+    model = custom_lora(CustomLM(embeds=False))
+    data = {"features": torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(0)),
+            "labels": custom_batch()["labels"]}
+    report = patched(model, data, fixes=["input-grad-hook"], answers=[SLUG])
+    assert report.fixes_applied[0]["data"]["where"] == "region-inputs"
+
+
+class _OpaqueEmbedding(nn.Module):
+    """An embedding that is not an nn.Embedding (functional lookup): nothing to hook from outside."""
+
+    def __init__(self, embedding):
+        super().__init__()
+        self.table = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
+
+    def forward(self, input_ids):
+        return nn.functional.embedding(input_ids, self.table)
+
+
+def _hidden():
+    raise NotImplementedError
+
+
+def test_hidden_embeddings_switch_transformers_checkpointing_to_non_reentrant():
+    model = base()
+    model.model.embed_tokens = _OpaqueEmbedding(model.model.embed_tokens)
+    model.get_input_embeddings = _hidden
+    model.model.get_input_embeddings = _hidden
+    model = remove_input_grad_hooks(gc_on(lora(model)))
+    report = patched(model, batch(), fixes=["non-reentrant-checkpointing"], answers=[SLUG])
+    assert "input-grad-hook" not in ids(report)
+    assert report.after.model["gradient_checkpointing"] == "non-reentrant"
+    assert "memory" in report.fixes_applied[0]["why"]
+
+
+def test_custom_checkpoint_without_an_entry_point_is_display_only():
+    class Opaque(CustomLM):
+        def forward(self, input_ids=None, labels=None, features=None):
+            h = nn.functional.embedding(input_ids, self.table)
+            for block in self.blocks:
+                h = torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True)
+            logits = self.head(h)
+            return {"loss": nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1))}
+
+    inner = Opaque()
+    inner.table = nn.Parameter(torch.randn(64, 16), requires_grad=False)
+    model = custom_lora(inner)
+    report = gradflow.patch(model, custom_batch())
+    assert report.fixes_applied == []
+    assert SLUG in report.after.slugs() and report.fails("error")
+    advice = [a for a in report.extra["advice"] if SLUG in a["answers"]]
+    assert advice and "use_reentrant=False" in advice[0]["changes"][0]
+    assert "patchkit.py" not in advice[0]["changes"][0] and "test_reentrant_fixes.py:" in advice[0]["changes"][0]
+    assert report.extra["verification"]["ok"] is False
+
+
+def test_nested_checkpoint_turns_the_inner_transformers_checkpointing_off():
+    model = gc_on(base())
+    model.enable_input_require_grads()
+    model = wrap_layers(lora(model), KeywordCheckpointed)
+    report = patched(model, batch(), fixes=["inner-checkpoint-off"], answers=["nested-checkpoint"])
+    fix = next(f for f in report.fixes_applied if f["id"] == "inner-checkpoint-off")
+    inner = [f"base_model.model.model.layers.{i}.inner" for i in range(4)]
+    assert fix["data"]["modules"] == inner  # every layer at once, on both stacks
+    for name in inner:
+        assert model.get_submodule(name).gradient_checkpointing is False
+    # the outer (user) checkpoint stays: the layers still run under a reentrant checkpoint
+    assert any(c.reentrant and c.depth == 0 for c in report.after.snapshot.checkpoints)
+
+
+def test_nested_user_checkpoints_are_display_only_with_the_place():
+    class Inner(nn.Module):
+        def __init__(self, block):
+            super().__init__()
+            self.block = block
+
+        def forward(self, x):
+            return torch.utils.checkpoint.checkpoint(lambda: self.block(x), use_reentrant=True)
+
+    class Outer(CustomLM):
+        def forward(self, input_ids=None, labels=None, features=None):
+            h = self.embed(input_ids)
+            h = torch.utils.checkpoint.checkpoint(lambda t: self.inner(t), h, use_reentrant=True)
+            logits = self.head(h)
+            return {"loss": nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1))}
+
+    inner = Outer()
+    inner.inner = Inner(inner.blocks[0])
+    inner.embed.weight.requires_grad_(True)
+    report = gradflow.patch(custom_lora(inner), custom_batch())
+    assert "nested-checkpoint" in report.before.slugs()
+    assert "inner-checkpoint-off" not in ids(report)
+    advice = [a for a in report.extra["advice"] if "nested-checkpoint" in a["answers"]]
+    assert advice and "checkpoint only once" in advice[0]["changes"][0]
+    assert advice[0]["location"] is not None and "test_reentrant_fixes.py:" in advice[0]["changes"][0]
+
+
+@pytest.mark.parametrize("how", ["seed-order", "inputs-embeds"])
+def test_snippet_code_alone_fixes_a_fresh_copy(how):
+    """The code a patch prints, executed on a fresh broken model, makes gradients flow (no gradflow involved)."""
+    def build():
+        model = seed_order() if how == "seed-order" else gc_on(lora())
+        data = batch()
+        if how == "inputs-embeds":
+            model.get_base_model().enable_input_require_grads()
+            data = {"inputs_embeds": model.get_input_embeddings()(data["input_ids"]).detach(), "labels": data["labels"]}
+        return model, data
+
+    model, data = build()
+    report = gradflow.patch(model, data)
+    fresh, fresh_data = build()
+    exec(compile(report.extra["snippet"], "<snippet>", "exec"), {"model": fresh, "batch": fresh_data, "torch": torch})
+    from patchkit import assert_grads_flow
+
+    assert_grads_flow(fresh, fresh_data)

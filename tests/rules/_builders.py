@@ -1,0 +1,272 @@
+"""Shared builders for the rule tests: tiny real models, real PEFT and bitsandbytes, and finding assertions."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import transformers
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import gradflow
+from gradflow.presets import build_preset
+from gradflow.probing import synthetic_batch
+
+STACK = "new" if int(transformers.__version__.split(".")[0]) >= 5 else "old"
+VOCAB = 512
+
+
+# --- models ------------------------------------------------------------------------------------------------------
+def lora_config(**kwargs):
+    from peft import LoraConfig
+
+    options = {"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "lora_dropout": 0.0, "task_type": "CAUSAL_LM"}
+    options.update(kwargs)
+    return LoraConfig(**options)
+
+
+def base(preset: str = "tiny-llama", **kwargs):
+    return build_preset(preset, seed=0, **kwargs)
+
+
+def lora(preset: str = "tiny-llama", *, model=None, **kwargs):
+    """get_peft_model over a fresh preset (or `model`), all linear layers targeted."""
+    from peft import get_peft_model
+
+    return get_peft_model(model if model is not None else base(preset), lora_config(**kwargs))
+
+
+def enable_gc(model, *, reentrant: bool):
+    """gradient_checkpointing_enable as users call it (a deprecated alias on transformers 5, same behaviour)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    return model
+
+
+def remove_input_grad_hook(model):
+    """disable_input_require_grads on the transformers model under any PEFT wrapper."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(target, "_require_grads_hook", None) is not None or getattr(target, "_require_grads_hooks", None):
+        target.disable_input_require_grads()
+    return model
+
+
+def batch(model=None, *, batch_size: int = 2, seq_len: int = 16, seed: int = 0, vocab: int = VOCAB) -> dict:
+    """Token ids inside the vocab with labels equal to them."""
+    if model is not None:
+        return synthetic_batch(model, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (batch_size, seq_len), generator=gen)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def save_adapter_and_reload(model, tmp_path, *, is_trainable: bool, preset: str = "tiny-llama", base_model=None):
+    """save_pretrained the adapter into tmp_path, then PeftModel.from_pretrained it onto a fresh base."""
+    from peft import PeftModel
+
+    model.save_pretrained(str(tmp_path / "adapter"))
+    fresh = base_model if base_model is not None else base(preset)
+    return PeftModel.from_pretrained(fresh, str(tmp_path / "adapter"), is_trainable=is_trainable)
+
+
+def nonzero_lora_b(model, value: float = 0.01):
+    """Give lora_B a non-zero value, as after some training steps."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.fill_(value)
+    return model
+
+
+def quantized(directory, *, bits: int, dtype=torch.bfloat16):
+    """A saved preset loaded back through bitsandbytes on the CPU, as users load a QLoRA base."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if bits == 4:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(str(directory), quantization_config=config, dtype=dtype,
+                                                device_map={"": "cpu"})
+
+
+# --- custom nn.Modules (users' own code) ----------------------------------------------------------------------------
+class Block(nn.Module):
+    """A residual MLP block."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        return x + self.act(self.proj(x))
+
+
+class Rotation(nn.Module):
+    """SO(8) rotations of the hidden state (SPEC §7): theta starts at zero, so it starts as the identity."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(dim // 8, 8, 8))
+
+    def forward(self, x):
+        rot = torch.linalg.matrix_exp(self.theta - self.theta.transpose(-1, -2))
+        return torch.einsum("...gi,gij->...gj", x.unflatten(-1, (-1, 8)), rot).flatten(-2)
+
+
+class RotatedBlock(Block):
+    """A residual block followed by a custom rotation module (not a Linear: LoRA never targets it)."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.rot = Rotation(dim)
+
+    def forward(self, x):
+        return self.rot(super().forward(x))
+
+
+class TinyLM(nn.Module):
+    """embedding -> blocks -> head, with a causal-LM loss when labels are given. `blocks` are swappable.
+
+    Like most custom modules it has no get_input_embeddings, so PEFT adds no input-grad hook to it.
+    """
+
+    def __init__(self, vocab: int = 64, dim: int = 16, layers: int = 3, block=Block):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, dim)
+        self.blocks = nn.ModuleList(block(dim) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def hidden(self, input_ids=None, inputs_embeds=None):
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        for block in self.blocks:
+            h = block(h)
+        return h
+
+    def forward(self, input_ids=None, labels=None, inputs_embeds=None, attention_mask=None):
+        logits = self.head(self.hidden(input_ids, inputs_embeds))
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        return {"loss": loss, "logits": logits}
+
+
+def tiny_lm(*, block=Block, layers: int = 3, freeze: bool = True, **kwargs) -> TinyLM:
+    """A TinyLM whose base weights are frozen (the usual fine-tuning start)."""
+    model = TinyLM(block=block, layers=layers, **kwargs)
+    if freeze:
+        model.requires_grad_(False)
+    return model
+
+
+def custom_lora(model, targets=("proj",), **kwargs):
+    """PEFT LoRA on a custom nn.Module."""
+    from peft import LoraConfig, get_peft_model
+
+    options = {"r": 4, "lora_alpha": 8, "target_modules": list(targets), "lora_dropout": 0.0}
+    options.update(kwargs)
+    return get_peft_model(model, LoraConfig(**options))
+
+
+def tiny_batch(vocab: int = 64, batch_size: int = 2, seq_len: int = 12, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
+    return {"input_ids": ids, "labels": ids.clone()}
+
+
+class Checkpointed(nn.Module):
+    """A user's checkpoint wrapper: runs `inner` under torch.utils.checkpoint, hidden states positional."""
+
+    def __init__(self, inner, *, reentrant: bool = True):
+        super().__init__()
+        self.inner = inner
+        self.reentrant = reentrant
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return checkpoint(lambda h: self.inner(h, *args, **kwargs), hidden_states, use_reentrant=self.reentrant)
+
+
+class KeywordCheckpointed(nn.Module):
+    """An outer reentrant checkpoint that calls the wrapped decoder layer with keyword arguments only (SPEC §1)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, hidden_states, *args, **kwargs):
+        def run(h):
+            return self.inner(hidden_states=h, **kwargs)
+
+        return checkpoint(run, hidden_states, use_reentrant=True)
+
+
+def wrap_layers(model, wrapper, **kwargs):
+    """Replace every decoder layer of a (PEFT-wrapped) Llama/Phi-3 with `wrapper(layer)`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = inner.model.layers
+    for i, layer in enumerate(list(layers)):
+        layers[i] = wrapper(layer, **kwargs)
+    return model
+
+
+# --- probing and assertions -----------------------------------------------------------------------------------------
+def probe(model, data=None, **kwargs):
+    return gradflow.probe(model, data, **kwargs)
+
+
+def findings(report, slug: str):
+    return [f for f in report.findings if f.slug == slug]
+
+
+def assert_fires(report, slug: str, *, severity: str | None = None, location=None, location_prefix=None):
+    """Exactly one finding of `slug`; check its severity and location. Returns it."""
+    from gradflow.rules.codes import SLUGS, lookup
+    from gradflow.rules import load
+
+    got = findings(report, slug)
+    assert len(got) == 1, f"expected one {slug}, got {_describe(report)}"
+    finding = got[0]
+    rule = load(lookup(slug))
+    assert finding.code == SLUGS[slug]
+    assert finding.severity == (severity or rule.severity) == rule.severity
+    if location is not None:
+        assert finding.location == location, f"{slug} at {finding.location!r}, expected {location!r}"
+    if location_prefix is not None:
+        assert finding.location is not None and finding.location.startswith(location_prefix), (
+            f"{slug} at {finding.location!r}, expected under {location_prefix!r}")
+    if finding.location:
+        assert finding.location in finding.message or finding.location.rsplit(".", 1)[0] in finding.message, (
+            f"{slug}: message does not name {finding.location}: {finding.message}")
+    return finding
+
+
+def assert_silent(report, *slugs: str):
+    fired = [f for f in report.findings if f.slug in slugs]
+    assert not fired, f"unexpected {', '.join(f.slug for f in fired)}: {_describe(report)}"
+
+
+def assert_healthy(report):
+    """No error and no warning (info is allowed)."""
+    bad = [f for f in report.findings if f.severity in ("error", "warning")]
+    assert not bad, f"healthy setup reported: {_describe(report)}"
+    assert not report.fails("warning")
+
+
+def _describe(report) -> str:
+    rows = [f"{f.slug}[{f.severity}] @{f.location}: {f.message}" for f in report.findings]
+    return "\n  " + "\n  ".join(rows) if rows else "no findings"
+
+
+def module_names(model) -> dict:
+    return {id(m): n for n, m in model.named_modules()}
+
+
+@contextlib.contextmanager
+def no_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield

@@ -1,0 +1,75 @@
+"""kbit-not-prepared: a bitsandbytes 4-bit/8-bit base trained without prepare_model_for_kbit_training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model, prepare_model_for_kbit_training
+
+from _builders import STACK, assert_fires, assert_silent, base, batch, enable_gc, lora_config, probe, quantized
+
+SLUG = "kbit-not-prepared"
+NORM = "base_model.model.model.layers.0.input_layernorm"
+
+
+@pytest.fixture(scope="module")
+def llama_dir(preset_dir):
+    return preset_dir("tiny-llama")
+
+
+def test_4bit_loaded_in_bf16_without_preparation(llama_dir):
+    model = quantized(llama_dir, bits=4, dtype=torch.bfloat16)
+    model = get_peft_model(model, lora_config())
+    report = probe(model, batch(model, seq_len=8))
+    finding = assert_fires(report, SLUG, location=NORM)
+    assert finding.message.startswith("4bit quantized base not prepared")
+    assert "bfloat16" in finding.message
+    assert all("norm" in p for p in finding.params)
+    assert report.snapshot.quantized == "4bit"
+
+
+def test_8bit_loaded_in_fp16_without_preparation(llama_dir):
+    model = quantized(llama_dir, bits=8, dtype=torch.float16)
+    model = get_peft_model(model, lora_config())
+    report = probe(model, batch(model, seq_len=8))
+    finding = assert_fires(report, SLUG, location=NORM)
+    assert finding.message.startswith("8bit quantized base not prepared") and "float16" in finding.message
+
+
+def test_4bit_with_reentrant_checkpointing_and_no_hook(llama_dir):
+    """fp32 norms, but reentrant checkpointing without the hook PEFT does not add on quantized models."""
+    model = quantized(llama_dir, bits=4, dtype=torch.float32)
+    model = get_peft_model(enable_gc(model, reentrant=True), lora_config())
+    report = probe(model, batch(model, seq_len=8))
+    if STACK == "old":
+        finding = assert_fires(report, SLUG, location=None)
+        assert "without the input-grad hook" in finding.message
+        assert_fires(report, "reentrant-checkpoint-no-input-grad")  # and what it leads to
+    else:  # transformers 5 hooks the embedding inside gradient_checkpointing_enable
+        assert_silent(report, SLUG)
+        assert report.snapshot.input_grad_hook
+
+
+# --- stays silent -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [4, 8])
+def test_silent_after_prepare_model_for_kbit_training(llama_dir, bits):
+    model = quantized(llama_dir, bits=bits, dtype=torch.bfloat16 if bits == 4 else torch.float16)
+    model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, lora_config())
+    report = probe(model, batch(model, seq_len=8))
+    assert_silent(report, SLUG)
+    grads = [p.grad for p in report.snapshot.params if p.requires_grad]
+    assert grads and all(g in ("ok", "zero") for g in grads)
+
+
+def test_silent_for_a_bf16_base_that_is_not_quantized():
+    model = get_peft_model(base(dtype=torch.bfloat16), lora_config())
+    report = probe(model, batch(model, seq_len=8))
+    assert_silent(report, SLUG)
+    assert report.snapshot.quantized == "none"
+
+
+def test_silent_when_nothing_trains(llama_dir):
+    """An inference-only quantized model is not being trained."""
+    model = quantized(llama_dir, bits=4, dtype=torch.bfloat16)
+    assert_silent(probe(model, batch(model, seq_len=8)), SLUG)

@@ -1,0 +1,97 @@
+"""trainable-param-unused: trainable params that took no part in the forward."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from _builders import (TinyLM, assert_fires, assert_silent, base, batch, custom_lora, lora, lora_config, probe,
+                       tiny_batch, tiny_lm)
+
+SLUG = "trainable-param-unused"
+
+
+class WithAuxHead(TinyLM):
+    """A custom LM with a value head that the LM-loss forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.value_head = nn.Linear(16, 1)
+
+
+def test_custom_head_never_called():
+    model = WithAuxHead()
+    model.requires_grad_(False)
+    model.value_head.requires_grad_(True)
+    model.blocks.requires_grad_(True)
+    report = probe(model, tiny_batch())
+    finding = assert_fires(report, SLUG, location="value_head")
+    assert sorted(finding.params) == ["value_head.bias", "value_head.weight"]
+
+
+def test_layers_dropped_through_config_keep_their_adapters():
+    """num_hidden_layers lowered after loading: the forward skips the last layers, whose LoRA still 'trains'."""
+    model = lora()
+    model.config.num_hidden_layers = 2
+    report = probe(model, batch(model))
+    finding = assert_fires(report, SLUG, location="base_model.model.model.layers.2")
+    assert "base_model.model.model.layers.3" in finding.message
+    assert all(".layers.2." in p or ".layers.3." in p for p in finding.params)
+    assert len(finding.params) == 2 * 2 * 7  # two layers x seven targets x (A, B)
+
+
+def test_embedding_adapter_bypassed_by_inputs_embeds():
+    """LoRA on embed_tokens, but the batch passes inputs_embeds: the embedding and its adapter never run."""
+    model = lora(target_modules=["embed_tokens", "q_proj", "v_proj"])
+    data = batch(model)
+    ids = data.pop("input_ids")
+    data["inputs_embeds"] = torch.nn.functional.embedding(ids, model.get_input_embeddings().weight)
+    report = probe(model, data)
+    finding = assert_fires(report, SLUG, location="base_model.model.model.embed_tokens")
+    assert all("embed_tokens" in p for p in finding.params)
+
+
+def test_module_swapped_out_of_the_forward_but_kept_in_modules_to_save():
+    """A head replaced in the forward but still listed in modules_to_save: PEFT makes a trainable copy of it."""
+    model = tiny_lm()
+    model.spare = nn.Linear(16, 16)
+    model.requires_grad_(False)
+    model = custom_lora(model, targets=("proj",), modules_to_save=["spare"])
+    report = probe(model, tiny_batch())
+    assert_fires(report, SLUG, location="base_model.model.spare")
+
+
+# --- stays silent -------------------------------------------------------------------------------------------------
+def test_silent_for_experts_the_router_did_not_pick():
+    """MoE: experts not routed in this batch are not a fault (a sibling expert ran)."""
+    model = lora("tiny-mixtral")
+    ids = torch.full((1, 8), 7)  # one repeated token: layer 0 routes every position to the same experts
+    report = probe(model, {"input_ids": ids, "labels": ids.clone()})
+    assert_silent(report, SLUG)
+    idle = [m.name for m in report.snapshot.modules if ".experts." in m.name and m.ran is False]
+    from _builders import STACK
+
+    if STACK == "old":  # 4.57 has one module per expert; 5.x fuses them into one module
+        assert idle, "the batch was meant to leave some experts unrouted"
+
+
+def test_silent_for_frozen_modules_that_never_run():
+    model = WithAuxHead()
+    model.requires_grad_(False)
+    model.blocks.requires_grad_(True)
+    assert_silent(probe(model, tiny_batch()), SLUG)
+
+
+def test_silent_when_the_model_never_ran():
+    """The loss skipped the model: loss-detached says so; listing every parameter as unused would be noise."""
+    model = lora()
+    report = probe(model, batch(model), loss_fn=lambda m, d: torch.tensor(1.0, requires_grad=True) * 2)
+    assert_silent(report, SLUG)
+    assert_fires(report, "loss-detached")
+
+
+def test_silent_for_a_fresh_lora():
+    from peft import get_peft_model
+
+    model = get_peft_model(base("tiny-gpt2"), lora_config())
+    assert_silent(probe(model, batch(model)), SLUG)
