@@ -3,10 +3,12 @@
 #   make test   the test suite on both supported stacks
 #   make train-demo   a short /think fine-tune of a tiny preset on CPU, with the checks built in
 PY ?= python3
-OLD := .venv-old   # the seed's stack: transformers 4.57.x + peft 0.18.0
-NEW := .venv       # the latest:      transformers 5.x   + peft 0.21.x
+# the seed's stack: transformers 4.57.x + peft 0.18.0; the latest: transformers 5.x + peft 0.21.x
+# (no comment after a value: make would keep the spaces before it)
+OLD := .venv-old
+NEW := .venv
 TORCH := torch==2.13.0
-COMMON := "typer>=0.15,<0.30" "rich>=13" "accelerate>=1.0" safetensors "bitsandbytes==0.50.2" "pytest>=8" "tensorboard>=2.14" "matplotlib>=3.7"
+COMMON := "typer>=0.29,<0.30" "rich>=13" "accelerate>=1.0" safetensors "bitsandbytes==0.50.2" "pytest>=8" "tensorboard>=2.14" "matplotlib>=3.7"
 PIP_FLAGS := -q --disable-pip-version-check
 
 .PHONY: demo train-demo test test-old test-new venvs clean
@@ -30,10 +32,8 @@ venvs: $(NEW)/.ok $(OLD)/.ok
 demo: $(NEW)/.ok
 	@echo "== 1. probe the seed's broken setup (exit 1 = findings) =="
 	-$(NEW)/bin/gradflow probe-backward gradflow.demos:seed_bug
-	@if $(NEW)/bin/gradflow --help | grep -q ' patch '; then \
-	  echo "== 2. patch it: apply the safe fixes and re-probe =="; \
-	  $(NEW)/bin/gradflow patch gradflow.demos:seed_bug; \
-	fi
+	@echo "== 2. patch it: apply the safe fixes, re-probe, show the proof and the code to paste (exit 0 = fixed) =="
+	$(NEW)/bin/gradflow patch gradflow.demos:seed_bug
 
 train-demo: $(NEW)/.ok
 	$(NEW)/bin/gradflow train tiny-phi3 --data gradflow/data/think_demo.jsonl --output runs/think-demo \

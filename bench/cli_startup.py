@@ -84,6 +84,9 @@ def main() -> None:
         "|---|---|---|---|",
     ]
     lines += [f"| {label} | {lo:.3f} | {med:.3f} | {hi:.3f} |" for label, lo, med, hi in rows]
+    if hasattr(os, "getloadavg") and os.getloadavg()[0] > (os.cpu_count() or 1):
+        lines += ["", "The machine was busy with other work during these runs (load above its core count): "
+                      "read the numbers as upper bounds."]
     lines += ["", "`--help` and `explain` never import torch, transformers or peft "
                   "(tests/cli/test_explain.py checks the imports; this file only measures)."]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,17 @@ def describe(model, *, trainable: str | None = None, optimizer=None) -> Snapshot
 
     params: list[ParamState] = []
     dtypes: dict[str, set] = {}
-    for name, p in model.named_parameters():
+    # one walk over the modules already listed, rather than a second recursive named_parameters()
+    # (the same order and the same de-duplication of shared parameters)
+    param_objects = []
+    seen = set()
+    for module, mname in names.items():
+        for pname, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            param_objects.append((f"{mname}.{pname}" if mname else pname, p))
+    for name, p in param_objects:
         module_name = name.rsplit(".", 1)[0] if "." in name else ""
         quantized = type(p).__name__ in _QUANT_PARAM_CLASSES or p.dtype in (torch.uint8, torch.int8)
         segments = name.split(".")
@@ -135,7 +145,8 @@ def describe(model, *, trainable: str | None = None, optimizer=None) -> Snapshot
         trainable_regex=trainable, optimizer_given=optimizer is not None,
     )
     snap.extra["active_adapters"] = active
-    snap.extra["module_names"] = names  # module object -> path, for the tracer (not serialised)
+    snap.extra["module_names"] = names
+    snap.extra["param_objects"] = param_objects  # (name, Parameter), for the probe (not serialised)  # module object -> path, for the tracer (not serialised)
     return snap
 
 

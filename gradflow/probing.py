@@ -84,12 +84,12 @@ def _graph_reaches(root_fn, targets: dict, limit: int = 2_000_000) -> bool:
 
 
 @contextlib.contextmanager
-def preserved(model):
+def preserved(model, modules=None, params=None):
     """Leave the model as it was found: train/eval flags, gradients, and the RNG streams."""
     import torch
 
-    modes = [(m, m.training) for m in model.modules()]
-    params = [p for p in model.parameters()]
+    modes = [(m, m.training) for m in (modules if modules is not None else model.modules())]
+    params = list(params) if params is not None else list(model.parameters())
     grads = [p.grad for p in params]
     flags = [p.requires_grad for p in params]
     cpu_rng = torch.get_rng_state()
@@ -134,8 +134,9 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
             snap.labels_all_masked = bool((supervised == -100).all())
 
     loss_state = LossState()
-    trainable_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    with preserved(model):
+    param_objects = snap.extra["param_objects"]
+    trainable_params = [(n, p) for n, p in param_objects if p.requires_grad]
+    with preserved(model, names, [p for _, p in param_objects]):
         model.train()
         trainable_modules = {m.name for m in snap.modules if m.trainable}
         rng = _rng_state()
@@ -176,8 +177,9 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
             tracer.output = None
             tracer.output_fns.clear()  # release the graph nodes as soon as the walk is done
         _fill_trace(snap, tracer)
-        _fill_grads(snap, trainable_params)
-        if backward:
+        if backward:  # inspect runs no backward: it knows nothing about gradients
+            _fill_grads(snap, trainable_params)
+        if backward and loss_state.error is None:  # after an exception the missing gradients say nothing
             _fill_cuts(snap, tracer, trainable_params)
         tracer.records.clear()  # drop the autograd nodes the records hold
         loss_bad = loss_state.value is not None and not math.isfinite(loss_state.value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -108,8 +109,8 @@ def build_report(snap, findings: list[Finding], command: str) -> Report:
     loss = None
     if snap.loss is not None:
         loss = dataclasses.asdict(snap.loss)
-        if loss["value"] is not None and loss["value"] != loss["value"]:
-            loss["value"] = None  # NaN is not JSON; nonfinite-grad / no-supervised-tokens say why
+        if loss["value"] is not None and not math.isfinite(loss["value"]):
+            loss["value"] = None  # NaN/Inf are not JSON; nonfinite-grad / no-supervised-tokens say why
     modules = [_module_row(m) for m in snap.modules]
     params = dict(counts)
     params["per_param"] = [

@@ -51,7 +51,7 @@ def make_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: int,
         return probe_batch(data, setup.tokenizer, batch_size=batch_size, seq_len=seq_len,
                            device=model_device(setup.model))
     if setup.batch is not None or setup.loss_fn is not None:
-        return setup.batch
+        return to_device(setup.batch, model_device(setup.model))
     if vocab_size(setup.model) is None:
         raise GradflowError(f"{setup.source} gave a {type(setup.model).__name__} without a batch, and it has no "
                             "vocab_size to make token ids for",
@@ -73,3 +73,16 @@ def check_seq_len(model, seq_len: int) -> None:
             if seq_len > module.num_embeddings:
                 raise GradflowError(f"--seq-len {seq_len} is longer than the model's {module.num_embeddings} "
                                     f"learned positions ({name})", f"Pass --seq-len {module.num_embeddings} or less")
+
+
+def to_device(batch, device):
+    """A factory's batch follows the model to --device (tensors in dicts, lists and tuples)."""
+    import torch
+
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

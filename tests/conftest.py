@@ -9,12 +9,18 @@ import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spin-waits make them ~100x slower
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")
 
 
 def pytest_configure(config):
     # pytest resets warning filters per test; the rule tests build reentrant regions without grad inputs on purpose
     config.addinivalue_line("filterwarnings", "ignore:None of the inputs have requires_grad:UserWarning")
+    # library chatter the tests trigger on purpose: LoRA on GPT-2's tied embeddings, and peft's
+    # prepare_model_for_kbit_training passing no use_reentrant on transformers 5
+    config.addinivalue_line("filterwarnings", "ignore:Model has `tie_word_embeddings=True`:UserWarning")
+    config.addinivalue_line("filterwarnings", "ignore:torch.utils.checkpoint. the use_reentrant parameter:UserWarning")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -85,8 +85,10 @@ def main() -> None:
     except KeyboardInterrupt as exc:
         fail(exc)
     except Exception as exc:
-        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `gradflow COMMAND`: its help, as a usage error
-            sys.stderr.write(exc.ctx.get_help() + "\n")
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `gradflow`: the help, and exit 2 as Click does
+            text = exc.ctx.get_help()  # Typer's rich help prints itself and returns ""; plain Click returns it
+            if text.strip():
+                sys.stderr.write(text + "\n")
             raise SystemExit(2) from None
         if type(exc).__name__ == "Abort":  # Click's wrapper for Ctrl-C / EOF
             fail(KeyboardInterrupt())

@@ -11,7 +11,7 @@ def prepare(model, opts, *, data, batch_size, seq_len, seed, out):
     from gradflow.runner import load_setup, make_batch
 
     check_positive(batch_size, "--batch-size")
-    check_positive(seq_len, "--seq-len")
+    check_positive(seq_len, "--seq-len", 32)
     if data is not None:
         check_data(data)
     with out.status(f"loading {model}"):

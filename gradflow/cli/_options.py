@@ -48,8 +48,8 @@ def check_choice(value: str, choices, flag: str) -> None:
         raise GradflowError(f"{flag} {value!r} is not one of {', '.join(choices)}", "Pick one of those")
 
 
-def check_positive(value: int, flag: str) -> None:
+def check_positive(value: int, flag: str, example: int = 2) -> None:
     from gradflow.errors import GradflowError
 
     if value <= 0:
-        raise GradflowError(f"{flag} must be a positive integer, got {value}", f"Pass e.g. {flag} 2")
+        raise GradflowError(f"{flag} must be a positive integer, got {value}", f"Pass e.g. {flag} {example}")

@@ -13,6 +13,7 @@ class Output:
 
         self.fmt = fmt
         # pipes and CI logs: no wrapping at all, so every module and finding stays on one grep-able line
+        # (so nothing full-width, like a Panel or Rule, belongs on stdout)
         width = None if sys.stdout.isatty() else 1000
         self.out = Console(file=sys.stdout, soft_wrap=False, highlight=False, width=width)
         self.err = Console(file=sys.stderr, highlight=False)

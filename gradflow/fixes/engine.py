@@ -89,7 +89,7 @@ def run_patch(model, batch: Any = None, *, loss_fn: Callable | None = None, opti
     extra = {
         "dry_run": dry_run,
         "unsafe_fixes": unsafe,
-        "plan": [p.to_dict() for p in (first_plans or []) if dry_run and p.applicability != "display-only"],
+        "plan": [p.to_dict() for p in (first_plans or []) if dry_run and _applies(p, unsafe)],
         "advice": [p.to_dict() for p in advice],
         "skipped_unsafe": [p.to_dict() for p in skipped],
         "verification": verification,

@@ -86,8 +86,8 @@ def patch_text(report):
         t.append(f"plan ({len(plan)} fix{'es' if len(plan) != 1 else ''}; dry run: nothing was changed)\n", style="bold")
         _plan_lines(plan, t, changed_key="changes", mark="•", style="cyan")
         if plan:
-            t.append("  fixes they reveal (e.g. behind unfrozen adapters) show up only once these are applied\n",
-                     style="dim")
+            t.append("  a real patch re-probes after these and fixes what they reveal (e.g. a cut checkpoint behind "
+                     "frozen adapters)\n", style="dim")
     else:
         applied = report.fixes_applied
         t.append(f"fixes applied ({len(applied)})\n", style="bold")
@@ -99,6 +99,7 @@ def patch_text(report):
             t.append(f"  rolled back {len(rb['fixes'])} fixes: {rb['reason']}\n", style="bold red")
     parts.append(t)
     parts.append(before_after_table(report))
+    parts.append(Text(""))
 
     if report.after is not None:
         head = Text("findings after patch\n", style="bold")
@@ -144,5 +145,5 @@ def proof_text(verification) -> Text:
 
 def snippet_text(snippet: str) -> Text:
     """The snippet between two marker lines, unwrapped, so it can be copied (and extracted by tools) as is."""
-    rule = SNIPPET_START + "(after the model is built, before the optimizer) " + "─" * 10
-    return Text(f"{rule}\n{snippet.rstrip()}\n{SNIPPET_END * 30}")
+    rule = SNIPPET_START + "─" * 40
+    return Text(f"{rule}\n{snippet.rstrip()}\n{SNIPPET_END * 33}")

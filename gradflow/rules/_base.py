@@ -15,9 +15,10 @@ class Rule:
     severity: str
     fix_title: str | None
     applicability: str | None  # safe | unsafe | display-only
-    check: Callable  # check(snapshot) -> list[Finding]
+    check: Callable | None  # check(snapshot) -> list[Finding]; None for runtime findings
     doc: str = ""
     superseded_by: tuple[str, ...] = ()  # slugs that, when they fire, make this one redundant
+    runtime: bool = False  # raised by GradFlowCallback during training, not by a snapshot check
 
     def finding(self, message: str, location: str | None = None, params: Iterable[str] = (),
                 fix_title: str | None = None, applicability: str | None = None) -> Finding:

@@ -14,6 +14,7 @@ CODES: dict[str, tuple[str, str]] = {
     "GF122": ("no-supervised-tokens", "no_supervised_tokens"),
     "GF130": ("nonfinite-grad", "nonfinite_grad"),
     "GF140": ("param-not-in-optimizer", "param_not_in_optimizer"),
+    "GF150": ("step-raised", "step_raised"),
     "GF201": ("trainable-param-unused", "trainable_param_unused"),
     "GF202": ("trainable-embeddings-costly", "trainable_embeddings_costly"),
     "GF203": ("half-precision-trainable-params", "half_precision_trainable_params"),
@@ -21,6 +22,9 @@ CODES: dict[str, tuple[str, str]] = {
     "GF205": ("kbit-not-prepared", "kbit_not_prepared"),
     "GF301": ("lora-zero-init", "lora_zero_init"),
     "GF302": ("use-cache-in-training", "use_cache_in_training"),
+    # raised while training, by GradFlowCallback
+    "GF401": ("grad-missing-in-training", "grad_missing_in_training"),
+    "GF402": ("adapter-not-updated", "adapter_not_updated"),
 }
 
 # Old code → current code, so that documentation links and --ignore lists keep working.

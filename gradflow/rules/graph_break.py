@@ -1,7 +1,9 @@
 """## What it does
 Finds the module where the autograd graph is cut: its output does not depend on its input or parameters through
 autograd (`.detach()`, `.data`, `torch.no_grad()`, inference mode, a non-differentiable op), so trainable
-parameters before it get no gradient. `location` names the module.
+parameters before it get no gradient. `location` names the module. The cut may be partial: a residual block that
+detaches only its branch still passes gradient through the residual, so only the parameters inside the branch
+are lost; the probe follows each lost parameter's autograd path to find the module where it ends.
 
 ## Why is this bad?
 Everything upstream of the cut stops learning. When something after the cut is still trainable the run goes on
@@ -12,6 +14,10 @@ without any error, and only those later parameters move.
 class Adapter(nn.Module):
     def forward(self, x):
         return self.proj(x).detach()        # cut: self.proj and everything before get no gradient
+
+class Block(nn.Module):
+    def forward(self, x):
+        return x + self.proj(x).data        # partial cut: silent, only self.proj stops learning
 ```
 Remove the `.detach()` / `.data` / `no_grad` from the training path.
 

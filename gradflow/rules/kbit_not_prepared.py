@@ -32,12 +32,15 @@ def check(snap):
     if half:
         reasons.append(f"{plural(len(half), 'unquantized parameter')} ({short([p.module for p in half], 2)}) "
                        f"are still in {half[0].dtype}")
+    # the input embedding is where prepare_model_for_kbit_training puts the hook
+    embed = next((p.module for p in snap.params if p.embedding), None)  # input embeddings come first
     if snap.gc_mode != "off" and not snap.input_grad_hook:
-        reasons.append("checkpointing is on without the input-grad hook")
+        where = f" on {embed}" if embed else ""
+        reasons.append(f"checkpointing is on without the input-grad hook{where}")
     if not reasons:
         return []
     message = f"{snap.quantized} quantized base not prepared for training: " + "; ".join(reasons)
-    return [RULE.finding(message, location=half[0].module if half else None, params=[p.name for p in half])]
+    return [RULE.finding(message, location=half[0].module if half else embed, params=[p.name for p in half])]
 
 
 RULE = Rule(

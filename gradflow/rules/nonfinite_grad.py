@@ -37,6 +37,8 @@ def check(snap):
     what = plural(len(bad), "parameter") + " got a NaN/Inf gradient" if bad else "the loss is NaN/Inf"
     if snap.forward_nonfinite_at:
         where = f"the forward output of {location} is already non-finite"
+    elif loss_bad:
+        where += "; every module output is finite, so the loss computation itself produces the NaN/Inf"
     return [RULE.finding(f"{what} ({where})", location=location, params=[p.name for p in bad])]
 
 

@@ -42,21 +42,33 @@ def check(snap):
     unused = [p for p in unused if not (_EXPERT.match(p.module) and _EXPERT.match(p.module).group(1) in ran_experts)]
     if not unused:
         return []
-    alive = set()  # modules that ran, and every ancestor of one (containers such as ModuleList never run)
-    for m in snap.modules:
-        if m.ran:
-            name = m.name
-            while name not in alive:
-                alive.add(name)
-                name = name.rsplit(".", 1)[0] if "." in name else ""
-    modules = list(dict.fromkeys(_outermost_idle(p.module, alive) for p in unused))
+    ran = {m.name for m in snap.modules if m.ran}
+    # a module counts as run when it or something inside it ran: PEFT calls the base model's .forward directly
+    alive = set()
+    for name in ran:
+        while name not in alive:
+            alive.add(name)
+            name = name.rsplit(".", 1)[0] if "." in name else ""
+    modules, bypassed = [], []
+    for p in unused:
+        idle = _outermost_idle(p.module, alive)
+        parent = idle.rsplit(".", 1)[0] if "." in idle else None
+        if parent is not None and parent not in ran and parent + ".base_layer" in ran:
+            # the LoRA layer did not run but its base_layer did: the forward calls the replaced module directly
+            idle = parent
+            bypassed.append(parent)
+        modules.append(idle)
+    modules = list(dict.fromkeys(modules))
     message = (f"{plural(len(unused), 'trainable parameter')} in {plural(len(modules), 'module')} never ran in the "
                f"forward: {short(modules, 2)}")
+    if bypassed:
+        message += (f"; the base_layer inside {bypassed[0]} ran without it: the forward calls a stale reference to "
+                    "the module PEFT replaced")
     return [RULE.finding(message, location=modules[0] or None, params=[p.name for p in unused])]
 
 
 def _outermost_idle(name: str, alive: set) -> str:
-    """The highest ancestor of `name` none of whose modules ran: 'model.layers.3', not each lora_A inside it."""
+    """The highest ancestor of `name` that did not run: 'model.layers.3', not each lora_A inside it."""
     while "." in name and name.rsplit(".", 1)[0] not in alive:
         name = name.rsplit(".", 1)[0]
     return name

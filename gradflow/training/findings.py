@@ -1,29 +1,16 @@
 """Findings the training watch raises while a run is in progress.
 
 Where a probe-time slug names the state (nonfinite-grad, no-supervised-tokens), that slug and its code are used.
-Two states exist only during training and get their own codes here, in the GF4xx range.
+The two states that exist only during training (GF401, GF402) are runtime rules in the same code table.
 """
 
 from __future__ import annotations
 
 from gradflow.report import Finding, Fix
 
-# code: (slug, severity, fix title)
-TRAINING_CODES = {
-    "GF401": ("grad-missing-in-training", "error",
-              "Run 'gradflow probe-backward' on this setup to see where the gradient stops"),
-    "GF402": ("adapter-not-updated", "error",
-              "Check that the optimizer holds the adapter parameters and that the learning rate is not zero"),
-}
-_BY_SLUG = {slug: (code, sev, fix) for code, (slug, sev, fix) in TRAINING_CODES.items()}
-
 
 def finding(slug: str, message: str, *, location: str | None = None, params: list[str] | None = None) -> Finding:
-    """A Finding for a training-time state, with the code the central table (or TRAINING_CODES) gives it."""
-    if slug in _BY_SLUG:
-        code, severity, fix_title = _BY_SLUG[slug]
-        return Finding(code=code, slug=slug, severity=severity, message=message, location=location,
-                       fix=Fix(title=fix_title, applicability="display-only"), params=list(params or []))
+    """A Finding for a training-time state, with the code and fix the central table gives its slug."""
     from gradflow.rules import load
     from gradflow.rules.codes import SLUGS
 

@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from clirun import REPO, assert_one_line_error, cli_env, gradflow, invoke
+from clirun import assert_one_line_error, cli_env, gradflow, invoke
 
 SEED_BUG = "gradflow.demos:seed_bug"
 
@@ -151,8 +151,10 @@ def test_save_writes_adapter_and_recipe_that_reload(tmp_path):
     assert [f["id"] for f in recipe.fixes] == [f["id"] for f in data["fixes_applied"]]
     # the saved adapter names the preset as its base, so gradflow can load the directory again
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-phi3"
-    again = invoke("probe-backward", str(out), "--adapter-trainable", "--format", "json")
+    # loaded by name, the adapter comes back frozen (is_trainable=False): patch unfreezes it
+    again = invoke("patch", str(out), "--format", "json")
     assert again.code == 0, again.stdout[-2000:]
+    assert [f["id"] for f in json.loads(again.stdout)["fixes_applied"]] == ["unfreeze-adapter"]
 
 
 def _graph_break_factory(tmp_path) -> str:
@@ -191,14 +193,14 @@ def test_a_remaining_error_exits_1_unless_fail_on_never(tmp_path):
 
 
 def test_save_with_dry_run_is_a_usage_error(tmp_path):
-    assert_one_line_error(gradflow("patch", SEED_BUG, "--dry-run", "--save", str(tmp_path / "x")),
+    assert_one_line_error(invoke("patch", SEED_BUG, "--dry-run", "--save", str(tmp_path / "x")),
                           "--save", "--dry-run")
 
 
 def test_save_onto_a_file_is_a_usage_error(tmp_path):
     target = tmp_path / "file.txt"
     target.write_text("x")
-    assert_one_line_error(gradflow("patch", SEED_BUG, "--save", str(target)), "is a file")
+    assert_one_line_error(invoke("patch", SEED_BUG, "--save", str(target)), "is a file")
 
 
 def test_save_of_a_plain_module_is_a_usage_error(tmp_path):
@@ -209,12 +211,31 @@ def test_save_of_a_plain_module_is_a_usage_error(tmp_path):
 
 
 def test_bad_format_is_a_usage_error():
-    assert_one_line_error(gradflow("patch", SEED_BUG, "--format", "sarif"), "--format")
+    assert_one_line_error(gradflow("patch", SEED_BUG, "--format", "sarif"), "--format")  # the real entry point
 
 
 def test_help_lists_patch_options():
-    run = gradflow("patch", "--help")
+    run = invoke("patch", "--help")
     assert run.code == 0
     for option in ("--unsafe-fixes", "--dry-run", "--save", "--format", "--fail-on", "--trainable", "--gc"):
         assert option in run.stdout, option
-    assert str(REPO)  # the helper's repo root is where the factory modules resolve
+
+
+def test_unsafe_fixes_only_with_the_flag(tmp_path):
+    path = tmp_path / "workaround.py"
+    path.write_text(textwrap.dedent('''
+        from gradflow.demos import seed_bug
+
+        def make():
+            setup = seed_bug()
+            setup["model"].get_input_embeddings().weight.requires_grad_(True)  # the seed's costly workaround
+            return setup
+    '''))
+    safe = invoke("patch", f"{path}:make", "--fail-on", "warning")
+    assert safe.code == 1  # the costly embeddings remain a warning
+    assert "unsafe fixes not applied (run with --unsafe-fixes)" in safe.stdout and "refreeze-embeddings" in safe.stdout
+    unsafe = invoke("patch", f"{path}:make", "--unsafe-fixes", "--fail-on", "warning", "--format", "json")
+    assert unsafe.code == 0, unsafe.stdout[-2000:]
+    data = json.loads(unsafe.stdout)
+    assert {"refreeze-embeddings", "input-grad-hook"} <= {f["id"] for f in data["fixes_applied"]}
+    assert data["after"]["params"]["trainable"] == 32 and data["verification"]["ok"]

@@ -176,6 +176,25 @@ def test_user_code_causes_are_display_only_and_name_the_place(slug):
     assert report.fails("warning")
 
 
+def test_every_fix_declares_its_safety_and_answers_real_findings():
+    from gradflow.fixes import all_fixes, fixes_for
+    from gradflow.fixes._base import APPLICABILITIES
+    from gradflow.rules import all_rules
+    from gradflow.rules.codes import SLUGS
+
+    fixes = all_fixes()
+    assert len({f.id for f in fixes}) == len(fixes)
+    for fix in fixes:
+        assert fix.applicability in APPLICABILITIES, fix.id
+        assert fix.answers and set(fix.answers) <= set(SLUGS), fix.id
+        assert "## What it does" in fix.doc and "## Fix safety" in fix.doc, fix.id
+        assert fix.doc.split("## Fix safety")[1].split()[0].lower().rstrip(":.") == fix.applicability, fix.id
+        assert (fix.apply is None) == (fix.applicability == "display-only"), fix.id
+    for rule in all_rules():
+        if rule.severity != "info":
+            assert fixes_for(rule.slug) or rule.slug == "no-trainable-parameters", rule.slug
+
+
 def test_report_json_carries_before_after_and_fixes():
     model = seed_order()
     report = gradflow.patch(model, batch())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 import gradflow
 from patchkit import (base, batch, gc_on, ids, lora, patched, remove_input_grad_hooks, rotated_base, seed_order,

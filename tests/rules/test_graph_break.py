@@ -184,3 +184,16 @@ def test_silent_on_a_no_grad_wrapper_around_a_frozen_layer():
     layers[0] = NoGradPrefix(layers[0])
     report = probe(model, batch(model))
     assert_silent(report, SLUG)
+
+
+def test_silent_when_the_loss_fn_raises_after_the_forward():
+    """An exception is data: the gradients it prevented are not a cut in the graph."""
+    model = lora()
+
+    def loss_fn(m, data):
+        m(**data)
+        raise RuntimeError("the user's loss failed")
+
+    report = probe(model, batch(model), loss_fn=loss_fn)
+    assert report.loss["error"] == "RuntimeError: the user's loss failed"
+    assert_silent(report, SLUG)

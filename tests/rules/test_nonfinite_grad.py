@@ -5,23 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
-from _builders import Block, assert_fires, assert_silent, batch, lora, probe, tiny_batch, tiny_lm
+from _builders import SqrtGatedBlock, assert_fires, assert_silent, batch, lora, probe, tiny_batch, tiny_lm
 
 SLUG = "nonfinite-grad"
-
-
-class SqrtGatedBlock(Block):
-    """A learnable gate that starts at zero and enters through sqrt: d sqrt(g)/dg = inf at g = 0."""
-
-    def __init__(self, dim: int, eps: float = 0.0):
-        super().__init__(dim)
-        self.gate = nn.Parameter(torch.zeros(1))
-        self.eps = eps
-
-    def forward(self, x):
-        return x + torch.sqrt(self.gate + self.eps) * self.act(self.proj(x))
 
 
 def _gated(eps: float = 0.0):
@@ -52,7 +39,8 @@ def test_log_of_an_underflowed_softmax_in_a_custom_loss_fn():
     report = probe(model, batch(model), loss_fn=loss_fn)
     finding = assert_fires(report, SLUG)
     # no module output is non-finite: the first module backward reaches with NaN is the last adapter in forward order
-    assert finding.location.startswith("base_model.model.model.layers.3.mlp.down_proj"), finding.location
+    assert finding.location == "base_model.model.model.layers.3.mlp.down_proj.lora_B.default"
+    assert "the loss computation itself" in finding.message
     assert not math.isfinite(report.snapshot.loss.value)
 
 

@@ -19,6 +19,15 @@ class WithAuxHead(TinyLM):
         self.value_head = nn.Linear(16, 1)
 
 
+def test_head_added_to_the_base_model_after_get_peft_model():
+    """A head attached to the transformers model under PEFT (whose forward PEFT calls directly) and never used."""
+    model = lora("tiny-phi3")
+    model.get_base_model().extra_head = nn.Linear(64, 64)
+    report = probe(model, batch(model))
+    finding = assert_fires(report, SLUG, location="base_model.model.extra_head")
+    assert sorted(finding.params) == ["base_model.model.extra_head.bias", "base_model.model.extra_head.weight"]
+
+
 def test_custom_head_never_called():
     model = WithAuxHead()
     model.requires_grad_(False)
@@ -95,3 +104,29 @@ def test_silent_for_a_fresh_lora():
 
     model = get_peft_model(base("tiny-gpt2"), lora_config())
     assert_silent(probe(model, batch(model)), SLUG)
+
+
+class CachedProjections(TinyLM):
+    """Caches its projections in a plain list at init: after get_peft_model the forward still calls the old
+    nn.Linear objects (now PEFT's base_layer), never the LoRA layers that replaced them."""
+
+    def __init__(self):
+        super().__init__()
+        self._projs = [block.proj for block in self.blocks]
+
+    def hidden(self, input_ids=None, inputs_embeds=None):
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        for proj in self._projs:
+            h = h + torch.nn.functional.gelu(proj(h))
+        return h
+
+
+def test_stale_reference_to_modules_peft_replaced():
+    model = CachedProjections()
+    model.requires_grad_(False)
+    model = custom_lora(model)
+    report = probe(model, tiny_batch())
+    finding = assert_fires(report, SLUG, location="base_model.model.blocks.0.proj")
+    assert "base_layer inside base_model.model.blocks.0.proj ran without it" in finding.message
+    assert "stale reference" in finding.message
+    assert len(finding.params) == 6 and all(".lora_" in p for p in finding.params)

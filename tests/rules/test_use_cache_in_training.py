@@ -39,10 +39,12 @@ def test_legacy_tuple_past_key_values_in_the_batch():
     data["past_key_values"] = past
     data["attention_mask"] = torch.ones(2, data["input_ids"].shape[1] + 4, dtype=torch.long)
     report = probe(model, data)
-    finding = _assert_info(report)
+    finding = assert_fires(report, SLUG, severity="info", location=None)
     assert "legacy tuple past_key_values" in finding.message
-    # the forward raising on it is recorded as data, not a crash; nothing else is blamed
+    # the forward raising on it is recorded as data, not a crash, and fails the step (step-raised);
+    # no gradient rule is blamed for what the exception left unrun
     assert report.loss["error_phase"] == "forward"
+    assert [f.severity for f in report.findings if f.slug == "step-raised"] == ["error"]
     assert_silent(report, "trainable-param-unused", "graph-break")
 
 

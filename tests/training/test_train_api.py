@@ -69,7 +69,6 @@ def test_so8_layers_train_save_reload_and_merge(tmp_path):
     assert report.extra["train"]["status"] == "completed", report.extra["train"]
     rot = so8.rotations(report.trained_model)
     assert len(rot) == 2 and not torch.allclose(next(iter(rot.values())), torch.eye(8).expand(8, 8, 8))
-    theta = [n for n in report.extra["train"]["losses"]]  # noqa: F841 (losses exist)
     reloaded = load_adapter(build_preset("tiny-llama", seed=0), str(out / "adapter"))
     assert_close(_logits(reloaded), _logits(report.trained_model), atol=1e-5, rtol=1e-5)
     from transformers import AutoModelForCausalLM

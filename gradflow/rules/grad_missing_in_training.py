@@ -1,0 +1,29 @@
+"""## What it does
+Raised by `GradFlowCallback` during training: at a check step, trainable parameters that should learn got no
+gradient (`None`), although the pre-flight probe saw gradients reach them.
+
+## Why is this bad?
+Something changed after the pre-flight: a hook was removed, checkpointing was switched mid-run, a custom
+collator sends `inputs_embeds`, or a branch of the model stops running. The run would go on for hours while
+those parameters never move, so the callback stops it with this finding.
+
+## Example
+```python
+trainer = Trainer(model, args, callbacks=[GradFlowCallback(check_every=50)])
+# step 200: model.disable_input_require_grads() somewhere in user code -> GF401, the run stops
+```
+Run `gradflow probe-backward` on the setup as it is at that step to see where the gradient stops.
+
+## Fix safety
+Display-only: the change happened in your training code; the callback names the step and the parameters.
+"""
+
+from __future__ import annotations
+
+from gradflow.rules._base import Rule
+
+RULE = Rule(
+    code="GF401", slug="grad-missing-in-training", severity="error",
+    fix_title="Run 'gradflow probe-backward' on this setup to see where the gradient stops",
+    applicability="display-only", check=None, doc=__doc__, runtime=True,
+)
