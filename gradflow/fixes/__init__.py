@@ -25,6 +25,7 @@ CATALOG: tuple[str, ...] = (
     "supervised_tokens_advice",
     "nonfinite_advice",
     "unused_params_advice",
+    "step_raised_advice",
 )
 
 

@@ -191,7 +191,7 @@ def test_every_fix_declares_its_safety_and_answers_real_findings():
         assert fix.doc.split("## Fix safety")[1].split()[0].lower().rstrip(":.") == fix.applicability, fix.id
         assert (fix.apply is None) == (fix.applicability == "display-only"), fix.id
     for rule in all_rules():
-        if rule.severity != "info":
+        if rule.severity != "info" and not rule.runtime:  # runtime findings stop a training run; patch never sees them
             assert fixes_for(rule.slug) or rule.slug == "no-trainable-parameters", rule.slug
 
 
