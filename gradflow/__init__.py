@@ -5,6 +5,8 @@ The public API is imported lazily, so `gradflow --help` and `gradflow explain` n
 
 from __future__ import annotations
 
+from gradflow._lazy import lazy_getattr
+
 __version__ = "0.1.0"
 
 __all__ = ["inspect", "probe", "patch", "train", "Report", "Finding", "GradFlowCallback", "__version__"]
@@ -20,12 +22,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gradflow' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

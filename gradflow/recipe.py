@@ -106,10 +106,11 @@ def build(setup: Setup, opts: RecipeOptions) -> Setup:
     elif opts.gc is not None:
         set_checkpointing(model, opts.gc)
 
-    if opts.adapter is not None:
+    adapter = opts.adapter or (setup.source if _is_adapter_dir(setup) else None)
+    if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, opts.adapter, is_trainable=opts.adapter_trainable)
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=opts.adapter_trainable)
     else:
         rank = opts.lora_r if opts.lora_r is not None else (0 if is_factory or _is_peft(model) else 8)
         if rank > 0:
@@ -136,7 +137,7 @@ def _load(setup: Setup, opts: RecipeOptions, device: str, dtype):
             base.save_pretrained(tmp)
             del base
             return _from_pretrained(tmp, opts, device, dtype, quant_config)
-    if setup.kind == "dir" and os.path.isfile(os.path.join(setup.source, "adapter_config.json")):
+    if _is_adapter_dir(setup):
         return _load_adapter_dir(setup, opts, device, dtype)
     if setup.kind == "dir" and not os.path.isfile(os.path.join(setup.source, "config.json")):
         raise GradflowError(f"{setup.source} has no config.json or adapter_config.json",
@@ -170,8 +171,11 @@ def _load_adapter_dir(setup: Setup, opts: RecipeOptions, device: str, dtype):
     base_setup = resolve(base_id, trust_remote_code=opts.trust_remote_code)
     base = _load(base_setup, opts, device, dtype) if base_setup.model is None else base_setup.model
     setup.tokenizer = base_setup.tokenizer
-    opts.adapter = opts.adapter or setup.source
-    return base
+    return base  # build() loads the adapter itself onto it
+
+
+def _is_adapter_dir(setup: Setup) -> bool:
+    return setup.kind == "dir" and os.path.isfile(os.path.join(setup.source, "adapter_config.json"))
 
 
 def _from_pretrained(path: str, opts: RecipeOptions, device: str, dtype, quant_config):

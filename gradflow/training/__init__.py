@@ -5,6 +5,8 @@ Imports are lazy so that `gradflow.data` can use the pure-Python /think validati
 
 from __future__ import annotations
 
+from gradflow._lazy import lazy_getattr
+
 __all__ = ["train", "merge", "load_adapter", "GradFlowCallback", "TrainOptions"]
 
 _LAZY = {
@@ -16,12 +18,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'gradflow.training' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)

@@ -258,7 +258,7 @@ class Collator:
 
 # ----- pre-flight -------------------------------------------------------------------------------------------
 def preflight(setup, batch, *, unsafe: bool = False, say=None) -> dict:
-    """Probe, patch (when gradflow.fixes is installed), probe again. Returns the three reports."""
+    """Probe, patch (when gradflow.fixes is installed; patch re-probes). Returns the three reports."""
     import gradflow
 
     say = say or (lambda text: None)
@@ -273,8 +273,8 @@ def preflight(setup, batch, *, unsafe: bool = False, say=None) -> dict:
         say("pre-flight: patching")
         patched = gradflow.patch(setup.model, batch, loss_fn=setup.loss_fn, trainable=setup.trainable,
                                  unsafe=unsafe)
-    after = gradflow.probe(setup.model, batch, loss_fn=setup.loss_fn, optimizer=None, trainable=setup.trainable) \
-        if patched is not None else before
+    # patch ends with its own re-probe of the patched model: that is the "probe again", no fourth pass
+    after = patched.after if patched is not None else before
     return {"before": before, "patch": patched, "after": after, "patch_available": have_patch}
 
 
