@@ -95,6 +95,7 @@ def train(
             moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps)
     except Exception as exc:
         fail(exc)
+    _end_process_group()
     state = report.extra["train"]
     import os
 
@@ -112,6 +113,16 @@ def train(
         sys.stderr.write(f"gradflow: the pre-flight refused to start: {why[0]}{more}. "
                          f"Run 'gradflow patch {model}' to see the fixes, or fix the setup\n")
     raise typer.Exit(int(ExitCode.OK if state["status"] == "completed" else ExitCode.FINDINGS))
+
+
+def _end_process_group() -> None:
+    """Under torchrun the CLI owns the process: tear the process group down before exit, not in interpreter
+    shutdown, where gloo's threads can be destroyed while still joinable (SIGABRT after a completed run)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # rank 0 may still be writing the adapter and report
+        dist.destroy_process_group()
 
 
 def _summary(report) -> str:
