@@ -16,14 +16,14 @@ PIP_FLAGS := -q --disable-pip-version-check
 $(NEW)/.ok:
 	$(PY) -m venv $(NEW)
 	$(NEW)/bin/pip install $(PIP_FLAGS) $(TORCH)
-	$(NEW)/bin/pip install $(PIP_FLAGS) $(TORCH) "transformers>=5,<6" "peft>=0.21,<0.22" $(COMMON)
+	$(NEW)/bin/pip install $(PIP_FLAGS) $(TORCH) "transformers>=5,<6" "peft>=0.21,<0.22" "trl>=1,<2" $(COMMON)
 	$(NEW)/bin/pip install $(PIP_FLAGS) --no-deps -e .
 	touch $@
 
 $(OLD)/.ok:
 	$(PY) -m venv $(OLD)
 	$(OLD)/bin/pip install $(PIP_FLAGS) $(TORCH)
-	$(OLD)/bin/pip install $(PIP_FLAGS) $(TORCH) "transformers==4.57.*" "peft==0.18.0" $(COMMON)
+	$(OLD)/bin/pip install $(PIP_FLAGS) $(TORCH) "transformers==4.57.*" "peft==0.18.0" "trl>=0.24,<0.30" $(COMMON)
 	$(OLD)/bin/pip install $(PIP_FLAGS) --no-deps -e .
 	touch $@
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from typing import Any, Callable
 
 from gradflow.errors import GradflowError
@@ -22,13 +24,31 @@ def check_trainable_regex(model, trainable: str | None) -> None:
                             f"Fix the pattern; parameter names look like {example!r}")
 
 
-def snapshot(model, batch=None, *, loss_fn=None, optimizer=None, trainable=None, backward=True, static=False):
+@contextlib.contextmanager
+def _target(model, batch, loss_fn, optimizer):
+    """What to probe: the model as given, or, for a Trainer, the setup its `train()` would start with."""
+    from gradflow.trainer_source import is_trainer, prepared
+
+    if not is_trainer(model):
+        yield model, batch, loss_fn, optimizer, None
+        return
+    with prepared(model) as setup:
+        yield (setup.model, batch if batch is not None else setup.batch, loss_fn or setup.loss_fn,
+               optimizer if optimizer is not None else setup.optimizer, setup)
+
+
+def snapshot(model, batch=None, *, loss_fn=None, optimizer=None, trainable=None, backward=True, static=False,
+             setup=None):
     """Trace (and probe) `model` once; the Snapshot that rules read."""
     from gradflow.probing import probe as run_probe
 
     check_trainable_regex(model, trainable)
-    return run_probe(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable,
+    snap = run_probe(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable,
                      backward=backward, static=static)
+    if setup is not None:
+        snap.trainer = setup.source
+        snap.ddp_find_unused = setup.find_unused_parameters
+    return snap
 
 
 def inspect(model, batch: Any = None, *, static: bool = False, loss_fn: Callable | None = None,
@@ -36,8 +56,9 @@ def inspect(model, batch: Any = None, *, static: bool = False, loss_fn: Callable
     """Describe `model` module by module; unless `static`, trace one train-mode forward (no backward).
 
     Args:
-        model: the nn.Module to look at (a PeftModel, a transformers model, or your own module).
-        batch: inputs for the forward; None synthesises token ids and labels.
+        model: the nn.Module to look at (a PeftModel, a transformers model, or your own module), or a
+            `transformers.Trainer` (TRL's SFTTrainer included): its model as `train()` would prepare it.
+        batch: inputs for the forward; None synthesises token ids and labels (a Trainer's first batch for one).
         static: describe parameters, hooks and checkpointing only, without running the model.
         loss_fn: `loss_fn(model, batch) -> loss`, when the model does not compute its own loss.
         trainable: regex naming the parameters you intend to train.
@@ -47,7 +68,9 @@ def inspect(model, batch: Any = None, *, static: bool = False, loss_fn: Callable
     """
     from gradflow.rules import run_rules
 
-    snap = snapshot(model, batch, loss_fn=loss_fn, trainable=trainable, backward=False, static=static)
+    with _target(model, batch, loss_fn, None) as (model, batch, loss_fn, _, setup):
+        snap = snapshot(model, batch, loss_fn=loss_fn, trainable=trainable, backward=False, static=static,
+                        setup=setup)
     return build_report(snap, run_rules(snap), "inspect")
 
 
@@ -58,10 +81,14 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     The model is left as found: requires_grad flags, gradients, train/eval mode, hooks and RNG state.
 
     Args:
-        model: the nn.Module to probe.
-        batch: inputs; None synthesises token ids inside the vocab, with labels.
-        loss_fn: `loss_fn(model, batch) -> loss`; by default the model's own `.loss`.
-        optimizer: the optimizer you will train with, to check it holds every trainable parameter.
+        model: the nn.Module to probe, or a `transformers.Trainer` (TRL's SFTTrainer included). A Trainer is
+            judged as `train()` will run it: gradflow drives its `train()` up to `on_train_begin` (checkpointing
+            from its args, PEFT wrapping, its optimizer) and probes the first batch of its train dataloader with
+            its `compute_loss`, then puts the trainer back; no step is taken and nothing is written.
+        batch: inputs; None synthesises token ids inside the vocab, with labels (a Trainer's first batch).
+        loss_fn: `loss_fn(model, batch) -> loss`; by default the model's own `.loss` (a Trainer's compute_loss).
+        optimizer: the optimizer you will train with, to check it holds every trainable parameter (a Trainer's
+            own by default).
         trainable: regex naming the parameters you intend to train.
 
     Returns:
@@ -69,7 +96,8 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     """
     from gradflow.rules import run_rules
 
-    snap = snapshot(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable)
+    with _target(model, batch, loss_fn, optimizer) as (model, batch, loss_fn, optimizer, setup):
+        snap = snapshot(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable, setup=setup)
     return build_report(snap, run_rules(snap), "probe-backward")
 
 
@@ -78,7 +106,8 @@ def patch(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     """Probe, apply the fixes that answer the findings, and probe again.
 
     Args:
-        model: the nn.Module to fix in place.
+        model: the nn.Module to fix in place, or a `transformers.Trainer`: its model is fixed in place, and the
+            proof is a fresh probe of the trainer as `train()` will start it (its checkpointing set up again).
         batch, loss_fn, optimizer, trainable: as for `probe`.
         unsafe: also apply fixes that change what the model learns.
         dry_run: plan only; the model is left bit-identical.
@@ -88,5 +117,24 @@ def patch(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     """
     from gradflow.fixes.engine import run_patch
 
-    return run_patch(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable,
-                     unsafe=unsafe, dry_run=dry_run)
+    trainer = model
+    with _target(model, batch, loss_fn, optimizer) as (model, batch_, loss_fn_, optimizer_, setup):
+        report = run_patch(model, batch_, loss_fn=loss_fn_, optimizer=optimizer_, trainable=trainable,
+                           unsafe=unsafe, dry_run=dry_run)
+    if setup is None or dry_run or not report.fixes_applied:
+        return report
+    # the fixes were made on the model as the trainer had prepared it; train() prepares it again, so the proof
+    # is a probe of the trainer itself
+    return _reproved(report, probe(trainer, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable))
+
+
+def _reproved(report: Report, after: Report) -> Report:
+    from gradflow.fixes.engine import verify
+
+    verification = verify(after)
+    records = [{**rec, "verified": verification["ok"] and not any(s in after.slugs() for s in rec.get("answers", ()))}
+               for rec in report.fixes_applied]
+    extra = {**report.extra, "verification": verification}
+    return dataclasses.replace(report, model=after.model, loss=after.loss, params=after.params,
+                               modules=after.modules, findings=after.findings, snapshot=after.snapshot,
+                               after=after, fixes_applied=records, extra=extra)

@@ -83,6 +83,8 @@ def resolve_dtype(name: str | None):
 def build(setup: Setup, opts: RecipeOptions) -> Setup:
     """Load or adapt the model in `setup` as `opts` say, in the order careful users follow."""
     opts.validate()
+    if setup.kind == "trainer":
+        return _trainer_setup(setup, opts)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype)
     is_factory = setup.kind == "factory"
@@ -116,6 +118,24 @@ def build(setup: Setup, opts: RecipeOptions) -> Setup:
         if rank > 0:
             model = apply_lora(model, rank, opts.lora_alpha or 2 * rank, opts.lora_targets or "all-linear")
     setup.model = model
+    if opts.trainable is not None:
+        setup.trainable = opts.trainable
+    return setup
+
+
+def _trainer_setup(setup: Setup, opts: RecipeOptions) -> Setup:
+    """A Trainer brings its own model, checkpointing and adapters: setup flags would silently disagree with it."""
+    given = [flag for flag, value in (("--lora-r", opts.lora_r), ("--lora-alpha", opts.lora_alpha),
+                                      ("--lora-targets", opts.lora_targets), ("--adapter", opts.adapter),
+                                      ("--gc", opts.gc), ("--dtype", opts.dtype)) if value is not None]
+    if opts.quant != "none":
+        given.append("--quant")
+    if opts.device != "auto":
+        given.append("--device")
+    if given:
+        raise GradflowError(f"{setup.source} returns a Trainer, which sets up its own model, so {', '.join(given)} "
+                            "would be ignored", "Drop those flags and set them in the Trainer's script "
+                            "(TrainingArguments, peft_config, from_pretrained)")
     if opts.trainable is not None:
         setup.trainable = opts.trainable
     return setup

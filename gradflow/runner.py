@@ -43,6 +43,11 @@ def make_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: int,
     """The probe batch: from --data, else the factory's batch, else synthetic token ids."""
     from gradflow.probing import model_device, synthetic_batch, vocab_size
 
+    if setup.kind == "trainer":
+        if data is not None:
+            raise GradflowError(f"{setup.source} returns a Trainer, whose dataloader gives the batch; --data would "
+                                "be ignored", "Drop --data (the trainer's train_dataset is probed)")
+        return None  # the trainer's own first batch, drawn when gradflow drives its train() to the first step
     if data is not None or (setup.batch is None and setup.loss_fn is None):
         check_seq_len(setup.model, seq_len)
     if data is not None:

@@ -20,7 +20,7 @@ class Setup:
     """What gradflow works on: the model and, from a factory, the user's batch, loss, optimizer and intent."""
 
     model: Any
-    kind: str  # preset | dir | hub | factory | object
+    kind: str  # preset | dir | hub | factory | trainer
     source: str
     batch: Any = None
     loss_fn: Callable | None = None
@@ -56,13 +56,40 @@ def _looks_like_factory(spec: str) -> bool:
 
 
 def load_factory(spec: str) -> Setup:
-    """Import `file.py:func` or `package.module:func`, call it, and check what it returns."""
+    """Import `file.py:name` or `package.module:name` and take what `name` is: a function to call, or an object.
+
+    The factory is user code and behaves as it would when run as a script: its folder is on sys.path (sibling
+    imports work), and whatever it prints goes to stderr, so `--format json|sarif` stays valid on stdout.
+    """
+    import contextlib
+
     target, _, func_name = spec.rpartition(":")
     if not target or not func_name:
         raise GradflowError(f"bad factory {spec!r}", "Write it as path/to/file.py:function or package.module:function")
+    with contextlib.redirect_stdout(sys.stderr):
+        module = _import_target(target, spec)
+        obj = getattr(module, func_name, None)
+        if obj is None:
+            raise GradflowError(f"{target} has no function or object {func_name!r}", "Check the name after the ':'")
+        if not _is_setup_object(obj):
+            if not callable(obj):
+                raise GradflowError(f"{target}:{func_name} is a {type(obj).__name__}, not a function, model, dict "
+                                    "or Trainer", "Point at a function that returns the model (or a dict with 'model')")
+            try:
+                obj = obj()
+            except Exception as exc:
+                raise GradflowError(f"factory {spec} raised {type(exc).__name__}: {_first_line(exc)}{_where(exc)}",
+                                    "Fix the factory so that it builds the model, then run again") from exc
+    return setup_from_factory_result(obj, spec)
+
+
+def _import_target(target: str, spec: str):
     if target.endswith(".py"):
         if not os.path.isfile(target):
             raise GradflowError(f"factory file not found: {target}", "Check the path before the ':'")
+        folder = os.path.dirname(os.path.abspath(target))
+        if folder not in sys.path:
+            sys.path.insert(0, folder)  # as `python file.py` would: sibling modules import
         mod_name = f"_gradflow_factory_{abs(hash(os.path.abspath(target)))}"
         try:
             spec_obj = importlib.util.spec_from_file_location(mod_name, target)
@@ -70,38 +97,56 @@ def load_factory(spec: str) -> Setup:
             sys.modules[mod_name] = module
             spec_obj.loader.exec_module(module)
         except Exception as exc:  # the user's file: any error is theirs to fix
+            sys.modules.pop(mod_name, None)
             raise GradflowError(f"factory file {target} failed to import: {type(exc).__name__}: {_first_line(exc)}"
                                 f"{_where(exc)}",
                                 "Fix the error in that file, then run again") from exc
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ModuleNotFoundError as exc:
-            raise GradflowError(f"cannot import module {target!r} for factory {spec}: {_first_line(exc)}",
-                                "Check the module name, or that it is installed / on PYTHONPATH") from exc
-        except Exception as exc:
-            raise GradflowError(f"module {target} failed to import: {type(exc).__name__}: {_first_line(exc)}{_where(exc)}",
-                                "Fix the error in that module, then run again") from exc
-    func = getattr(module, func_name, None)
-    if func is None:
-        raise GradflowError(f"{target} has no function {func_name!r}", "Check the name after the ':'")
-    if not callable(func):
-        raise GradflowError(f"{target}:{func_name} is a {type(func).__name__}, not a function",
-                            "Point at a function that returns the model (or a dict with 'model')")
+        return module
     try:
-        result = func()
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        raise GradflowError(f"cannot import module {target!r} for factory {spec}: {_first_line(exc)}",
+                            "Check the module name, or that it is installed / on PYTHONPATH") from exc
     except Exception as exc:
-        raise GradflowError(f"factory {spec} raised {type(exc).__name__}: {_first_line(exc)}{_where(exc)}",
-                            "Fix the factory so that it builds the model, then run again") from exc
-    return setup_from_factory_result(result, spec)
+        raise GradflowError(f"module {target} failed to import: {type(exc).__name__}: {_first_line(exc)}{_where(exc)}",
+                            "Fix the error in that module, then run again") from exc
+
+
+def _is_setup_object(obj: Any) -> bool:
+    """A model, a dict or a Trainer defined at module level is used as it is (an nn.Module is callable too)."""
+    if isinstance(obj, dict):
+        return True
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.nn.Module):
+        return True
+    from gradflow.trainer_source import is_trainer
+
+    return is_trainer(obj)
 
 
 def setup_from_factory_result(result: Any, source: str) -> Setup:
-    """Check a factory's return value against the contract: an nn.Module, or a dict with `model`."""
+    """Check a factory's return value: an nn.Module, a Trainer, or a dict with `model` or `trainer`."""
     import torch
+
+    from gradflow.trainer_source import is_trainer
 
     if isinstance(result, torch.nn.Module):
         return Setup(model=result, kind="factory", source=source)
+    if is_trainer(result):
+        return Setup(model=result, kind="trainer", source=source)
+    if isinstance(result, dict) and "trainer" in result:
+        if not is_trainer(result["trainer"]):
+            raise GradflowError(f"factory {source} returned a dict whose 'trainer' is "
+                                f"{type(result['trainer']).__name__}, not a transformers Trainer",
+                                "Return {'trainer': trainer} with a Trainer (or SFTTrainer) under 'trainer'")
+        unknown = set(result) - {"trainer", "trainable"}
+        if unknown:
+            raise GradflowError(f"factory {source} returned unknown keys beside 'trainer': {', '.join(sorted(unknown))}",
+                                "The trainer supplies model, batch, loss and optimizer; add only 'trainable'")
+        trainable = result.get("trainable")
+        if trainable is not None:
+            compile_regex(trainable, what=f"factory {source}: 'trainable'")
+        return Setup(model=result["trainer"], kind="trainer", source=source, trainable=trainable)
     if isinstance(result, dict):
         model = result.get("model")
         if not isinstance(model, torch.nn.Module):
@@ -119,8 +164,9 @@ def setup_from_factory_result(result: Any, source: str) -> Setup:
             compile_regex(trainable, what=f"factory {source}: 'trainable'")
         return Setup(model=model, kind="factory", source=source, batch=result.get("batch"), loss_fn=loss_fn,
                      optimizer=result.get("optimizer"), trainable=trainable, tokenizer=result.get("tokenizer"))
-    raise GradflowError(f"factory {source} returned {type(result).__name__}, not an nn.Module or dict",
-                        "Return an nn.Module, or a dict with 'model' (and optional batch, loss_fn, optimizer, trainable)")
+    raise GradflowError(f"factory {source} returned {type(result).__name__}, not an nn.Module, Trainer or dict",
+                        "Return an nn.Module, a Trainer, or a dict with 'model' (and optional batch, loss_fn, "
+                        "optimizer, trainable)")
 
 
 def compile_regex(pattern: str, *, what: str = "--trainable"):

@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 from gradflow.errors import ExitCode, GradflowError
+
+
+@contextlib.contextmanager
+def user_code():
+    """What the user's code prints (a factory, a forward, a Trainer) goes to stderr: stdout carries only data."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
 
 
 def prepare(model, opts, *, data, batch_size, seq_len, seed, out):
@@ -14,9 +24,9 @@ def prepare(model, opts, *, data, batch_size, seq_len, seed, out):
     check_positive(seq_len, "--seq-len", 32)
     if data is not None:
         check_data(data)
-    with out.status(f"loading {model}"):
+    with out.status(f"loading {model}"), user_code():
         setup = load_setup(model, opts)
-    batch = make_batch(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
+        batch = make_batch(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
     return setup, batch
 
 

@@ -23,7 +23,7 @@ def inspect(
     fail_on: o.FailOn = "error",
 ):
     """Show the model module by module: trainable/frozen/quantized counts, dtype, hooks, checkpointing."""
-    from gradflow.cli._common import check_fail_on, check_format, exit_for, prepare
+    from gradflow.cli._common import check_fail_on, check_format, exit_for, prepare, user_code
     from gradflow.cli._output import Output
     from gradflow.errors import GradflowError
 
@@ -38,8 +38,9 @@ def inspect(
         setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out)
         import gradflow
 
-        report = gradflow.inspect(setup.model, batch, static=static, loss_fn=setup.loss_fn,
-                                  trainable=setup.trainable)
+        with user_code():
+            report = gradflow.inspect(setup.model, batch, static=static, loss_fn=setup.loss_fn,
+                                      trainable=setup.trainable)
     except Exception as exc:
         fail(exc)
     if format == "json":

@@ -25,7 +25,7 @@ def patch(
     fail_on: o.FailOn = "error",
 ):
     """Apply the safe fixes (unsafe ones with --unsafe-fixes), re-probe, and print the before/after and the code."""
-    from gradflow.cli._common import check_fail_on, check_format, exit_for, prepare
+    from gradflow.cli._common import check_fail_on, check_format, exit_for, prepare, user_code
     from gradflow.cli._output import Output
     from gradflow.errors import GradflowError
 
@@ -42,16 +42,17 @@ def patch(
         opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
                                device, trainable, trust_remote_code, seed)
         setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out)
+        trained = setup.model.model if setup.kind == "trainer" else setup.model  # a Trainer's model is saved
         if save is not None:
-            check_save_target(setup.model, save)
+            check_save_target(trained, save)
         import gradflow
 
-        with out.status("probing, patching and probing again"):
+        with out.status("probing, patching and probing again"), user_code():
             report = gradflow.patch(setup.model, batch, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
                                     trainable=setup.trainable, unsafe=unsafe_fixes, dry_run=dry_run)
         if save is not None:
             with out.status(f"saving to {save}"):
-                report.extra["saved"] = save_patched(setup.model, report, save, source=model,
+                report.extra["saved"] = save_patched(trained, report, save, source=model,
                                                      base_name=setup.preset if setup.kind == "preset" else None)
     except Exception as exc:
         fail(exc)

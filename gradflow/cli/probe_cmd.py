@@ -19,7 +19,7 @@ def probe_backward(
     fail_on: o.FailOn = "error",
 ):
     """Run one forward and backward and show where gradients stop, and why."""
-    from gradflow.cli._common import check_fail_on, check_format, exit_for, prepare
+    from gradflow.cli._common import check_fail_on, check_format, exit_for, prepare, user_code
     from gradflow.cli._output import Output
 
     out = Output(format)
@@ -31,7 +31,7 @@ def probe_backward(
         setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out)
         import gradflow
 
-        with out.status("probing forward and backward"):
+        with out.status("probing forward and backward"), user_code():
             report = gradflow.probe(setup.model, batch, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
                                     trainable=setup.trainable)
     except Exception as exc:

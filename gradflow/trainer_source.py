@@ -1,0 +1,264 @@
+"""A `transformers.Trainer` (TRL's `SFTTrainer` included) as a source: the setup exactly as `train()` starts it.
+
+The Trainer changes the setup inside `train()`: it turns checkpointing on from its args (reentrant by default on
+transformers 4.57), wraps the model, builds the optimizer and the dataloader. Rather than re-implement that,
+gradflow drives the trainer's own `train()` and stops it at `on_train_begin`, before any step: the model, the
+optimizer and the first batch are then the ones the run would use. Afterwards the trainer and the model are put
+back as found, so a later `trainer.train()` runs exactly as it would have: no weight, optimizer state,
+checkpoint or log is changed or written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from typing import Any, Iterator
+
+from gradflow.errors import GradflowError
+from gradflow.sources import Setup, _first_line, _where
+
+
+def is_trainer(obj: Any) -> bool:
+    """Whether `obj` is a transformers Trainer (any subclass); never imports transformers itself."""
+    if "transformers" not in sys.modules:
+        return False  # nothing can be a Trainer before transformers is imported
+    from transformers import Trainer
+
+    return isinstance(obj, Trainer)
+
+
+class _Stop(Exception):
+    """Raised at on_train_begin to end `train()` before its first step."""
+
+
+class _Capture:
+    """A callback placed first in the trainer's list: it takes what on_train_begin sees, then stops the run."""
+
+    def __init__(self):
+        self.seen: dict = {}
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None  # every other event: nothing
+        raise AttributeError(name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen = kwargs
+        raise _Stop()  # before any other callback (TensorBoard, W&B) opens a log
+
+
+@contextlib.contextmanager
+def kept_rng() -> Iterator[None]:
+    """Leave every RNG stream a Trainer draws from (python, numpy, torch, CUDA) as it was found."""
+    import torch
+
+    py = random.getstate()
+    np_state = None
+    try:
+        import numpy as np
+
+        np_state = np.random.get_state()
+    except ImportError:
+        pass
+    cpu = torch.get_rng_state()
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(py)
+        if np_state is not None:
+            import numpy as np
+
+            np.random.set_state(np_state)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def first_batch(dataloader):
+    """The first batch the training loop will draw (collator included), without moving any RNG it uses."""
+    sampler = getattr(dataloader, "sampler", None)
+    generators = [g for g in (getattr(dataloader, "generator", None), getattr(sampler, "generator", None))
+                  if g is not None]
+    states = [g.get_state() for g in generators]
+    with kept_rng():
+        try:
+            return next(iter(dataloader))
+        except StopIteration:
+            raise GradflowError("the trainer's train dataset is empty: there is no first batch to probe",
+                                "Pass a train_dataset with at least one sample") from None
+        finally:
+            for g, s in zip(generators, states):
+                g.set_state(s)
+
+
+_MISSING = object()
+
+
+class _ModelState:
+    """The parts of a model a Trainer's preparation changes: checkpointing, hooks, requires_grad, use_cache."""
+
+    _ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hook")
+
+    def __init__(self, model):
+        self.modules = list(model.modules())
+        self.attrs = [{a: m.__dict__.get(a, _MISSING) for a in self._ATTRS} for m in self.modules]
+        self.hooks = [(set(m._forward_hooks), set(m._forward_pre_hooks)) for m in self.modules]
+        self.flags = [(p, p.requires_grad) for p in model.parameters()]
+        self.modes = [m.training for m in self.modules]
+        self.config = getattr(model, "config", None)
+        self.use_cache = getattr(self.config, "use_cache", None)
+
+    def undo(self, prepared: "_ModelState") -> None:
+        """Undo what happened between this state and `prepared` (the trainer's preparation); keep later changes.
+
+        A value that still equals what the preparation left is put back; one changed since (by a patch: an
+        input-grad hook, an unfrozen adapter) stays, so that it is there when `train()` runs.
+        """
+        for m, (fwd, pre), (pfwd, ppre) in zip(self.modules, self.hooks, prepared.hooks):
+            for k in pfwd - fwd:
+                m._forward_hooks.pop(k, None)
+            for k in ppre - pre:
+                m._forward_pre_hooks.pop(k, None)
+        for m, old, new in zip(self.modules, self.attrs, prepared.attrs):
+            for a in self._ATTRS:
+                if old[a] is new[a] or m.__dict__.get(a, _MISSING) is not new[a]:
+                    continue
+                if old[a] is _MISSING:
+                    m.__dict__.pop(a, None)
+                else:
+                    m.__dict__[a] = old[a]
+        for (p, old), (_, new) in zip(self.flags, prepared.flags):
+            if old != new and p.requires_grad == new:
+                p.requires_grad_(old)
+        for m, mode in zip(self.modules, self.modes):
+            m.training = mode
+        if self.config is not None and self.use_cache != prepared.use_cache \
+                and getattr(self.config, "use_cache", None) == prepared.use_cache:
+            self.config.use_cache = self.use_cache
+
+
+def _optimizer_groups(optimizer):
+    """A user-given optimizer's hyper-parameters (the scheduler the Trainer builds writes lr and initial_lr)."""
+    if optimizer is None:
+        return None
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def find_unused_parameters(trainer, model) -> bool | None:
+    """DDP's find_unused_parameters as this Trainer would set it; None when the run is not distributed.
+
+    An explicit `ddp_find_unused_parameters=True` counts even in a single-process probe: the same script is
+    launched with torchrun later. Otherwise the Trainer's default applies only under DDP: off for a transformers
+    model with checkpointing on, on for anything else (a PeftModel included).
+    """
+    args = trainer.args
+    explicit = getattr(args, "ddp_find_unused_parameters", None)
+    if explicit is not None:
+        return bool(explicit) if explicit else None
+    if getattr(getattr(args, "parallel_mode", None), "value", None) != "distributed":
+        return None
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel):
+        return not getattr(model, "is_gradient_checkpointing", False)
+    return True
+
+
+@contextlib.contextmanager
+def prepared(trainer) -> Iterator[Setup]:
+    """The Setup `trainer.train()` would start with; on exit the trainer and model are put back as found.
+
+    What the trainer's own preparation changed is undone (`train()` does it again); what changed inside the
+    block (a patch's fixes) stays.
+    """
+    model = trainer.model
+    before = _ModelState(model)
+    saved = dict(trainer.__dict__)
+    user_optimizer = getattr(trainer, "optimizer", None)
+    groups = _optimizer_groups(user_optimizer)
+    accelerator = getattr(trainer, "accelerator", None)
+    acc_lists = {k: list(v) for k, v in vars(accelerator).items() if isinstance(v, list)} if accelerator else {}
+    metrics = _metric_lengths(trainer)
+    capture = _Capture()
+    trainer.callback_handler.callbacks.insert(0, capture)
+    after_prep = None
+    try:
+        with kept_rng():
+            try:
+                trainer.train()
+            except _Stop:
+                pass
+            except GradflowError:
+                raise
+            except Exception as exc:
+                raise GradflowError(f"trainer.train() failed before its first step: {type(exc).__name__}: "
+                                    f"{_first_line(exc)}{_where(exc)}",
+                                    "Fix the trainer's set-up (args, dataset, collator), then run again") from exc
+            else:
+                raise GradflowError("trainer.train() finished without starting: it reached no on_train_begin",
+                                    "Check max_steps / num_train_epochs and the train dataset")
+        seen = capture.seen
+        after_prep = _ModelState(model)
+        live = trainer.model  # the unwrapped model (PEFT wrapping by SFTTrainer happened in its __init__)
+        loader = seen.get("train_dataloader")
+        batch = trainer._prepare_inputs(first_batch(loader)) if loader is not None else None
+        setup = Setup(model=live, kind="trainer", source=type(trainer).__name__, batch=batch,
+                      loss_fn=_trainer_loss(trainer), optimizer=seen.get("optimizer") or trainer.optimizer,
+                      tokenizer=getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None))
+        setup.trainer = trainer
+        setup.find_unused_parameters = find_unused_parameters(trainer, live)
+        yield setup
+    finally:
+        with contextlib.suppress(ValueError):
+            trainer.callback_handler.callbacks.remove(capture)
+        before.undo(after_prep if after_prep is not None else _ModelState(model))
+        trainer.__dict__.clear()
+        trainer.__dict__.update(saved)
+        _trim_metrics(trainer, metrics)
+        if accelerator is not None:
+            for k, v in acc_lists.items():
+                setattr(accelerator, k, v)
+        if groups is not None:
+            for g, old in zip(user_optimizer.param_groups, groups):
+                for key in list(g):
+                    if key != "params" and key not in old:
+                        del g[key]
+                g.update(old)
+
+
+def _trainer_loss(trainer):
+    """`loss_fn(model, batch)` through the trainer's own compute_loss (a subclass's custom loss included)."""
+
+    def loss_fn(model, batch):
+        with trainer.compute_loss_context_manager():
+            return trainer.compute_loss(model, batch)
+
+    return loss_fn
+
+
+def _metric_lengths(trainer) -> dict:
+    """TRL's compute_loss appends token accuracy / entropy to `trainer._metrics`: their lengths, to put back."""
+    metrics = trainer.__dict__.get("_metrics")
+    if not isinstance(metrics, dict):
+        return {}
+    return {mode: {k: len(v) for k, v in d.items() if isinstance(v, list)}
+            for mode, d in metrics.items() if isinstance(d, dict)}
+
+
+def _trim_metrics(trainer, lengths: dict) -> None:
+    metrics = trainer.__dict__.get("_metrics")
+    if not isinstance(metrics, dict):
+        return
+    for mode, d in metrics.items():
+        if not isinstance(d, dict):
+            continue
+        for k in list(d):
+            if not isinstance(d[k], list):
+                continue
+            n = lengths.get(mode, {}).get(k)
+            if n is None:
+                del d[k]
+            else:
+                del d[k][n:]
