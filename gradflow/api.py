@@ -48,6 +48,7 @@ def snapshot(model, batch=None, *, loss_fn=None, optimizer=None, trainable=None,
     if setup is not None:
         snap.trainer = setup.source
         snap.ddp_find_unused = setup.find_unused_parameters
+        snap.ddp_static_graph = setup.static_graph
     return snap
 
 

@@ -46,17 +46,100 @@ def _is_gc_layer(module) -> bool:
     return any(c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__)
 
 
+def tuner_layer_class():
+    """peft's BaseTunerLayer if peft is loaded (a model holding adapters has loaded it), else None."""
+    import sys
+
+    return getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
+
+
+def _is_peft_wrapper(module) -> bool:
+    return hasattr(module, "peft_config") and hasattr(module, "active_adapter")
+
+
+def _adapters(model, modules):
+    """(source, names, active, {weight prefix: adapter}) of the PEFT adapters in `model`.
+
+    Adapters are found by PEFT's tuner layers (lora_A / lora_B / ... under each adapter name), not by the wrapper
+    class, so those that transformers' integration (`load_adapter`, `add_adapter`, `from_pretrained` of an adapter
+    dir) or `peft.inject_adapter_in_model` put into a plain model count as well.
+    """
+    tuner_cls = tuner_layer_class()
+    wrapper = None
+    hf_loaded = False
+    prefixes: dict[str, str] = {}
+    found: list[str] = []
+    tuner_active: list[str] = []
+    for name, module in modules:
+        if wrapper is None and _is_peft_wrapper(module):
+            wrapper = module  # the outermost PeftModel (under a DDP wrapper too)
+        hf_loaded = hf_loaded or getattr(module, "_hf_peft_config_loaded", False) is True
+        if tuner_cls is None or not isinstance(module, tuner_cls):
+            continue
+        for layer in getattr(module, "adapter_layer_names", ()):
+            container = getattr(module, layer, None)
+            for key in (container.keys() if hasattr(container, "keys") else ()):
+                prefixes[f"{name}.{layer}.{key}" if name else f"{layer}.{key}"] = key
+                found.append(key)
+        try:
+            tuner_active.extend(module.active_adapters)
+        except (AttributeError, TypeError):  # a tuner layer of an older PEFT
+            pass
+    if wrapper is not None:
+        names = tuple(getattr(wrapper, "peft_config", {}) or ())
+        active = getattr(wrapper, "active_adapters", None)
+        if callable(active):
+            active = active()
+        return "peft", names, tuple(active or [wrapper.active_adapter]), prefixes
+    config = getattr(model, "peft_config", None)
+    if not prefixes and not isinstance(config, dict):
+        return None, (), (), prefixes
+    # transformers' own active_adapters() refuses PEFT < 0.22 on 5.x: the tuner layers say which are active
+    names = tuple(dict.fromkeys([*(config or {}), *found]))
+    active = tuple(dict.fromkeys(tuner_active)) or names
+    return ("transformers" if hf_loaded else "injected"), names, active, prefixes
+
+
+def _adapter_of(name: str, prefixes: dict[str, str]) -> str | None:
+    """The adapter whose tuner-layer weight `name` is, or None."""
+    while name:
+        if name in prefixes:
+            return prefixes[name]
+        name = name.rsplit(".", 1)[0] if "." in name else ""
+    return None
+
+
+def _is_inference(p) -> bool:
+    """Made under torch.inference_mode; still true after `p.data = p.data.clone()`, which keeps no version counter."""
+    if p.is_inference():
+        return True
+    try:
+        p._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return True
+    return False
+
+
+def _ddp(modules):
+    """(find_unused_parameters, static_graph) of the outermost DistributedDataParallel in `modules`, else None."""
+    import torch
+
+    ddp_cls = getattr(torch.nn.parallel, "DistributedDataParallel", None)
+    for _, module in modules:
+        if ddp_cls is not None and isinstance(module, ddp_cls):
+            return bool(getattr(module, "find_unused_parameters", False)), bool(getattr(module, "static_graph", False))
+    return None
+
+
 def describe(model, *, trainable: str | None = None, optimizer=None) -> Snapshot:
     """Parameters and modules of `model` as plain data (no forward)."""
     import torch
 
     intended_re = re.compile(trainable) if trainable else None
-    is_peft = hasattr(model, "peft_config") and hasattr(model, "active_adapter")
-    adapters = tuple(getattr(model, "peft_config", {}) or ()) if is_peft else ()
-    active = getattr(model, "active_adapters", None) if is_peft else None
-    if callable(active):
-        active = active()
-    active = tuple(active or ([model.active_adapter] if is_peft else []))
+    module_list = list(model.named_modules())
+    source, adapters, active, tuner_prefixes = _adapters(model, module_list)
+    is_peft = source is not None
+    ddp = _ddp(module_list)
     in_opt = None
     if optimizer is not None:
         in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -76,7 +159,7 @@ def describe(model, *, trainable: str | None = None, optimizer=None) -> Snapshot
     quant_kind = "none"
     gc_modes = []
     input_hook = False
-    for name, module in model.named_modules():
+    for name, module in module_list:
         names[module] = name
         state = ModuleState(name=name, cls=type(module).__name__, depth=0 if not name else name.count(".") + 1,
                             hooks=hook_names(module), gc=gc_mode_of(module))
@@ -110,9 +193,12 @@ def describe(model, *, trainable: str | None = None, optimizer=None) -> Snapshot
         state = ParamState(
             name=name, module=module_name, numel=_numel(p), dtype=str(p.dtype).replace("torch.", ""),
             requires_grad=bool(p.requires_grad), quantized=quantized,
-            adapter=in_adapter and "modules_to_save" not in segments,
-            saved=in_adapter if is_peft else None,
+            adapter=_adapter_of(name, tuner_prefixes) is not None or (in_adapter and "modules_to_save" not in segments),
+            # a PeftModel's and transformers' save_pretrained keep the adapters' weights only; after
+            # inject_adapter_in_model the saving is the user's own code
+            saved=in_adapter if source in ("peft", "transformers") else None,
             embedding=id(p) in embed_ids,
+            inference=_is_inference(p),
             # PEFT's frozen original behind a modules_to_save copy is not what anyone trains
             intended=(bool(intended_re.search(name)) and "original_module" not in segments) if intended_re else None,
             in_optimizer=(id(p) in in_opt) if in_opt is not None else None,
@@ -139,14 +225,15 @@ def describe(model, *, trainable: str | None = None, optimizer=None) -> Snapshot
     config = getattr(model, "config", None)
     snap = Snapshot(
         model_class=type(model).__name__, params=params, modules=modules, is_peft=is_peft,
-        adapter_names=adapters, quantized=quant_kind, input_grad_hook=input_hook,
+        adapter_names=adapters, adapter_source=source, quantized=quant_kind, input_grad_hook=input_hook,
         gc_mode=gc_modes[0] if gc_modes else "off",
         use_cache=getattr(config, "use_cache", None) if config is not None else None,
         trainable_regex=trainable, optimizer_given=optimizer is not None,
+        ddp_find_unused=ddp[0] if ddp else None, ddp_static_graph=ddp[1] if ddp else None,
     )
     snap.extra["active_adapters"] = active
-    snap.extra["module_names"] = names
-    snap.extra["param_objects"] = param_objects  # (name, Parameter), for the probe (not serialised)  # module object -> path, for the tracer (not serialised)
+    snap.extra["module_names"] = names  # module object -> path, for the tracer (not serialised)
+    snap.extra["param_objects"] = param_objects  # (name, Parameter), for the probe (not serialised)
     return snap
 
 

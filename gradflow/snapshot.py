@@ -24,6 +24,8 @@ class ParamState:
     grad_norm: float | None = None
     used: bool | None = None  # its module ran in the forward
     in_optimizer: bool | None = None
+    # an inference tensor (made under torch.inference_mode): autograd can neither save it nor update it in place
+    inference: bool = False
 
 
 @dataclasses.dataclass
@@ -88,8 +90,11 @@ class Snapshot:
     model_class: str
     params: list[ParamState]
     modules: list[ModuleState]
-    is_peft: bool = False
+    is_peft: bool = False  # the model carries PEFT adapters, however they were added
     adapter_names: tuple[str, ...] = ()
+    # how the adapters got there: "peft" (a PeftModel), "transformers" (load_adapter / add_adapter /
+    # from_pretrained(adapter dir)) or "injected" (peft.inject_adapter_in_model); None without adapters
+    adapter_source: str | None = None
     quantized: str = "none"
     kbit_prepared: bool | None = None
     input_grad_hook: bool = False
@@ -106,6 +111,11 @@ class Snapshot:
     labels_all_masked: bool | None = None
     output_requires_grad: bool | None = None
     forward_nonfinite_at: str | None = None
+    # DistributedDataParallel's find_unused_parameters and static_graph; None when not under DDP. Whoever builds the
+    # snapshot for a setup that will be wrapped later (a Trainer's ddp_find_unused_parameters) may fill them in.
+    ddp_find_unused: bool | None = None
+    trainer: str | None = None  # the Trainer class whose prepared setup this is (gradflow.probe(trainer))
+    ddp_static_graph: bool | None = None
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def module(self, name: str) -> ModuleState | None:

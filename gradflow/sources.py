@@ -28,6 +28,9 @@ class Setup:
     trainable: str | None = None
     tokenizer: Any = None
     preset: str | None = None
+    # a Trainer's DDP settings, for the rules to judge before the run is launched under torchrun
+    find_unused_parameters: bool | None = None
+    static_graph: bool = False
 
 
 def resolve(spec: str, *, trust_remote_code: bool = False) -> Setup:

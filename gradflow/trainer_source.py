@@ -82,6 +82,10 @@ def first_batch(dataloader):
     generators = [g for g in (getattr(dataloader, "generator", None), getattr(sampler, "generator", None))
                   if g is not None]
     states = [g.get_state() for g in generators]
+    # accelerate's dataloader registers itself in a shared GradientState on __iter__ and unregisters only when
+    # the epoch ends: a first batch taken and dropped would leave it registered
+    shared = getattr(dataloader, "gradient_state", None)
+    refs = list(shared._dataloader_references_ref) if hasattr(shared, "_dataloader_references_ref") else None
     with kept_rng():
         try:
             return next(iter(dataloader))
@@ -91,6 +95,8 @@ def first_batch(dataloader):
         finally:
             for g, s in zip(generators, states):
                 g.set_state(s)
+            if refs is not None:
+                shared._dataloader_references_ref = refs
 
 
 _MISSING = object()
@@ -150,19 +156,22 @@ def find_unused_parameters(trainer, model) -> bool | None:
     """DDP's find_unused_parameters as this Trainer would set it; None when the run is not distributed.
 
     An explicit `ddp_find_unused_parameters=True` counts even in a single-process probe: the same script is
-    launched with torchrun later. Otherwise the Trainer's default applies only under DDP: off for a transformers
-    model with checkpointing on, on for anything else (a PeftModel included).
+    launched with torchrun later. Otherwise the Trainer's default applies, only under DDP: off for a
+    transformers model with checkpointing on, on for anything else (a PeftModel included, on both stacks).
     """
     args = trainer.args
     explicit = getattr(args, "ddp_find_unused_parameters", None)
     if explicit is not None:
-        return bool(explicit) if explicit else None
+        return True if explicit else None
     if getattr(getattr(args, "parallel_mode", None), "value", None) != "distributed":
         return None
     from transformers import PreTrainedModel
 
     if isinstance(model, PreTrainedModel):
-        return not getattr(model, "is_gradient_checkpointing", False)
+        checkpointing = any(getattr(model, a, False) for a in ("is_gradient_checkpointing",
+                                                                 "is_activation_checkpointing"))
+        return not (checkpointing or getattr(args, "gradient_checkpointing", False)
+                    or getattr(args, "activation_checkpointing", False))
     return True
 
 
@@ -207,8 +216,8 @@ def prepared(trainer) -> Iterator[Setup]:
         setup = Setup(model=live, kind="trainer", source=type(trainer).__name__, batch=batch,
                       loss_fn=_trainer_loss(trainer), optimizer=seen.get("optimizer") or trainer.optimizer,
                       tokenizer=getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None))
-        setup.trainer = trainer
         setup.find_unused_parameters = find_unused_parameters(trainer, live)
+        setup.static_graph = bool(getattr(trainer.args, "ddp_static_graph", False))
         yield setup
     finally:
         with contextlib.suppress(ValueError):

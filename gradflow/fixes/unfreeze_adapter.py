@@ -25,44 +25,70 @@ def adapter_params(model, adapters):
             yield name, p
 
 
+def _configs(model) -> dict:
+    """The adapters' configs: a PeftModel's, or those transformers / inject_adapter_in_model left on the model."""
+    configs = getattr(model, "peft_config", None)
+    return configs if isinstance(configs, dict) else {}
+
+
 def plan(ctx, finding):
-    if not is_peft(ctx.model):
+    # adapters count however they got there: PeftModel, transformers' load_adapter/add_adapter, inject_adapter_in_model
+    if not (is_peft(ctx.model) or ctx.snap.is_peft):
         return None
     active = list(ctx.snap.extra.get("active_adapters") or ctx.snap.adapter_names)
     frozen = [n for n, p in adapter_params(ctx.model, active) if not p.requires_grad]
     if not frozen:
         return None
-    return Plan(fix=FIX, data={"adapters": active}, answers=[finding.slug], location=finding.location,
+    configs = [a for a in active if a in _configs(ctx.model)]
+    return Plan(fix=FIX, data={"adapters": active, "source": ctx.snap.adapter_source}, answers=[finding.slug],
+                location=finding.location,
                 changes=[f"requires_grad=True on {len(frozen)} weights of adapter {', '.join(active)}",
-                         f"peft_config[{active[0]!r}].inference_mode = False"],
+                         *([f"peft_config[{configs[0]!r}].inference_mode = False"] if configs else [])],
                 why="the adapter was loaded for inference (is_trainable=False) or frozen by hand; training it needs "
                     "its weights to require grad")
 
 
+def _has_tuner_layers(model) -> bool:
+    from gradflow.describe import tuner_layer_class
+
+    tuner = tuner_layer_class()
+    return tuner is not None and any(isinstance(m, tuner) for m in model.modules())
+
+
 def apply(model, data, env=None) -> list[str]:
-    if not is_peft(model):
+    configs = _configs(model)
+    if not configs and not _has_tuner_layers(model):
         return []
-    adapters = [a for a in data["adapters"] if a in model.peft_config]
+    adapters = [a for a in data["adapters"] if a in configs or not configs]
     changed = 0
     for _, p in adapter_params(model, adapters):
         if not p.requires_grad:
             p.requires_grad_(True)
             changed += 1
     for a in adapters:
-        if getattr(model.peft_config[a], "inference_mode", False):
-            model.peft_config[a].inference_mode = False
+        if a in configs and getattr(configs[a], "inference_mode", False):
+            configs[a].inference_mode = False
     return [f"unfroze {changed} adapter weights ({', '.join(adapters)})"] if changed else []
+
+
+_LOAD_TRAINABLE = {
+    "transformers": "# or load it trainable: model.load_adapter(path, is_trainable=True)",
+    "injected": "# or unfreeze it right after inject_adapter_in_model",
+}
 
 
 def snippet(data) -> list[str]:
     adapters = data["adapters"]
     test = f"{adapters[0]!r} in name.split('.')" if len(adapters) == 1 else \
         f"any(a in name.split('.') for a in {adapters!r})"
-    return ["# or load it trainable: PeftModel.from_pretrained(base, path, is_trainable=True)",
+    configs = [] if data.get("source") == "injected" else [
+        f"model.peft_config[{a!r}].inference_mode = False" for a in adapters]
+    return [_LOAD_TRAINABLE.get(data.get("source"),
+                                "# or load it trainable: PeftModel.from_pretrained(base, path, is_trainable=True)"),
             "for name, param in model.named_parameters():",
             f"    if {test} and param.is_floating_point():",
             "        param.requires_grad_(True)",
-            *[f"model.peft_config[{a!r}].inference_mode = False" for a in adapters]]
+            *configs]
 
 
 FIX = Fix(id="unfreeze-adapter", title="Unfreeze the adapter (as is_trainable=True would)", applicability="safe",

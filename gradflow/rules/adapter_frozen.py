@@ -10,7 +10,11 @@ then either raises (nothing requires grad) or silently updates only the other tr
 ```python
 model = PeftModel.from_pretrained(base, "out/adapter")                 # frozen
 model = PeftModel.from_pretrained(base, "out/adapter", is_trainable=True)  # trainable
+model.load_adapter("out/adapter")                     # transformers' integration: frozen too
+AutoModelForCausalLM.from_pretrained("out/adapter")   # loads the base, then the adapter, frozen
 ```
+Adapters count however they were added: a `PeftModel`, transformers' `load_adapter` / `add_adapter` /
+`from_pretrained` of an adapter directory, or `peft.inject_adapter_in_model`.
 
 ## Fix safety
 Safe: the adapter weights are unfrozen; nothing else changes.
@@ -32,7 +36,15 @@ def check(snap):
     share = "all" if len(frozen) == len(adapter) else f"{len(frozen)} of {len(adapter)}"
     message = (f"{share} adapter weights of {', '.join(sorted(active))} are frozen "
                f"({plural(len(frozen), 'parameter')}, first at {frozen[0].module}); they cannot learn")
-    return [RULE.finding(message, location=frozen[0].module, params=[p.name for p in frozen])]
+    return [RULE.finding(message, location=frozen[0].module, params=[p.name for p in frozen],
+                         fix_title=_FIX_TITLES.get(snap.adapter_source))]
+
+
+# how each way of adding adapters loads them trainable (a PeftModel's is the rule's own fix title)
+_FIX_TITLES = {
+    "transformers": "Unfreeze the adapter (model.load_adapter(..., is_trainable=True))",
+    "injected": "Unfreeze the adapter weights that inject_adapter_in_model added",
+}
 
 
 RULE = Rule(

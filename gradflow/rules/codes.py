@@ -6,9 +6,11 @@ from __future__ import annotations
 CODES: dict[str, tuple[str, str]] = {
     "GF101": ("reentrant-checkpoint-no-input-grad", "reentrant_checkpoint_no_input_grad"),
     "GF102": ("nested-checkpoint", "nested_checkpoint"),
+    "GF103": ("ddp-reentrant-checkpoint", "ddp_reentrant_checkpoint"),
     "GF110": ("no-trainable-parameters", "no_trainable_parameters"),
     "GF111": ("adapter-frozen", "adapter_frozen"),
     "GF112": ("intended-param-frozen", "intended_param_frozen"),
+    "GF113": ("inference-tensor-params", "inference_tensor_params"),
     "GF120": ("graph-break", "graph_break"),
     "GF121": ("loss-detached", "loss_detached"),
     "GF122": ("no-supervised-tokens", "no_supervised_tokens"),

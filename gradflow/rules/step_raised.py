@@ -35,5 +35,5 @@ def check(snap):
 RULE = Rule(
     code="GF150", slug="step-raised", severity="error",
     fix_title="Fix the error in the forward / loss / backward named in the message", applicability="display-only",
-    check=check, doc=__doc__, superseded_by=("nested-checkpoint",),
+    check=check, doc=__doc__, superseded_by=("nested-checkpoint", "inference-tensor-params", "ddp-reentrant-checkpoint"),
 )

@@ -222,7 +222,7 @@ SPEC_SEVERITY = {
     "no-trainable-parameters": "error", "adapter-frozen": "error", "intended-param-frozen": "error",
     "reentrant-checkpoint-no-input-grad": "error", "nested-checkpoint": "error", "graph-break": "error",
     "loss-detached": "error", "no-supervised-tokens": "error", "nonfinite-grad": "error",
-    "param-not-in-optimizer": "error",
+    "param-not-in-optimizer": "error", "inference-tensor-params": "error", "ddp-reentrant-checkpoint": "error",
     "trainable-param-unused": "warning", "trainable-embeddings-costly": "warning",
     "half-precision-trainable-params": "warning", "trainable-param-not-saved": "warning",
     "kbit-not-prepared": "warning",
