@@ -14,11 +14,16 @@ class ExitCode(enum.IntEnum):
 
 
 class GradflowError(Exception):
-    """A problem with what the user asked for: one line saying what is wrong and what to do."""
+    """A problem with what the user asked for: one line saying what is wrong and what to do.
 
-    def __init__(self, what: str, todo: str | None = None):
+    `findings` holds the Findings behind it when gradflow stopped a run because of them
+    (`GradFlowCallback(raise_on_error=True)`); it is empty otherwise.
+    """
+
+    def __init__(self, what: str, todo: str | None = None, *, findings: list | None = None):
         self.what = what
         self.todo = todo
+        self.findings = list(findings or [])
         super().__init__(self.line())
 
     def line(self) -> str:

@@ -1,11 +1,15 @@
 """## What it does
-Raised by `GradFlowCallback` during training: at a check step, trainable parameters that should learn got no
-gradient (`None`), although the pre-flight probe saw gradients reach them.
+Raised by `GradFlowCallback` during training: at a check step (the first, then every `check_every` steps;
+`gradflow train --check-every N`), trainable parameters that should learn got no gradient (`None`).
 
 ## Why is this bad?
-Something changed after the pre-flight: a hook was removed, checkpointing was switched mid-run, a custom
+Those parameters will never move. When the pre-flight probe (on by default) already named the cause before the
+first step, such as `reentrant-checkpoint-no-input-grad`, this finding confirms it in the real step. Otherwise
+something changed after the pre-flight: a hook was removed, checkpointing was switched mid-run, a custom
 collator sends `inputs_embeds`, or a branch of the model stops running. The run would go on for hours while
-those parameters never move, so the callback stops it with this finding.
+those parameters never move, so the callback stops it with this finding, and with `diagnose=True` (the default)
+it probes the last batch to name the cause. With `raise_on_error=True`, `trainer.train()` raises
+`GradflowError` instead.
 
 ## Example
 ```python

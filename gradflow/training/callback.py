@@ -1,14 +1,17 @@
-"""GradFlowCallback: a transformers TrainerCallback that watches gradient flow while a run trains.
+"""GradFlowCallback: a transformers TrainerCallback that checks gradient flow before and while a run trains.
 
 Usable in anyone's own Trainer:
 
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       callbacks=[gradflow.GradFlowCallback(check_every=10, moved_at_step=5)])
 
-Every `check_every` optimizer steps (and at the first) it checks that every trainable parameter got a finite
-gradient and records per-layer gradient norms. At step `moved_at_step` it checks that the trainable weights
-actually moved. A broken state sets `control.should_training_stop`, prints one line on stderr and lands in
-`callback.findings`, so the run stops now rather than hours later.
+At `on_train_begin`, after the Trainer has set the run up (checkpointing from its args, the optimizer, the
+dataloader) and before any step, it probes the first batch of the train dataloader with the run's own model and
+optimizer (the pre-flight). Then every `check_every` optimizer steps (and at the first) it checks that every
+trainable parameter got a finite gradient and records per-layer gradient norms. At step `moved_at_step` it checks
+that the trainable weights actually moved. A broken state sets `control.should_training_stop` (or, with
+`raise_on_error`, raises GradflowError), prints one line on stderr with its fix and lands in `callback.findings`,
+so the run stops now rather than hours later.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Mapping
 from typing import Callable
 
 import torch
 from transformers import TrainerCallback
 
+from gradflow.errors import GradflowError
 from gradflow.training.findings import finding
 
 _LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.\d+)(?:\.|$)")
@@ -44,34 +49,57 @@ def _unwrap(model):
 
 
 class GradFlowCallback(TrainerCallback):
-    """Checks gradients and weight movement during training; stops the run on a broken state.
+    """Checks gradient flow before the first step and during training; stops the run on a broken state.
 
     Args:
         check_every: check gradients every N optimizer steps (and at the first).
-        moved_at_step: at this optimizer step, check that every trainable parameter has changed.
-        stop_on_error: set `control.should_training_stop` when an error finding appears.
+        moved_at_step: at this optimizer step, check that every trainable parameter has changed; None skips
+            the check.
+        preflight: at `on_train_begin`, before any step, run `gradflow.probe` on the first batch of the train
+            dataloader with the run's own model and optimizer, and report its error and warning findings
+            (reentrant checkpointing without input grads, a frozen adapter, parameters missing from the optimizer,
+            ...). It costs about one training step. The model, the RNG streams and the dataloader order are left as
+            found. The batch is drawn from a fresh iterator of the dataloader: with a one-shot iterable dataset,
+            pass False.
+        trainable: regex naming the parameters you intend to train; those that are frozen are reported as
+            `intended-param-frozen` (by the pre-flight, or by a static check when `preflight=False`).
+        raise_on_error: raise `gradflow.errors.GradflowError` (its `.findings` holds the error findings) from
+            `trainer.train()` when an error finding appears, instead of only stopping the run: a pre-flight error
+            then stops the run before its first step. Meant for CI.
+        stop_on_error: set `control.should_training_stop` when an error finding appears. The Trainer reads it
+            only after a step, so a pre-flight error still lets the first step run (and a loud break raise its own
+            error there, after gradflow has printed the cause); `raise_on_error=True` stops before it.
         tensorboard_dir: when set (and tensorboard is installed), write loss, lr, grad norm and per-layer
             gradient norms there as scalars.
-        on_finding: called with each Finding as it appears (the default prints one line on stderr).
-        diagnose: on missing gradients, run `gradflow.probe` on the last batch to name the cause.
+        on_finding: called with each error or warning Finding as it appears (the default prints one line on
+            stderr, with the finding's fix).
+        diagnose: on missing or non-finite gradients, run `gradflow.probe` on the last batch to name the cause.
 
     Attributes:
-        findings: the Findings raised so far.
+        findings: the error and warning Findings raised so far (the pre-flight's included).
+        preflight_report: the pre-flight's Report (info findings such as `lora-zero-init` included), or None.
         history: one `{"step": int, "layers": {layer: norm}, "missing": int, "nonfinite": int}` per check.
-        stopped_at: the step at which it stopped the run, or None.
+        stopped_at: the step at which it stopped the run (0: the pre-flight, before the first step), or None.
     """
 
-    def __init__(self, check_every: int = 10, moved_at_step: int | None = 5, *, stop_on_error: bool = True,
+    def __init__(self, check_every: int = 10, moved_at_step: int | None = 5, *, preflight: bool = True,
+                 trainable: str | None = None, raise_on_error: bool = False, stop_on_error: bool = True,
                  tensorboard_dir: str | None = None, on_finding: Callable | None = None, diagnose: bool = True):
         if check_every < 1:
             raise ValueError("check_every must be at least 1")
+        if trainable is not None:
+            re.compile(trainable)  # a bad pattern fails here, not when training begins
         self.check_every = check_every
         self.moved_at_step = moved_at_step
+        self.preflight = preflight
+        self.trainable = trainable
+        self.raise_on_error = raise_on_error
         self.stop_on_error = stop_on_error
         self.tensorboard_dir = tensorboard_dir
         self.on_finding = on_finding
         self.diagnose = diagnose
         self.findings = []
+        self.preflight_report = None
         self.history: list[dict] = []
         self.stopped_at: int | None = None
         self.moved_checked = False
@@ -90,13 +118,21 @@ class GradFlowCallback(TrainerCallback):
         self._pre_optimizer_seen = False
         self._model = None
         self._step = 0
+        self._pending: list = []  # error findings not yet raised (raise_on_error)
+        self._hint: dict[str, str] = {}  # slug -> a fix for this Trainer's set-up, shown after the fix title
 
     # ----- set-up --------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._main = bool(getattr(state, "is_world_process_zero", True))
         self._model = _unwrap(model) if model is not None else None
+        self._step = state.global_step  # 0, or the step a resumed run starts from
         if self._model is None:
             return
+        self._hint = _trainer_hints(args)
+        if self.preflight:
+            self._preflight(args, state, control, kwargs)
+        elif self.trainable is not None:
+            self._intended_frozen(control, state)
         self._params = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
         self._start = [self._sample(p) for _, p in self._params]
         keys = [layer_key(n) for n, _ in self._params]
@@ -114,9 +150,56 @@ class GradFlowCallback(TrainerCallback):
             except ImportError:
                 sys.stderr.write("gradflow: tensorboard is not installed; no TensorBoard scalars "
                                  "(pip install tensorboard)\n")
-        if not self._params:
+        if not self._params and self.preflight_report is None:  # the pre-flight names a more specific cause
             self._raise(control, state, finding("no-trainable-parameters",
                                                 "nothing requires grad when training begins"))
+        self._raise_pending("before its first step" if self._step == 0 else f"before step {self._step + 1}")
+
+    def _preflight(self, args, state, control, kwargs):
+        """Probe the run's first batch with its model and optimizer before any step; report what is broken."""
+        from gradflow.api import probe
+        from gradflow.probing import model_device
+        from gradflow.trainer_source import first_batch, kept_rng
+
+        loader = kwargs.get("train_dataloader")
+        if loader is None:
+            return self._note("pre-flight skipped: the Trainer passed no train dataloader")
+        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+            return self._note("pre-flight skipped under DeepSpeed / FSDP (sharded parameters); run "
+                              "gradflow.probe(trainer) on one process instead")
+        try:
+            with kept_rng():
+                batch = _to_device(first_batch(loader), model_device(self._model))
+                report = probe(self._model, batch, optimizer=kwargs.get("optimizer"), trainable=self.trainable)
+        except GradflowError:
+            raise  # a trainable regex that names no parameter, an empty dataset: the user's to fix
+        except Exception as exc:  # a probe that fails must not stop a run that may be healthy
+            first = (str(exc).splitlines() or [""])[0]
+            return self._note(f"pre-flight probe failed ({type(exc).__name__}: {first}); training goes on without it")
+        loss = report.snapshot.loss if report.snapshot is not None else None
+        findings = report.findings
+        if loss is not None and loss.error_phase == "loss":
+            # the model computes no loss from this batch (a Trainer subclass's own compute_loss): not a fault
+            findings = [f for f in findings if f.slug != "step-raised"]
+            self._note("pre-flight: the model returns no loss for the first batch (custom compute_loss?); "
+                       "the checks that need a backward did not run")
+        self.preflight_report = report
+        for f in findings:
+            if f.severity != "info":
+                self._raise(control, state, f, phase="pre-flight")
+
+    def _intended_frozen(self, control, state):
+        """Without the pre-flight: the static check of `trainable` (no forward runs)."""
+        from gradflow.api import inspect
+
+        report = inspect(self._model, static=True, trainable=self.trainable)
+        for f in report.findings:
+            if f.slug == "intended-param-frozen":
+                self._raise(control, state, f, phase="pre-flight")
+
+    def _note(self, text: str) -> None:
+        if self._main:
+            sys.stderr.write(f"gradflow: {text}\n")
 
     @staticmethod
     def _sample(p: torch.Tensor) -> torch.Tensor:
@@ -141,6 +224,7 @@ class GradFlowCallback(TrainerCallback):
         step = self._step = state.global_step + 1
         if step == 1 or step % self.check_every == 0:
             self._check_grads(step, args, state, control)
+        self._raise_pending(f"at step {step}")
 
     def on_step_end(self, args, state, control, **kwargs):
         step = self._step = state.global_step
@@ -152,8 +236,13 @@ class GradFlowCallback(TrainerCallback):
             self._check_supervised(step, state, control)
         if self.moved_at_step is not None and step == self.moved_at_step:
             self._check_moved(step, state, control)
+        self._raise_pending(f"at step {step}")
 
     def on_train_end(self, args, state, control, **kwargs):
+        self._release()
+
+    def _release(self):
+        """Remove the batch hook and close the TensorBoard writer."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -267,18 +356,69 @@ class GradFlowCallback(TrainerCallback):
         return {n: not torch.equal(self._sample(p).to(start.device), start)
                 for (n, p), start in zip(self._params, self._start)}
 
-    def _raise(self, control, state, f):
+    def _raise(self, control, state, f, phase: str | None = None):
         if any(g.slug == f.slug and g.message == f.message for g in self.findings):
             return
         self.findings.append(f)
-        if f.severity == "error" and self.stop_on_error:
-            control.should_training_stop = True
-            if self.stopped_at is None:
-                self.stopped_at = self._step
+        stops = f.severity == "error" and (self.stop_on_error or self.raise_on_error)
+        if f.severity == "error":
+            self._pending.append(f)
+            if stops:
+                control.should_training_stop = True
+                if self.stopped_at is None:
+                    self.stopped_at = self._step
         if not self._main:
             return
         if self.on_finding is not None:
             self.on_finding(f)
+            return
+        if not stops:
+            then = ""
+        elif self.raise_on_error:
+            then = " — stopping the run (GradflowError)"
+        elif phase == "pre-flight":
+            # the Trainer reads should_training_stop only after a step: say so before that step runs (or raises)
+            then = f" — stopping the run after {'its first' if self._step == 0 else 'the next'} step"
         else:
-            sys.stderr.write(f"gradflow: {f.severity}: {f.code} {f.slug}: {f.message}"
-                             f"{' — stopping the run' if f.severity == 'error' and self.stop_on_error else ''}\n")
+            then = " — stopping the run"
+        sys.stderr.write(f"gradflow: {phase + ' ' if phase else ''}{f.severity}: {self._line(f)}{then}\n")
+
+    def _line(self, f) -> str:
+        """One finding on one line: code, slug, location, message and fix."""
+        where = f" at {f.location}" if f.location else ""
+        fix = f" | fix: {f.fix.title}" if f.fix is not None else ""
+        hint = self._hint.get(f.slug)
+        return f"{f.code} {f.slug}{where}: {f.message}{fix}{f' | here: {hint}' if hint else ''}"
+
+    def _raise_pending(self, when: str) -> None:
+        """With raise_on_error, end `trainer.train()` with a GradflowError carrying the new error findings."""
+        pending, self._pending = self._pending, []
+        if not (self.raise_on_error and pending):
+            return
+        self._release()  # on_train_end will not run: leave no hook on the model
+        lines = "".join(f"\n  {self._line(f)}" for f in pending)
+        raise GradflowError(f"GradFlowCallback stopped the run {when}: "
+                            f"{len(pending)} error finding{'s' if len(pending) != 1 else ''}{lines}",
+                            findings=pending)
+
+
+def _trainer_hints(args) -> dict[str, str]:
+    """Fixes that fit a Trainer's own set-up, beyond the finding's generic fix title."""
+    hints = {}
+    gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    if getattr(args, "gradient_checkpointing", False) and gc_kwargs.get("use_reentrant", True) is not False:
+        # the Trainer (re-)enables checkpointing inside train(): a call on the model beforehand is overridden
+        hints["reentrant-checkpoint-no-input-grad"] = (
+            'TrainingArguments(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})')
+    return hints
+
+
+def _to_device(batch, device):
+    """The batch as a forward takes it: mappings (a collator's BatchEncoding) as dicts, tensors on `device`."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return [_to_device(v, device) for v in batch]
+    return batch

@@ -137,6 +137,10 @@ def build_setup(model: Any, ropts: RecipeOptions, opts: TrainOptions, tokenizer=
         setup.kind = "object"
     else:
         raise GradflowError(f"cannot train a {type(model).__name__}", "Pass a MODEL spec string or an nn.Module")
+    if setup.kind == "trainer":
+        raise GradflowError(f"{setup.source} returns a Trainer: gradflow train builds its own",
+                            "Run your trainer with callbacks=[gradflow.GradFlowCallback()], or check it first with "
+                            "gradflow probe-backward")
     if tokenizer is not None:
         setup.tokenizer = tokenizer
     builds_lora = setup.kind in ("preset", "dir", "hub") and ropts.adapter is None
@@ -485,7 +489,7 @@ def _trainer(setup, prepared: Prepared, opts: TrainOptions, output: str, console
     if world > 1 and _gc_reentrant(setup.model):
         raise GradflowError("reentrant gradient checkpointing under DDP", "Use --gc non-reentrant for multi-GPU runs")
     watch = GradFlowCallback(check_every=min(opts.check_every, total), moved_at_step=min(opts.moved_at_step, total),
-                             tensorboard_dir=os.path.join(output, TB_DIR),
+                             preflight=False, tensorboard_dir=os.path.join(output, TB_DIR),
                              on_finding=lambda f: console.print(f"[bold red]gradflow[/]: step finding "
                                                                 f"{_finding_line(f)}"))
     collator = Collator(setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else 0)
