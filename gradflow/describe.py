@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import re
 
+from gradflow.models import gc_mode_of, has_adapter_config, is_gc_layer, is_input_grad_hook, tuner_layer_class
 from gradflow.snapshot import ModuleState, ParamState, Snapshot
 
 _QUANT_PARAM_CLASSES = ("Params4bit", "Int8Params")
 _QUANT_MODULE_CLASSES = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}
-_INPUT_GRAD_HOOK = re.compile(r"inputs?_require_grads?")
 
 
 def hook_names(module) -> tuple[str, ...]:
@@ -28,35 +28,6 @@ def _callable_name(fn) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
-def is_input_grad_hook(name: str) -> bool:
-    return bool(_INPUT_GRAD_HOOK.search(name))
-
-
-def gc_mode_of(module) -> str:
-    """transformers' per-module checkpointing state: off, reentrant or non-reentrant."""
-    if getattr(module, "gradient_checkpointing", False) is not True:
-        return "off"
-    func = getattr(module, "_gradient_checkpointing_func", None)
-    keywords = getattr(func, "keywords", None) or {}
-    # torch falls back to reentrant when use_reentrant is not given (with a warning).
-    return "non-reentrant" if keywords.get("use_reentrant", True) is False else "reentrant"
-
-
-def _is_gc_layer(module) -> bool:
-    return any(c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__)
-
-
-def tuner_layer_class():
-    """peft's BaseTunerLayer if peft is loaded (a model holding adapters has loaded it), else None."""
-    import sys
-
-    return getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
-
-
-def _is_peft_wrapper(module) -> bool:
-    return hasattr(module, "peft_config") and hasattr(module, "active_adapter")
-
-
 def _adapters(model, modules):
     """(source, names, active, {weight prefix: adapter}) of the PEFT adapters in `model`.
 
@@ -71,7 +42,7 @@ def _adapters(model, modules):
     found: list[str] = []
     tuner_active: list[str] = []
     for name, module in modules:
-        if wrapper is None and _is_peft_wrapper(module):
+        if wrapper is None and has_adapter_config(module):
             wrapper = module  # the outermost PeftModel (under a DDP wrapper too)
         hf_loaded = hf_loaded or getattr(module, "_hf_peft_config_loaded", False) is True
         if tuner_cls is None or not isinstance(module, tuner_cls):
@@ -163,7 +134,7 @@ def describe(model, *, trainable: str | None = None, optimizer=None) -> Snapshot
         names[module] = name
         state = ModuleState(name=name, cls=type(module).__name__, depth=0 if not name else name.count(".") + 1,
                             hooks=hook_names(module), gc=gc_mode_of(module))
-        if state.gc != "off" and _is_gc_layer(module):
+        if state.gc != "off" and is_gc_layer(module):
             gc_modes.append(state.gc)
         if type(module).__name__ in _QUANT_MODULE_CLASSES:
             quant_kind = _QUANT_MODULE_CLASSES[type(module).__name__]

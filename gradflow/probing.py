@@ -239,8 +239,10 @@ def _fill_trace(snap: Snapshot, tracer) -> None:
         m.calls, m.order = rec.calls, rec.order
         m.in_requires_grad, m.out_requires_grad, m.out_grad_fn = rec.in_rg, rec.out_rg, rec.grad_fn
         m.grad_enabled, m.in_reentrant, m.detached_output = rec.grad_enabled, rec.in_reentrant, rec.detached
-        if rec.no_grad_call:
+        if rec.no_grad_call and rec.no_grad_root:  # where autograd went off, not every module run after it
             snap.extra.setdefault("no_grad_modules", []).append(m.name)
+        if rec.forward_grad_off and not rec.in_reentrant:
+            snap.extra.setdefault("grad_off_forward", {})[m.name] = rec.forward_grad_off
     snap.checkpoints = tracer.checkpoints
     ran = {m.name for m in snap.modules if m.ran}
     for p in snap.params:
@@ -307,8 +309,10 @@ def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000
             if not prefix:
                 break
             prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+    # modules that ran with autograd on, and those where it went off (a frozen layer run under torch.no_grad cuts
+    # what reaches its input); the modules run inside those had no graph to cut
     records = [(modules[name], rec) for name, rec in tracer.records.items()
-               if name in modules and rec.grad_enabled and not rec.in_reentrant]
+               if name in modules and not rec.in_reentrant and (rec.grad_enabled or rec.no_grad_root)]
     roots = [fn for _, rec in records for fn in rec.in_fns + rec.out_fns]
     reach = _reachable_params(roots, bit_of, budget)
     if reach is None:
@@ -321,7 +325,10 @@ def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000
         for fn in rec.out_fns:
             out_reach |= reach.get(id(fn), 0)
         in_reach = 0
-        if m.trainable or rec.keeps_shape:  # parameter-free helpers may drop their input (rotary cos/sin)
+        # parameter-free helpers may drop their input (rotary cos/sin, even under @torch.no_grad); a module with
+        # weights that runs with autograd off does cut it
+        grad_off = not rec.grad_enabled or rec.forward_grad_off
+        if m.trainable or rec.keeps_shape or (grad_off and (m.frozen or m.quantized)):
             for fn in rec.in_fns:
                 in_reach |= reach.get(id(fn), 0)
         cut = (in_reach | inside.get(m.name, 0)) & ~out_reach

@@ -9,6 +9,7 @@ import os
 import tempfile
 
 from gradflow.errors import GradflowError
+from gradflow.models import is_peft_model
 from gradflow.sources import Setup, _first_line, compile_regex
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -114,7 +115,7 @@ def build(setup: Setup, opts: RecipeOptions) -> Setup:
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=opts.adapter_trainable)
     else:
-        rank = opts.lora_r if opts.lora_r is not None else (0 if is_factory or _is_peft(model) else 8)
+        rank = opts.lora_r if opts.lora_r is not None else (0 if is_factory or is_peft_model(model) else 8)
         if rank > 0:
             model = apply_lora(model, rank, opts.lora_alpha or 2 * rank, opts.lora_targets or "all-linear")
     setup.model = model
@@ -241,13 +242,9 @@ def _quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
-def _is_peft(model) -> bool:
-    return hasattr(model, "peft_config")
-
-
 def set_checkpointing(model, mode: str) -> None:
     """Turn transformers' gradient checkpointing off, reentrant or non-reentrant, on either stack."""
-    target = model.get_base_model() if _is_peft(model) else model
+    target = model.get_base_model() if is_peft_model(model) else model
     if not hasattr(target, "gradient_checkpointing_enable"):
         if mode == "off":
             return

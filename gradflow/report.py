@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 from typing import Any
 
@@ -10,10 +11,21 @@ SCHEMA_VERSION = 1
 SEVERITIES = ("info", "warning", "error")
 
 
+class Applicability(str, enum.Enum):
+    """How a fix may be applied: the one definition rules, fixes and reports use (it compares equal to its value)."""
+
+    SAFE = "safe"  # applied by default: it changes no training outcome the user chose
+    UNSAFE = "unsafe"  # applied only with --unsafe-fixes: it can change what the model learns
+    DISPLAY_ONLY = "display-only"  # printed as code to paste: the cause is in the user's own code
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclasses.dataclass
 class Fix:
     title: str
-    applicability: str  # safe | unsafe | display-only
+    applicability: Applicability
 
 
 @dataclasses.dataclass
@@ -28,7 +40,8 @@ class Finding:
 
     def to_dict(self) -> dict:
         return {"code": self.code, "slug": self.slug, "severity": self.severity, "message": self.message,
-                "location": self.location, "fix": dataclasses.asdict(self.fix) if self.fix else None,
+                "location": self.location,
+                "fix": {"title": self.fix.title, "applicability": str(self.fix.applicability)} if self.fix else None,
                 "params": self.params[:50], "params_count": len(self.params)}
 
 
@@ -65,6 +78,30 @@ class Report:
 
     def slugs(self) -> list[str]:
         return [f.slug for f in self.findings]
+
+    def render(self, *, width: int | None = None, color: bool | None = None, depth: int | None = 4) -> str:
+        """The text the CLI prints for this report's command (inspect tree, probe summary, patch before/after).
+
+        Args:
+            width: columns to fit; by default $COLUMNS, else the terminal's width, else 80.
+            color: ANSI styles; by default only when stdout is a terminal (and NO_COLOR is unset).
+            depth: module-tree depth for an inspect report, as `inspect --depth`.
+
+        Returns:
+            The report as text, one line per row, ending in a newline.
+        """
+        from gradflow.render import to_text
+
+        return to_text(self, width=width, color=color, depth=depth)
+
+    def __str__(self) -> str:
+        return self.render()
+
+    def __rich__(self):
+        # rich.print(report) and rich consoles get the styled renderable itself, fitted to their width
+        from gradflow.render import renderable
+
+        return renderable(self)
 
     def to_dict(self) -> dict:
         from gradflow import __version__

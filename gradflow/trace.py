@@ -9,6 +9,7 @@ import itertools
 import torch
 import torch.utils.checkpoint as tuc
 
+from gradflow.models import is_gc_layer
 from gradflow.snapshot import CheckpointCall
 
 
@@ -41,14 +42,43 @@ def main_output(out):
     return None
 
 
-def _is_gc_layer(module) -> bool:
-    return getattr(module, "gradient_checkpointing", False) is True and any(
-        c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__)
+_GRAD_OFF_FORWARD: dict[type, str | None] = {}
+
+
+def grad_off_forward(module) -> str | None:
+    """'no_grad' / 'inference_mode' / 'set_grad_enabled(False)' when the class's forward carries that decorator.
+
+    Module hooks run outside the forward, so they see autograd still on; the decorator is read from the wrapper torch
+    builds (a closure over the context manager's bound `clone`), down the `__wrapped__` chain of other decorators.
+    """
+    cls = type(module)
+    if cls in _GRAD_OFF_FORWARD:
+        return _GRAD_OFF_FORWARD[cls]
+    found = None
+    fn = getattr(cls, "forward", None)
+    for _ in range(8):
+        if fn is None or found is not None:
+            break
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                ctx = getattr(cell.cell_contents, "__self__", None)
+            except ValueError:  # an empty cell
+                continue
+            if isinstance(ctx, torch.no_grad):
+                found = "no_grad"
+            elif isinstance(ctx, torch.inference_mode) and getattr(ctx, "mode", True):
+                found = "inference_mode"
+            elif isinstance(ctx, torch.set_grad_enabled) and getattr(ctx, "mode", True) is False:
+                found = "set_grad_enabled(False)"
+        fn = getattr(fn, "__wrapped__", None)
+    _GRAD_OFF_FORWARD[cls] = found
+    return found
 
 
 class _Record:
     __slots__ = ("calls", "order", "in_rg", "out_rg", "grad_fn", "finite", "grad_enabled", "in_reentrant",
-                 "detached", "no_grad_call", "in_fns", "out_fns", "keeps_shape", "pending")
+                 "detached", "no_grad_call", "no_grad_root", "forward_grad_off", "in_fns", "out_fns", "keeps_shape",
+                 "pending")
 
     def __init__(self):
         self.calls = 0
@@ -60,7 +90,9 @@ class _Record:
         self.grad_enabled = None
         self.in_reentrant = False
         self.detached = False
-        self.no_grad_call = False
+        self.no_grad_call = False  # autograd was off at its first call while it held or received what trains
+        self.no_grad_root = False  # autograd was off at its first call, and on for the traced module that called it
+        self.forward_grad_off = None  # its forward turns autograd off itself (a @torch.no_grad() decorator)
         # autograd nodes of the first call's floating inputs and outputs: after backward, the probe walks them to
         # find where a parameter's gradient path ends (references only; the probe drops them)
         self.in_fns = ()
@@ -208,8 +240,9 @@ class Tracer:
                 if not call.modules:
                     call.location = name
                 call.modules.append(name)
+        caller = self.records.get(self._stack[-1]) if self._stack else None
         self._stack.append(name)
-        self._stack_gc.append(_is_gc_layer(module))
+        self._stack_gc.append(getattr(module, "gradient_checkpointing", False) is True and is_gc_layer(module))
         if self.phase == "forward":
             rec = self.records.get(name)
             if rec is None:
@@ -217,6 +250,10 @@ class Tracer:
             if rec.calls == 0:
                 rec.grad_enabled = torch.is_grad_enabled()
                 rec.in_reentrant = self._inside_reentrant()
+                if rec.grad_enabled:
+                    rec.forward_grad_off = grad_off_forward(module)
+                else:  # where autograd went off: the module called from code that still had it on
+                    rec.no_grad_root = caller is None or bool(caller.grad_enabled)
             rec.calls += 1
         return None
 
@@ -276,5 +313,5 @@ class Tracer:
                 # parameter-free helpers whose output is a new quantity (rotary cos/sin) are not breaks
                 if trainable or rec.keeps_shape:
                     rec.detached = True
-        elif not rec.grad_enabled and not rec.in_reentrant and name in self._trainable_modules:
+        elif not rec.grad_enabled and not rec.in_reentrant and (name in self._trainable_modules or rec.in_rg):
             rec.no_grad_call = True

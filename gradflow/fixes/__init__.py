@@ -1,7 +1,7 @@
 """Fixes: one file per fix, each declaring its applicability and the findings (slugs) it answers.
 
 The catalog order is the order fixes are planned and applied in: what makes parameters trainable comes first,
-then their dtype, then checkpointing and the hook, then the cache; display-only advice last.
+then their dtype, then checkpointing and the hook, then the cache; the display-only advice table (advice.py) last.
 """
 
 from __future__ import annotations
@@ -19,19 +19,14 @@ CATALOG: tuple[str, ...] = (
     "input_grad_hook",
     "non_reentrant_checkpointing",
     "cache_off",
-    "loss_detached_advice",
-    "graph_break_advice",
-    "optimizer_advice",
-    "supervised_tokens_advice",
-    "nonfinite_advice",
-    "unused_params_advice",
-    "step_raised_advice",
 )
 
 
 def all_fixes():
-    """Every Fix, in catalog order."""
-    return [importlib.import_module(f"gradflow.fixes.{name}").FIX for name in CATALOG]
+    """Every Fix, in catalog order, then the display-only advice table (gradflow/fixes/advice.py)."""
+    from gradflow.fixes.advice import FIXES
+
+    return [importlib.import_module(f"gradflow.fixes.{name}").FIX for name in CATALOG] + list(FIXES)
 
 
 def by_id(fix_id: str):

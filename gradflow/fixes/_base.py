@@ -7,7 +7,10 @@ import inspect
 import os
 from typing import Any, Callable
 
-APPLICABILITIES = ("safe", "unsafe", "display-only")
+from gradflow.models import is_peft_model
+from gradflow.report import Applicability
+
+APPLICABILITIES = tuple(a.value for a in Applicability)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -16,12 +19,15 @@ class Fix:
 
     id: str
     title: str
-    applicability: str  # safe | unsafe | display-only
+    applicability: Applicability  # given as its value ("safe") or the member
     answers: tuple[str, ...]  # finding slugs it answers
     plan: Callable  # plan(ctx, finding) -> Plan | list[Plan] | None
     apply: Callable | None = None  # apply(model, data, env) -> list[str] (what changed); None when display-only
     snippet: Callable | None = None  # snippet(data) -> list[str]: the same change as code for the user's script
     doc: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "applicability", Applicability(self.applicability))
 
 
 @dataclasses.dataclass
@@ -34,13 +40,12 @@ class Plan:
     why: str  # why this fix, and not the alternative
     answers: list[str]  # slugs of the findings it answers
     location: str | None = None
-    applicability: str | None = None  # defaults to the fix's; display-only when it cannot act here
+    applicability: Applicability | None = None  # defaults to the fix's; display-only when it cannot act here
     key: str | None = None  # plans with one key are one change (the input-grad hook asked for by two fixes)
     snippet_lines: list[str] | None = None  # for display-only advice
 
     def __post_init__(self):
-        if self.applicability is None:
-            self.applicability = self.fix.applicability
+        self.applicability = Applicability(self.applicability or self.fix.applicability)
         if self.key is None:
             self.key = f"{self.fix.id}:{sorted(self.data.items()) if self.data else self.location}"
 
@@ -80,7 +85,9 @@ class Context:
         """Parameters an unsafe fix of this patch will freeze (no point in moving them into modules_to_save)."""
         if not self.unsafe:
             return set()
-        return {n for f in self.findings if f.slug == "trainable-embeddings-costly" for n in f.params}
+        # an info finding is a deliberate modules_to_save copy, which no fix freezes
+        return {n for f in self.findings if f.slug == "trainable-embeddings-costly" and f.severity != "info"
+                for n in f.params}
 
     def module_path(self, module) -> str | None:
         for name, m in self.model.named_modules():
@@ -94,13 +101,9 @@ class Context:
 
 # --- helpers shared by fixes ------------------------------------------------------------------------------------
 
-def is_peft(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
-
-
 def transformers_model(model):
     """The transformers PreTrainedModel inside `model` (PEFT wraps it), or None."""
-    target = model.get_base_model() if is_peft(model) else model
+    target = model.get_base_model() if is_peft_model(model) else model
     try:
         from transformers import PreTrainedModel
     except ImportError:  # pragma: no cover - transformers is a dependency
@@ -110,7 +113,7 @@ def transformers_model(model):
 
 def base_prefix(model) -> str:
     """The path prefix of the transformers model inside a PeftModel ('base_model.model.'), else ''."""
-    if not is_peft(model):
+    if not is_peft_model(model):
         return ""
     base = model.get_base_model()
     for name, m in model.named_modules():

@@ -1,19 +1,25 @@
 """## What it does
 Casts trainable parameters stored in float16/bfloat16 to float32. Adapter layers already cast their inputs to
-their own dtype and their result back; for other modules a forward hook (`keep_output_dtype`) casts the output
-back to the dtype the module produced before, so the half-precision base around it still gets the dtype it expects.
+their own dtype and their result back. Other modules get hooks: a leaf module (a Linear, an Embedding or norm, e.g.
+a `modules_to_save` copy of the head) gets a forward pre-hook (`cast_inputs_float32`) that casts its half-precision
+floating inputs to float32, since `F.linear` refuses mixed dtypes; and every such module gets a forward hook
+(`keep_output_dtype`) that casts its output back to the dtype it produced before, so the half-precision base
+around it still gets the dtype it expects.
 
 ## Why this fix
 Master weights belong in fp32: with fp16 AMP, `GradScaler.unscale_` refuses fp16 gradients, and without it small
 updates round away in half precision. The frozen base stays in its dtype, so memory barely changes.
 
 ## Fix safety
-Safe: the forward math keeps its compute dtype; only the stored weights (and so their updates) gain precision.
+Safe: the stored weights (and so their updates) gain precision; the module's own math runs in float32 as PEFT's
+adapter layers do, and what the rest of the model sees keeps its dtype.
 """
 
 from __future__ import annotations
 
-from gradflow.fixes._base import Fix, Plan, is_peft
+from gradflow.models import has_hook, is_peft_model, mark_hook
+from gradflow.fixes._base import Fix, Plan
+from gradflow.rules._base import plural
 
 ANSWERS = ("half-precision-trainable-params",)
 _HALF = ("float16", "bfloat16")
@@ -32,7 +38,28 @@ def make_keep_output_dtype(dtype):
         return None
 
     keep_output_dtype.dtype = dtype
-    return keep_output_dtype
+    return mark_hook(keep_output_dtype, "keep-output-dtype")
+
+
+def _to_float32(obj, depth: int = 0):
+    """`obj` with its float16/bfloat16 tensors (inside tuples, lists and dicts) cast to float32."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return obj.float() if obj.dtype in (torch.float16, torch.bfloat16) else obj
+    if depth < 3 and isinstance(obj, (tuple, list)):
+        return type(obj)(_to_float32(t, depth + 1) for t in obj)
+    if depth < 3 and type(obj) is dict:
+        return {k: _to_float32(v, depth + 1) for k, v in obj.items()}
+    return obj
+
+
+def cast_inputs_float32(module, args, kwargs):
+    """A forward pre-hook (with_kwargs) casting half-precision floating inputs to float32, the weights' dtype."""
+    return _to_float32(args), _to_float32(kwargs)
+
+
+mark_hook(cast_inputs_float32, "cast-inputs-float32")
 
 
 def _casts_itself(module) -> bool:
@@ -54,12 +81,12 @@ def plan(ctx, finding):
     if not half:
         return None
     dtypes = "/".join(sorted({str(p.dtype).replace("torch.", "") for _, p in half}))
-    return Plan(fix=FIX, data={"params": "trainable", "peft": is_peft(ctx.model)}, answers=[finding.slug],
+    return Plan(fix=FIX, data={"params": "trainable", "peft": is_peft_model(ctx.model)}, answers=[finding.slug],
                 location=finding.location,
-                changes=[f"{len(half)} trainable parameters {dtypes} -> float32 "
+                changes=[f"{plural(len(half), 'trainable parameter')} {dtypes} -> float32 "
                          f"(+{sum(p.numel() for _, p in half) * 2:,} bytes); the frozen base keeps its dtype"],
-                why="fp32 master weights keep small updates and let AMP unscale gradients; the forward keeps its "
-                    "compute dtype")
+                why="fp32 master weights keep small updates and let AMP unscale gradients; hooks cast the inputs of "
+                    "a cast layer to float32 and its output back, so the rest of the model keeps its dtype")
 
 
 def apply(model, data, env=None) -> list[str]:
@@ -69,7 +96,7 @@ def apply(model, data, env=None) -> list[str]:
     if not half:
         return []
     modules = dict(model.named_modules())
-    hooked = set()
+    hooked, leaves = set(), set()
     for name, p in half:
         owner_name = name.rsplit(".", 1)[0] if "." in name else ""
         owner = modules.get(owner_name)
@@ -81,11 +108,20 @@ def apply(model, data, env=None) -> list[str]:
         lineage = [modules.get(a) for a in _lineage(owner_name)]
         if any(m is not None and _casts_itself(m) for m in lineage):
             continue
-        if not any(getattr(h, "__name__", "") == "keep_output_dtype" for h in owner._forward_hooks.values()):
+        # only a leaf computes with nothing but its inputs and its own weights: a module with children may pass its
+        # inputs on to frozen half-precision children, which would then get float32 inputs
+        leaf = next(owner.children(), None) is None
+        if leaf:
+            leaves.add(owner_name)
+            if not has_hook(owner._forward_pre_hooks, "cast-inputs-float32"):
+                owner.register_forward_pre_hook(cast_inputs_float32, with_kwargs=True)
+        if not has_hook(owner._forward_hooks, "keep-output-dtype"):
             owner.register_forward_hook(make_keep_output_dtype(old))
         hooked.add(owner_name)
-    note = f"; output dtype kept by a hook on {len(hooked)} module{'s' if len(hooked) != 1 else ''}" if hooked else ""
-    return [f"{len(half)} trainable parameters cast to float32{note}"]
+    note = f"; output dtype kept by a hook on {plural(len(hooked), 'module')}" if hooked else ""
+    if leaves:
+        note += f", inputs cast to float32 on {plural(len(leaves), 'leaf module')}"
+    return [f"{plural(len(half), 'trainable parameter')} cast to float32{note}"]
 
 
 def _lineage(name: str):
@@ -98,6 +134,9 @@ def snippet(data) -> list[str]:
     return ["def keep_output_dtype(dtype):",
             "    return lambda module, args, out: out.to(dtype) if torch.is_tensor(out) and out.is_floating_point() "
             "else None",
+            "def cast_inputs_float32(module, args):  # F.linear refuses a float16 input with float32 weights",
+            "    return tuple(a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a "
+            "for a in args)",
             "for mname, module in model.named_modules():",
             "    own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype in "
             "(torch.float16, torch.bfloat16)]",
@@ -106,6 +145,8 @@ def snippet(data) -> list[str]:
             "        for p in own:",
             "            p.data = p.data.float()",
             "        if '.lora_' not in f'.{mname}':  # LoRA layers cast to the adapter dtype and back themselves",
+            "            if next(module.children(), None) is None:  # a leaf computes only with its inputs",
+            "                module.register_forward_pre_hook(cast_inputs_float32)",
             "            module.register_forward_hook(keep_output_dtype(dtype))"]
 
 

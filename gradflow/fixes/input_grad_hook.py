@@ -15,7 +15,8 @@ Safe: it only marks activations as requiring grad; the gradients the parameters 
 
 from __future__ import annotations
 
-from gradflow.fixes._base import (Fix, Plan, ancestors, base_prefix, describe_module, is_peft, submodule_expr,
+from gradflow.models import has_hook, is_peft_model, mark_hook
+from gradflow.fixes._base import (Fix, Plan, ancestors, base_prefix, describe_module, submodule_expr,
                                   transformers_model)
 
 ANSWERS = ("reentrant-checkpoint-no-input-grad",)
@@ -47,13 +48,17 @@ def make_region_inputs_require_grads(module, args, kwargs):
     return args, kwargs
 
 
+mark_hook(make_region_inputs_require_grads, "region-inputs-require-grads")
+
+
 def cut_regions(snap):
     """Reentrant checkpointed regions of the forward that got no input requiring grad, in call order."""
     return [c for c in snap.checkpoints if c.reentrant and c.phase == "forward" and c.depth == 0 and c.grad_args == 0]
 
 
 def has_input_grad_hook(module) -> bool:
-    from gradflow.describe import hook_names, is_input_grad_hook
+    from gradflow.describe import hook_names
+    from gradflow.models import is_input_grad_hook
 
     return any(is_input_grad_hook(h) for h in hook_names(module))
 
@@ -134,7 +139,7 @@ def hook_plan(ctx, answers, *, need_region: bool = True) -> Plan | None:
         path = ctx.module_path(emb) if emb is not None else None
         state = ctx.module_state(path)
         if emb is not None and path is not None and not has_input_grad_hook(emb) and (state is None or state.ran is not False):
-            data = {"where": "embedding", "via": via, "module": path, "peft": is_peft(ctx.model)}
+            data = {"where": "embedding", "via": via, "module": path, "peft": is_peft_model(ctx.model)}
             how = ("PreTrainedModel.enable_input_require_grads()" if via == "enable_input_require_grads"
                    else "a forward hook")
             return Plan(fix=FIX, data=data, answers=list(answers), location=path, key="input-grad-hook",
@@ -183,7 +188,7 @@ def apply(model, data, env=None) -> list[str]:
         emb.register_forward_hook(make_inputs_require_grads)
         return [f"forward hook make_inputs_require_grads on {data['module']}"]
     target = model.get_submodule(data["module"])
-    if any(getattr(h, "__name__", "") == "make_region_inputs_require_grads" for h in target._forward_pre_hooks.values()):
+    if has_hook(target._forward_pre_hooks, "region-inputs-require-grads"):
         return []
     target.register_forward_pre_hook(make_region_inputs_require_grads, with_kwargs=True)
     return [f"forward pre-hook make_region_inputs_require_grads on {data['module'] or 'the model'}"]

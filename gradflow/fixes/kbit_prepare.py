@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from gradflow.fixes import input_grad_hook
 from gradflow.fixes._base import Fix, Plan
+from gradflow.rules.kbit_not_prepared import reentrant_checkpointing
 
 ANSWERS = ("kbit-not-prepared",)
 
@@ -38,7 +39,7 @@ def plan(ctx, finding):
                                    f"({half[0][0]}{', …' if len(half) > 1 else ''})"],
                           why="k-bit training keeps the unquantized parameters (norms first) in fp32 for stability, "
                               "as prepare_model_for_kbit_training does; casting all of them keeps the dtypes consistent"))
-    if ctx.snap.gc_mode != "off" and not ctx.snap.input_grad_hook:
+    if reentrant_checkpointing(ctx.snap) and not ctx.snap.input_grad_hook:  # only reentrant regions need it
         hook = input_grad_hook.hook_plan(ctx, [finding.slug], need_region=False)
         if hook is not None:
             hook.why = ("checkpointing is on over a quantized base without the input-grad hook that "

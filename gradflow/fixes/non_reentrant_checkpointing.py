@@ -16,7 +16,8 @@ Safe: the gradients are the same; only what is kept in memory between forward an
 from __future__ import annotations
 
 from gradflow.fixes import input_grad_hook
-from gradflow.fixes._base import Fix, Plan, is_peft
+from gradflow.models import is_peft_model
+from gradflow.fixes._base import Fix, Plan
 
 ANSWERS = ("reentrant-checkpoint-no-input-grad",)
 
@@ -35,7 +36,7 @@ def plan(ctx, finding):
     where = _transformers_checkpointing(ctx.snap)
     if where is None:
         return input_grad_hook.advice_for_custom_region(ctx, finding)
-    return Plan(fix=FIX, data={"mode": "non-reentrant", "peft": is_peft(ctx.model)}, answers=[finding.slug],
+    return Plan(fix=FIX, data={"mode": "non-reentrant", "peft": is_peft_model(ctx.model)}, answers=[finding.slug],
                 location=where, key="checkpointing-mode",
                 changes=["transformers gradient checkpointing: reentrant -> non-reentrant"],
                 why=("no entry point can carry the input-grad hook here (the inputs do not come through an embedding "
@@ -44,7 +45,7 @@ def plan(ctx, finding):
 
 
 def apply(model, data, env=None) -> list[str]:
-    from gradflow.describe import gc_mode_of
+    from gradflow.models import gc_mode_of
     from gradflow.recipe import set_checkpointing
 
     if not any(gc_mode_of(m) == "reentrant" for m in model.modules()):

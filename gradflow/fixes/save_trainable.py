@@ -16,7 +16,8 @@ trainable stay frozen in the copy. An optimizer built before the patch does not 
 
 from __future__ import annotations
 
-from gradflow.fixes._base import Fix, Plan, base_prefix, is_peft
+from gradflow.models import is_peft_model
+from gradflow.fixes._base import Fix, Plan, base_prefix
 
 ANSWERS = ("trainable-param-not-saved",)
 
@@ -89,7 +90,7 @@ def wrap_modules_to_save(model, adapter: str, modules: list[str], keep_trainable
 
 
 def plan(ctx, finding):
-    if not is_peft(ctx.model):
+    if not is_peft_model(ctx.model):
         return None
     adapter = (ctx.snap.extra.get("active_adapters") or ctx.snap.adapter_names or ("default",))[0]
     # not worth a copy: a module the forward never runs (trainable-param-unused says so), an embedding matrix
@@ -110,7 +111,7 @@ def plan(ctx, finding):
 
 
 def apply(model, data, env=None) -> list[str]:
-    if not is_peft(model) or data["adapter"] not in model.peft_config:
+    if not is_peft_model(model) or data["adapter"] not in model.peft_config:
         return []
     return wrap_modules_to_save(model, data["adapter"], data["modules"])
 

@@ -12,7 +12,8 @@ Safe: only the adapter's own weights are unfrozen; the base stays frozen.
 
 from __future__ import annotations
 
-from gradflow.fixes._base import Fix, Plan, is_peft
+from gradflow.models import is_peft_model
+from gradflow.fixes._base import Fix, Plan
 
 ANSWERS = ("adapter-frozen",)
 
@@ -33,7 +34,7 @@ def _configs(model) -> dict:
 
 def plan(ctx, finding):
     # adapters count however they got there: PeftModel, transformers' load_adapter/add_adapter, inject_adapter_in_model
-    if not (is_peft(ctx.model) or ctx.snap.is_peft):
+    if not (is_peft_model(ctx.model) or ctx.snap.is_peft):
         return None
     active = list(ctx.snap.extra.get("active_adapters") or ctx.snap.adapter_names)
     frozen = [n for n, p in adapter_params(ctx.model, active) if not p.requires_grad]
@@ -49,7 +50,7 @@ def plan(ctx, finding):
 
 
 def _has_tuner_layers(model) -> bool:
-    from gradflow.describe import tuner_layer_class
+    from gradflow.models import tuner_layer_class
 
     tuner = tuner_layer_class()
     return tuner is not None and any(isinstance(m, tuner) for m in model.modules())

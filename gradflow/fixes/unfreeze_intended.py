@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 
-from gradflow.fixes._base import Fix, Plan, is_peft
+from gradflow.models import is_peft_model
+from gradflow.fixes._base import Fix, Plan
 from gradflow.fixes.save_trainable import save_targets, snippet_lines, wrap_modules_to_save
 
 ANSWERS = ("intended-param-frozen",)
@@ -33,7 +34,7 @@ def frozen_intended(model, regex: str) -> list[str]:
 
 def _split(model, names):
     """(in place, modules to wrap, adapter) for a PEFT model; everything in place otherwise."""
-    if not is_peft(model):
+    if not is_peft_model(model):
         return names, [], None
     adapter = (list(getattr(model, "active_adapters", None) or []) or [model.active_adapter])[0]
     modules, stuck = save_targets(model, names, adapter)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable
 
-from gradflow.report import Finding, Fix
+from gradflow.report import Applicability, Finding, Fix
 
 
 @dataclasses.dataclass(frozen=True)
@@ -14,16 +14,20 @@ class Rule:
     slug: str
     severity: str
     fix_title: str | None
-    applicability: str | None  # safe | unsafe | display-only
+    applicability: Applicability | None  # given as its value ("safe"); None for findings no fix answers
     check: Callable | None  # check(snapshot) -> list[Finding]; None for runtime findings
     doc: str = ""
     superseded_by: tuple[str, ...] = ()  # slugs that, when they fire, make this one redundant
     runtime: bool = False  # raised by GradFlowCallback during training, not by a snapshot check
 
+    def __post_init__(self):
+        if self.applicability is not None:  # a typo in a rule file fails at import, not in a report
+            object.__setattr__(self, "applicability", Applicability(self.applicability))
+
     def finding(self, message: str, location: str | None = None, params: Iterable[str] = (),
                 fix_title: str | None = None, applicability: str | None = None) -> Finding:
         title = fix_title or self.fix_title
-        fix = Fix(title, applicability or self.applicability) if title else None
+        fix = Fix(title, Applicability(applicability or self.applicability)) if title else None
         return Finding(code=self.code, slug=self.slug, severity=self.severity, message=message,
                        location=location, fix=fix, params=list(params))
 

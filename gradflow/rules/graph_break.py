@@ -3,7 +3,9 @@ Finds the module where the autograd graph is cut: its output does not depend on 
 autograd (`.detach()`, `.data`, `torch.no_grad()`, inference mode, a non-differentiable op), so trainable
 parameters before it get no gradient. `location` names the module. The cut may be partial: a residual block that
 detaches only its branch still passes gradient through the residual, so only the parameters inside the branch
-are lost; the probe follows each lost parameter's autograd path to find the module where it ends.
+are lost; the probe follows each lost parameter's autograd path to find the module where it ends. A module whose
+forward is decorated with `@torch.no_grad()` is named itself; a module called inside `with torch.no_grad():` in
+a caller's forward is named, with the caller that switched autograd off.
 
 ## Why is this bad?
 Everything upstream of the cut stops learning. When something after the cut is still trainable the run goes on
@@ -18,6 +20,11 @@ class Adapter(nn.Module):
 class Block(nn.Module):
     def forward(self, x):
         return x + self.proj(x).data        # partial cut: silent, only self.proj stops learning
+
+class Smoother(nn.Module):
+    @torch.no_grad()                        # cut: everything before it gets no gradient
+    def forward(self, x):
+        return self.norm(x)
 ```
 Remove the `.detach()` / `.data` / `no_grad` from the training path.
 
@@ -51,32 +58,58 @@ def check(snap):
     if not lost:
         return []
     modules = {m.name: m for m in snap.modules}
-    no_grad = sorted((modules[n] for n in snap.extra.get("no_grad_modules", [])), key=lambda m: m.depth)
-    for m in no_grad:
-        cut = [p for p in lost if under(p.module, m.name)]
+    lost_names = [p.name for p in lost]
+    # the module each lost parameter was cut at (the probe's autograd walk), and the module it sits in
+    cut_at = {n: m.name for m in snap.modules for n in m.cut_params}
+    owner = {p.name: p.module for p in lost}
+
+    def cut_by(name: str) -> list[str]:
+        """Lost parameters inside `name`, or whose gradient path ends in it or in a module run inside it."""
+        return [n for n in lost_names if under(owner[n], name) or (n in cut_at and under(cut_at[n], name))]
+
+    # a forward that turns autograd off itself (@torch.no_grad()): its hooks saw autograd on, so name it, not the
+    # modules it ran
+    decorated = snap.extra.get("grad_off_forward", {})
+    for m in sorted((modules[n] for n in decorated if n in modules and modules[n].order is not None),
+                    key=lambda m: m.order):
+        cut = cut_by(m.name)
         if cut:
-            parent = modules.get(m.name.rsplit(".", 1)[0] if "." in m.name else "") if m.name else None
+            message = (f"the forward of {m.name or 'the model'} ({m.cls}) runs under @torch.{decorated[m.name]}(): "
+                       f"its output does not depend on {_where(cut, m.name, snap)}; "
+                       f"{plural(len(cut), 'trainable parameter')} get no gradient: {short(cut, 2)}")
+            return [RULE.finding(message, location=m.name or None, params=cut)]
+    # a module called with autograd off (torch.no_grad / inference_mode around the call)
+    no_grad = sorted((modules[n] for n in snap.extra.get("no_grad_modules", []) if n in modules),
+                     key=lambda m: (m.order if m.order is not None else 1 << 30, m.depth))
+    for m in no_grad:
+        cut = cut_by(m.name)
+        if cut:
+            # the nearest ancestor that ran (a ModuleList never does) is the code that switched autograd off
+            parent = next((modules[a] for a in _ancestors(m.name) if a in modules and modules[a].ran), None)
             caller = (f", switched off inside {parent.name or 'the model'} ({parent.cls})"
                       if parent is not None and parent.grad_enabled else "")
-            message = (f"{m.name or 'the model'} ran with autograd off (torch.no_grad / inference mode{caller}) "
-                       f"although it holds trainable parameters; {plural(len(cut), 'trainable parameter')} get no "
-                       f"gradient")
-            return [RULE.finding(message, location=m.name or None, params=[p.name for p in cut])]
+            held = "it holds trainable parameters" if any(under(owner[n], m.name) for n in cut) else (
+                "its input carries gradient from trainable parameters before it")
+            message = (f"{m.name or 'the model'} ({m.cls}) ran with autograd off (torch.no_grad / inference mode"
+                       f"{caller}) although {held}; {plural(len(cut), 'trainable parameter')} get no gradient: "
+                       f"{short(cut, 2)}")
+            return [RULE.finding(message, location=m.name or None, params=cut)]
     # the probe traced each lost parameter's autograd path to the first module whose outputs no longer reach it
     cuts = sorted((m for m in snap.modules if m.cut_params and m.order is not None), key=lambda m: m.order)
-    lost_names = {p.name for p in lost}
+    lost_set = set(lost_names)
     for m in cuts:
-        cut = [n for n in m.cut_params if n in lost_names]
+        cut = [n for n in m.cut_params if n in lost_set]
         if not cut:
             continue
         if m.out_requires_grad:
             how = (f"its output still requires grad, but not through {plural(len(cut), 'trainable parameter')} "
                    f"{'inside it' if all(_inside(n, m.name, snap) for n in cut) else 'before it'}")
+            causes = ".detach(), .data, an integer cast, a comparison, or torch.no_grad() around part of it"
         else:
             how = "its output does not require grad"
-        message = (f"the graph is cut in {m.name or 'the model'} ({m.cls}): {how} (.detach(), .data, an integer "
-                   f"cast or a comparison); {plural(len(cut), 'trainable parameter')} get no gradient: "
-                   f"{short(cut, 2)}")
+            causes = ".detach(), .data, torch.no_grad(), an integer cast or a comparison"
+        message = (f"the graph is cut in {m.name or 'the model'} ({m.cls}): {how} ({causes}); "
+                   f"{plural(len(cut), 'trainable parameter')} get no gradient: {short(cut, 2)}")
         return [RULE.finding(message, location=m.name or None, params=cut)]
     # without the autograd walk: children finish before their parents, so forward-completion order puts the
     # innermost module whose output lost requires_grad first
@@ -89,10 +122,24 @@ def check(snap):
             continue
         message = (f"the output of {m.name} ({m.cls}) does not require grad although its "
                    f"{'input does' if m.in_requires_grad else 'parameters do'}: the graph is cut there "
-                   f"(.detach(), .data, no_grad or a non-differentiable op); "
+                   f"(.detach(), .data, torch.no_grad() or a non-differentiable op); "
                    f"{plural(len(cut), 'trainable parameter')} upstream get no gradient: {short([p.name for p in cut], 2)}")
         return [RULE.finding(message, location=m.name, params=[p.name for p in cut])]
     return []
+
+
+def _ancestors(name: str):
+    while name:
+        name = name.rsplit(".", 1)[0] if "." in name else ""
+        yield name
+
+
+def _where(cut: list[str], module: str, snap) -> str:
+    inside = sum(_inside(n, module, snap) for n in cut)
+    if inside == len(cut):
+        return "the trainable parameters inside it"
+    return "its input, which carries gradient from trainable parameters before it" if not inside else (
+        "its input or the trainable parameters inside it")
 
 
 def _inside(param: str, module: str, snap) -> bool:

@@ -27,7 +27,8 @@ def check(snap):
     if not half:
         return []
     dtypes = "/".join(sorted({p.dtype for p in half}))
-    message = f"{plural(len(half), 'trainable parameter')} are stored in {dtypes}: {short([p.name for p in half], 2)}"
+    verb = "is" if len(half) == 1 else "are"
+    message = f"{plural(len(half), 'trainable parameter')} {verb} stored in {dtypes}: {short([p.name for p in half], 2)}"
     return [RULE.finding(message, location=half[0].module, params=[p.name for p in half])]
 
 

@@ -1,7 +1,10 @@
 """## What it does
 Fires when a bitsandbytes 4-bit or 8-bit base is trained without the preparation
 `peft.prepare_model_for_kbit_training` does: its unquantized parameters (norms, embeddings, head) are still in
-half precision, or checkpointing is on without the input-grad hook.
+half precision, or reentrant checkpointing is on without the input-grad hook. Reentrant checkpointing counts
+whether transformers turned it on (`gradient_checkpointing_enable`) or the forward called
+`torch.utils.checkpoint(use_reentrant=True)` itself (a custom loop or wrapper); non-reentrant checkpointing needs
+no hook, and PEFT's preparation adds none for it.
 
 ## Why is this bad?
 Layer norms in fp16/bf16 make k-bit training unstable, and PEFT does not add the input-grad hook on quantized
@@ -34,13 +37,23 @@ def check(snap):
                        f"are still in {half[0].dtype}")
     # the input embedding is where prepare_model_for_kbit_training puts the hook
     embed = next((p.module for p in snap.params if p.embedding), None)  # input embeddings come first
-    if snap.gc_mode != "off" and not snap.input_grad_hook:
+    gc = reentrant_checkpointing(snap)
+    if gc and not snap.input_grad_hook:
         where = f" on {embed}" if embed else ""
-        reasons.append(f"checkpointing is on without the input-grad hook{where}")
+        reasons.append(f"{gc} without the input-grad hook{where}")
     if not reasons:
         return []
     message = f"{snap.quantized} quantized base not prepared for training: " + "; ".join(reasons)
     return [RULE.finding(message, location=half[0].module if half else embed, params=[p.name for p in half])]
+
+
+def reentrant_checkpointing(snap) -> str | None:
+    """How reentrant checkpointing is on, in words, or None. Only reentrant regions need an input that requires grad."""
+    if snap.gc_mode == "reentrant":
+        return "reentrant checkpointing is on"
+    if any(c.reentrant for c in snap.checkpoints):  # a custom loop or wrapper: transformers' flag stays off
+        return "the forward calls torch.utils.checkpoint(use_reentrant=True)"
+    return None
 
 
 RULE = Rule(

@@ -26,20 +26,10 @@ import torch
 from transformers import TrainerCallback
 
 from gradflow.errors import GradflowError
+from gradflow.models import layer_key
 from gradflow.training.findings import finding
 
-_LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.\d+)(?:\.|$)")
-_PEFT_PREFIX = re.compile(r"^(?:module\.)?(?:base_model\.model\.)?(?:model\.)?")
 _SAMPLE = 1024  # elements kept per parameter to tell whether it moved
-
-
-def layer_key(name: str) -> str:
-    """Group a parameter name into its layer: 'layers.3', 'h.0', or the top-level module ('lm_head')."""
-    bare = _PEFT_PREFIX.sub("", name)
-    match = _LAYER.match(bare)
-    if match:
-        return ".".join(match.group(1).split(".")[-2:])
-    return bare.split(".")[0] if "." in bare else bare
 
 
 def _unwrap(model):

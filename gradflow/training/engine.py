@@ -504,7 +504,7 @@ def _trainer(setup, prepared: Prepared, opts: TrainOptions, output: str, console
 
 
 def _gc_reentrant(model) -> bool:
-    from gradflow.describe import gc_mode_of
+    from gradflow.models import gc_mode_of
 
     return any(gc_mode_of(m) == "reentrant" for m in model.modules())
 

@@ -51,15 +51,15 @@ class SO8Rotation(torch.nn.Module):
 
 def attention_modules(model) -> list[tuple[int, str, torch.nn.Module]]:
     """(layer index, name, module) for every attention module with an `o_proj`."""
-    import re
+    from gradflow.models import layer_index
 
     found = []
     for name, module in model.named_modules():
         if not hasattr(module, "o_proj") or isinstance(module, torch.nn.Linear):
             continue
-        match = re.search(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.", name + ".")
-        if match:
-            found.append((int(match.group(1)), name, module))
+        index = layer_index(name)
+        if index is not None:
+            found.append((index, name, module))
     return found
 
 

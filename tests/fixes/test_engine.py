@@ -58,9 +58,11 @@ class _Gate(nn.Module):
     def __init__(self, dim):
         super().__init__()
         self.w = nn.Parameter(torch.eye(dim))
+        # a child: fp32-trainable then casts only the outputs, so its own F.linear sees mixed dtypes
+        self.act = nn.Identity()
 
     def forward(self, x):
-        return nn.functional.linear(x, self.w)
+        return self.act(nn.functional.linear(x, self.w))
 
 
 class _Gated(nn.Module):

@@ -178,3 +178,40 @@ def test_costly_embeddings_are_refrozen_with_the_hook_under_unsafe():
     assert "modules-to-save" not in ids(report)  # not copied into the adapter only to be frozen
     assert model.get_input_embeddings().weight.requires_grad is False
     assert report.after.params["trainable"] == 32
+
+
+def _head_by_hand(model):
+    model.get_output_embeddings().weight.requires_grad_(True)
+    return model
+
+
+def test_a_costly_head_is_refrozen_without_the_input_grad_hook():
+    """A trainable head is not the reentrant workaround: freezing it needs no hook (nothing checkpointed after it)."""
+    model = _head_by_hand(lora())
+    report = patched(model, batch(), fixes=["refreeze-embeddings"], answers=["trainable-embeddings-costly"],
+                     unsafe=True)
+    assert ids(report) == ["refreeze-embeddings"]
+    refreeze = report.fixes_applied[0]
+    assert "hook" not in refreeze["why"] and "hook" not in "\n".join(refreeze["code"])
+    assert model.get_output_embeddings().weight.requires_grad is False
+
+
+def test_a_costly_head_under_reentrant_checkpointing_gets_no_hook_for_itself():
+    """The seed's reentrant setup: the hook answers the cut regions, never the head."""
+    model = _head_by_hand(seed_order())
+    report = gradflow.patch(model, batch(), unsafe=True, dry_run=True)
+    plans = {p["id"]: p for p in report.extra["plan"]}
+    assert "hook" not in plans["refreeze-embeddings"]["why"]
+    assert plans["input-grad-hook"]["answers"] == ["reentrant-checkpoint-no-input-grad"]
+    title = next(f.fix.title for f in report.before.findings if f.slug == "trainable-embeddings-costly")
+    assert "hook" not in title
+
+
+def test_modules_to_save_copies_are_not_refrozen_under_unsafe():
+    """modules_to_save is the user's choice (info): no fix touches it, even with --unsafe-fixes."""
+    model = lora(modules_to_save=["embed_tokens", "lm_head"])
+    report = gradflow.patch(model, batch(), unsafe=True)
+    assert "refreeze-embeddings" not in ids(report)
+    copies = [p for n, p in model.named_parameters() if "modules_to_save" in n]
+    assert len(copies) == 2 and all(p.requires_grad for p in copies)
+    assert not report.after.fails("warning")

@@ -6,7 +6,8 @@ import pytest
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
 
-from _builders import STACK, assert_fires, assert_silent, base, batch, enable_gc, lora_config, probe, quantized
+from _builders import (STACK, Checkpointed, assert_fires, assert_silent, base, batch, enable_gc, lora_config, probe,
+                       quantized, remove_input_grad_hook, wrap_layers)
 
 SLUG = "kbit-not-prepared"
 NORM = "base_model.model.model.layers.0.input_layernorm"
@@ -50,6 +51,30 @@ def test_4bit_with_reentrant_checkpointing_and_no_hook(llama_dir):
         assert report.snapshot.input_grad_hook
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_reentrant_checkpointing_with_the_hook_removed(llama_dir, bits):
+    """The same fault on both stacks: on 5.x the hook transformers added is taken off again (4.57 never had one)."""
+    model = quantized(llama_dir, bits=bits, dtype=torch.float32)
+    model = remove_input_grad_hook(get_peft_model(enable_gc(model, reentrant=True), lora_config()))
+    report = probe(model, batch(model, seq_len=8))
+    finding = assert_fires(report, SLUG, location="base_model.model.model.embed_tokens")
+    assert "reentrant checkpointing is on without the input-grad hook" in finding.message
+    assert not report.snapshot.input_grad_hook
+    assert_fires(report, "reentrant-checkpoint-no-input-grad")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_custom_reentrant_checkpoint_loop_without_the_hook(llama_dir, bits):
+    """A user's own torch.utils.checkpoint(use_reentrant=True) around each decoder layer: transformers' checkpointing
+    flag stays off, so nothing (on either stack) adds the hook."""
+    model = get_peft_model(quantized(llama_dir, bits=bits, dtype=torch.float32), lora_config())
+    wrap_layers(model, Checkpointed, reentrant=True)
+    report = probe(model, batch(model, seq_len=8))
+    assert report.snapshot.gc_mode == "off"
+    finding = assert_fires(report, SLUG, location="base_model.model.model.embed_tokens")
+    assert "torch.utils.checkpoint(use_reentrant=True) without the input-grad hook" in finding.message
+
+
 # --- stays silent -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("bits", [4, 8])
 def test_silent_after_prepare_model_for_kbit_training(llama_dir, bits):
@@ -57,6 +82,26 @@ def test_silent_after_prepare_model_for_kbit_training(llama_dir, bits):
     model = prepare_model_for_kbit_training(model)
     model = get_peft_model(model, lora_config())
     report = probe(model, batch(model, seq_len=8))
+    assert_silent(report, SLUG)
+    grads = [p.grad for p in report.snapshot.params if p.requires_grad]
+    assert grads and all(g in ("ok", "zero") for g in grads)
+
+
+@pytest.mark.parametrize("how", ["gradient_checkpointing_enable", "custom-loop"])
+def test_silent_for_non_reentrant_checkpointing_without_the_hook(llama_dir, how):
+    """Non-reentrant regions keep the graph without an input that requires grad: no hook is needed, and
+    prepare_model_for_kbit_training adds none for them."""
+    model = quantized(llama_dir, bits=4, dtype=torch.float32)
+    # transformers' own checkpointing turns the cache off; a custom loop must (on 4.57 the cache grows again in the
+    # recomputation and the backward raises CheckpointError)
+    model.config.use_cache = False
+    if how == "custom-loop":
+        model = wrap_layers(get_peft_model(model, lora_config()), Checkpointed, reentrant=False)
+    else:
+        model = get_peft_model(enable_gc(model, reentrant=False), lora_config())
+    model = remove_input_grad_hook(model)
+    report = probe(model, batch(model, seq_len=8))
+    assert not report.snapshot.input_grad_hook and report.snapshot.checkpoints
     assert_silent(report, SLUG)
     grads = [p.grad for p in report.snapshot.params if p.requires_grad]
     assert grads and all(g in ("ok", "zero") for g in grads)

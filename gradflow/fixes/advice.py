@@ -1,0 +1,188 @@
+"""Display-only advice: one table, a row per cause in the user's own code that gradflow names but does not rewrite.
+
+Each row becomes a `Fix` (display-only) whose plan says where to edit, why, and the line to paste. The fixes that
+change the model (safe / unsafe) keep a file each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from gradflow.fixes._base import Applicability, Fix, Plan, ancestors, describe_module, where_defined
+
+
+@dataclasses.dataclass(frozen=True)
+class Advice:
+    """One row: the fix's id and title, the findings it answers, and how it words the change."""
+
+    id: str
+    title: str
+    answers: tuple[str, ...]
+    what: str  # the doc's "What it does"
+    why_fix: str  # the doc's "Why this fix"
+    say: Callable  # say(ctx, finding) -> (change, why, snippet lines)
+    per_location: bool = True  # one plan per location (else one per finding slug)
+
+    def doc(self) -> str:
+        return f"## What it does\n{self.what}\n\n## Why this fix\n{self.why_fix}\n\n## Fix safety\nDisplay-only.\n"
+
+
+def _where(ctx, finding) -> str:
+    return describe_module(ctx.model, finding.location) if finding.location is not None else "the model"
+
+
+def _loss(ctx, finding):
+    if ctx.loss_fn is not None:
+        where = f"your loss_fn {getattr(ctx.loss_fn, '__name__', '')}".rstrip()
+        line = where_defined(ctx.loss_fn)
+    else:
+        line = where_defined(ctx.model)
+        where = f"the forward of {type(ctx.model).__name__}"
+    where += f" at {line}" if line else ""
+    return (f"in {where}: compute the loss from the model output (out.logits / out.loss); no .detach(), .data, "
+            "torch.no_grad(), requires_grad_() on the loss or '+ 0 * something'",
+            "the loss must reach the model output through autograd",
+            [f"# {finding.slug}: in {where}:",
+             "#     loss = model(**batch).loss      # not a detached copy, not loss.requires_grad_()"])
+
+
+def _graph_break(ctx, finding):
+    where = _where(ctx, finding)
+    extra = ctx.snap.extra if ctx.snap is not None else {}
+    decorator = extra.get("grad_off_forward", {}).get(finding.location)
+    if decorator is not None:  # the module's own forward turns autograd off
+        change = f"in {where}: remove the @torch.{decorator}() decorator from forward"
+    elif finding.location in extra.get("no_grad_modules", ()):  # its caller runs it with autograd off
+        caller = _caller(ctx, finding.location)
+        change = (f"in {caller}: call {finding.location} outside torch.no_grad() / inference_mode" if caller else
+                  f"call {where} outside torch.no_grad() / inference_mode")
+    else:
+        change = f"in {where}: remove the .detach() / .data / torch.no_grad() / inference_mode from the training path"
+    return change, "parameters before the cut get no gradient", [f"# {finding.slug}: {change}"]
+
+
+def _caller(ctx, name: str) -> str | None:
+    """The nearest enclosing module that ran with autograd on: the code that called `name` under no_grad."""
+    for parent in ancestors(name):
+        state = ctx.module_state(parent)
+        if state is not None and state.ran and state.grad_enabled:
+            return describe_module(ctx.model, parent)
+    return None
+
+
+def _optimizer(ctx, finding):
+    first = finding.params[0] if finding.params else "?"
+    return (f"build the optimizer after the model is final (after this patch): {len(finding.params)} trainable "
+            f"parameters are missing from it, first {first}",
+            "parameters missing from the optimizer get gradients but never change",
+            [f"# {finding.slug}: build the optimizer after this block:",
+             "#     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=...)"])
+
+
+def _labels(ctx, finding):
+    return ("keep the completion tokens in labels: check the loss mask, the truncation length (--seq-len) and that "
+            "the assistant turn survives the chat template",
+            "every label is -100, so no token is supervised",
+            [f"# {finding.slug}: check the labels: (batch['labels'] != -100).sum() must be > 0"])
+
+
+def _nonfinite(ctx, finding):
+    where = _where(ctx, finding)
+    return (f"in {where}: make the op numerically safe (eps, clamp, fp32 for that op) or lower the loss scale",
+            "one non-finite gradient poisons the optimizer state",
+            [f"# {finding.slug}: in {where}: add an eps / clamp, or compute that op in fp32"])
+
+
+def _unused(ctx, finding):
+    where = _where(ctx, finding)
+    return (f"{where} never ran in the forward: call it, freeze it, or remove it ({len(finding.params)} trainable "
+            "parameters)",
+            "parameters that never run cost optimizer memory and never learn",
+            [f"# {finding.slug}: {where} never runs in the forward; freeze it if it should not:",
+             f"#     model.get_submodule({finding.location!r}).requires_grad_(False)"])
+
+
+def _step(ctx, finding):
+    return (f"fix the error first: {finding.message}", "the training step raises, so nothing can train",
+            [f"# {finding.slug}: {finding.message}"])
+
+
+def _inference(ctx, finding):
+    return ("build, load and wrap the model outside torch.inference_mode() (torch.no_grad() for evaluation), or "
+            "replace each inference parameter with a fresh nn.Parameter, then build the optimizer",
+            "autograd cannot record or update inference tensors",
+            [f"# {finding.slug}: replace inference-mode parameters (tied weights stay tied):",
+             "fresh = {}",
+             "for module in model.modules():",
+             "    for name, p in list(module.named_parameters(recurse=False)):",
+             "        if p.is_inference():",
+             "            new = fresh.setdefault(id(p), torch.nn.Parameter(p.clone(), requires_grad=p.requires_grad))",
+             "            setattr(module, name, new)"])
+
+
+def _ddp(ctx, finding):
+    return ("use non-reentrant checkpointing where the model is wrapped for DDP, or find_unused_parameters=False",
+            "DDP marks the parameters inside a reentrant checkpoint ready twice and the first backward raises",
+            [f"# {finding.slug}: in TrainingArguments (or gradient_checkpointing_enable):",
+             "#     gradient_checkpointing_kwargs={'use_reentrant': False}",
+             "# or, when every trainable parameter is used in each step: ddp_find_unused_parameters=False"])
+
+
+ADVICE: tuple[Advice, ...] = (
+    Advice("loss-from-output", "Compute the loss from the model output", ("loss-detached",),
+           "Shows where the loss is computed when it does not depend on the model output (a detached or recomputed "
+           "loss, a leaf with requires_grad set by hand, or a zero added so that backward stops raising).",
+           "Only your code can compute the loss from the model output; gradflow does not rewrite it.",
+           _loss, per_location=False),
+    Advice("remove-graph-break", "Remove the graph break from the forward", ("graph-break",),
+           "Names the module (and the file and line of its forward) where the autograd graph is cut: `.detach()`, "
+           "`.data`, `torch.no_grad()`, inference mode or a non-differentiable op.",
+           "The cut is in code gradflow does not rewrite; removing it is a one-line change there.", _graph_break),
+    Advice("rebuild-optimizer", "Build the optimizer after the model is final", ("param-not-in-optimizer",),
+           "Shows how to build the optimizer so that it holds every trainable parameter.",
+           "The optimizer is yours: built before `get_peft_model`, before an unfreeze or before patch, it misses "
+           "parameters, which then get gradients and never change.", _optimizer, per_location=False),
+    Advice("supervise-tokens", "Keep the completion tokens in the labels", ("no-supervised-tokens",),
+           "Points at the labels when every label of the batch is -100.",
+           "With nothing supervised the loss is NaN or zero and nothing learns; the cause is the data (a mask that "
+           "covers the completion, a sequence length that truncates it, a chat template without the assistant "
+           "turn).", _labels, per_location=False),
+    Advice("numerically-safe-op", "Make the named module numerically safe", ("nonfinite-grad",),
+           "Names the module (and the file and line of its forward) where NaN/Inf first appear.",
+           "The arithmetic is yours: an eps, a clamp, or fp32 for the unstable op fixes it at the source.", _nonfinite),
+    Advice("unused-params", "Call, freeze or remove modules the forward never runs", ("trainable-param-unused",),
+           "Names the modules whose trainable parameters took no part in the forward (a stale reference to a module "
+           "PEFT replaced, a head never called, a branch behind a flag).",
+           "Whether to call, freeze or remove the module is your decision.", _unused),
+    Advice("fix-step-error", "Fix the error the step raises", ("step-raised",),
+           "Points at the exception when the forward, the loss or the backward raised, with the message that names "
+           "it.",
+           "No gradient can be checked, let alone fixed, until one step runs; the error is in the model code, the "
+           "batch or the loss function, which only you can change.", _step, per_location=False),
+    Advice("rebuild-inference-params", "Build the model outside inference mode", ("inference-tensor-params",),
+           "Shows how to replace parameters made under `torch.inference_mode()` with ordinary ones.",
+           "Where the model was built or loaded is your code; an optimizer made before the replacement still holds "
+           "the old parameters.", _inference, per_location=False),
+    Advice("ddp-non-reentrant", "Use non-reentrant checkpointing under DDP", ("ddp-reentrant-checkpoint",),
+           "Shows the checkpointing and DDP options that let reentrant regions and `find_unused_parameters` "
+           "coexist.",
+           "Both are set where the model is wrapped (TrainingArguments, or your DDP call), which gradflow does not "
+           "own.", _ddp, per_location=False),
+)
+
+
+def _fix(row: Advice) -> Fix:
+    def plan(ctx, finding):
+        change, why, snippet = row.say(ctx, finding)
+        key = f"advice:{finding.slug}" + (f":{finding.location}" if row.per_location else "")
+        return Plan(fix=fix, data={}, answers=[finding.slug], location=finding.location,
+                    applicability=Applicability.DISPLAY_ONLY, key=key, changes=[change], why=why,
+                    snippet_lines=snippet)
+
+    fix = Fix(id=row.id, title=row.title, applicability=Applicability.DISPLAY_ONLY, answers=row.answers, plan=plan,
+              doc=row.doc())
+    return fix
+
+
+FIXES: tuple[Fix, ...] = tuple(_fix(row) for row in ADVICE)
