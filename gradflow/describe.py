@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from gradflow.models import gc_mode_of, has_adapter_config, is_gc_layer, is_input_grad_hook, tuner_layer_class
@@ -102,8 +103,16 @@ def _ddp(modules):
     return None
 
 
-def describe(model, *, trainable: str | None = None, optimizer=None) -> Snapshot:
-    """Parameters and modules of `model` as plain data (no forward)."""
+@dataclasses.dataclass
+class Live:
+    """The live objects behind a Snapshot, private to the probe: rules and reports see only the plain data."""
+
+    module_names: dict  # module object -> its path, for the tracer
+    params: list  # (name, Parameter) in named_parameters() order, shared parameters once
+
+
+def describe(model, *, trainable: str | None = None, optimizer=None) -> tuple[Snapshot, Live]:
+    """Parameters and modules of `model` as plain data (no forward), and the live objects the probe needs."""
     import torch
 
     intended_re = re.compile(trainable) if trainable else None
@@ -196,16 +205,13 @@ def describe(model, *, trainable: str | None = None, optimizer=None) -> Snapshot
     config = getattr(model, "config", None)
     snap = Snapshot(
         model_class=type(model).__name__, params=params, modules=modules, is_peft=is_peft,
-        adapter_names=adapters, adapter_source=source, quantized=quant_kind, input_grad_hook=input_hook,
+        adapter_names=adapters, active_adapters=tuple(active), adapter_source=source, quantized=quant_kind, input_grad_hook=input_hook,
         gc_mode=gc_modes[0] if gc_modes else "off",
         use_cache=getattr(config, "use_cache", None) if config is not None else None,
         trainable_regex=trainable, optimizer_given=optimizer is not None,
         ddp_find_unused=ddp[0] if ddp else None, ddp_static_graph=ddp[1] if ddp else None,
     )
-    snap.extra["active_adapters"] = active
-    snap.extra["module_names"] = names  # module object -> path, for the tracer (not serialised)
-    snap.extra["param_objects"] = param_objects  # (name, Parameter), for the probe (not serialised)
-    return snap
+    return snap, Live(module_names=names, params=param_objects)
 
 
 def _numel(p) -> int:

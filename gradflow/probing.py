@@ -118,10 +118,10 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     from gradflow.describe import describe
     from gradflow.trace import Tracer, main_output
 
-    snap = describe(model, trainable=trainable, optimizer=optimizer)
+    snap, live = describe(model, trainable=trainable, optimizer=optimizer)
     if static:
         return snap
-    names = snap.extra["module_names"]
+    names = live.module_names
     if batch is None and loss_fn is None:
         batch = synthetic_batch(model)
     if isinstance(batch, dict):
@@ -134,7 +134,7 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
             snap.labels_all_masked = bool((supervised == -100).all())
 
     loss_state = LossState()
-    param_objects = snap.extra["param_objects"]
+    param_objects = live.params
     trainable_params = [(n, p) for n, p in param_objects if p.requires_grad]
     with preserved(model, names, [p for _, p in param_objects]):
         model.train()
@@ -240,9 +240,9 @@ def _fill_trace(snap: Snapshot, tracer) -> None:
         m.in_requires_grad, m.out_requires_grad, m.out_grad_fn = rec.in_rg, rec.out_rg, rec.grad_fn
         m.grad_enabled, m.in_reentrant, m.detached_output = rec.grad_enabled, rec.in_reentrant, rec.detached
         if rec.no_grad_call and rec.no_grad_root:  # where autograd went off, not every module run after it
-            snap.extra.setdefault("no_grad_modules", []).append(m.name)
+            snap.no_grad_modules.append(m.name)
         if rec.forward_grad_off and not rec.in_reentrant:
-            snap.extra.setdefault("grad_off_forward", {})[m.name] = rec.forward_grad_off
+            snap.grad_off_forward[m.name] = rec.forward_grad_off
     snap.checkpoints = tracer.checkpoints
     ran = {m.name for m in snap.modules if m.ran}
     for p in snap.params:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 
 @dataclasses.dataclass
@@ -92,6 +91,7 @@ class Snapshot:
     modules: list[ModuleState]
     is_peft: bool = False  # the model carries PEFT adapters, however they were added
     adapter_names: tuple[str, ...] = ()
+    active_adapters: tuple[str, ...] = ()
     # how the adapters got there: "peft" (a PeftModel), "transformers" (load_adapter / add_adapter /
     # from_pretrained(adapter dir)) or "injected" (peft.inject_adapter_in_model); None without adapters
     adapter_source: str | None = None
@@ -114,9 +114,12 @@ class Snapshot:
     # DistributedDataParallel's find_unused_parameters and static_graph; None when not under DDP. Whoever builds the
     # snapshot for a setup that will be wrapped later (a Trainer's ddp_find_unused_parameters) may fill them in.
     ddp_find_unused: bool | None = None
-    trainer: str | None = None  # the Trainer class whose prepared setup this is (gradflow.probe(trainer))
     ddp_static_graph: bool | None = None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    trainer: str | None = None  # the Trainer class whose prepared setup this is (gradflow.probe(trainer))
+    # where autograd was off: modules called under torch.no_grad() / inference_mode (the outermost of each run),
+    # and modules whose class's forward carries such a decorator (module -> "no_grad" | "inference_mode" | ...)
+    no_grad_modules: list[str] = dataclasses.field(default_factory=list)
+    grad_off_forward: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def module(self, name: str) -> ModuleState | None:
         for m in self.modules:

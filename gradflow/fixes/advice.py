@@ -49,11 +49,10 @@ def _loss(ctx, finding):
 
 def _graph_break(ctx, finding):
     where = _where(ctx, finding)
-    extra = ctx.snap.extra if ctx.snap is not None else {}
-    decorator = extra.get("grad_off_forward", {}).get(finding.location)
+    decorator = ctx.snap.grad_off_forward.get(finding.location) if ctx.snap is not None else None
     if decorator is not None:  # the module's own forward turns autograd off
         change = f"in {where}: remove the @torch.{decorator}() decorator from forward"
-    elif finding.location in extra.get("no_grad_modules", ()):  # its caller runs it with autograd off
+    elif ctx.snap is not None and finding.location in ctx.snap.no_grad_modules:  # its caller runs it with autograd off
         caller = _caller(ctx, finding.location)
         change = (f"in {caller}: call {finding.location} outside torch.no_grad() / inference_mode" if caller else
                   f"call {where} outside torch.no_grad() / inference_mode")

@@ -92,7 +92,7 @@ def wrap_modules_to_save(model, adapter: str, modules: list[str], keep_trainable
 def plan(ctx, finding):
     if not is_peft_model(ctx.model):
         return None
-    adapter = (ctx.snap.extra.get("active_adapters") or ctx.snap.adapter_names or ("default",))[0]
+    adapter = (ctx.snap.active_adapters or ctx.snap.adapter_names or ("default",))[0]
     # not worth a copy: a module the forward never runs (trainable-param-unused says so), an embedding matrix
     # (the copy would double its memory; trainable-embeddings-costly offers the cheap way), one an unsafe fix
     # of this patch refreezes

@@ -36,7 +36,7 @@ def plan(ctx, finding):
     # adapters count however they got there: PeftModel, transformers' load_adapter/add_adapter, inject_adapter_in_model
     if not (is_peft_model(ctx.model) or ctx.snap.is_peft):
         return None
-    active = list(ctx.snap.extra.get("active_adapters") or ctx.snap.adapter_names)
+    active = list(ctx.snap.active_adapters or ctx.snap.adapter_names)
     frozen = [n for n, p in adapter_params(ctx.model, active) if not p.requires_grad]
     if not frozen:
         return None

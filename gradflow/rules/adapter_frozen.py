@@ -28,7 +28,7 @@ from gradflow.rules._base import Rule, plural
 def check(snap):
     if not snap.is_peft:
         return []
-    active = set(snap.extra.get("active_adapters") or snap.adapter_names)
+    active = set(snap.active_adapters or snap.adapter_names)
     adapter = [p for p in snap.params if p.adapter and not p.quantized and active & set(p.name.split("."))]
     frozen = [p for p in adapter if not p.requires_grad]
     if not frozen:

@@ -69,7 +69,7 @@ def check(snap):
 
     # a forward that turns autograd off itself (@torch.no_grad()): its hooks saw autograd on, so name it, not the
     # modules it ran
-    decorated = snap.extra.get("grad_off_forward", {})
+    decorated = snap.grad_off_forward
     for m in sorted((modules[n] for n in decorated if n in modules and modules[n].order is not None),
                     key=lambda m: m.order):
         cut = cut_by(m.name)
@@ -79,7 +79,7 @@ def check(snap):
                        f"{plural(len(cut), 'trainable parameter')} get no gradient: {short(cut, 2)}")
             return [RULE.finding(message, location=m.name or None, params=cut)]
     # a module called with autograd off (torch.no_grad / inference_mode around the call)
-    no_grad = sorted((modules[n] for n in snap.extra.get("no_grad_modules", []) if n in modules),
+    no_grad = sorted((modules[n] for n in snap.no_grad_modules if n in modules),
                      key=lambda m: (m.order if m.order is not None else 1 << 30, m.depth))
     for m in no_grad:
         cut = cut_by(m.name)
