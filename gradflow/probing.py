@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from gradflow.snapshot import LossState, Snapshot
@@ -42,7 +43,7 @@ def synthetic_batch(model, *, batch_size: int = 2, seq_len: int = 32, seed: int 
 
 
 def call_model(model, batch):
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
         return model(**batch)
     if isinstance(batch, (tuple, list)):
         return model(*batch)
@@ -54,7 +55,7 @@ def extract_loss(out):
     import torch
 
     loss = getattr(out, "loss", None)
-    if loss is None and isinstance(out, dict):
+    if loss is None and isinstance(out, Mapping):
         loss = out.get("loss")
     if loss is None and isinstance(out, torch.Tensor):
         loss = out
@@ -124,7 +125,7 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     names = live.module_names
     if batch is None and loss_fn is None:
         batch = synthetic_batch(model)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         snap.inputs_embeds_given = batch.get("inputs_embeds") is not None
         pkv = batch.get("past_key_values")
         snap.legacy_cache_in_batch = isinstance(pkv, (tuple, list))

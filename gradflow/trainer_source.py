@@ -214,7 +214,7 @@ def prepared(trainer) -> Iterator[Setup]:
         loader = seen.get("train_dataloader")
         batch = trainer._prepare_inputs(first_batch(loader)) if loader is not None else None
         setup = Setup(model=live, kind="trainer", source=type(trainer).__name__, batch=batch,
-                      loss_fn=_trainer_loss(trainer), optimizer=seen.get("optimizer") or trainer.optimizer,
+                      loss_fn=_trainer_loss(trainer, _num_items(trainer, batch)), optimizer=seen.get("optimizer") or trainer.optimizer,
                       tokenizer=getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None))
         setup.find_unused_parameters = find_unused_parameters(trainer, live)
         setup.static_graph = bool(getattr(trainer.args, "ddp_static_graph", False))
@@ -237,12 +237,24 @@ def prepared(trainer) -> Iterator[Setup]:
                 g.update(old)
 
 
-def _trainer_loss(trainer):
-    """`loss_fn(model, batch)` through the trainer's own compute_loss (a subclass's custom loss included)."""
+def _num_items(trainer, batch):
+    """The supervised-token count the Trainer passes to compute_loss for this batch (None when it passes none)."""
+    count = getattr(trainer, "_get_num_items_in_batch", None)
+    if batch is None or count is None:
+        return None
+    try:
+        return count([batch], trainer.args.device)
+    except Exception:  # a batch without labels, or an older Trainer: compute_loss then gets none either
+        return None
+
+
+def _trainer_loss(trainer, num_items_in_batch):
+    """`loss_fn(model, batch)` through the trainer's own compute_loss (a subclass's custom loss included), with
+    the `num_items_in_batch` its training step passes, so the probed loss is the one the step computes."""
 
     def loss_fn(model, batch):
         with trainer.compute_loss_context_manager():
-            return trainer.compute_loss(model, batch)
+            return trainer.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
 
     return loss_fn
 

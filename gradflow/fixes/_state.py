@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import copy
 
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
@@ -28,7 +30,7 @@ class ModelState:
         self.peft_config = copy.deepcopy(dict(getattr(model, "peft_config", {}) or {}))
         config = getattr(model, "config", None)
         self.use_cache = getattr(config, "use_cache", _MISSING) if config is not None else _MISSING
-        self.batch = dict(batch) if isinstance(batch, dict) else None
+        self.batch = dict(batch) if isinstance(batch, Mapping) else None
         self.batch_obj = batch
 
     def restore(self) -> None:

@@ -12,6 +12,8 @@ Safe: training results do not change; set `use_cache=True` again before generati
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from gradflow.fixes._base import Fix, Plan, transformers_model
 
 ANSWERS = ("use-cache-in-training",)
@@ -29,10 +31,10 @@ def plan(ctx, finding):
         data["use_cache"] = False
         changes.append("config.use_cache = False")
     batch = ctx.batch
-    if isinstance(batch, dict) and isinstance(batch.get("past_key_values"), (tuple, list)):
+    if isinstance(batch, Mapping) and isinstance(batch.get("past_key_values"), (tuple, list)):
         data["drop_past_key_values"] = True
         changes.append("past_key_values dropped from the training batch")
-    if isinstance(batch, dict) and batch.get("use_cache") is True:
+    if isinstance(batch, Mapping) and batch.get("use_cache") is True:
         data["drop_past_key_values"] = True
         changes.append("use_cache=True dropped from the training batch")
     if not data:
@@ -48,7 +50,7 @@ def apply(model, data, env=None) -> list[str]:
         config.use_cache = False
         changed.append("config.use_cache = False")
     batch = getattr(env, "batch", None)
-    if data.get("drop_past_key_values") and isinstance(batch, dict):
+    if data.get("drop_past_key_values") and isinstance(batch, Mapping):
         if batch.pop("past_key_values", None) is not None:
             changed.append("past_key_values dropped from the batch")
         if batch.get("use_cache") is True:

@@ -15,6 +15,8 @@ Safe: it only marks activations as requiring grad; the gradients the parameters 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from gradflow.models import has_hook, is_peft_model, mark_hook
 from gradflow.fixes._base import (Fix, Plan, ancestors, base_prefix, describe_module, submodule_expr,
                                   transformers_model)
@@ -122,7 +124,7 @@ def _entry_paths(model) -> set[str]:
 def _floating_batch(batch) -> bool:
     import torch
 
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return any(isinstance(v, torch.Tensor) and v.is_floating_point() and not any(s in k for s in _NOT_INPUTS)
                    for k, v in batch.items())
     items = batch if isinstance(batch, (tuple, list)) else [batch]

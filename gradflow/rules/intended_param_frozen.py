@@ -23,7 +23,12 @@ from gradflow.rules._base import Rule, plural, short
 def check(snap):
     if not snap.trainable_regex:
         return []
-    frozen = [p for p in snap.params if p.intended and not p.requires_grad and not p.quantized]
+    from gradflow.rules import adapter_frozen
+
+    # frozen adapter weights are adapter-frozen's to report, with the fix that fits them (is_trainable=True)
+    covered = {name for f in adapter_frozen.check(snap) for name in f.params}
+    frozen = [p for p in snap.params if p.intended and not p.requires_grad and not p.quantized
+              and p.name not in covered]
     if not frozen:
         return []
     message = (f"{plural(len(frozen), 'parameter')} matching --trainable {snap.trainable_regex!r} "
