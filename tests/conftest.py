@@ -42,6 +42,16 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _own_process_env():
+    # TrainingArguments writes ACCELERATE_MIXED_PRECISION into os.environ (TRL 0.29's SFTConfig: bf16 by default),
+    # and every later Accelerator reads it: each test runs as if in its own process, as a user's train.py does
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def stack() -> str:
     import transformers
 
