@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from contextlib import contextmanager
+
+
+def stdout_width() -> int | None:
+    """Columns for stdout; None lets rich take a terminal's width, or $COLUMNS where it is set.
+
+    A pipe or CI log without $COLUMNS gets no wrapping at all, so every module and finding stays on one grep-able
+    line (so nothing full-width, like a Panel or Rule, belongs on stdout). rich alone would wrap a pipe at 80.
+    """
+    columns = os.environ.get("COLUMNS", "")
+    if sys.stdout.isatty() or (columns.isdigit() and int(columns) > 0):
+        return None
+    return 1000
 
 
 class Output:
@@ -12,10 +25,7 @@ class Output:
         from rich.console import Console
 
         self.fmt = fmt
-        # pipes and CI logs: no wrapping at all, so every module and finding stays on one grep-able line
-        # (so nothing full-width, like a Panel or Rule, belongs on stdout)
-        width = None if sys.stdout.isatty() else 1000
-        self.out = Console(file=sys.stdout, soft_wrap=False, highlight=False, width=width)
+        self.out = Console(file=sys.stdout, soft_wrap=False, highlight=False, width=stdout_width())
         self.err = Console(file=sys.stderr, highlight=False)
 
     def data(self, obj) -> None:

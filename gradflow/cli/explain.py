@@ -41,7 +41,24 @@ def explain(code: Annotated[Optional[str], typer.Argument(metavar="CODE|SLUG", h
             print(json.dumps({"code": rule.code, "slug": rule.slug, "severity": rule.severity,
                               "fix": rule.applicability, "doc": rule.doc.strip()}, indent=2))
             return
-        print(f"{rule.code} {rule.slug} ({rule.severity})\n")
-        print(rule.doc.strip())
+        _print_doc(f"{rule.code} {rule.slug} ({rule.severity})", rule.doc.strip())
     except GradflowError as exc:
         fail(exc)
+
+
+def _print_doc(head: str, doc: str) -> None:
+    """Rendered markdown on a terminal; the markdown itself when piped (for docs, grep, and tools that render it)."""
+    from rich.console import Console
+
+    console = Console(highlight=False)  # FORCE_COLOR / TTY_COMPATIBLE count as a terminal, as rich defines it
+    if not console.is_terminal:
+        print(f"{head}\n")
+        print(doc)
+        return
+    from rich.text import Text
+
+    from gradflow.render.markdown import render_markdown
+
+    console.print(Text(head, style="bold"))
+    console.print()
+    console.print(render_markdown(doc), crop=False)  # code blocks run past the edge rather than lose their end

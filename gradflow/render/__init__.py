@@ -1,1 +1,96 @@
-"""Rendering of Reports: rich text, the module tree, SARIF."""
+"""Rendering of Reports: rich text, the module tree, SARIF.
+
+`renderable(report)` is what the CLI prints for the report's command; `to_text(report)` is the same as a string
+(`str(report)`). rich is imported inside the functions, so importing gradflow.render.sarif stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+DEFAULT_WIDTH = 80  # when neither $COLUMNS nor a terminal says
+
+
+_NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+
+
+def fold_runs(rows: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """Runs of consecutive numbered keys with equal values become one row: 'layers.0–31 ×32'.
+
+    `rows` is (key, value) in order; a key folds with the one before it when both are PREFIX.N with the same
+    prefix, consecutive numbers, and equal values.
+    """
+    out: list[list] = []  # [prefix, first, last, value, key]
+    for key, value in rows:
+        hit = _NUMBERED.match(key)
+        prev = out[-1] if out else None
+        if (hit and prev is not None and prev[0] == hit.group(1) and prev[2] + 1 == int(hit.group(2))
+                and prev[3] == value):
+            prev[2] = int(hit.group(2))
+            continue
+        out.append([hit.group(1), int(hit.group(2)), int(hit.group(2)), value, key] if hit
+                   else [None, 0, 0, value, key])
+    return [(f"{prefix}.{a}–{b} ×{b - a + 1}" if prefix is not None and b > a else key, value)
+            for prefix, a, b, value, key in out]
+
+
+def renderable(report, *, depth: int | None = 4):
+    """The CLI's text report for `report.command`, as one rich renderable that fits the console's width."""
+    from rich.console import Group
+
+    if report.command == "inspect":
+        from gradflow.render.tree import inspect_text
+
+        return inspect_text(report, depth=depth)
+    if report.command == "train":
+        from gradflow.render.train import train_text
+
+        return train_text(report)
+    if report.before is not None or report.after is not None:
+        from gradflow.render.patch import patch_text, snippet_text
+
+        parts = [patch_text(report)]
+        if report.extra.get("snippet"):
+            parts.append(snippet_text(report.extra["snippet"]))
+        return Group(*parts)
+    from gradflow.render.text import probe_text
+
+    return probe_text(report)
+
+
+def stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout (notebooks, captured streams)
+        return False
+
+
+def text_width() -> int:
+    """Columns for text that leaves the process as a string: $COLUMNS, else the terminal's, else 80."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) > 0:
+        return int(columns)
+    if stdout_is_terminal():
+        import shutil
+
+        return shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
+    return DEFAULT_WIDTH
+
+
+def to_text(report, *, width: int | None = None, color: bool | None = None, depth: int | None = 4) -> str:
+    """`renderable(report)` as a string: plain unless `color` (default: stdout is a terminal and NO_COLOR unset)."""
+    import io
+
+    from rich.console import Console
+
+    if color is None:
+        color = stdout_is_terminal() and not os.environ.get("NO_COLOR")
+    buf = io.StringIO()
+    # force_jupyter=False: in a notebook rich would display HTML instead of writing to buf
+    console = Console(file=buf, width=width or text_width(), force_terminal=bool(color), force_jupyter=False,
+                      color_system="standard" if color else None, no_color=not color, highlight=False,
+                      soft_wrap=False, legacy_windows=False, emoji=False)
+    console.print(renderable(report, depth=depth), crop=False)
+    return buf.getvalue()

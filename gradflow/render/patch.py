@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from rich import box
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
-from gradflow.render.text import findings_table, summary
+from gradflow.render.text import Lines, findings_table, summary
 
 SNIPPET_START = "── paste into your script "
 SNIPPET_END = "──"
@@ -48,87 +46,96 @@ def _grad_fn_cell(report) -> Text:
     return Text(fn, style="green") if fn else Text("none", style="bold red")
 
 
-def before_after_table(report) -> Table:
+def before_after_table(report) -> Lines:
+    """Three rows, before and after, in aligned columns (a rich Table would pad the last one with spaces)."""
     after = report.after
-    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
-    table.add_column("")
-    table.add_column("before")
-    table.add_column("after" if after is not None else "after (dry run: not patched)")
-    table.add_row("findings", _findings_cell(report.before), _findings_cell(after))
-    table.add_row("params with gradients", _grads_cell(report.before), _grads_cell(after))
-    table.add_row("loss grad_fn", _grad_fn_cell(report.before), _grad_fn_cell(after))
-    return table
+    head = ("", "before", "after" if after is not None else "after (dry run: not patched)")
+    rows = [tuple(Text(c, style="bold") for c in head),
+            (Text("findings"), _findings_cell(report.before), _findings_cell(after)),
+            (Text("params with gradients"), _grads_cell(report.before), _grads_cell(after)),
+            (Text("loss grad_fn"), _grad_fn_cell(report.before), _grad_fn_cell(after))]
+    widths = [max(row[i].cell_len for row in rows) for i in range(3)]
+    out = Lines(sep="   ")
+    for i, row in enumerate(rows):
+        out.add(*(c + Text(" " * (w - c.cell_len)) for c, w in zip(row, widths)), wrap=False)
+        if i == 0:
+            out.add(Text("─" * (sum(widths) + 6)), wrap=False)
+    return out
 
 
-def _plan_lines(entries, t: Text, *, changed_key: str, mark: str, style: str) -> None:
+def _plan_lines(entries, out: Lines, *, changed_key: str, mark: str, style: str) -> None:
     for f in entries:
-        t.append(f"  {mark} ", style=style)
-        t.append(f"{f['id']}", style="bold")
-        t.append(f" ({f['applicability']})  answers {', '.join(f['answers'])}")
+        head = Text(f"  {mark} ", style=style)
+        head.append(f"{f['id']}", style="bold")
+        head.append(f" ({f['applicability']})")
+        chunks = [head, Text(f"answers {', '.join(f['answers'])}")]
         if f.get("location"):
-            t.append(f"  at {f['location']}", style="magenta")
-        t.append("\n")
+            chunks.append(Text(f"at {f['location']}", style="magenta"))
+        out.add(*chunks, indent=6)
         for line in f.get(changed_key) or f.get("changes") or []:
-            t.append(f"      {line}\n")
+            out.add(Text(f"      {line}"), wrap=False)  # code and edits: whole lines, so they paste as they are
         if f.get("why"):
-            t.append(f"      why: {f['why']}\n", style="dim")
+            out.add(Text(f"      why: {f['why']}", style="dim"), indent=11)
 
 
 def patch_text(report):
     extra = report.extra
-    parts = [summary(report.before)]
-    head = Text("findings before patch\n", style="bold")
-    parts.append(head + findings_table(report.before.findings))
+    parts = [summary(report.before), Text("findings before patch", style="bold"),
+             findings_table(report.before.findings)]
 
-    t = Text()
+    t = Lines()
     if extra.get("dry_run"):
         plan = extra.get("plan") or []
-        t.append(f"plan ({len(plan)} fix{'es' if len(plan) != 1 else ''}; dry run: nothing was changed)\n", style="bold")
+        t.add(Text(f"plan ({len(plan)} fix{'es' if len(plan) != 1 else ''}; dry run: nothing was changed)",
+                   style="bold"))
         _plan_lines(plan, t, changed_key="changes", mark="•", style="cyan")
         if plan:
-            t.append("  a real patch re-probes after these and fixes what they reveal (e.g. a cut checkpoint behind "
-                     "frozen adapters)\n", style="dim")
+            t.add(Text("  a real patch re-probes after these and fixes what they reveal (e.g. a cut checkpoint behind "
+                       "frozen adapters)", style="dim"), indent=2)
     else:
         applied = report.fixes_applied
-        t.append(f"fixes applied ({len(applied)})\n", style="bold")
-        if not applied:
-            t.append("  none: nothing to change\n" if not extra.get("rolled_back") else "", style="dim")
+        t.add(Text(f"fixes applied ({len(applied)})", style="bold"))
+        if not applied and not extra.get("rolled_back"):
+            t.add(Text("  none: nothing to change", style="dim"))
         _plan_lines(applied, t, changed_key="changed", mark="✓", style="green")
         rb = extra.get("rolled_back")
         if rb:
-            t.append(f"  rolled back {len(rb['fixes'])} fixes: {rb['reason']}\n", style="bold red")
+            t.add(Text(f"  rolled back {len(rb['fixes'])} fixes: {rb['reason']}", style="bold red"), indent=4)
+    t.add(Text(""))
     parts.append(t)
     parts.append(before_after_table(report))
     parts.append(Text(""))
 
     if report.after is not None:
-        head = Text("findings after patch\n", style="bold")
-        parts.append(head + findings_table(report.after.findings))
+        parts.append(Text("findings after patch", style="bold"))
+        parts.append(findings_table(report.after.findings))
         parts.append(proof_text(extra.get("verification")))
 
     skipped = extra.get("skipped_unsafe") or []
     if skipped:
-        t = Text("unsafe fixes not applied (run with --unsafe-fixes)\n", style="bold yellow")
+        t = Lines().add(Text("unsafe fixes not applied (run with --unsafe-fixes)", style="bold yellow"))
         _plan_lines(skipped, t, changed_key="changes", mark="•", style="yellow")
-        parts.append(t)
+        parts.append(t.add(Text("")))
     advice = extra.get("advice") or []
     if advice:
-        t = Text("to fix in your code (display-only)\n", style="bold")
+        t = Lines().add(Text("to fix in your code (display-only)", style="bold"))
         _plan_lines(advice, t, changed_key="changes", mark="→", style="magenta")
-        parts.append(t)
+        parts.append(t.add(Text("")))
     saved = extra.get("saved")
     if saved:
-        parts.append(Text(f"saved to {saved['dir']}: {', '.join(saved['files'])}\n"
-                          f"recipe: {saved['recipe']} (train --recipe takes it)", style="bold"))
+        parts.append(Lines(indent=2)
+                     .add(Text(f"saved to {saved['dir']}: {', '.join(saved['files'])}", style="bold"))
+                     .add(Text(f"recipe: {saved['recipe']} (train --recipe takes it)", style="bold")))
     return Group(*parts)
 
 
-def proof_text(verification) -> Text:
+def proof_text(verification):
     if not verification:
         return Text("")
     if verification["ok"]:
-        return Text(f"proof: every intended trainable parameter ({verification['intended']}) receives a finite "
-                    f"gradient; the loss has grad_fn {verification['loss_grad_fn']}\n", style="bold green")
+        return Lines(indent=2).add(Text(
+            f"proof: every intended trainable parameter ({verification['intended']}) receives a finite gradient; "
+            f"the loss has grad_fn {verification['loss_grad_fn']}", style="bold green")).add(Text(""))
     why = []
     if verification.get("loss_error"):
         why.append(f"the loss raised: {verification['loss_error']}")
@@ -139,11 +146,13 @@ def proof_text(verification) -> Text:
             why.append(f"{len(verification[key])} {label} (first {verification[key][0]})")
     if not verification["intended"]:
         why.append("nothing is trainable")
-    return Text(f"not proven: {verification['receiving']} of {verification['intended']} intended trainable parameters "
-                f"receive a finite gradient; {'; '.join(why)}\n", style="bold red")
+    return Lines(indent=2).add(Text(
+        f"not proven: {verification['receiving']} of {verification['intended']} intended trainable parameters "
+        f"receive a finite gradient; {'; '.join(why)}", style="bold red")).add(Text(""))
 
 
 def snippet_text(snippet: str) -> Text:
     """The snippet between two marker lines, unwrapped, so it can be copied (and extracted by tools) as is."""
     rule = SNIPPET_START + "─" * 40
-    return Text(f"{rule}\n{snippet.rstrip()}\n{SNIPPET_END * 33}")
+    # no_wrap: code wrapped at the terminal's edge would not run when pasted
+    return Text(f"{rule}\n{snippet.rstrip()}\n{SNIPPET_END * 33}", no_wrap=True, overflow="ignore")

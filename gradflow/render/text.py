@@ -5,56 +5,132 @@ from __future__ import annotations
 import math
 import re
 
+from rich.cells import cell_len
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
+
+from gradflow.render import fold_runs
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 _LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks|layer))\.(\d+)(?:\.|$)")
 
 
-def summary(report) -> Text:
+class Lines:
+    """Text lines that wrap to the console's width with a hanging indent, and between chunks rather than inside one.
+
+    Each line is a list of chunks (Text) joined by `sep`; a line that does not fit continues on the next line,
+    indented by `indent`, at a chunk boundary (a chunk wider than the console is wrapped inside, at spaces).
+    No line ends in spaces, so the output greps and diffs cleanly.
+    """
+
+    def __init__(self, *, indent: int = 8, sep: str = "  "):
+        self.items: list[tuple[list[Text], int | None]] = []
+        self.indent, self.sep = indent, sep
+
+    def add(self, *chunks: Text | str, indent: int | None = -1, wrap: bool = True) -> "Lines":
+        """One line of chunks; `indent` for its continuation lines (default: the Lines'); wrap=False keeps it whole
+        (code, which must paste as it is)."""
+        chunks = [c if isinstance(c, Text) else Text(c) for c in chunks]
+        self.items.append((chunks, None if not wrap else (self.indent if indent == -1 else indent)))
+        return self
+
+    def lines(self, console, width: int | None) -> list[Text]:
+        out: list[Text] = []
+        for chunks, indent in self.items:
+            if indent is None:
+                out.append(_rstrip(Text(self.sep).join(chunks)))
+                continue
+            line = Text()
+            for chunk in chunks:
+                if not line.plain:
+                    line = chunk.copy()
+                elif width is None or line.cell_len + len(self.sep) + chunk.cell_len <= width:
+                    line.append(self.sep)
+                    line.append_text(chunk)
+                else:
+                    out.extend(_wrap(line, console, width, indent))
+                    line = Text(" " * indent) + chunk
+            out.extend(_wrap(line, console, width, indent))
+        return out
+
+    def __rich_console__(self, console, options):
+        yield _joined(self.lines(console, options.max_width))
+
+
+def _wrap(line: Text, console, width: int | None, indent: int) -> list[Text]:
+    """`line` wrapped at spaces to `width`, continuation lines indented by `indent`."""
+    if width is None or line.cell_len <= width:
+        return [_rstrip(line)]
+    lead = len(line.plain) - len(line.plain.lstrip(" "))
+    body = line[lead:]
+    pad = max(lead, indent)
+    wrapped = body.wrap(console, max(width - pad, 20), overflow="fold")
+    out = []
+    for i, piece in enumerate(wrapped):
+        out.append(_rstrip(Text(" " * (lead if i == 0 else pad)) + piece))
+    return out
+
+
+def _rstrip(t: Text) -> Text:
+    t = t.copy()
+    t.rstrip()
+    return t
+
+
+def _joined(lines: list[Text]) -> Text:
+    t = Text("\n").join(lines)
+    t.no_wrap, t.overflow = True, "ignore"  # already fitted: the console must not wrap it again
+    return t
+
+
+def summary(report) -> Lines:
     m, p, loss = report.model, report.params, report.loss
-    t = Text()
-    t.append(f"{m['class']}", style="bold")
-    t.append(f"  {m['params_trainable']:,} trainable / {m['params_total']:,} params")
+    out = Lines(indent=2)
+    head = [Text(f"{m['class']}", style="bold"),
+            Text(f"{m['params_trainable']:,} trainable / {m['params_total']:,} params")]
     if m["quantized"] != "none":
-        t.append(f"  {m['quantized']}")
-    t.append(f"  checkpointing: {m['gradient_checkpointing']}")
-    t.append(f"  input-grad hook: {'yes' if m['input_grad_hook'] else 'no'}\n")
+        head.append(Text(f"{m['quantized']}"))
+    head.append(Text(f"checkpointing: {m['gradient_checkpointing']}"))
+    head.append(Text(f"input-grad hook: {'yes' if m['input_grad_hook'] else 'no'}"))
+    out.add(*head, indent=2)
     if loss is not None:
         if loss.get("error"):
-            t.append(f"{loss.get('error_phase')} raised: {loss['error']}\n", style="red")
+            out.add(Text(f"{loss.get('error_phase')} raised: {loss['error']}", style="red"), indent=2)
         value = "n/a" if loss["value"] is None else f"{loss['value']:.4f}"
-        t.append(f"loss {value}  grad_fn: ")
-        t.append(f"{loss['grad_fn']}" if loss["grad_fn"] else "none", style="green" if loss["grad_fn"] else "bold red")
-        t.append("\n")
+        grad_fn = Text("grad_fn: ")
+        grad_fn.append(f"{loss['grad_fn']}" if loss["grad_fn"] else "none",
+                       style="green" if loss["grad_fn"] else "bold red")
+        out.add(Text(f"loss {value}"), grad_fn, indent=2)
     if p.get("with_grad") is not None:
         ok = p["with_grad"] - p["zero_grad"] - p["nonfinite_grad"]
-        t.append(f"trainable tensors {p['trainable']}: ")
+        t = Text(f"trainable tensors {p['trainable']}: ")
         t.append(f"{ok} ok", style="green")
         t.append(f", {p['none_grad']} none", style="bold red" if p["none_grad"] else "")
         t.append(f", {p['zero_grad']} zero", style="yellow" if p["zero_grad"] else "")
         t.append(f", {p['nonfinite_grad']} non-finite", style="bold red" if p["nonfinite_grad"] else "")
-        t.append("\n")
-    return t
+        out.add(t, indent=2)
+    out.add(Text(""))  # a blank line before what follows
+    return out
 
 
-def findings_table(findings, empty: str = "no findings: gradients reach every trainable parameter") -> Text:
+def findings_table(findings, empty: str = "no findings: gradients reach every trainable parameter"):
     """Findings as short blocks: they read well at any terminal width and in CI logs."""
     if not findings:
         return Text(empty, style="green")
-    t = Text()
+    out = Lines()
     for f in findings:
-        t.append(f"{f.severity:<7}", style=_STYLE[f.severity])
-        t.append(f" {f.code} ", style="bold")
-        t.append(f.slug, style="bold")
-        if f.location:
-            t.append(f"  at {f.location}", style="magenta")
-        t.append(f"\n        {f.message}\n")
+        head = Text(f"{f.severity:<7}", style=_STYLE[f.severity])
+        head.append(f" {f.code} ", style="bold")
+        head.append(f.slug, style="bold")
+        if f.location:  # on the same line when it fits, else on the next one
+            out.add(head, Text(f"at {f.location}", style="magenta"))
+        else:
+            out.add(head)
+        out.add(Text(f"        {f.message}"))
         if f.fix:
-            t.append(f"        fix ({f.fix.applicability}): {f.fix.title}\n", style="dim")
-    return t
+            out.add(Text(f"        fix ({f.fix.applicability}): {f.fix.title}", style="dim"))
+    out.add(Text(""))
+    return out
 
 
 def layer_groups(per_param) -> list[tuple[str, float | None, dict]]:
@@ -76,27 +152,70 @@ def _top(name: str) -> str:
     return parts[0] if parts else name
 
 
-def grad_chart(report, width: int = 40) -> Table | None:
+_DECADES = 6  # the bar spans six decades below the largest norm
+
+
+class GradChart:
+    """Per-layer gradient norms as bars on a log scale, runs of identical no-gradient layers folded into one row."""
+
+    def __init__(self, rows: list[tuple[str, float | None, dict]], width: int = 40):
+        self.width = width
+        self.top = max((n for _, n, _ in rows if n), default=0.0)
+        shown = []
+        for key, norm, counts in rows:
+            if norm is None or norm == 0:
+                label = "no grad" if counts.get("none") else "zero"
+                shown.append((key, ("empty", label, "bold red" if counts.get("none") else "yellow")))
+            else:
+                shown.append((key, ("bar", norm, counts.get("none", 0))))
+        self.rows = fold_runs(shown)
+
+    def lines(self, console, width: int | None) -> list[Text]:
+        title = Text()
+        title.append("gradient norm per layer", style="bold")
+        if self.top > 0:
+            title.append(f" (log scale, {_DECADES} decades: a full bar is {self.top:.1e})", style="dim")
+        else:
+            title.append(" (log scale)", style="dim")
+        key_w = max(cell_len(k) for k, _ in self.rows)
+        notes = {k: self._note(v) for k, v in self.rows}
+        note_w = max((n.cell_len for n in notes.values()), default=0)
+        bar_w = self.width if width is None else max(10, min(self.width, width - key_w - note_w - 4))
+        out = _wrap(title, console, width, 2)
+        for key, value in self.rows:
+            line = Text(" " * (key_w - cell_len(key)) + key + "  ")
+            kind = value[0]
+            if kind == "empty":
+                line.append("∅ " + value[1], style=value[2])
+            else:
+                norm, missing = value[1], value[2]
+                # log scale keeps small layers visible next to large ones
+                frac = (math.log10(norm) - math.log10(self.top) + _DECADES) / _DECADES if self.top > 0 else 0
+                n = max(1, int(round(max(frac, 0) * bar_w)))
+                line.append("█" * n, style="green" if not missing else "yellow")
+                line.append(" " * (bar_w - n) + "  ")
+                line.append_text(notes[key])
+            out.append(_rstrip(line))
+        return out
+
+    @staticmethod
+    def _note(value) -> Text:
+        if value[0] != "bar":
+            return Text("")
+        note = Text(f"{value[1]:.3e}")
+        if value[2]:
+            note.append(f"  ({value[2]} none)", style="red")
+        return note
+
+    def __rich_console__(self, console, options):
+        yield _joined(self.lines(console, options.max_width))
+
+
+def grad_chart(report, width: int = 40) -> GradChart | None:
     rows = layer_groups(report.params.get("per_param") or [])
     if not rows:
         return None
-    top = max((n for _, n, _ in rows if n), default=0.0)
-    table = Table(title="gradient norm per layer", show_header=False, box=None, pad_edge=False)
-    table.add_column(justify="right")
-    table.add_column()
-    table.add_column(justify="right")
-    for key, norm, counts in rows:
-        if norm is None or norm == 0:
-            label = "no grad" if counts.get("none") else "zero"
-            table.add_row(key, Text("∅ " + label, style="bold red" if counts.get("none") else "yellow"), "")
-            continue
-        # log scale keeps small layers visible next to large ones
-        frac = (math.log10(norm) - math.log10(top) + 6) / 6 if top > 0 else 0
-        bar = "█" * max(1, int(round(max(frac, 0) * width)))
-        missing = counts.get("none", 0)
-        note = Text(f"{norm:.3e}") + (Text(f"  ({missing} none)", style="red") if missing else Text(""))
-        table.add_row(key, Text(bar, style="green" if not missing else "yellow"), note)
-    return table
+    return GradChart(rows, width)
 
 
 def probe_text(report):

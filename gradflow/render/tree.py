@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
+from rich.cells import cell_len
 from rich.text import Text
-from rich.tree import Tree
 
 _NUM = re.compile(r"^\d+$")
 
@@ -75,52 +75,168 @@ def fmt_count(n: int) -> str:
     return str(n)
 
 
-def label(node: Node, cut: dict[str, str], traced: bool) -> Text:
-    row = node.row
-    t = Text(no_wrap=True, overflow="ignore")  # one module, one line: wrapped rows read as children
-    name = node.label or "(root)"
-    t.append(name, style="bold")
-    if node.count > 1:
-        t.append(f" ×{node.count}", style="bold magenta")
-    t.append(f" {row['class']}", style="dim")
-    counts = []
-    if row["trainable"]:
-        counts.append(Text(f"train {fmt_count(row['trainable'])}", style="green"))
-    if row["frozen"]:
-        counts.append(Text(f"frozen {fmt_count(row['frozen'])}", style="dim"))
-    if row["quantized"]:
-        counts.append(Text(f"quant {fmt_count(row['quantized'])}", style="blue"))
-    for c in counts:
-        t.append("  ")
-        t.append_text(c)
-    if row["dtypes"]:
-        t.append("  " + "/".join(row["dtypes"]), style="dim")
-    if row["checkpointing"] != "off":
-        t.append(f"  ckpt:{row['checkpointing']}", style="magenta")
-    for h in row["hooks"]:
-        style = "bold green" if "require_grad" in h else "dim"
-        t.append(f"  hook:{h}", style=style)
-    if traced and "ran" in row:
-        if not row["ran"]:
-            if not _any_ran(node):  # containers (ModuleList) are never called themselves: only their children
-                t.append("  not run", style="dim")
-        else:
-            rg = row["out_requires_grad"]
-            if rg is not None:
-                t.append("  out:", style="dim")
-                t.append("grad" if rg else "no-grad", style="green" if rg else "red")
-                if row.get("grad_fn"):
-                    t.append(f" {row['grad_fn']}", style="dim")
-    grads = row.get("grads")
-    if grads:
-        t.append("  grads:" + ",".join(f"{k}={v}" for k, v in sorted(grads.items())),
-                 style="red" if grads.get("none") or grads.get("nonfinite") else "dim")
-    if row["name"] in cut:
-        t.append(f"  ◀ {cut[row['name']]}", style="bold white on red")
-    return t
+# When a row is wider than the terminal, its parts give way in this order: details first, then names shortened in
+# the middle ("-class", "-name"), then the evidence. The name, the repeat count and the cut marker never do; a cut
+# row that does not fit once the details are gone puts its marker on a line of its own, right below it.
+_DETAILS = ("grad_fn", "dtypes", "frozen", "quant", "hook", "not-run", "train", "-class")
+_EVIDENCE = ("-name", "input-hook", "ckpt", "grads", "out", "--class")
+_NAME_MIN, _CLASS_MIN = 8, 12
+_MARKER_INDENT = 2  # a marker on its own line starts this far right of its row's name
+_MARKER_STYLE = "bold white on red"
+_GUIDES = {  # cells per level: (fork, last, continue, space); 4 is rich's Tree, the narrower ones are for small terminals
+    4: ("├── ", "└── ", "│   ", "    "),
+    3: ("├─ ", "└─ ", "│  ", "   "),
+    2: ("├ ", "└ ", "│ ", "  "),
+}
 
 
-def render_tree(report, depth: int | None = 4) -> Tree:
+def middle(text: str, width: int) -> str:
+    """`text` cut to `width` cells in the middle ('Phi3DecoderLayer' → 'Phi3De…Layer'), so both ends stay readable."""
+    if cell_len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    head = width // 2
+    tail = width - 1 - head
+    return text[:head] + "…" + (text[-tail:] if tail else "")
+
+
+class Row:
+    """One tree row as parts, so that a narrow terminal drops details and shortens names, never the cut marker."""
+
+    def __init__(self, node: Node, cut: dict[str, str], traced: bool):
+        row = node.row
+        self.name = node.label or "(root)"
+        self.count = f" ×{node.count}" if node.count > 1 else ""
+        self.cls = row["class"]
+        self.marker = f"◀ {cut[row['name']]}" if row["name"] in cut else ""
+        parts: list[tuple[str, str, Text]] = []  # (kind, separator, text)
+
+        def add(kind, text, style="", sep="  "):
+            parts.append((kind, sep, Text(text, style=style)))
+
+        if row["trainable"]:
+            add("train", f"train {fmt_count(row['trainable'])}", "green")
+        if row["frozen"]:
+            add("frozen", f"frozen {fmt_count(row['frozen'])}", "dim")
+        if row["quantized"]:
+            add("quant", f"quant {fmt_count(row['quantized'])}", "blue")
+        if row["dtypes"]:
+            add("dtypes", "/".join(row["dtypes"]), "dim")
+        if row["checkpointing"] != "off":
+            add("ckpt", f"ckpt:{row['checkpointing']}", "magenta")
+        hooks = list(row["hooks"])
+        for h in dict.fromkeys(hooks):  # the same hook registered twice shows once, with its count
+            n = hooks.count(h)
+            text = f"hook:{h}" + (f" ×{n}" if n > 1 else "")
+            if "require_grad" in h:
+                add("input-hook", text, "bold green")
+            else:
+                add("hook", text, "dim")
+        if traced and "ran" in row:
+            if not row["ran"]:
+                if not _any_ran(node):  # containers (ModuleList) are never called themselves: only their children
+                    add("not-run", "not run", "dim")
+            else:
+                rg = row["out_requires_grad"]
+                if rg is not None:
+                    out = Text("out:", style="dim")
+                    out.append("grad" if rg else "no-grad", style="green" if rg else "red")
+                    parts.append(("out", "  ", out))
+                    if row.get("grad_fn"):
+                        add("grad_fn", row["grad_fn"], "dim", sep=" ")
+        grads = row.get("grads")
+        if grads:
+            add("grads", "grads:" + ",".join(f"{k}={v}" for k, v in sorted(grads.items())),
+                "red" if grads.get("none") or grads.get("nonfinite") else "dim")
+        self.parts = parts
+
+    def min_width(self) -> int:
+        """Cells this row needs however narrow the terminal: its shortened name, and its marker."""
+        name = min(cell_len(self.name), _NAME_MIN) + cell_len(self.count)
+        return max(name, _MARKER_INDENT + cell_len(self.marker)) if self.marker else name
+
+    def _build(self, name: str, cls: str | None, gone: set, marker: bool) -> Text:
+        t = Text(no_wrap=True, overflow="ignore")  # one module, one line: wrapped rows read as children
+        t.append(name, style="bold")
+        if self.count:
+            t.append(self.count, style="bold magenta")
+        if cls is not None:
+            t.append(f" {cls}", style="dim")
+        for kind, sep, part in self.parts:
+            if kind not in gone and not (kind == "grad_fn" and "out" in gone):
+                t.append(sep)
+                t.append_text(part)
+        if marker and self.marker:
+            t.append("  ")
+            t.append(self.marker, style=_MARKER_STYLE)
+        return t
+
+    def _fit(self, width: int | None, steps, marker: bool, state=None):
+        name, cls, gone = state or (self.name, self.cls, set())
+        t = self._build(name, cls, gone, marker)
+        for step in steps:
+            if width is None or t.cell_len <= width:
+                break
+            excess = t.cell_len - width
+            if step == "-class":
+                cls = middle(cls, max(_CLASS_MIN, cell_len(cls) - excess))
+            elif step == "--class":
+                cls = None
+            elif step == "-name":
+                if "–" not in name:  # a run 'a–b' is short and must stay whole
+                    name = middle(name, max(_NAME_MIN, cell_len(name) - excess))
+            else:
+                gone.add(step)
+            t = self._build(name, cls, gone, marker)
+        return t, (name, cls, gone)
+
+    def lines(self, width: int | None = None) -> list[Text]:
+        """The row within `width` cells (None: all of it): one line, or two when its cut marker needs its own."""
+        t, state = self._fit(width, _DETAILS, marker=True)
+        if width is None or t.cell_len <= width or not self.marker:
+            return [self._fit(width, _EVIDENCE, marker=bool(self.marker), state=state)[0]]
+        main, _ = self._fit(width, _DETAILS + _EVIDENCE, marker=False)
+        below = Text(" " * _MARKER_INDENT, no_wrap=True, overflow="ignore")
+        below.append(self.marker, style=_MARKER_STYLE)
+        return [main, below]
+
+
+class ModuleTree:
+    """The module tree as a renderable that fits the console: rows give way (see _DETAILS), and the guides narrow
+    below 4 cells a level when a cut marker would not fit otherwise. Nothing is cut off mid-row."""
+
+    def __init__(self, rows: list[tuple[str, Row]]):
+        self.rows = rows  # (guide pattern, row): one of F(ork), L(ast), C(ontinue), S(pace) per level
+
+    def lines(self, width: int | None) -> list[Text]:
+        guide = 4
+        if width is not None:
+            for guide in (4, 3, 2):
+                if all(len(p) * guide + row.min_width() <= width for p, row in self.rows):
+                    break
+        marks = dict(zip("FLCS", _GUIDES[guide]))
+        out = []
+        for pattern, row in self.rows:
+            prefix = "".join(marks[c] for c in pattern)
+            # a second line continues the row's own guide: '│' when siblings follow, blank after the last
+            below = "".join(marks[c] for c in pattern[:-1] + {"F": "C", "L": "S"}.get(pattern[-1:], ""))
+            for i, text in enumerate(row.lines(None if width is None else width - cell_len(prefix))):
+                line = Text(prefix if i == 0 else below, no_wrap=True, overflow="ignore")
+                line.append_text(text)
+                out.append(line)
+        return out
+
+    def __rich_console__(self, console, options):
+        joined = Text("\n").join(self.lines(options.max_width))
+        joined.no_wrap, joined.overflow = True, "ignore"
+        yield joined
+
+    def __str__(self) -> str:
+        return "\n".join(t.plain for t in self.lines(None))
+
+
+def render_tree(report, depth: int | None = 4) -> ModuleTree:
     rows = report.modules
     cut = {}
     for f in report.findings:
@@ -128,26 +244,48 @@ def render_tree(report, depth: int | None = 4) -> Tree:
             cut[f.location] = f"{f.code} {f.slug}"
     root = build_nodes(rows)
     collapse(root, set(cut))
-    traced = bool(report.snapshot is not None and report.snapshot.traced)
-    tree = Tree(label(root, cut, traced))
+    traced = _traced(report)
+    out: list[tuple[str, Row]] = [("", Row(root, cut, traced))]
 
     def level_below(node, level):
         # single-child wrappers (PeftModel → LoraModel → the transformers model) cost no depth, so --depth N
         # shows the same modules with or without an adapter
         return level + 1 if node.fanout > 1 else level
 
-    def add(parent_tree, node, level):
+    def add(node, level, pattern):
         """List node's children at `level`, and recurse while within --depth."""
-        for child in node.children:
-            branch = parent_tree.add(label(child, cut, traced))
+        for i, child in enumerate(node.children):
+            last = i == len(node.children) - 1
+            out.append((pattern + ("L" if last else "F"), Row(child, cut, traced)))
             nxt = level_below(child, level)
+            below = pattern + ("S" if last else "C")
             if depth is None or nxt <= depth:
-                add(branch, child, nxt)
+                add(child, nxt, below)
             elif any(_subtree_has(c, cut) for c in child.children):
-                add(branch, child, nxt)  # past --depth, expand only on the way down to a highlighted cut
+                add(child, nxt, below)  # past --depth, expand only on the way down to a highlighted cut
 
-    add(tree, root, level_below(root, 0))
-    return tree
+    add(root, level_below(root, 0), "")
+    return ModuleTree(out)
+
+
+def inspect_text(report, *, depth: int | None = 4, static: bool | None = None):
+    """What `gradflow inspect` prints: the summary, the module tree, the findings."""
+    from rich.console import Group
+
+    from gradflow.render.text import findings_table, summary
+
+    if static is None:
+        static = not _traced(report)
+    # inspect runs no backward, so an empty list proves less than probe-backward's does
+    empty = ("no findings (static: the model was not run)" if static
+             else "no findings in the forward trace; run probe-backward to check every gradient")
+    return Group(summary(report), render_tree(report, depth=depth), findings_table(report.findings, empty=empty))
+
+
+def _traced(report) -> bool:
+    if report.snapshot is not None:
+        return bool(report.snapshot.traced)
+    return any("ran" in row for row in report.modules)  # a Report without its Snapshot: the rows tell
 
 
 def _any_ran(node: Node) -> bool:

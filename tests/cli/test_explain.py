@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -67,8 +68,10 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r}))
 """
 
 
-def test_help_and_explain_do_not_import_torch():
-    proc = subprocess.run([sys.executable, "-c", _NO_TORCH.format(heavy=set(HEAVY))], env=cli_env(),
+@pytest.mark.parametrize("terminal", [False, True], ids=["piped", "terminal"])
+def test_help_and_explain_do_not_import_torch(terminal):
+    env = cli_env(FORCE_COLOR="1") if terminal else cli_env()  # a terminal renders the markdown: still no torch
+    proc = subprocess.run([sys.executable, "-c", _NO_TORCH.format(heavy=set(HEAVY))], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     codes, loaded = proc.stdout.splitlines()
@@ -84,3 +87,39 @@ def test_importtime_of_the_entry_point_has_no_torch():
     imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
     assert "gradflow" in imported
     assert not imported & set(HEAVY), imported & set(HEAVY)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def test_explain_renders_the_markdown_on_a_terminal():
+    """FORCE_COLOR makes rich treat the pipe as a terminal: headings, inline code and fences are rendered."""
+    run = gradflow("explain", "GF113", env=cli_env(FORCE_COLOR="1", COLUMNS="80"))
+    assert run.code == 0 and run.stderr == "", run.stderr
+    assert ANSI.search(run.stdout)
+    text = ANSI.sub("", run.stdout)
+    lines = text.splitlines()
+    assert lines[0] == "GF113 inference-tensor-params (error)"
+    assert not [line for line in lines if line.startswith("#")], text  # no raw '## ' headings
+    assert "```" not in text and "`torch.inference_mode()`" not in text and "torch.inference_mode()" in text
+    for section in DOC_SECTIONS:
+        assert section in lines, section  # a heading on a line of its own
+    assert "  • raises in the forward, Inference tensors cannot be saved for backward (a" in lines  # a list item
+    prose = [line for line in lines if not line.startswith("    ")]  # code blocks are indented and never wrapped
+    assert max(map(len, prose)) <= 80, max(prose, key=len)
+
+
+def test_explain_on_a_terminal_renders_every_code(monkeypatch):
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    for code in CODES:
+        run = invoke("explain", code)
+        assert run.code == 0
+        text = ANSI.sub("", run.stdout)
+        assert "## " not in text and "```" not in text, (code, text)
+        assert all(section in text for section in DOC_SECTIONS), code
+
+
+def test_explain_piped_stays_markdown():
+    run = gradflow("explain", "GF113")
+    assert run.code == 0 and not ANSI.search(run.stdout)
+    assert "\n## What it does\n" in run.stdout and "```python\n" in run.stdout and "`torch.inference_mode()`" in run.stdout

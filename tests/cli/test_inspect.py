@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from clirun import gradflow, invoke
+from clirun import cli_env, gradflow, invoke
 
 FACTORY = '''
 from pathlib import Path
@@ -156,3 +156,35 @@ def test_32_layer_model_fits_on_one_screen(factory):
     assert len(lines) < 60, run.stdout
     assert re.search(r"── (0–31 ×32|1–31 ×31) LlamaDecoderLayer", run.stdout), run.stdout
     assert max(map(len, lines)) < 160
+
+
+@pytest.mark.parametrize("columns", [60, 80, 120])
+def test_tree_fits_the_width_and_keeps_the_cut_marker(columns):
+    """Below the width a row needs, details give way and names shorten in the middle; the marker stays whole."""
+    run = gradflow("inspect", "gradflow.demos:seed_bug", "--depth", "3", env=cli_env(COLUMNS=str(columns)))
+    assert run.code == 1, run.stderr
+    lines = run.stdout.splitlines()
+    too_wide = [line for line in lines if len(line) > columns]
+    assert not too_wide, too_wide
+    marked = [line for line in lines if "◀" in line]
+    assert len(marked) == 1 and marked[0].endswith("◀ GF101 reentrant-checkpoint-no-input-grad"), marked
+    labels = [m.group(1) for line in lines if (m := re.match(r"^[\s│├└─]*[├└]─* ?(\S+) ", line))]
+    assert {"embed_tokens", "layers", "0", "1–3", "lm_head"} <= set(labels), labels  # every module still shown
+    assert "error   GF101 reentrant-checkpoint-no-input-grad" in run.stdout
+
+
+def test_a_pipe_without_columns_keeps_every_row_whole():
+    """CI logs and `| grep`: no $COLUMNS and no terminal means no wrapping, so a row is one grep-able line."""
+    run = gradflow("inspect", "gradflow.demos:seed_bug", "--depth", "3")
+    assert run.code == 1, run.stderr
+    assert re.search(r"── 0 Phi3DecoderLayer  train 7\.2k  frozen 41\.1k  float32  ckpt:reentrant  out:no-grad  "
+                     r"◀ GF101 reentrant-checkpoint-no-input-grad$", run.stdout, re.M), run.stdout
+    assert max(map(len, run.stdout.splitlines())) > 140  # the finding's message too, on one line
+
+
+def test_middle_ellipsis_keeps_both_ends():
+    from gradflow.render.tree import middle
+
+    assert middle("Phi3DecoderLayer", 12) == "Phi3De…Layer"
+    assert middle("Phi3DecoderLayer", 16) == "Phi3DecoderLayer"
+    assert len(middle("post_attention_layernorm", 8)) == 8

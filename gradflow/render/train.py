@@ -1,0 +1,44 @@
+"""The train report as text: data, pre-flight, steps, loss, gradient checks, where the outputs are."""
+
+from __future__ import annotations
+
+
+def train_text(report):
+    """train_summary as a rich Text (no markup parsing: names like lora_[AB] print as they are)."""
+    from rich.text import Text
+
+    return Text(train_summary(report))
+
+
+def train_summary(report) -> str:
+    """What the training run did: data used, pre-flight before/after, steps, loss, gradient checks, outputs."""
+    state, data, pre = report.extra["train"], report.extra["data"], report.extra["preflight"]
+    lines = [f"data      {data['used']} of {data['samples']} samples used, {len(data['skipped'])} skipped, "
+             f"{data['think_samples']} /think, {data['supervised_tokens']} supervised tokens"]
+    before = pre["errors_before"]
+    if before:
+        lines.append(f"pre-flight errors before patch: {len(before)}")
+        lines.extend(f"  - {line}" for line in before)
+        fixes = report.fixes_applied
+        lines.append(f"pre-flight fixes applied: {len(fixes)}")
+        lines.extend(f"  - {f.get('title', f) if isinstance(f, dict) else f}" for f in fixes)
+    after = pre["errors_after"]
+    lines.append(f"pre-flight {'refused: ' + str(len(after)) + ' error(s) remain' if after else 'clean: no error'}")
+    lines.extend(f"  - {line}" for line in after)
+    if state["status"] != "refused":
+        grads = state["gradients"]
+        lines.append(f"train     {state['status']}: {state['steps']}/{state['max_steps']} steps in "
+                     f"{state['seconds']}s, {state['tokens_per_second']} tokens/s")
+        if state["loss_first"] is not None:
+            lines.append(f"loss      {state['loss_first']:.4f} → {state['loss_last']:.4f}")
+        lines.append(f"gradients {grads['checks']} checks, last at step {grads['last_check_step']}: "
+                     f"{grads['missing']} missing, {grads['nonfinite']} non-finite; "
+                     f"{grads['params_moved']}/{grads['params_trainable']} trainable params moved")
+        for f in state["findings"]:
+            lines.append(f"  ! {f['code']} {f['slug']}: {f['message']}")
+        if state.get("adapter"):
+            lines.append(f"adapter   {state['output']}/{state['adapter']}")
+        if state.get("merged"):
+            lines.append(f"merged    {state['output']}/{state['merged']}")
+    lines.append(f"report    {state['output']}/report.json")
+    return "\n".join(lines)
