@@ -47,6 +47,8 @@ def _own_process_env():
     # TrainingArguments writes ACCELERATE_MIXED_PRECISION into os.environ (TRL 0.29's SFTConfig: bf16 by default),
     # and every later Accelerator reads it: each test runs as if in its own process, as a user's train.py does
     saved = dict(os.environ)
+    for var in ("COLUMNS", "FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE"):  # in-process CLI runs read these
+        os.environ.pop(var, None)
     yield
     os.environ.clear()
     os.environ.update(saved)

@@ -107,9 +107,9 @@ def test_the_api_installs_no_process_wide_warning_filter():
     assert "None of the inputs have requires_grad=True" in proc.stderr
 
 
-def test_the_clis_filters_are_targeted():
-    """Each filter names a message; none silences a whole category."""
-    from gradflow.cli import KNOWN_NOISE
+def test_the_known_noise_filters_are_targeted():
+    """Each filter (the CLI's, and train's around Trainer) names a message; none silences a whole category."""
+    from gradflow.noise import KNOWN_NOISE
 
     assert KNOWN_NOISE
     for category, message in KNOWN_NOISE:

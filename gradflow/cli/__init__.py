@@ -49,30 +49,12 @@ def _register():
 _register()
 
 
-# Warnings that gradflow's own runs provoke, each matched by category and message start, with why it is noise.
-# Everything else (the user's code and the libraries it calls) still reaches stderr.
-KNOWN_NOISE: tuple[tuple[type[Warning], str], ...] = (
-    # torch.utils.checkpoint: the probe runs the reentrant regions it diagnoses; GF101 reports this cut, with its fix
-    (UserWarning, r"None of the inputs have requires_grad=True"),
-    # PEFT's get_peft_model reads transformers 5's deprecated alias itself: nothing the user can change
-    (FutureWarning, r"`is_gradient_checkpointing` is deprecated"),
-    # the 4.x name, called by gradflow's demos and by PEFT's prepare_model_for_kbit_training under --quant
-    (FutureWarning, r"`gradient_checkpointing_enable` is deprecated"),
-    # gradflow's LoRA (--lora-r) on GPT-2's Conv1D layers: PEFT sets fan_in_fan_out itself, as it should
-    (UserWarning, r"fan_in_fan_out is set to False but the target module is `Conv1D`"),
-    # PEFT 0.21's own expert-parameter pattern when gradflow puts LoRA on a Mixtral (a user's patterns still warn)
-    (RuntimeWarning, r"The following (rank|alpha)_pattern keys did not match any targeted module and were ignored: "
-                     r"\['\.\*\\\\\.gate_up_proj'\]"),
-    # PEFT 0.18's save_pretrained of a model built in memory (patch --save of a factory): there is no config dir
-    (UserWarning, r"Could not find a config file in"),
-)
-
-
 def _quiet_libraries() -> None:
     """Library chatter (logging, and the warnings in KNOWN_NOISE) stays off stderr; other warnings still show."""
     import logging
     import os
-    import warnings
+
+    from gradflow.noise import ignore_known_noise
 
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -81,8 +63,7 @@ def _quiet_libraries() -> None:
     if not debug():
         # huggingface_hub sets its own level on import, so the variable, not setLevel, silences its retry chatter
         os.environ.setdefault("HF_HUB_VERBOSITY", "error")
-        for category, message in KNOWN_NOISE:
-            warnings.filterwarnings("ignore", message=message, category=category)
+        ignore_known_noise()
         for name in ("bitsandbytes", "transformers", "peft", "accelerate", "huggingface_hub", "torch.utils.checkpoint"):
             logging.getLogger(name).setLevel(logging.ERROR)
 

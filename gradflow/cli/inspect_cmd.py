@@ -46,13 +46,7 @@ def inspect(
     if format == "json":
         out.data(report.to_dict())
     else:
-        from gradflow.render.text import findings_table, summary
-        from gradflow.render.tree import render_tree
+        from gradflow.render.tree import inspect_text
 
-        out.show(summary(report))
-        out.show(render_tree(report, depth=depth))
-        # inspect runs no backward, so an empty list proves less than probe-backward's does
-        empty = ("no findings (static: the model was not run)" if static
-                 else "no findings in the forward trace; run probe-backward to check every gradient")
-        out.show(findings_table(report.findings, empty=empty))
+        out.show(inspect_text(report, depth=depth, static=static))
     raise typer.Exit(exit_for(report, fail_on))

@@ -104,7 +104,9 @@ def train(
     if format == "json":
         out.data(report.to_dict())
     else:
-        out.show(_summary(report))
+        from gradflow.render.train import train_text
+
+        out.show(train_text(report))
     if state["status"] == "refused":
         why = state["refused_because"]
         more = f" (and {len(why) - 1} more)" if len(why) > 1 else ""
@@ -123,39 +125,6 @@ def _end_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # rank 0 may still be writing the adapter and report
         dist.destroy_process_group()
-
-
-def _summary(report) -> str:
-    state, data, pre = report.extra["train"], report.extra["data"], report.extra["preflight"]
-    lines = [f"data      {data['used']} of {data['samples']} samples used, {len(data['skipped'])} skipped, "
-             f"{data['think_samples']} /think, {data['supervised_tokens']} supervised tokens"]
-    before = pre["errors_before"]
-    if before:
-        lines.append(f"pre-flight errors before patch: {len(before)}")
-        lines.extend(f"  - {line}" for line in before)
-        fixes = report.fixes_applied
-        lines.append(f"pre-flight fixes applied: {len(fixes)}")
-        lines.extend(f"  - {f.get('title', f) if isinstance(f, dict) else f}" for f in fixes)
-    after = pre["errors_after"]
-    lines.append(f"pre-flight {'refused: ' + str(len(after)) + ' error(s) remain' if after else 'clean: no error'}")
-    lines.extend(f"  - {line}" for line in after)
-    if state["status"] != "refused":
-        grads = state["gradients"]
-        lines.append(f"train     {state['status']}: {state['steps']}/{state['max_steps']} steps in "
-                     f"{state['seconds']}s, {state['tokens_per_second']} tokens/s")
-        if state["loss_first"] is not None:
-            lines.append(f"loss      {state['loss_first']:.4f} → {state['loss_last']:.4f}")
-        lines.append(f"gradients {grads['checks']} checks, last at step {grads['last_check_step']}: "
-                     f"{grads['missing']} missing, {grads['nonfinite']} non-finite; "
-                     f"{grads['params_moved']}/{grads['params_trainable']} trainable params moved")
-        for f in state["findings"]:
-            lines.append(f"  ! {f['code']} {f['slug']}: {f['message']}")
-        if state.get("adapter"):
-            lines.append(f"adapter   {state['output']}/{state['adapter']}")
-        if state.get("merged"):
-            lines.append(f"merged    {state['output']}/{state['merged']}")
-    lines.append(f"report    {state['output']}/report.json")
-    return "\n".join(lines)
 
 
 def merge(

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import math
-import re
 
 from rich.cells import cell_len
 from rich.console import Group
 from rich.text import Text
 
+from gradflow.models import LAYER
 from gradflow.render import fold_runs
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-_LAYER = re.compile(r"^(.*?\.(?:layers|h|blocks|layer))\.(\d+)(?:\.|$)")
 
 
 class Lines:
@@ -137,8 +136,8 @@ def layer_groups(per_param) -> list[tuple[str, float | None, dict]]:
     """Per-layer (or per top-level module) gradient norm and grad-class counts, in model order."""
     groups: dict[str, dict] = {}
     for row in per_param:
-        hit = _LAYER.match(row["name"])
-        key = f"{hit.group(1).rsplit('.', 1)[-1]}.{hit.group(2)}" if hit else _top(row["name"])
+        hit = LAYER.match(row["name"])
+        key = f"{hit.group('prefix').rsplit('.', 1)[-1]}.{hit.group('index')}" if hit else _top(row["name"])
         g = groups.setdefault(key, {"sq": 0.0, "counts": {}, "any": False})
         g["counts"][row["grad"]] = g["counts"].get(row["grad"], 0) + 1
         if row["grad_norm"] is not None and math.isfinite(row["grad_norm"]):

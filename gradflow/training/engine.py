@@ -400,15 +400,17 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
 
 
 def _quiet():
-    """Library chatter off stderr while Trainer runs (stdout stays for data)."""
+    """The warnings gradflow's own set-up provokes stay off stderr while Trainer runs; the user's still show."""
     import contextlib
     import warnings
+
+    from gradflow.noise import ignore_known_noise
 
     @contextlib.contextmanager
     def ctx():
         with warnings.catch_warnings():
             if os.environ.get("GRADFLOW_DEBUG", "") in ("", "0"):
-                warnings.simplefilter("ignore")
+                ignore_known_noise()
             yield
 
     return ctx()

@@ -25,7 +25,8 @@ class Run:
 def cli_env(**extra: str) -> dict:
     env = dict(os.environ)
     env.pop("GRADFLOW_DEBUG", None)
-    env.pop("COLUMNS", None)
+    for var in ("COLUMNS", "FORCE_COLOR", "NO_COLOR", "TTY_COMPATIBLE"):  # a developer's terminal settings
+        env.pop(var, None)
     # a hub id must fail fast on a machine without network, not retry for a minute
     env.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO) + os.pathsep + env.get("PYTHONPATH", "")})
     env.update(extra)
