@@ -1,6 +1,7 @@
 """JSONL samples → token batches: `text`, `prompt`/`completion`, or `messages` with the chat template.
 
-Loss is on completion / assistant tokens by default (`loss_on="all"` to change).
+Loss is on completion / assistant tokens by default (`loss_on="all"` to change). Lines must be UTF-8; text far
+longer than `seq_len` is cut to `seq_len * CHARS_PER_TOKEN` characters before it reaches the tokenizer.
 """
 
 from __future__ import annotations
@@ -8,10 +9,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 from gradflow.errors import GradflowError
 
 ROLES = ("system", "user", "assistant")
+# Characters per token, as a generous bound: vocabularies average about 4 per token, so a field cut to
+# seq_len * CHARS_PER_TOKEN characters keeps its first seq_len tokens (the cut only moves tokens at its edge, far
+# past seq_len), and a 50 MB line costs a 32K-character tokenisation at --seq-len 512 instead of minutes. Only text
+# made almost wholly of a tokenizer's longest entries (long runs of spaces) could come out shorter than seq_len.
+CHARS_PER_TOKEN = 64
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclasses.dataclass
@@ -38,16 +46,23 @@ def read_jsonl(path: str) -> tuple[list[Sample], list[Problem]]:
     if os.path.isdir(path):
         raise GradflowError(f"--data {path} is a directory", "Pass a .jsonl file")
     samples, problems = [], []
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with open(path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
-            if not raw.strip():
+            try:
+                # strict: invalid bytes are a bad line, not U+FFFD that trains as text; a BOM may start the file
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                problems.append(Problem(path, number, f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1})"))
+                continue
+            if not line.strip():
                 continue
             try:
-                record = json.loads(raw)
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 problems.append(Problem(path, number, f"not valid JSON ({exc.msg})"))
                 continue
-            what = validate(record)
+            what = _lone_surrogate(record) if _SURROGATE_ESCAPE.search(raw) else None
+            what = what or validate(record)
             if what:
                 problems.append(Problem(path, number, what))
             else:
@@ -55,6 +70,22 @@ def read_jsonl(path: str) -> tuple[list[Sample], list[Problem]]:
     if not samples and not problems:
         raise GradflowError(f"data file {path} is empty", "Add JSONL lines with text, prompt/completion or messages")
     return samples, problems
+
+
+def _lone_surrogate(value) -> str | None:
+    """A '\\ud800'-style escape with no partner decodes to a string that is not Unicode text: a bad line."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair): not valid Unicode"
+        return None
+    items = [*value.keys(), *value.values()] if isinstance(value, dict) else value if isinstance(value, list) else ()
+    for item in items:
+        what = _lone_surrogate(item)
+        if what:
+            return what
+    return None
 
 
 def _kind(record: dict) -> str:
@@ -77,7 +108,7 @@ def validate(record) -> str | None:
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 return f"messages[{i}] needs a string 'content'"
             if m.get("role") not in ROLES:
-                return f"messages[{i}] has unknown role {m.get('role')!r} (use {', '.join(ROLES)})"
+                return f"messages[{i}] has unknown role {repr(m.get('role'))[:40]} (use {', '.join(ROLES)})"
         if not any(m["role"] == "assistant" for m in msgs):
             return "no assistant message: nothing to learn"
         for i, m in enumerate(msgs):
@@ -106,14 +137,15 @@ def _check_think(content: str, *, assistant: bool, where: str) -> str | None:
     if not has_think_tags(content):
         return None
     if not assistant:
-        return f"{where} uses /think tags, which belong only in assistant content or a completion"
+        return (f"{where} holds a /think tag or something like one; /think tags belong only in assistant content "
+                "or a completion")
     _, why = parse(content)
     return f"{where}: {why}" if why else None
 
 
 def think_of(sample: Sample):
-    """The parsed /think block of a sample (its last assistant turn or completion), or None."""
-    from gradflow.training.think import has_think_tags, parse
+    """The /think turns of a validated sample (a ThinkSample: one hash per assistant turn), or None."""
+    from gradflow.training.think import parse_turns
 
     record = sample.record
     if sample.kind == "messages":
@@ -122,10 +154,7 @@ def think_of(sample: Sample):
         contents = [record["completion"]]
     else:
         contents = []
-    for content in reversed(contents):
-        if has_think_tags(content):
-            return parse(content)[0]
-    return None
+    return parse_turns(contents)
 
 
 def sample_id(sample: Sample, path: str) -> str:
@@ -137,24 +166,51 @@ def sample_id(sample: Sample, path: str) -> str:
 
 
 def encode(sample: Sample, tokenizer, seq_len: int, *, loss_on: str = "completion") -> dict:
-    """Token ids and labels (-100 where no loss) for one sample, truncated to seq_len."""
+    """Token ids and labels (-100 where no loss) for one sample, truncated to seq_len.
+
+    Text is cut to `seq_len * CHARS_PER_TOKEN` characters before tokenisation (`text`; a prompt and a completion
+    each; a conversation's contents together, ending at the turn that reaches the bound); `cut` says so, and
+    `full_length` then counts the tokens of what was kept, a lower bound. /think tags in assistant content or a
+    completion are written canonically.
+    """
+    from gradflow.training.think import canonical
+
     record = sample.record
+    budget = seq_len * CHARS_PER_TOKEN
     if sample.kind == "text":
-        ids = tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+        text = record["text"]
+        cut = len(text) > budget
+        ids = tokenizer(text[:budget], add_special_tokens=False)["input_ids"]
         mask = [1] * len(ids)
     elif sample.kind == "prompt":
-        p = tokenizer(record["prompt"], add_special_tokens=False)["input_ids"]
-        c = tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
+        prompt, completion = record["prompt"], record["completion"]
+        cut = len(prompt) > budget or len(completion) > budget
+        p = tokenizer(prompt[:budget], add_special_tokens=False)["input_ids"]
+        c = tokenizer(canonical(completion[:budget]), add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None and len(completion) <= budget:  # EOS only at the real end
             c = c + [tokenizer.eos_token_id]
         ids = p + c
         mask = [1 if loss_on == "all" else 0] * len(p) + [1] * len(c)
     else:
-        ids, mask = _encode_messages(record["messages"], tokenizer, loss_on)
+        messages, cut = _cut_messages(record["messages"], budget)
+        messages = [{**m, "content": canonical(m["content"])} if m["role"] == "assistant" else m for m in messages]
+        ids, mask = _encode_messages(messages, tokenizer, loss_on)
     full = len(ids)
     ids, mask = ids[:seq_len], mask[:seq_len]
     labels = [t if m else -100 for t, m in zip(ids, mask)]
-    return {"input_ids": ids, "labels": labels, "full_length": full}
+    return {"input_ids": ids, "labels": labels, "full_length": full, "cut": cut}
+
+
+def _cut_messages(messages: list[dict], budget: int) -> tuple[list[dict], bool]:
+    """The turns that fit in `budget` characters of content, the last one cut to fit; and whether any was dropped."""
+    kept, used = [], 0
+    for m in messages:
+        room = budget - used
+        kept.append(m if len(m["content"]) <= room else {**m, "content": m["content"][:room]})
+        used += len(m["content"])
+        if used >= budget:  # by the assumption behind CHARS_PER_TOKEN, seq_len tokens are already there
+            return kept, used > budget or len(kept) < len(messages)
+    return kept, False
 
 
 def supervised_count(labels: list[int]) -> int:

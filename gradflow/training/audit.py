@@ -23,7 +23,12 @@ def write_json_atomic(path: str, obj) -> None:
 
 
 def preview(sample, think, text_width: int = 80) -> str:
-    """One line per sample: its <final> and thinking hash for /think samples, else the start of its target."""
+    """One line per sample: <final> and thinking hashes for /think samples, else the start of its target.
+
+    Raw text that holds anything tag-like is never shown, whatever the validation let through.
+    """
+    from gradflow.training.think import has_think_tags
+
     if think is not None:
         return think.preview(text_width)
     record = sample.record
@@ -33,5 +38,8 @@ def preview(sample, think, text_width: int = 80) -> str:
         target = record["completion"]
     else:
         target = record["text"]
-    text = " ".join(target.split())
+    if has_think_tags(target):
+        return "(withheld: the text holds a /think-like tag)"
+    # cut before split(): a 50 MB line must not be split whole for an 80-character preview
+    text = " ".join(target[: text_width * 8].split())
     return repr(text if len(text) <= text_width else text[: text_width - 1] + "…")

@@ -9,9 +9,9 @@ At `on_train_begin`, after the Trainer has set the run up (checkpointing from it
 dataloader) and before any step, it probes the first batch of the train dataloader with the run's own model and
 optimizer (the pre-flight). Then every `check_every` optimizer steps (and at the first) it checks that every
 trainable parameter got a finite gradient and records per-layer gradient norms. At step `moved_at_step` it checks
-that the trainable weights actually moved. A broken state sets `control.should_training_stop` (or, with
-`raise_on_error`, raises GradflowError), prints one line on stderr with its fix and lands in `callback.findings`,
-so the run stops now rather than hours later.
+that the trainable weights that can have moved by then actually moved. A broken state sets
+`control.should_training_stop` (or, with `raise_on_error`, raises GradflowError), prints one line on stderr with
+its fix and lands in `callback.findings`, so the run stops now rather than hours later.
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ class GradFlowCallback(TrainerCallback):
     Args:
         check_every: check gradients every N optimizer steps (and at the first).
         moved_at_step: at this optimizer step, check that every trainable parameter has changed; None skips
-            the check.
+            the check. Only parameters that can have moved are judged: one side of a LoRA pair whose other side
+            starts at zero (lora_A with PEFT's default init) gets a zero gradient at its first step, so it needs 2
+            optimizer steps that update (warmup steps at lr 0, fp16 overflow skips do not count). Those not judged at
+            this step are noted on stderr and judged at the first later step they can move, if the run gets there.
         preflight: at `on_train_begin`, before any step, run `gradflow.probe` on the first batch of the train
             dataloader with the run's own model and optimizer, and report its error and warning findings
             (reentrant checkpointing without input grads, a frozen adapter, parameters missing from the optimizer,
@@ -70,6 +73,8 @@ class GradFlowCallback(TrainerCallback):
         preflight_report: the pre-flight's Report (info findings such as `lora-zero-init` included), or None.
         history: one `{"step": int, "layers": {layer: norm}, "missing": int, "nonfinite": int}` per check.
         stopped_at: the step at which it stopped the run (0: the pre-flight, before the first step), or None.
+        moved_not_judged: names of the trainable parameters the moved-weights check has not judged yet, because
+            they could not have moved by `moved_at_step` (see above); empty once all are judged.
     """
 
     def __init__(self, check_every: int = 10, moved_at_step: int | None = 5, *, preflight: bool = True,
@@ -93,6 +98,7 @@ class GradFlowCallback(TrainerCallback):
         self.history: list[dict] = []
         self.stopped_at: int | None = None
         self.moved_checked = False
+        self.moved_not_judged: list[str] = []
         self.last_layers: dict[str, float] = {}
         self._params: list[tuple[str, torch.nn.Parameter]] = []
         self._start: list[torch.Tensor] = []
@@ -106,6 +112,11 @@ class GradFlowCallback(TrainerCallback):
         self._main = True
         self._fp16_nonfinite_streak = 0
         self._pre_optimizer_seen = False
+        self._optimizer_seen = False
+        self._lr_steps = 0  # optimizer steps since training began that updated (lr > 0, not skipped)
+        self._begin_step = 0
+        self._needs: list[int] = []  # per trainable parameter: such steps before it can move
+        self._waiting: list[int] = []  # indices the moved-weights check has yet to judge
         self._model = None
         self._step = 0
         self._pending: list = []  # error findings not yet raised (raise_on_error)
@@ -125,6 +136,8 @@ class GradFlowCallback(TrainerCallback):
             self._intended_frozen(control, state)
         self._params = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
         self._start = [self._sample(p) for _, p in self._params]
+        self._needs = _steps_to_move(self._params)
+        self._lr_steps, self._waiting, self._begin_step = 0, [], state.global_step
         keys = [layer_key(n) for n, _ in self._params]
         self._groups = list(dict.fromkeys(keys))
         where = {g: i for i, g in enumerate(self._groups)}
@@ -216,8 +229,19 @@ class GradFlowCallback(TrainerCallback):
             self._check_grads(step, args, state, control)
         self._raise_pending(f"at step {step}")
 
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # the scheduler has not stepped yet: param_groups still hold the lr this step used
+        self._optimizer_seen = True
+        if optimizer is None:
+            self._lr_steps += 1
+        elif not getattr(optimizer, "step_was_skipped", False):  # accelerate: an fp16 overflow skips the update
+            if any(_positive(g.get("lr", 1.0)) for g in optimizer.param_groups):
+                self._lr_steps += 1
+
     def on_step_end(self, args, state, control, **kwargs):
         step = self._step = state.global_step
+        if not self._optimizer_seen:
+            self._lr_steps += 1  # no optimizer event (older transformers): count every step
         if not self._pre_optimizer_seen and (step == 1 or step % self.check_every == 0):
             # older transformers: no pre-optimizer event; grads may be zeroed by now, so only finite checks count
             if any(p.grad is not None for _, p in self._params):
@@ -226,6 +250,8 @@ class GradFlowCallback(TrainerCallback):
             self._check_supervised(step, state, control)
         if self.moved_at_step is not None and step == self.moved_at_step:
             self._check_moved(step, state, control)
+        elif self._waiting:
+            self._check_moved(step, state, control, self._waiting)
         self._raise_pending(f"at step {step}")
 
     def on_train_end(self, args, state, control, **kwargs):
@@ -331,15 +357,39 @@ class GradFlowCallback(TrainerCallback):
                 "no-supervised-tokens", f"by step {step}: a batch had no supervised token (every label -100); "
                                         "its loss is NaN or zero and teaches nothing"))
 
-    def _check_moved(self, step, state, control):
-        self.moved_checked = True
-        still = [n for (n, p), start in zip(self._params, self._start)
-                 if torch.equal(self._sample(p).to(start.device), start)]
+    def _check_moved(self, step, state, control, indices: list[int] | None = None):
+        """Judge the parameters that can have moved by now; the rest wait for a later step (with a note)."""
+        indices = range(len(self._params)) if indices is None else indices
+        ready = [i for i in indices if self._needs[i] <= self._lr_steps]
+        waiting = [i for i in indices if self._needs[i] > self._lr_steps]
+        self.moved_checked = self.moved_checked or bool(ready)
+        if waiting and not self._waiting:  # once, at moved_at_step
+            self._note_waiting(step, state, waiting)
+        self._waiting = waiting
+        self.moved_not_judged = [self._params[i][0] for i in waiting]
+        still = [self._params[i][0] for i in ready
+                 if torch.equal(self._sample(self._params[i][1]).to(self._start[i].device), self._start[i])]
         if still:
             self._raise(control, state, finding(
                 "adapter-not-updated", f"step {step}: {len(still)} of {len(self._params)} trainable parameters "
                                        f"have not changed since training began, first {still[0]}",
                 location=still[0].rsplit(".", 1)[0], params=still))
+
+    def _note_waiting(self, step, state, waiting: list[int]) -> None:
+        why = []
+        if any(self._needs[i] > 1 for i in waiting):
+            why.append("one side of a LoRA pair whose other side starts at zero gets a zero gradient at its first "
+                       "step, so it needs 2 optimizer steps that update")
+        ran = step - self._begin_step
+        if self._lr_steps < ran:
+            why.append(f"{ran - self._lr_steps} of {ran} steps updated nothing (learning rate 0 in warmup, or an "
+                       "fp16 overflow skip)")
+        last = step >= (getattr(state, "max_steps", 0) or 0) > 0
+        then = ("the run ends before they can move, so they are not checked" if last
+                else "they are judged at the first later step they can move")
+        self._note(f"moved-weights check at step {step}: {len(waiting)} of {len(self._params)} trainable parameters "
+                   f"cannot have moved yet and are not judged (first {self._params[waiting[0]][0]}): "
+                   f"{'; '.join(why)}; {then}")
 
     def moved(self) -> dict[str, bool]:
         """Per trainable parameter: has it changed since training began?"""
@@ -390,6 +440,32 @@ class GradFlowCallback(TrainerCallback):
         raise GradflowError(f"GradFlowCallback stopped the run {when}: "
                             f"{len(pending)} error finding{'s' if len(pending) != 1 else ''}{lines}",
                             findings=pending)
+
+
+_LORA_SIDE = re.compile(r"\.lora_(?:embedding_)?([AB])(?=\.|$)")
+
+
+def _steps_to_move(params: list[tuple[str, torch.nn.Parameter]]) -> list[int]:
+    """Per trainable parameter, the optimizer steps that update (lr > 0) it needs before it can move.
+
+    One side of a LoRA pair whose trainable partner is all zero (lora_A under PEFT's default init, lora_B = 0)
+    gets a zero gradient until the partner has moved: 2 steps. Everything else: 1.
+    """
+    by_name = {n: p for n, p in params}
+    needs = []
+    for name, _ in params:
+        side = _LORA_SIDE.search(name)
+        partner = None
+        if side is not None:
+            other = "B" if side.group(1) == "A" else "A"
+            partner = by_name.get(name[: side.start(1)] + other + name[side.end(1):])
+        # one read-back per pair, once, when training begins
+        needs.append(2 if partner is not None and not bool(partner.detach().any()) else 1)
+    return needs
+
+
+def _positive(lr) -> bool:
+    return float(lr) > 0
 
 
 def _trainer_hints(args) -> dict[str, str]:

@@ -1,8 +1,11 @@
 """/think samples: validation of the four blocks, and the hash that stands in for the thinking text.
 
 The assistant content (or a completion) holds `<think-task>`, `<think-safety>`, `<think-policy>`, then `<final>`,
-each closed, once, in that order. The thinking text itself never leaves this module: callers get the `<final>`
-text and the SHA-256 hex of `"\\n".join(stripped task, safety, policy)`.
+each closed, once, in that order. Tags match in any case, with whitespace inside the brackets (`<THINK-TASK>`,
+`<think-task >`, `</ think-task>`). Anything else that looks like a think tag (`<think_task>`, `<thinktask>`,
+`<think>`, an unclosed `<think-task`) makes the content malformed, so that near-misses are refused rather than
+treated, and previewed, as plain text. The thinking text itself never leaves this module: callers get the
+`<final>` text and the SHA-256 hex of `"\\n".join(stripped task, safety, policy)`, one per assistant turn.
 """
 
 from __future__ import annotations
@@ -13,25 +16,56 @@ import re
 
 BLOCKS = ("think-task", "think-safety", "think-policy", "final")
 TAGS = tuple(t for b in BLOCKS for t in (f"<{b}>", f"</{b}>"))
-_TAG = re.compile(r"</?(?:think-task|think-safety|think-policy|final)>")
+# A /think tag: any case, whitespace allowed inside the brackets.
+_TAG = re.compile(r"<\s*(/?)\s*(think-task|think-safety|think-policy|final)\s*>", re.IGNORECASE)
+# What looks like one: '<' (or '&lt;', fullwidth '＜') then 'think…', bracket closed or not, or a bracketed
+# 'final…'. A bare '< final' is left alone: `x < final_count` is ordinary code.
+# (One branch after a shared prefix: an alternation of whole patterns scans a 50 MB line six times slower.)
+_LOOKS = re.compile(r"(?:<|&lt;|＜)\s*/?\s*(?:think|final[^<>]{0,32}(?:>|&gt;|＞))", re.IGNORECASE)
 
 
 @dataclasses.dataclass(frozen=True)
 class Think:
-    """A parsed /think sample: the final answer, and the hash of the thinking (never the thinking itself)."""
+    """One parsed /think turn: the final answer, and the hash of the thinking (never the thinking itself)."""
 
     final: str
     sha256: str
 
     def preview(self, width: int = 80) -> str:
-        text = " ".join(self.final.split())
-        text = text if len(text) <= width else text[: width - 1] + "…"
-        return f"<final> {text!r}  think-sha256 {self.sha256}"
+        return f"<final> {_clip(self.final, width)!r}  think-sha256 {self.sha256}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinkSample:
+    """The /think turns of one sample: one entry per assistant turn (or its completion), None for a plain turn."""
+
+    turns: tuple[Think | None, ...]
+
+    @property
+    def sha256(self) -> list[str | None]:
+        """One hash per assistant turn, None where a turn holds no /think blocks: what audit.jsonl records."""
+        return [t.sha256 if t is not None else None for t in self.turns]
+
+    @property
+    def final(self) -> str:
+        """The `<final>` text of the last /think turn."""
+        return [t for t in self.turns if t is not None][-1].final
+
+    def preview(self, width: int = 80) -> str:
+        hashes = [h for h in self.sha256 if h]
+        many = f" ({len(hashes)} turns)" if len(hashes) > 1 else ""
+        return f"<final> {_clip(self.final, width)!r}  think-sha256 {', '.join(hashes)}{many}"
+
+
+def _clip(text: str, width: int) -> str:
+    # cut before split(): a 50 MB field must not be split whole for an 80-character preview
+    text = " ".join(text[: width * 8].split())
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def has_think_tags(text: str) -> bool:
-    """True when `text` uses any /think tag, so it must be a well-formed /think sample."""
-    return bool(_TAG.search(text))
+    """True when `text` holds a /think tag or anything that looks like one, so it must be a well-formed sample."""
+    return bool(_LOOKS.search(text) or _TAG.search(text))
 
 
 def think_hash(task: str, safety: str, policy: str) -> str:
@@ -41,8 +75,15 @@ def think_hash(task: str, safety: str, policy: str) -> str:
 
 
 def parse(text: str) -> tuple[Think | None, str | None]:
-    """(Think, None) for a well-formed sample, else (None, why). `why` never quotes the text."""
-    tags = [(m.group(0), m.start(), m.end()) for m in _TAG.finditer(text)]
+    """(Think, None) for a well-formed sample, else (None, why). `why` never quotes the text, nor the tag."""
+    found = list(_TAG.finditer(text))
+    starts = {m.start() for m in found}
+    for m in _LOOKS.finditer(text):
+        if m.start() not in starts:
+            # no quote: an unclosed '<think-task secret ...' would carry the thinking into the message
+            return None, (f"/think sample has a tag-like string at character {m.start()} that is not a /think tag "
+                          f"(misspelled or unclosed? want {', '.join(TAGS[::2])}, each closed)")
+    tags = [(f"<{m.group(1)}{m.group(2).lower()}>", m.start(), m.end()) for m in found]
     for block in BLOCKS:
         for tag in (f"<{block}>", f"</{block}>"):
             count = sum(1 for t, _, _ in tags if t == tag)
@@ -50,8 +91,7 @@ def parse(text: str) -> tuple[Think | None, str | None]:
                 return None, f"/think sample lacks {tag}"
             if count > 1:
                 return None, f"/think sample has {tag} {count} times (once each)"
-    expected = [t for b in BLOCKS for t in (f"<{b}>", f"</{b}>")]
-    if [t for t, _, _ in tags] != expected:
+    if [t for t, _, _ in tags] != list(TAGS):
         return None, "/think blocks are out of order or nested (want think-task, think-safety, think-policy, final)"
     parts, last_end = [], 0
     for i in range(0, len(tags), 2):
@@ -66,3 +106,17 @@ def parse(text: str) -> tuple[Think | None, str | None]:
     if not final.strip():
         return None, "/think sample has an empty <final>"
     return Think(final=final.strip(), sha256=think_hash(task, safety, policy)), None
+
+
+def canonical(text: str) -> str:
+    """`text` with each /think tag written canonically (`< THINK-Task >` → `<think-task>`): what the model trains on.
+
+    A tokenizer's /think special tokens match only the canonical spelling.
+    """
+    return _TAG.sub(lambda m: f"<{m.group(1)}{m.group(2).lower()}>", text)
+
+
+def parse_turns(contents: list[str]) -> ThinkSample | None:
+    """The /think turns of a sample's assistant contents (already validated), or None when none uses /think."""
+    turns = tuple(parse(c)[0] if has_think_tags(c) else None for c in contents)
+    return ThinkSample(turns) if any(t is not None for t in turns) else None

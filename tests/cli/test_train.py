@@ -56,7 +56,7 @@ def test_train_cli_never_writes_the_thinking_text(tmp_path):
         for encoding in ("utf-8", "utf-16-le"):
             assert PLANTED.encode(encoding) not in blob, path
     audit = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
-    assert audit[0] == {"id": "s0", "line": 1, "think_sha256": digest, "tokens": audit[0]["tokens"],
+    assert audit[0] == {"id": "s0", "line": 1, "think_sha256": [digest], "tokens": audit[0]["tokens"],
                         "supervised_tokens": audit[0]["supervised_tokens"],
                         "tokens_before_truncation": audit[0]["tokens_before_truncation"], "truncated": False}
     report = json.loads((out / "report.json").read_text())

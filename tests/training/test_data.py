@@ -1,4 +1,5 @@
-"""Encoding for training: loss on assistant/completion tokens, dynamic padding, bad lines, --seq-len."""
+"""Encoding for training: loss on assistant/completion tokens, dynamic padding, bad lines (invalid UTF-8
+included), --seq-len and the cut before tokenisation."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 
 import pytest
 
-from gradflow.data import Sample, collate, encode, supervised_count
+from gradflow.data import CHARS_PER_TOKEN, Sample, _kind, collate, encode, read_jsonl, supervised_count
 from gradflow.errors import GradflowError
 from gradflow.presets import build_tokenizer
 from gradflow.training.engine import TrainOptions, prepare_data
@@ -76,3 +77,69 @@ def test_samples_whose_prompt_fills_seq_len_are_skipped(tmp_path, tok):
     prepared = prepare_data(path, tok, TrainOptions(seq_len=16))
     assert len(prepared.rows) == 1
     assert "leaves no supervised token" in str(prepared.problems[0]) and ":1:" in str(prepared.problems[0])
+
+
+def test_invalid_utf8_is_a_bad_line_named_file_line_not_replacement_characters(tmp_path, tok):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "bom first line"}\n'  # a BOM at the start of the file is fine
+                     b'{"text": "bad \xff\xfe byte"}\n'
+                     b'{"prompt": "q", "completion": "caf\xc3\xa9"}\n'
+                     b'{"text": "lone \\ud800 surrogate"}\n'
+                     b'{"text": "pair \\ud83d\\ude00 is fine"}\n')
+    samples, problems = read_jsonl(str(path))
+    assert [s.line for s in samples] == [1, 3, 5]
+    assert [str(p).split(": ")[0] for p in problems] == [f"{path}:2", f"{path}:4"]
+    assert "not valid UTF-8" in problems[0].what and "surrogate" in problems[1].what
+    assert samples[1].record["completion"] == "café" and samples[2].record["text"] == "pair 😀 is fine"
+    assert not any("\ufffd" in json.dumps(s.record, ensure_ascii=False) for s in samples)
+    with pytest.raises(GradflowError, match=r"data.jsonl:2: not valid UTF-8"):
+        prepare_data(str(path), tok, TrainOptions(seq_len=64, strict=True))
+
+
+class _Recording:
+    """The real tokenizer, recording the length of every text it is asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+HUGE = 3_000_000  # characters: tokenised whole, this takes tens of seconds
+
+
+@pytest.mark.parametrize("record", [
+    {"text": "x" * HUGE},
+    {"prompt": "p" * HUGE, "completion": "c"},
+    {"prompt": "q", "completion": "c" * HUGE},
+    {"messages": [{"role": "user", "content": "u" * HUGE}, {"role": "assistant", "content": "a"}]},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a" * HUGE},
+                  *[{"role": "user", "content": "more"}, {"role": "assistant", "content": "b" * HUGE}] * 3]},
+], ids=["text", "prompt", "completion", "user-turn", "many-turns"])
+def test_text_far_longer_than_seq_len_is_cut_before_tokenisation(tmp_path, tok, record):
+    path = _write(tmp_path, [record, {"prompt": "q", "completion": "short"}])
+    spy = _Recording(tok)
+    prepared = prepare_data(path, spy, TrainOptions(seq_len=64))
+    budget = 64 * CHARS_PER_TOKEN
+    assert spy.lengths and max(spy.lengths) <= budget + 200  # the bound, plus the chat template's own text
+    assert sum(spy.lengths) <= 20 * budget
+    assert all(len(r["input_ids"]) <= 64 for r in prepared.rows)
+
+
+@pytest.mark.parametrize("record", [
+    {"text": "word " * 2000},
+    {"prompt": "q", "completion": "the answer is " * 500},
+    {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "reply " * 1000}]},
+], ids=["text", "completion", "messages"])
+def test_cutting_keeps_the_first_seq_len_tokens(tok, record):
+    sample = Sample(1, _kind(record), record)
+    cut = encode(sample, tok, 16)  # 16 * 64 = 1024 characters reach the tokenizer
+    whole = encode(sample, tok, 10**6)
+    assert cut["cut"] and not whole["cut"]
+    assert cut["input_ids"] == whole["input_ids"][:16] and cut["labels"] == whole["labels"][:16]
+    assert cut["full_length"] < whole["full_length"]  # a lower bound once cut

@@ -55,7 +55,8 @@ def test_demo_trains_loss_falls_and_adapter_reloads_with_same_logits(tmp_path):
     assert (out / "grad_norms.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "tensorboard"))
     audit = [json.loads(line) for line in (out / "audit.jsonl").read_text().splitlines()]
-    assert len(audit) == 24 and audit[0]["id"] == "demo-00" and len(audit[0]["think_sha256"]) == 64
+    assert len(audit) == 24 and audit[0]["id"] == "demo-00" and len(audit[0]["think_sha256"]) == 1 \
+        and len(audit[0]["think_sha256"][0]) == 64  # one hash per assistant turn
     assert audit[0]["supervised_tokens"] < audit[0]["tokens"]
 
 
