@@ -9,6 +9,7 @@ import os
 import tempfile
 
 from gradflow.errors import GradflowError
+from gradflow.limits import check_int
 from gradflow.models import is_peft_model
 from gradflow.sources import Setup, _first_line, compile_regex
 
@@ -44,10 +45,11 @@ class RecipeOptions:
             raise GradflowError(f"--dtype {self.dtype!r} is not a known dtype", "Use float32, bfloat16 or float16")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise GradflowError(f"--device {self.device!r} is not auto, cpu or cuda", "Pick one of those")
-        if self.lora_r is not None and self.lora_r < 0:
-            raise GradflowError(f"--lora-r {self.lora_r} is negative", "Use 0 for no LoRA, or a rank like 8 or 16")
-        if self.lora_alpha is not None and self.lora_alpha <= 0:
-            raise GradflowError(f"--lora-alpha {self.lora_alpha} must be positive", "Use e.g. twice the rank")
+        if self.lora_r is not None:
+            check_int("--lora-r", self.lora_r)
+        if self.lora_alpha is not None:
+            check_int("--lora-alpha", self.lora_alpha)
+        check_int("--seed", self.seed)
         if self.adapter_trainable and self.adapter is None:
             raise GradflowError("--adapter-trainable has no adapter to apply to", "Pass --adapter DIR with it")
         if self.adapter is not None and (self.lora_r or self.lora_targets):
@@ -184,15 +186,37 @@ def _load_adapter_dir(setup: Setup, opts: RecipeOptions, device: str, dtype):
     """A PEFT adapter directory: load its base (a preset name works too), then the adapter, frozen or not."""
     from gradflow.sources import resolve
 
-    with open(os.path.join(setup.source, "adapter_config.json")) as fh:
-        base_id = json.load(fh).get("base_model_name_or_path")
+    config_path = os.path.join(setup.source, "adapter_config.json")
+    base_id = read_json(config_path).get("base_model_name_or_path")
     if not base_id:
-        raise GradflowError(f"{setup.source}/adapter_config.json names no base model",
+        raise GradflowError(f"{config_path} names no base model",
                             "Set base_model_name_or_path, or load the base and pass --adapter DIR")
-    base_setup = resolve(base_id, trust_remote_code=opts.trust_remote_code)
+    if not isinstance(base_id, str):
+        raise GradflowError(f"{config_path}: base_model_name_or_path is a {type(base_id).__name__}, not a string",
+                            "Set it to a preset, model directory or hub id")
+    # the config is a file someone else may have written: its base never runs code without --trust-remote-code
+    base_setup = resolve(base_id, trust_remote_code=opts.trust_remote_code,
+                         named_in=f"{config_path} (base_model_name_or_path)")
+    if _is_adapter_dir(base_setup):
+        raise GradflowError(f"{config_path} names {base_id!r} as its base model, which is itself an adapter directory",
+                            "Set base_model_name_or_path to the base model: a preset, model directory or hub id")
     base = _load(base_setup, opts, device, dtype) if base_setup.model is None else base_setup.model
     setup.tokenizer = base_setup.tokenizer
     return base  # build() loads the adapter itself onto it
+
+
+def read_json(path: str) -> dict:
+    """A JSON object from a file gradflow did not necessarily write; GradflowError when it is not one."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise GradflowError(f"{path} is not readable JSON ({_first_line(exc)})",
+                            "Write it again (save_pretrained / gradflow train), or fix it by hand") from exc
+    if not isinstance(data, dict):
+        raise GradflowError(f"{path} holds a JSON {type(data).__name__}, not an object",
+                            "Write it again (save_pretrained / gradflow train), or fix it by hand")
+    return data
 
 
 def _is_adapter_dir(setup: Setup) -> bool:
@@ -262,6 +286,12 @@ def set_checkpointing(model, mode: str) -> None:
         target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def hidden_size(model) -> int | None:
+    """The model's hidden size from its transformers config (GPT-2's n_embd too), or None when it has none."""
+    value = getattr(getattr(model, "config", None), "hidden_size", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def linear_module_names(model) -> set[str]:
     """Last name segments of modules LoRA can target (Linear, Conv1D, bitsandbytes linears)."""
     import torch
@@ -276,6 +306,12 @@ def linear_module_names(model) -> set[str]:
 
 def apply_lora(model, rank: int, alpha: int, targets: str, modules_to_save: list[str] | None = None):
     from peft import LoraConfig, get_peft_model
+
+    hidden = hidden_size(model)
+    if hidden is not None and rank > hidden:
+        # every transformer linear has the hidden size on one side, so a higher rank adds parameters, not capacity
+        raise GradflowError(f"--lora-r {rank} is larger than the model's hidden size ({hidden}, from its config)",
+                            f"Pass --lora-r {hidden} or less")
 
     if targets == "all-linear":
         target_modules = "all-linear"

@@ -33,14 +33,24 @@ class Setup:
     static_graph: bool = False
 
 
-def resolve(spec: str, *, trust_remote_code: bool = False) -> Setup:
-    """Turn a MODEL argument into a Setup, or raise GradflowError saying what to do."""
+def resolve(spec: str, *, trust_remote_code: bool = False, named_in: str | None = None) -> Setup:
+    """Turn a MODEL argument into a Setup, or raise GradflowError saying what to do.
+
+    `named_in` says which file the spec was read from (an adapter config, run metadata), for a spec the user did
+    not type. Such a spec resolves as a preset, directory or hub id only: a factory in it would run code that
+    someone else wrote, so it is refused unless `trust_remote_code` is set.
+    """
     from gradflow.presets import PRESETS
 
     if spec in PRESETS:
         return Setup(model=None, kind="preset", source=spec, preset=spec)
     if os.path.isdir(spec):
         return Setup(model=None, kind="dir", source=spec)
+    if named_in is not None and names_code(spec) and not trust_remote_code:
+        raise GradflowError(f"{named_in} names the Python factory {spec!r} as the base model, and gradflow runs "
+                            "code read from a file only when told to",
+                            "Read that code, then pass --trust-remote-code to run it; or set the base to a preset, "
+                            "model directory or hub id")
     if _looks_like_factory(spec):
         return load_factory(spec)
     if os.path.exists(spec):
@@ -56,6 +66,21 @@ def resolve(spec: str, *, trust_remote_code: bool = False) -> Setup:
 
 def _looks_like_factory(spec: str) -> bool:
     return ":" in spec and not os.path.exists(spec)
+
+
+def names_code(spec: str) -> bool:
+    """Whether resolving `spec` could import Python: a factory (`file.py:func`, `module:func`) or a .py file."""
+    return _looks_like_factory(spec) or spec.rstrip().lower().endswith(".py")
+
+
+def user_exit_error(exc: BaseException, source: str, during: str) -> GradflowError:
+    """SystemExit or KeyboardInterrupt raised by the user's code, as an error: a factory that exits (even with
+    code 0) has not built anything, and must never pass a CI gate as a clean run."""
+    if isinstance(exc, SystemExit):
+        return GradflowError(f"factory {source} raised SystemExit({exc.code!r}) while {during}{_where(exc)}",
+                             "A factory must return the model (or raise an error), not exit: remove that exit call")
+    return GradflowError(f"factory {source} was interrupted (KeyboardInterrupt) while {during}{_where(exc)}",
+                         "Remove the KeyboardInterrupt from the factory, or run again if you pressed Ctrl-C")
 
 
 def load_factory(spec: str) -> Setup:
@@ -80,6 +105,8 @@ def load_factory(spec: str) -> Setup:
                                     "or Trainer", "Point at a function that returns the model (or a dict with 'model')")
             try:
                 obj = obj()
+            except (SystemExit, KeyboardInterrupt) as exc:
+                raise user_exit_error(exc, spec, "building the model") from exc
             except Exception as exc:
                 raise GradflowError(f"factory {spec} raised {type(exc).__name__}: {_first_line(exc)}{_where(exc)}",
                                     "Fix the factory so that it builds the model, then run again") from exc
@@ -99,6 +126,9 @@ def _import_target(target: str, spec: str):
             module = importlib.util.module_from_spec(spec_obj)
             sys.modules[mod_name] = module
             spec_obj.loader.exec_module(module)
+        except (SystemExit, KeyboardInterrupt) as exc:
+            sys.modules.pop(mod_name, None)
+            raise user_exit_error(exc, spec, f"importing {target}") from exc
         except Exception as exc:  # the user's file: any error is theirs to fix
             sys.modules.pop(mod_name, None)
             raise GradflowError(f"factory file {target} failed to import: {type(exc).__name__}: {_first_line(exc)}"
@@ -107,6 +137,8 @@ def _import_target(target: str, spec: str):
         return module
     try:
         return importlib.import_module(target)
+    except (SystemExit, KeyboardInterrupt) as exc:
+        raise user_exit_error(exc, spec, f"importing {target}") from exc
     except ModuleNotFoundError as exc:
         raise GradflowError(f"cannot import module {target!r} for factory {spec}: {_first_line(exc)}",
                             "Check the module name, or that it is installed / on PYTHONPATH") from exc

@@ -9,10 +9,21 @@ from gradflow.errors import ExitCode, GradflowError
 
 
 @contextlib.contextmanager
-def user_code():
-    """What the user's code prints (a factory, a forward, a Trainer) goes to stderr: stdout carries only data."""
+def user_code(setup=None):
+    """What the user's code prints (a factory, a forward, a Trainer) goes to stderr: stdout carries only data.
+
+    With the factory's `setup`, a SystemExit or KeyboardInterrupt its forward or loss raises is an error naming
+    the factory (exit 2), never a silent exit 0 that passes a CI gate.
+    """
     with contextlib.redirect_stdout(sys.stderr):
-        yield
+        try:
+            yield
+        except (SystemExit, KeyboardInterrupt) as exc:
+            if setup is None or setup.kind not in ("factory", "trainer"):
+                raise
+            from gradflow.sources import user_exit_error
+
+            raise user_exit_error(exc, setup.source, "running its forward, loss or backward") from exc
 
 
 def prepare(model, opts, *, data, batch_size, seq_len, seed, out):

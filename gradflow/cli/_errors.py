@@ -28,6 +28,31 @@ def one_line(exc: BaseException) -> str:
             "Run again with GRADFLOW_DEBUG=1 for the traceback, and report it")
 
 
+def raised_outside_gradflow(exc: BaseException) -> bool:
+    """Whether the innermost Python frame that raised `exc` is outside the gradflow package (user or library code).
+
+    gradflow itself ends a command through fail() or typer.Exit; a SystemExit from anywhere else (a model's
+    forward calling sys.exit(0) mid-training) must not pass for success.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return False
+    # the CLI's own frameworks exit too: rich and Click on a closed stdout pipe (`gradflow ... | head`);
+    # a framework that raised is loaded, and Typer may vendor Click rather than install it
+    loaded = (sys.modules.get(name) for name in ("click", "rich", "typer"))
+    ours = [os.path.dirname(os.path.abspath(m.__file__)) for m in loaded if getattr(m, "__file__", None)]
+    ours.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    raiser = os.path.abspath(frames[-1].filename)
+    return not any(raiser.startswith(folder + os.sep) for folder in ours)
+
+
+def foreign_exit_error(exc: SystemExit) -> GradflowError:
+    from gradflow.sources import _where
+
+    return GradflowError(f"code outside gradflow raised SystemExit({exc.code!r}){_where(exc)} before the command "
+                         "finished, so nothing was checked", "Remove that exit call from your factory, model or loss")
+
+
 def fail(exc: BaseException) -> "NoReturn":  # noqa: F821
     """One line on stderr and exit 2; GRADFLOW_DEBUG=1 puts the traceback above that line."""
     if debug():

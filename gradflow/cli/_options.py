@@ -19,7 +19,7 @@ GC = Annotated[Optional[str], typer.Option("--gc", help="Gradient checkpointing:
 DType = Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16 (default: the model's).", rich_help_panel="Setup")]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda (auto picks CUDA when present).", rich_help_panel="Setup")]
 Trainable = Annotated[Optional[str], typer.Option("--trainable", help="Regex naming the parameters you intend to train.", rich_help_panel="Setup")]
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow custom model code from the directory or hub.", rich_help_panel="Setup")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow custom code: model code from the directory or hub, and a factory that an adapter config or run metadata names as the base.", rich_help_panel="Setup")]
 
 Data = Annotated[Optional[str], typer.Option("--data", help="JSONL file: build the probe batch from real samples.", rich_help_panel="Probe")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Probe batch size.", rich_help_panel="Probe")]
@@ -49,7 +49,11 @@ def check_choice(value: str, choices, flag: str) -> None:
 
 
 def check_positive(value: int, flag: str, example: int = 2) -> None:
+    """A positive integer, within gradflow.limits' bound for `flag` when it has one."""
     from gradflow.errors import GradflowError
+    from gradflow.limits import INTS, check_int
 
-    if value <= 0:
+    if flag in INTS:
+        check_int(flag, value)
+    elif value <= 0:
         raise GradflowError(f"{flag} must be a positive integer, got {value}", f"Pass e.g. {flag} {example}")

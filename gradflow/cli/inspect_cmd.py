@@ -25,20 +25,21 @@ def inspect(
     """Show the model module by module: trainable/frozen/quantized counts, dtype, hooks, checkpointing."""
     from gradflow.cli._common import check_fail_on, check_format, exit_for, prepare, user_code
     from gradflow.cli._output import Output
-    from gradflow.errors import GradflowError
 
     out = Output(format)
     try:
         check_format(format, ("text", "json"))
         check_fail_on(fail_on)
-        if depth is not None and depth < 1:
-            raise GradflowError(f"--depth must be at least 1, got {depth}", "Pass e.g. --depth 3")
+        if depth is not None:
+            from gradflow.limits import check_int
+
+            check_int("--depth", depth)
         opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
                                device, trainable, trust_remote_code, seed)
         setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out)
         import gradflow
 
-        with user_code():
+        with user_code(setup):
             report = gradflow.inspect(setup.model, batch, static=static, loss_fn=setup.loss_fn,
                                       trainable=setup.trainable)
     except Exception as exc:

@@ -47,7 +47,7 @@ def patch(
             check_save_target(trained, save)
         import gradflow
 
-        with out.status("probing, patching and probing again"), user_code():
+        with out.status("probing, patching and probing again"), user_code(setup):
             report = gradflow.patch(setup.model, batch, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
                                     trainable=setup.trainable, unsafe=unsafe_fixes, dry_run=dry_run)
         if save is not None:

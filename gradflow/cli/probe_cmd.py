@@ -31,7 +31,7 @@ def probe_backward(
         setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out)
         import gradflow
 
-        with out.status("probing forward and backward"), user_code():
+        with out.status("probing forward and backward"), user_code(setup):
             report = gradflow.probe(setup.model, batch, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
                                     trainable=setup.trainable)
     except Exception as exc:

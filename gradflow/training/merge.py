@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
@@ -29,18 +28,21 @@ def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
 
 
 def _run_meta(adapter_dir: str) -> dict:
+    """The run metadata train wrote, else the adapter config's base; `named_in` says which file and field."""
+    from gradflow.recipe import read_json
     from gradflow.training.engine import RUN_META
 
     path = os.path.join(adapter_dir, RUN_META)
     if os.path.isfile(path):
-        with open(path) as fh:
-            return json.load(fh)
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as fh:
-        return {"base": json.load(fh).get("base_model_name_or_path"), "base_seed": 0}
+        return {**read_json(path), "named_in": f"{path} (base)"}
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    return {"base": read_json(path).get("base_model_name_or_path"), "base_seed": 0,
+            "named_in": f"{path} (base_model_name_or_path)"}
 
 
 def load_base(adapter_dir: str, *, dtype: str | None = None, device: str = "cpu", trust_remote_code: bool = False):
     """The adapter's base model, unquantized, as it was built for training (presets: the same seed)."""
+    from gradflow.limits import SEED_MAX
     from gradflow.recipe import RecipeOptions, build
     from gradflow.sources import resolve
 
@@ -49,9 +51,15 @@ def load_base(adapter_dir: str, *, dtype: str | None = None, device: str = "cpu"
     if not base:
         raise GradflowError(f"{adapter_dir} does not name a base model gradflow can load (it came from a factory)",
                             "Load the base yourself, then gradflow.training.load_adapter(base, DIR)")
-    opts = RecipeOptions(lora_r=0, dtype=dtype or meta.get("dtype"), device=device, seed=int(meta.get("base_seed") or 0),
+    seed, meta_dtype = meta.get("base_seed") or 0, meta.get("dtype")
+    if (not isinstance(base, str) or not isinstance(seed, int) or not 0 <= seed <= SEED_MAX
+            or not isinstance(meta_dtype, (str, type(None)))):
+        raise GradflowError(f"{meta['named_in']}: base, base_seed or dtype is not a valid value",
+                            "Write the run again with gradflow train, or fix that file by hand")
+    opts = RecipeOptions(lora_r=0, dtype=dtype or meta_dtype, device=device, seed=seed,
                          trust_remote_code=trust_remote_code)
-    setup = build(resolve(base, trust_remote_code=trust_remote_code), opts)
+    # the run metadata is a file, perhaps from someone else: its base never runs code without --trust-remote-code
+    setup = build(resolve(base, trust_remote_code=trust_remote_code, named_in=meta["named_in"]), opts)
     if setup.tokenizer is None:
         from gradflow.runner import _try_tokenizer
 

@@ -75,6 +75,9 @@ def work(tmp_path_factory) -> Path:
     return d
 
 
+# `gradflow train` up to its option checks: the output directory is never made when an option is refused
+TRAIN = ["train", "tiny-gpt2", "--data", "good.jsonl", "--output", "never_made"]
+
 # (id, argv, substrings the one stderr line must hold)
 CASES = [
     # MODEL: paths, presets, hub ids
@@ -120,10 +123,10 @@ CASES = [
     ("format-xml-probe", ["probe-backward", "tiny-phi3", "--format", "xml"], ["--format 'xml' is not one of text, json, sarif"]),
     ("fail-on-maybe", ["probe-backward", "tiny-phi3", "--fail-on", "maybe"], ["--fail-on 'maybe' is not error, warning or never"]),
     ("batch-size-zero", ["probe-backward", "tiny-phi3", "--batch-size", "0"], ["--batch-size must be a positive integer"]),
-    ("seq-len-negative", ["inspect", "tiny-phi3", "--seq-len", "-3"], ["--seq-len must be a positive integer, got -3"]),
-    ("lora-r-negative", ["probe-backward", "tiny-phi3", "--lora-r", "-1"], ["--lora-r -1 is negative"]),
-    ("lora-alpha-zero", ["probe-backward", "tiny-phi3", "--lora-alpha", "0"], ["--lora-alpha 0 must be positive"]),
-    ("depth-zero", ["inspect", "tiny-phi3", "--depth", "0"], ["--depth must be at least 1, got 0"]),
+    ("seq-len-negative", ["inspect", "tiny-phi3", "--seq-len", "-3"], ["--seq-len must be a positive integer up to 1048576, got -3"]),
+    ("lora-r-negative", ["probe-backward", "tiny-phi3", "--lora-r", "-1"], ["--lora-r must be an integer from 0 (no LoRA) to 4096, got -1"]),
+    ("lora-alpha-zero", ["probe-backward", "tiny-phi3", "--lora-alpha", "0"], ["--lora-alpha must be a positive integer up to 65536, got 0"]),
+    ("depth-zero", ["inspect", "tiny-phi3", "--depth", "0"], ["--depth must be a positive integer up to 1000000, got 0"]),
     ("device-tpu", ["probe-backward", "tiny-phi3", "--device", "tpu"], ["--device 'tpu' is not auto, cpu or cuda"]),
     ("lora-targets-unknown", ["probe-backward", "tiny-phi3", "--lora-targets", "q_proj,v_proj"],
      ["--lora-targets", "q_proj", "no such linear module in Phi3ForCausalLM", "qkv_proj"]),
@@ -139,6 +142,29 @@ CASES = [
      ["--adapter not_an_adapter holds no adapter_config.json"]),
     ("adapter-missing-dir", ["probe-backward", "tiny-phi3", "--adapter", "no_such_adapter"],
      ["--adapter no_such_adapter: no such directory"]),
+    # numbers: finite and bounded, the bound in the message (train's checks run before any data or model loads)
+    ("lr-inf", [*TRAIN, "--lr", "inf"], ["--lr must be a finite number above 0 and at most 10, got inf", "--lr 2e-4"]),
+    ("lr-nan", [*TRAIN, "--lr", "nan"], ["--lr must be a finite number above 0 and at most 10, got nan"]),
+    ("lr-huge", [*TRAIN, "--lr", "1e9"], ["--lr must be a finite number above 0 and at most 10, got 1000000000.0"]),
+    ("epochs-inf", [*TRAIN, "--epochs", "inf"], ["--epochs must be a finite number above 0 and at most 1e+06, got inf"]),
+    ("max-steps-huge", [*TRAIN, "--max-steps", str(10**23)],
+     ["--max-steps must be a positive integer up to 1000000000, got 100000000000000000000000"]),
+    ("moved-at-zero", [*TRAIN, "--moved-at", "0"], ["--moved-at must be a positive integer up to 1000000000, got 0"]),
+    ("moved-at-negative", [*TRAIN, "--moved-at", "-1"], ["--moved-at must be a positive integer", "got -1"]),
+    ("seed-negative", ["probe-backward", "tiny-phi3", "--seed", "-1"],
+     ["--seed must be an integer from 0 to 4294967295, got -1", "--seed 0"]),
+    ("seed-huge", [*TRAIN, "--seed", str(2**32)], ["--seed must be an integer from 0 to 4294967295, got 4294967296"]),
+    ("lora-r-huge", ["probe-backward", "tiny-phi3", "--lora-r", "100000"],
+     ["--lora-r must be an integer from 0 (no LoRA) to 4096, got 100000"]),
+    ("lora-r-above-hidden-size", ["inspect", "tiny-phi3", "--static", "--lora-r", "128"],
+     ["--lora-r 128 is larger than the model's hidden size (64, from its config)", "--lora-r 64 or less"]),
+    ("batch-size-huge", ["probe-backward", "tiny-phi3", "--batch-size", "1000000"],
+     ["--batch-size must be a positive integer up to 65536, got 1000000"]),
+    ("seq-len-huge", ["inspect", "tiny-phi3", "--seq-len", str(2**21)],
+     ["--seq-len must be a positive integer up to 1048576, got 2097152"]),
+    ("train-seq-len-beyond-positions", ["train", "tiny-gpt2", "--data", "good.jsonl", "--output", "run_seq",
+                                        "--seq-len", "2048"],
+     ["--seq-len 2048 is longer than the model's 512 learned positions", "--seq-len 512 or less"]),
     # --data
     ("data-malformed-json", ["probe-backward", "tiny-phi3", "--data", "bad.jsonl"], ["bad.jsonl:2: not valid JSON"]),
     ("data-no-fields", ["probe-backward", "tiny-phi3", "--data", "no_fields.jsonl"],
@@ -179,6 +205,13 @@ def test_bad_input_is_one_actionable_line(outcomes, case_id, needles):
     line = assert_one_line_error(outcomes[case_id].result(), *needles)
     # actionable: what is wrong, then a sentence saying what to do
     assert re.search(r"\. [A-Z][a-z]", line), line
+
+
+def test_refused_train_options_make_no_output(outcomes, work):
+    for case_id, argv, _ in CASES:
+        if argv[:len(TRAIN)] == TRAIN:
+            assert outcomes[case_id].result().code == 2
+    assert not (work / "never_made").exists() and not (work / "run_seq").exists()
 
 
 def test_device_cuda_without_gpu(work):
