@@ -11,6 +11,8 @@ class ExitCode(enum.IntEnum):
     OK = 0  # no finding at or above --fail-on
     FINDINGS = 1  # at least one finding at or above --fail-on
     USAGE = 2  # bad usage, bad input, or the tool itself failed
+    INTERRUPTED = 130  # train: SIGINT (128 + 2) stopped the run after a step, with a checkpoint saved
+    TERMINATED = 143  # train: SIGTERM (128 + 15) stopped the run after a step, with a checkpoint saved
 
 
 class GradflowError(Exception):

@@ -81,7 +81,11 @@ def main() -> None:
     try:
         # standalone_mode=False: Click's usage errors come back here instead of Typer's multi-line boxes
         code = app(standalone_mode=False, prog_name="gradflow")
-    except SystemExit:
+    except SystemExit as exc:
+        from gradflow.cli._errors import foreign_exit_error, raised_outside_gradflow
+
+        if raised_outside_gradflow(exc):  # user code exiting, even with 0, is not a clean run
+            fail(foreign_exit_error(exc))
         raise
     except KeyboardInterrupt as exc:
         fail(exc)

@@ -53,8 +53,12 @@ def train(
                                                   rich_help_panel=_T)] = None,
     unsafe_fixes: Annotated[bool, typer.Option("--unsafe-fixes", help="Let the pre-flight patch apply unsafe "
                                                                       "fixes too.", rich_help_panel=_T)] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last complete checkpoint in "
-                                                          "--output.", rich_help_panel=_T)] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest intact checkpoint in "
+                                                          "--output, made with the same options.",
+                                         rich_help_panel=_T)] = False,
+    resume_anyway: Annotated[bool, typer.Option("--resume-anyway", help="Resume even though options that change "
+                                                                        "the result differ from the run's.",
+                                                rich_help_panel=_T)] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a previous run in --output.",
                                             rich_help_panel=_T)] = False,
     merge: Annotated[bool, typer.Option("--merge", help="Also write OUTPUT/merged: LoRA and SO(8) folded into "
@@ -71,8 +75,8 @@ def train(
 ):
     """Fine-tune with gradient-flow checks: pre-flight probe → patch → probe, then Trainer with a live watch.
 
-    Exit 0 when training completed; 1 when the pre-flight refused to start or the watch stopped the run (the
-    findings say why); 2 on bad input.
+    Exit 0 when training completed (or had already); 1 when the pre-flight refused to start or the watch stopped
+    the run (the findings say why); 2 on bad input; 130 / 143 after SIGINT / SIGTERM, with a checkpoint saved.
     """
     from gradflow.cli._common import check_format
     from gradflow.cli._output import Output
@@ -81,8 +85,6 @@ def train(
     out = Output(format)
     try:
         check_format(format, ("text", "json"))
-        from gradflow.training.so8 import parse_layers
-
         opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
                                device, trainable, trust_remote_code, seed)
         import gradflow
@@ -90,17 +92,26 @@ def train(
         report = gradflow.train(
             model, data, output, setup_options=opts, learning_rate=lr, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, seed=seed, precision=precision,
-            loss_on=loss_on, strict=strict, so8_layers=parse_layers(so8_layers), recipe=recipe,
-            unsafe_fixes=unsafe_fixes, resume=resume, overwrite=overwrite, merge=merge, check_every=check_every,
-            moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps)
+            loss_on=loss_on, strict=strict, so8_layers=_so8_layers(so8_layers), recipe=recipe,
+            unsafe_fixes=unsafe_fixes, resume=resume, resume_anyway=resume_anyway, overwrite=overwrite, merge=merge,
+            check_every=check_every, moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps)
+    except KeyboardInterrupt:  # Ctrl-C while loading or writing: inside the training steps it saves a checkpoint
+        import sys
+
+        sys.stderr.write("gradflow: interrupted outside the training steps: this stop saved nothing\n")
+        raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     except Exception as exc:
         fail(exc)
     _end_process_group()
     state = report.extra["train"]
     import os
 
+    if state["status"] == "interrupted":
+        _interrupted(state, report, out)
     if os.environ.get("RANK", "0") != "0":  # under torchrun / accelerate launch, rank 0 speaks for the run
         raise typer.Exit(int(ExitCode.OK if state["status"] == "completed" else ExitCode.FINDINGS))
+    if state.get("already_complete"):
+        _already_complete(state, output, report, out)
     if format == "json":
         out.data(report.to_dict())
     else:
@@ -117,9 +128,66 @@ def train(
     raise typer.Exit(int(ExitCode.OK if state["status"] == "completed" else ExitCode.FINDINGS))
 
 
+def _so8_layers(text: str | None) -> list[int]:
+    if text is None:  # gradflow.training.so8 imports torch: a refused run should not wait for it
+        return []
+    from gradflow.training.so8 import parse_layers
+
+    return parse_layers(text)
+
+
+def _resume_command() -> str:
+    """This command line with --resume (and without --overwrite), to paste."""
+    import shlex
+    import sys
+
+    argv = sys.argv[1:]
+    if "train" not in argv:  # run in-process (tests, notebooks): the arguments are not this command's
+        return "gradflow train ... --resume"
+    argv = [a for a in argv[argv.index("train"):] if a != "--overwrite"]
+    if "--resume" not in argv and "--resume-anyway" not in argv:
+        argv.append("--resume")
+    return shlex.join(["gradflow", *argv])
+
+
+def _interrupted(state: dict, report, out) -> "NoReturn":  # noqa: F821
+    """After SIGINT / SIGTERM: one line with the step, the checkpoint and the command that resumes; 128+N."""
+    import os
+    import signal
+    import sys
+
+    from gradflow.training.signals import exit_code
+
+    if os.environ.get("RANK", "0") == "0":
+        if out.fmt == "json":
+            out.data(report.to_dict())
+        sys.stderr.write(f"gradflow: {state['signal']}: stopped at step {state['steps']}/{state['max_steps']} with "
+                         f"{state['checkpoint']} saved. Resume with: {_resume_command()}\n")
+        sys.stderr.flush()
+    raise typer.Exit(exit_code(signal.Signals[state["signal"]]))
+
+
+def _already_complete(state: dict, output: str, report, out) -> "NoReturn":  # noqa: F821
+    """--resume on a run that had ended: it trains nothing, says so, exit 0 (the stored report with --format json)."""
+    import os
+    import sys
+
+    if out.fmt == "json":
+        out.data(report.to_dict())
+    sys.stderr.write(f"gradflow: the run in {output} is complete ({state['steps']}/{state['max_steps']} steps): "
+                     f"nothing to resume. Its adapter is in {os.path.join(output, state.get('adapter', 'adapter'))}; "
+                     "pass --overwrite to train it again\n")
+    sys.stderr.flush()
+    raise typer.Exit(0)
+
+
 def _end_process_group() -> None:
     """Under torchrun the CLI owns the process: tear the process group down before exit, not in interpreter
     shutdown, where gloo's threads can be destroyed while still joinable (SIGABRT after a completed run)."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # a run refused or already complete never imported torch
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -7,6 +7,7 @@ atomic checkpoints, SO(8) adapters, and the outputs: adapter, report.json, audit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -41,6 +42,7 @@ class TrainOptions:
     so8_layers: list[int] = dataclasses.field(default_factory=list)
     recipe: str | None = None
     resume: bool = False
+    resume_anyway: bool = False  # resume although the run's fingerprint differs (implies resume)
     overwrite: bool = False
     merge: bool = False
     unsafe_fixes: bool = False
@@ -53,18 +55,19 @@ class TrainOptions:
     previews: int = 2
 
     def validate(self) -> None:
-        positive = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--seq-len": self.seq_len,
-                    "--check-every": self.check_every, "--save-steps": self.save_steps,
-                    "--logging-steps": self.logging_steps}
-        for flag, value in positive.items():
-            if value is None or value < 1:
-                raise GradflowError(f"{flag} must be a positive integer, got {value}", f"Pass e.g. {flag} 4")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise GradflowError(f"--max-steps must be positive, got {self.max_steps}", "Pass e.g. --max-steps 100")
-        if self.max_steps is None and not self.epochs > 0:
-            raise GradflowError(f"--epochs must be positive, got {self.epochs}", "Pass e.g. --epochs 1")
-        if not self.learning_rate > 0:
-            raise GradflowError(f"--lr must be positive, got {self.learning_rate}", "Pass e.g. --lr 2e-4")
+        from gradflow.limits import check_float, check_int
+
+        # finite and bounded, each bound in the message (gradflow.limits holds the table)
+        bounded = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--seq-len": self.seq_len,
+                   "--check-every": self.check_every, "--save-steps": self.save_steps,
+                   "--logging-steps": self.logging_steps, "--seed": self.seed}
+        for flag, value in bounded.items():
+            check_int(flag, value)
+        for flag, value in (("--max-steps", self.max_steps), ("--moved-at", self.moved_at_step)):
+            if value is not None:  # None: no step limit / no moved-weights check
+                check_int(flag, value)
+        check_float("--epochs", self.epochs)  # checked even beside --max-steps: inf is a typo either way
+        check_float("--lr", self.learning_rate)
         if self.precision not in PRECISIONS:
             raise GradflowError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}",
                                 "Pick one of those")
@@ -74,10 +77,8 @@ class TrainOptions:
             raise GradflowError("--resume and --overwrite contradict each other", "Pass one of them")
 
 
-def _check_output(output: str, opts: TrainOptions) -> str | None:
-    """Validate the output directory before any work; the checkpoint to resume from, if any."""
-    from gradflow.training.checkpoint import last_complete_checkpoint
-
+def _check_output_path(output: str) -> None:
+    """--output must be (or be creatable as) a directory: checked before the lock creates it."""
     if os.path.exists(output) and not os.path.isdir(output):
         raise GradflowError(f"--output {output} is a file, not a directory", "Pass a new or existing directory")
     parent = os.path.dirname(os.path.abspath(output))
@@ -85,14 +86,17 @@ def _check_output(output: str, opts: TrainOptions) -> str | None:
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
         raise GradflowError(f"--output {output}: {parent} is a file, not a directory", "Pass a path under a directory")
-    run_dir = os.path.join(output, CHECKPOINT_DIR)
+
+
+def _check_output(output: str, opts: TrainOptions):
+    """With --output locked, before any work: the intact checkpoint to resume from (checkpoint.Intact), if any."""
+    from gradflow.training.lock import LOCK_NAME
+    from gradflow.training.resume import find
+
     if opts.resume:
-        last = last_complete_checkpoint(run_dir)
-        if last is None:
-            raise GradflowError(f"--resume: {output} holds no complete checkpoint",
-                                "Run without --resume to start training")
-        return last
-    if os.path.isdir(output) and os.listdir(output) and _rank() == 0:
+        return find(output, os.path.join(output, CHECKPOINT_DIR))
+    held = [n for n in os.listdir(output) if n != LOCK_NAME] if os.path.isdir(output) else []
+    if held and _rank() == 0:
         # only rank 0 checks: under torchrun it may already have written here when another rank looks
         if not opts.overwrite:
             raise GradflowError(f"--output {output} already holds files",
@@ -168,6 +172,9 @@ def build_setup(model: Any, ropts: RecipeOptions, opts: TrainOptions, tokenizer=
         setup = build(setup, ropts)
     if setup.tokenizer is None and setup.kind in ("dir", "hub"):
         setup.tokenizer = _try_tokenizer(setup.source)
+    from gradflow.runner import check_seq_len
+
+    check_seq_len(setup.model, opts.seq_len)  # the same length check as probe-backward, before any tokenising
     return setup
 
 
@@ -238,10 +245,12 @@ def prepare_data(path: str, tokenizer, opts: TrainOptions, read=None) -> Prepare
     if too_short and opts.strict:
         raise GradflowError(f"{too_short[0]}", "Raise --seq-len, or shorten the prompts")
     if not rows:
-        longest = max(len(encode(s, tokenizer, 10**9, loss_on=opts.loss_on)["input_ids"]) for s in samples)
+        cap = 4096  # enough to suggest a --seq-len; a 50 MB line is not tokenised whole for a hint
+        longest = max(len(encode(s, tokenizer, cap, loss_on=opts.loss_on)["input_ids"]) for s in samples)
+        size = f"{longest}{'+' if longest >= cap else ''}"
         raise GradflowError(f"--seq-len {opts.seq_len} is shorter than the prompt of every sample in {path}: "
-                            f"no supervised token is left (longest sample {longest} tokens)",
-                            f"Raise --seq-len (e.g. --seq-len {min(longest, 4096)})")
+                            f"no supervised token is left (longest sample {size} tokens)",
+                            f"Raise --seq-len (e.g. --seq-len {min(longest, cap)})")
     return Prepared(rows=rows, audit=audit, previews=previews, problems=problems + too_short, samples=len(samples))
 
 
@@ -304,21 +313,49 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
 
     Returns:
         A Report: the pre-flight probe's findings plus those raised while training, with `.before`/`.after`
-        from the pre-flight, and `extra["train"]` holding status (completed | refused | stopped), losses and the
-        final gradient state. `report.trained_model` is the model in memory.
+        from the pre-flight, and `extra["train"]` holding status (completed | refused | stopped | interrupted),
+        losses and the final gradient state. `report.trained_model` is the model in memory. `interrupted`: a
+        SIGINT / SIGTERM stopped the run after a step and saved `extra["train"]["checkpoint"]`. Resuming a run
+        that had ended returns its stored report with `extra["train"]["already_complete"]` and trains nothing.
+
+    Raises:
+        GradflowError: bad input; `output` is locked by another run; `resume` finds no intact checkpoint, or one
+            written with other options (unless `resume_anyway`).
     """
-    from rich.console import Console
+    from gradflow.training.lock import hold
 
     opts = TrainOptions(**options)
+    opts.resume = opts.resume or opts.resume_anyway
     opts.validate()
     ropts = setup_options or RecipeOptions()
     if ropts.seed == 0 and opts.seed:
         ropts.seed = opts.seed
-    resume_from = _check_output(output, opts)
+    _check_output_path(output)
+    # the lock: from the output check to the end, one run per directory; cleanup: undone however the run ends
+    with hold(output, enabled=_rank() == 0), contextlib.ExitStack() as cleanup:
+        return _run(model, data, output, opts, ropts, tokenizer=tokenizer, callbacks=callbacks, progress=progress,
+                    cleanup=cleanup)
+
+
+def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions, *, tokenizer, callbacks,
+         progress: bool, cleanup):
+    """The run, --output locked: output and resume checks, data, model, pre-flight, Trainer, outputs."""
+    from rich.console import Console
+
+    intact = _check_output(output, opts)
     console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
     say = console.print if progress and _rank() == 0 else (lambda *a, **k: None)
 
     read = read_data(data, opts)  # fail fast on bad data, before the model loads
+    from gradflow.training.resume import fingerprint as run_fingerprint, plan as resume_plan
+
+    fingerprint = run_fingerprint(model, data, opts, ropts)
+    # a checkpoint of another run is refused here, before the model loads
+    plan = resume_plan(intact, fingerprint, opts, output) if intact is not None else None
+    if plan is not None:
+        done = _already_complete(plan, output)
+        if done is not None:
+            return done
     setup = build_setup(model, ropts, opts, tokenizer)
     prepared = prepare_data(data, setup.tokenizer, opts, read)
     for problem in prepared.problems[:5]:
@@ -363,20 +400,40 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
             say(f"pre-flight: applied {fix.get('title', fix) if isinstance(fix, dict) else fix}")
 
     trainer, watch, collator = _trainer(setup, prepared, opts, output, console, callbacks or [], progress)
-    t0 = time.perf_counter()
-    if resume_from is not None:
-        from gradflow.training.checkpoint import clear_staging
+    trainer.gradflow_fingerprint = fingerprint  # recorded in every checkpoint's manifest
+    from gradflow.training.signals import StopOnSignal
 
-        clear_staging(os.path.join(output, CHECKPOINT_DIR))
-        say(f"resuming from {resume_from}")
-    with _quiet():
-        result = trainer.train(resume_from_checkpoint=resume_from)
+    signals = StopOnSignal()
+    trainer.add_callback(signals)
+    t0 = time.perf_counter()
+    if plan is not None:
+        _announce_resume(plan, output, say)
+        report.extra["train"]["resume"] = {"from": plan.checkpoint, "step": plan.step, "differences": plan.differences,
+                                           "damaged": [{"checkpoint": p, "why": w} for p, w in plan.damaged]}
+    if plan is not None and plan.reached_end:
+        # it trained to its last step and was stopped before writing its outputs: Trainer would train one step
+        # more, so load the checkpoint and write them
+        say(f"{plan.checkpoint} is the run's last step: writing the outputs it did not get to write")
+        _load_checkpoint(trainer, plan.checkpoint)
+        result = None
+    else:
+        signals.install()
+        cleanup.callback(signals.restore)
+        with _quiet():
+            result = trainer.train(resume_from_checkpoint=plan.checkpoint if plan is not None else None)
+        if signals.received is None:  # only the training steps are covered; after a stop the handlers stay
+            signals.restore()  # until the run returns, so that a second signal still aborts at once
     seconds = time.perf_counter() - t0
     stopped = watch.stopped_at is not None
+    interrupted = not stopped and signals.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps
     report.findings = list(report.findings) + list(watch.findings)
     state = _final_state(trainer, watch, collator, seconds, result)
     report.extra["train"].update(state)
-    report.extra["train"]["status"] = "stopped" if stopped else "completed"
+    report.extra["train"]["status"] = "stopped" if stopped else "interrupted" if interrupted else "completed"
+    if interrupted:
+        report.extra["train"]["signal"] = signals.name
+        report.extra["train"]["checkpoint"] = os.path.join(output, CHECKPOINT_DIR, f"checkpoint-{signals.stopped_at}")
+    finished = not stopped and not interrupted
 
     is_main = trainer.is_world_process_zero()
     if is_main:
@@ -384,10 +441,10 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
 
         if plot_grad_norms(watch.history, os.path.join(output, "grad_norms.png")):
             report.extra["train"]["grad_norms_png"] = "grad_norms.png"
-        if not stopped:
+        if finished:
             _save_adapter(setup, model, ropts, opts, os.path.join(output, ADAPTER_DIR))
             report.extra["train"]["adapter"] = ADAPTER_DIR
-    if not stopped and opts.merge and is_main:
+    if finished and opts.merge and is_main:
         from gradflow.training.merge import merge
 
         merge(os.path.join(output, ADAPTER_DIR), os.path.join(output, "merged"),
@@ -397,6 +454,70 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
         write_json_atomic(os.path.join(output, "report.json"), report.to_dict())
     report.trained_model = setup.model
     return report
+
+
+# ----- resuming ---------------------------------------------------------------------------------------------
+def _announce_resume(plan, output: str, say) -> None:
+    """Say where the run continues from and why; damaged checkpoints are set aside (rank 0), staging cleared."""
+    from rich.markup import escape
+
+    from gradflow.training.checkpoint import clear_staging, set_aside
+
+    warn = _warn if _rank() == 0 else (lambda text: None)
+    for path, why in plan.damaged:
+        where = set_aside(path) if _rank() == 0 and os.path.isdir(path) else path
+        warn(f"gradflow: {os.path.basename(path)} is damaged ({why}): set aside as {os.path.basename(where)}; "
+             f"resuming from {os.path.basename(plan.checkpoint)} instead")
+    if plan.unchecked:
+        warn(f"gradflow: {os.path.basename(plan.checkpoint)} was written before gradflow recorded run options: "
+             "they cannot be checked")
+    if plan.differences:
+        warn(f"gradflow: --resume-anyway: continuing with {', '.join(plan.differences)}")
+    if _rank() == 0:
+        clear_staging(os.path.join(output, CHECKPOINT_DIR))
+    say(escape(f"resuming from {plan.checkpoint}"))
+
+
+def _warn(text: str) -> None:
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
+def _already_complete(plan, output: str):
+    """The stored Report when the run reached its last step and wrote its outputs; None when there is work left."""
+    path = os.path.join(output, "report.json")
+    if not plan.reached_end or not os.path.isdir(os.path.join(output, ADAPTER_DIR)) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            stored = json.load(fh)
+        train = stored["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if train.get("status") != "completed" or train.get("steps") != plan.step:
+        return None
+    from gradflow.report import Finding, Fix, Report
+
+    fields = ("schema_version", "gradflow_version", "command", "model", "loss", "params", "modules", "findings")
+    findings = [Finding(f["code"], f["slug"], f["severity"], f["message"], f.get("location"),
+                        Fix(f["fix"]["title"], f["fix"]["applicability"]) if f.get("fix") else None,
+                        list(f.get("params") or [])) for f in stored.get("findings", [])]
+    report = Report(command="train", model=stored.get("model"), loss=stored.get("loss"), params=stored.get("params"),
+                    modules=stored.get("modules", []), findings=findings,
+                    extra={k: v for k, v in stored.items() if k not in fields})
+    train["already_complete"] = True  # this call trained nothing: the run had ended
+    train["resume"] = {"from": plan.checkpoint, "step": plan.step, "differences": plan.differences,
+                       "damaged": [{"checkpoint": p, "why": w} for p, w in plan.damaged]}
+    report.trained_model = None  # nothing was loaded
+    return report
+
+
+def _load_checkpoint(trainer, path: str) -> None:
+    """The checkpoint's weights and state into `trainer`, without a training step."""
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(path)
+    trainer.state = TrainerState.load_from_json(os.path.join(path, "trainer_state.json"))
 
 
 def _quiet():

@@ -1,0 +1,112 @@
+"""What `--resume` continues: the newest intact checkpoint, made by the same run.
+
+A run's fingerprint is every option that changes what it learns (model, data content, seed, batch, schedule,
+LoRA, precision …). Each checkpoint records it; `--resume` compares it with the command's own and refuses a
+difference, naming it, unless `--resume-anyway`. Options that change only how it runs (--gc, --device,
+--save-steps, logging, checks) are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from gradflow.errors import GradflowError
+from gradflow.training.checkpoint import Intact, complete_checkpoints, newest_intact, sha256_file
+
+# fingerprint key → how the command line spells it
+LABELS = {
+    "model": "MODEL", "data_sha256": "--data", "seed": "--seed", "batch_size": "--batch-size",
+    "grad_accum": "--grad-accum", "seq_len": "--seq-len", "learning_rate": "--lr", "max_steps": "--max-steps",
+    "epochs": "--epochs", "warmup_steps": "warmup steps", "precision": "--precision", "loss_on": "--loss-on",
+    "so8_layers": "--so8-layers", "recipe": "--recipe", "unsafe_fixes": "--unsafe-fixes", "lora_r": "--lora-r",
+    "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "adapter": "--adapter",
+    "adapter_trainable": "--adapter-trainable", "quant": "--quant", "dtype": "--dtype", "trainable": "--trainable",
+    "world_size": "processes (WORLD_SIZE)",
+}
+
+
+def _path_or_name(spec: Any) -> Any:
+    """A spec naming a local path compares by absolute path (the same run, resumed from another directory)."""
+    if not isinstance(spec, str):
+        return None if spec is None else f"<{type(spec).__name__} object>"
+    head = spec.split(":", 1)[0] if spec.split(":", 1)[0].endswith(".py") else spec
+    return spec.replace(head, os.path.abspath(head), 1) if os.path.exists(head) else spec
+
+
+def fingerprint(model: Any, data: str, opts, ropts) -> dict:
+    """The options of this run that change the weights it ends with (TrainOptions and RecipeOptions)."""
+    return {
+        "model": _path_or_name(model), "data_sha256": sha256_file(data), "seed": opts.seed,
+        "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "seq_len": opts.seq_len,
+        "learning_rate": opts.learning_rate, "max_steps": opts.max_steps,
+        "epochs": opts.epochs if opts.max_steps is None else None,  # Trainer ignores epochs beside max_steps
+        "warmup_steps": opts.warmup_steps, "precision": opts.precision, "loss_on": opts.loss_on,
+        "so8_layers": list(opts.so8_layers), "recipe": _path_or_name(opts.recipe), "unsafe_fixes": opts.unsafe_fixes,
+        "lora_r": ropts.lora_r, "lora_alpha": ropts.lora_alpha, "lora_targets": ropts.lora_targets,
+        "adapter": _path_or_name(ropts.adapter), "adapter_trainable": ropts.adapter_trainable, "quant": ropts.quant,
+        "dtype": ropts.dtype, "trainable": ropts.trainable, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+    }
+
+
+def differences(saved: dict, current: dict) -> list[str]:
+    """'--seed 0 → 1' per option that differs (keys only one side knows are not compared)."""
+
+    def shown(key, value):
+        if value is None:
+            return "(default)"
+        if key == "data_sha256":
+            return f"sha256 {value[:12]}…"
+        if isinstance(value, list):
+            return ",".join(map(str, value)) or "(none)"
+        return str(value)
+
+    out = []
+    for key, label in LABELS.items():
+        if key in saved and key in current and saved[key] != current[key]:
+            what = f"{label} content" if key == "data_sha256" else label
+            out.append(f"{what} {shown(key, saved[key])} → {shown(key, current[key])}")
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    """Where --resume continues from, and what it found on the way."""
+
+    checkpoint: str
+    step: int
+    total: int | None  # the run's max steps, as far as it is known before Trainer counts them
+    damaged: list[tuple[str, str]]  # (path, why): newer checkpoints passed over
+    differences: list[str]  # options that differ, accepted with --resume-anyway
+    unchecked: bool  # the checkpoint predates fingerprints
+
+    @property
+    def reached_end(self) -> bool:
+        return self.total is not None and self.step >= self.total
+
+
+def find(output: str, run_dir: str) -> Intact:
+    """The newest intact checkpoint of `run_dir`; GradflowError when there is none."""
+    if not complete_checkpoints(run_dir):
+        raise GradflowError(f"--resume: {output} holds no complete checkpoint",
+                            "Run without --resume to start training")
+    intact, damaged = newest_intact(run_dir)
+    if intact is None:
+        why = "; ".join(f"{os.path.basename(p)}: {w}" for p, w in damaged)
+        raise GradflowError(f"--resume: no intact checkpoint in {output} ({why})",
+                            "Pass --overwrite to train again from the start")
+    return intact
+
+
+def plan(intact: Intact, current: dict, opts, output: str) -> Plan:
+    """Compare the checkpoint's fingerprint with this command's; refuse a difference unless --resume-anyway."""
+    saved = intact.fingerprint
+    found = differences(saved, current) if saved is not None else []
+    if found and not opts.resume_anyway:
+        raise GradflowError(f"--resume: this command differs from the run in {output}: {', '.join(found)}",
+                            "Pass the run's own options to continue it, --resume-anyway to continue with these, "
+                            "or another --output")
+    # a --max-steps accepted with --resume-anyway moves the end; counted from --epochs, only Trainer knows it then
+    total = opts.max_steps if opts.max_steps is not None else None if found else intact.max_steps
+    return Plan(intact.path, intact.step, total, intact.damaged, found, saved is None)

@@ -1,0 +1,171 @@
+"""--resume checks what it continues: checkpoint manifests, the run's fingerprint, damaged files, finished runs.
+
+Through the real CLI against one uninterrupted reference run (gfrun.reference_run), plus in-process checks of
+each kind of damage on copies of its real checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+from gfrun import STEPS, copy_run, gradflow, reference_run, train_args
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return reference_run(tmp_path_factory)
+
+
+def _listing(output):
+    run_dir = os.path.join(output, "checkpoints")
+    return {name: os.stat(os.path.join(run_dir, name)).st_mtime_ns for name in os.listdir(run_dir)}
+
+
+def test_each_checkpoint_records_its_files_step_and_run(reference):
+    from gradflow.training.checkpoint import MARKER, damage, sha256_file
+
+    output, _ = reference
+    path = os.path.join(output, "checkpoints", f"checkpoint-{STEPS}")
+    marker = json.load(open(os.path.join(path, MARKER)))
+    assert marker["step"] == marker["max_steps"] == STEPS
+    for name, entry in marker["manifest"].items():
+        assert entry == {"bytes": os.path.getsize(os.path.join(path, name)),
+                         "sha256": sha256_file(os.path.join(path, name))}
+    assert {"optimizer.pt", "scheduler.pt", "adapter_model.safetensors", "rng_state.pth"} <= set(marker["manifest"])
+    assert marker["fingerprint"]["seed"] == 0 and marker["fingerprint"]["batch_size"] == 4
+    assert len(marker["fingerprint"]["data_sha256"]) == 64
+    assert damage(path) is None
+
+
+def test_a_finished_run_resumed_says_complete_and_trains_nothing(reference):
+    output, _ = reference
+    before = _listing(output)
+    res = gradflow(*train_args(output, "--resume"))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == ""
+    assert res.stderr.splitlines() == [
+        f"gradflow: the run in {output} is complete ({STEPS}/{STEPS} steps): nothing to resume. Its adapter is in "
+        f"{output}/adapter; pass --overwrite to train it again"]
+    assert _listing(output) == before  # no new checkpoint, none rewritten
+
+
+@pytest.mark.parametrize("option", ["seed", "data", "batch-size", "lora-r"])
+def test_resume_refuses_a_run_made_with_other_options(reference, tmp_path, option):
+    output, _ = reference
+    data = None
+    if option == "data":
+        from gfrun import DEMO
+
+        data = tmp_path / "other.jsonl"
+        data.write_text("".join(open(DEMO).readlines()[:-1]))  # one sample fewer
+    extra = {"seed": ["--seed", "1"], "batch-size": ["--batch-size", "2"], "lora-r": ["--lora-r", "4"],
+             "data": []}[option]
+    args = train_args(output, "--resume", *extra) if data is None else train_args(output, "--resume", data=str(data))
+    res = gradflow(*args)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+    expect = {"seed": "--seed 0 → 1", "batch-size": "--batch-size 4 → 2", "lora-r": "--lora-r (default) → 4",
+              "data": "--data content sha256"}[option]
+    assert lines[0].startswith(f"gradflow: error: --resume: this command differs from the run in {output}: {expect}")
+    assert "--resume-anyway" in lines[0]
+    assert lines[0].count("→") == 1  # only the option that differs is named
+
+
+def test_resume_anyway_continues_with_other_options(reference, tmp_path):
+    output = copy_run(reference[0], tmp_path / "run")
+    refused = gradflow(*train_args(output, "--resume", "--max-steps", STEPS + 2))
+    assert refused.returncode == 2 and f"--max-steps {STEPS} → {STEPS + 2}" in refused.stderr
+    res = gradflow(*train_args(output, "--resume-anyway", "--max-steps", STEPS + 2))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"gradflow: --resume-anyway: continuing with --max-steps {STEPS} → {STEPS + 2}" in res.stderr
+    report = json.loads(open(os.path.join(output, "report.json")).read())
+    assert report["train"]["status"] == "completed" and report["train"]["steps"] == STEPS + 2
+    assert report["train"]["resume"]["step"] == STEPS
+    assert f"checkpoint-{STEPS + 2}" in os.listdir(os.path.join(output, "checkpoints"))
+
+
+def test_a_run_stopped_after_its_last_checkpoint_gets_its_outputs_without_training(reference, tmp_path):
+    import gradflow
+    from gfrun import DEMO, assert_bit_exact
+    from gradflow.recipe import RecipeOptions
+
+    output = copy_run(reference[0], tmp_path / "run")
+    shutil.rmtree(os.path.join(output, "adapter"))
+    os.remove(os.path.join(output, "report.json"))
+    before = _listing(output)
+    report = gradflow.train("tiny-llama", DEMO, output, setup_options=RecipeOptions(gc="off"), max_steps=STEPS,
+                            seq_len=64, save_steps=1, logging_steps=1, learning_rate=1e-3, resume=True,
+                            progress=False)  # the same job as gfrun.JOB, through the library
+    assert report.extra["train"]["status"] == "completed" and report.extra["train"]["steps"] == STEPS
+    assert _listing(output) == before  # no step trained, no checkpoint written
+    assert_bit_exact(output, reference[1])
+
+
+def test_resume_with_no_intact_checkpoint_is_one_line(reference, tmp_path):
+    output = copy_run(reference[0], tmp_path / "run")
+    for name in os.listdir(os.path.join(output, "checkpoints")):
+        os.remove(os.path.join(output, "checkpoints", name, "optimizer.pt"))
+    res = gradflow(*train_args(output, "--resume"))
+    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert res.stderr.startswith(f"gradflow: error: --resume: no intact checkpoint in {output} (checkpoint-{STEPS}: "
+                                 "optimizer.pt is missing; ")
+    assert "--overwrite" in res.stderr
+
+
+# ----- each kind of damage, in-process on copies of the reference's checkpoints --------------------------------
+def _garbage(path):
+    size = os.path.getsize(path)
+    with open(path, "wb") as fh:
+        fh.write(bytes((i * 7 + 3) % 256 for i in range(size)))
+
+
+def _renamed_keys(path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path)
+    save_file({k.replace("lora_A", "lora_X"): v for k, v in tensors.items()}, path)
+
+
+DAMAGE = {
+    "truncated": (lambda p: os.truncate(p, os.path.getsize(p) // 2), "adapter_model.safetensors",
+                  "adapter_model.safetensors is"),
+    "empty": (lambda p: os.truncate(p, 0), "adapter_model.safetensors", "adapter_model.safetensors is 0 bytes"),
+    "garbage": (_garbage, "adapter_model.safetensors", "adapter_model.safetensors has changed since it was saved"),
+    "renamed-keys": (_renamed_keys, "adapter_model.safetensors", "adapter_model.safetensors"),
+    "missing-optimizer": (os.remove, "optimizer.pt", "optimizer.pt is missing"),
+    "garbage-marker": (_garbage, "gradflow_checkpoint.json", "its gradflow_checkpoint.json is unreadable"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_a_damaged_newest_checkpoint_gives_way_to_the_previous(reference, tmp_path, kind):
+    from gradflow.training.checkpoint import newest_intact
+
+    run_dir = tmp_path / "checkpoints"
+    shutil.copytree(os.path.join(reference[0], "checkpoints"), run_dir)
+    newest, previous = run_dir / f"checkpoint-{STEPS}", run_dir / f"checkpoint-{STEPS - 1}"
+    spoil, name, why = DAMAGE[kind]
+    spoil(str(newest / name))
+    intact, damaged = newest_intact(str(run_dir))
+    assert intact.path == str(previous) and intact.step == STEPS - 1
+    assert [p for p, _ in damaged] == [str(newest)]
+    assert damaged[0][1].startswith(why), damaged
+
+
+@pytest.mark.parametrize("kind", ["truncated", "missing-optimizer"])
+def test_checkpoints_from_before_manifests_are_still_checked(reference, tmp_path, kind):
+    from gradflow.training.checkpoint import MARKER, damage
+
+    path = tmp_path / "checkpoint-3"
+    shutil.copytree(os.path.join(reference[0], "checkpoints", f"checkpoint-{STEPS}"), path)
+    marker = json.load(open(path / MARKER))
+    json.dump({"step": marker["step"], "files": marker["files"]}, open(path / MARKER, "w"))  # the old marker
+    assert damage(str(path)) is None
+    spoil, name, _ = DAMAGE[kind]
+    spoil(str(path / name))
+    assert damage(str(path)) == {"truncated": "adapter_model.safetensors is unreadable (SafetensorError)",
+                                 "missing-optimizer": "optimizer.pt is missing"}[kind]
