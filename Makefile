@@ -8,7 +8,7 @@ PY ?= python3
 OLD := .venv-old
 NEW := .venv
 TORCH := torch==2.13.0
-COMMON := "typer>=0.29,<0.30" "rich>=13" "accelerate>=1.0" safetensors "bitsandbytes==0.50.2" "pytest>=8" "tensorboard>=2.14" "matplotlib>=3.7"
+COMMON := "typer>=0.29,<0.30" "rich>=13" "accelerate>=1.0" safetensors "bitsandbytes==0.50.2" "pytest>=8" "jsonschema>=4.18" "tensorboard>=2.14" "matplotlib>=3.7"
 PIP_FLAGS := -q --disable-pip-version-check
 
 .PHONY: demo train-demo test test-old test-new venvs clean

@@ -76,7 +76,7 @@ def inspect(model, batch: Any = None, *, static: bool = False, loss_fn: Callable
 
 
 def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimizer=None,
-          trainable: str | None = None) -> Report:
+          trainable: str | None = None, check_gc: bool = False, steps: int = 0, lr_scheduler=None) -> Report:
     """Run one forward and backward in train mode and classify every trainable parameter's gradient.
 
     The model is left as found: requires_grad flags, gradients, train/eval mode, hooks and RNG state.
@@ -91,15 +91,54 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
         optimizer: the optimizer you will train with, to check it holds every trainable parameter (a Trainer's
             own by default).
         trainable: regex naming the parameters you intend to train.
+        check_gc: also run the batch with gradient checkpointing on and off and compare every trainable
+            gradient (`checkpoint-changes-gradients`); see gradflow.gc_equivalence for how on/off are obtained.
+        steps: also take this many real optimizer steps (then put parameters and optimizer state back) and report
+            intended parameters that did not move (`param-not-updated`) and a zero learning rate
+            (`zero-learning-rate`). The optimizer is `optimizer`, a Trainer's own, else AdamW(lr=1e-3).
+        lr_scheduler: the scheduler stepped after each of those steps (a Trainer's own by default).
 
     Returns:
         A Report: loss state, per-parameter gradient classes (ok / none / zero / nonfinite), findings.
     """
     from gradflow.rules import run_rules
 
+    if steps:
+        from gradflow.steps import check_steps
+
+        steps = check_steps(steps)
     with _target(model, batch, loss_fn, optimizer) as (model, batch, loss_fn, optimizer, setup):
         snap = snapshot(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable, setup=setup)
-    return build_report(snap, run_rules(snap), "probe-backward")
+        _measure(snap, model, batch, loss_fn, optimizer, setup, check_gc=check_gc, steps=steps,
+                 lr_scheduler=lr_scheduler)
+    report = build_report(snap, run_rules(snap), "probe-backward")
+    if snap.packed_leak is not None:  # the batch was packed: what the leak check measured, as JSON
+        from gradflow.leak import to_dict
+
+        report.extra["packed_check"] = to_dict(snap.packed_leak)
+    return report
+
+
+def _measure(snap, model, batch, loss_fn, optimizer, setup, *, check_gc: bool, steps: int, lr_scheduler) -> None:
+    """The opt-in extra runs (--check-gc, --steps): each fills its own part of the snapshot."""
+    if not (check_gc or steps):
+        return
+    if batch is None and loss_fn is None:
+        from gradflow.probing import synthetic_batch
+
+        batch = synthetic_batch(model)  # the batch the probe synthesised: same seed, same ids
+    if check_gc:
+        from gradflow.gc_equivalence import compare
+
+        snap.gc_equivalence = compare(model, batch, loss_fn=loss_fn, snap=snap)
+    if steps:
+        from gradflow.steps import run_steps
+
+        if lr_scheduler is None and setup is not None:
+            lr_scheduler = getattr(setup, "lr_scheduler", None)
+        source = "trainer" if setup is not None and optimizer is not None and optimizer is setup.optimizer else None
+        snap.steps = run_steps(model, batch, steps=steps, loss_fn=loss_fn, optimizer=optimizer,
+                               lr_scheduler=lr_scheduler, snap=snap, optimizer_source=source)
 
 
 def patch(model, batch: Any = None, *, loss_fn: Callable | None = None, optimizer=None,

@@ -24,6 +24,8 @@ INTS: dict[str, tuple[int, int, int, str | None]] = {
     "--save-steps": (1, STEPS_MAX, 50, None),
     "--logging-steps": (1, STEPS_MAX, 10, None),
     "--moved-at": (1, STEPS_MAX, 5, None),
+    "--tokens-per-batch": (1, 2**24, 8192, None),  # 16M tokens in one packed step: beyond any single device
+    "--gc-every": (1, 10**4, 2, None),
     "--depth": (1, 10**6, 3, None),
     "--seed": (0, SEED_MAX, 0, None),
     "--lora-r": (0, 4096, 8, "no LoRA"),  # the model's hidden size caps it further once the model is known

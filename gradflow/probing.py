@@ -186,6 +186,13 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
         loss_bad = loss_state.value is not None and not math.isfinite(loss_state.value)
         if loss_bad or any(p.grad == "nonfinite" for p in snap.params):
             snap.forward_nonfinite_at = _locate_nonfinite(model, batch, loss_fn, names, rng)
+        if backward and isinstance(batch, Mapping):
+            from gradflow.packing import is_packed
+
+            if is_packed(batch):  # several samples per row: check that attention keeps them apart
+                from gradflow.leak import measure
+
+                snap.packed_leak = measure(model, batch)
     snap.loss = loss_state
     snap.traced = True
     snap.probed = backward

@@ -8,6 +8,7 @@ import json
 import os
 import tempfile
 
+from gradflow.choices import GC, Device, DType, Quant, plain
 from gradflow.errors import GradflowError
 from gradflow.limits import check_int
 from gradflow.models import is_peft_model
@@ -15,8 +16,8 @@ from gradflow.sources import Setup, _first_line, compile_regex
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
-GC_MODES = ("off", "reentrant", "non-reentrant")
-QUANT_MODES = ("none", "4bit", "8bit")
+GC_MODES = GC.values()  # the values are defined once, in gradflow.choices
+QUANT_MODES = Quant.values()
 
 
 @dataclasses.dataclass
@@ -37,14 +38,11 @@ class RecipeOptions:
     seed: int = 0
 
     def validate(self) -> None:
-        if self.quant not in QUANT_MODES:
-            raise GradflowError(f"--quant {self.quant!r} is not one of {', '.join(QUANT_MODES)}", "Pick one of those")
-        if self.gc is not None and self.gc not in GC_MODES:
-            raise GradflowError(f"--gc {self.gc!r} is not one of {', '.join(GC_MODES)}", "Pick one of those")
-        if self.dtype is not None and self.dtype not in DTYPES and self.dtype != "auto":
-            raise GradflowError(f"--dtype {self.dtype!r} is not a known dtype", "Use float32, bfloat16 or float16")
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise GradflowError(f"--device {self.device!r} is not auto, cpu or cuda", "Pick one of those")
+        # the same check (and message) as the CLI's parsing; an Enum member becomes its plain value
+        self.quant = plain(Quant.parse(self.quant))
+        self.gc = None if self.gc is None else plain(GC.parse(self.gc))
+        self.dtype = None if self.dtype is None else plain(DType.parse(self.dtype))
+        self.device = plain(Device.parse(self.device))
         if self.lora_r is not None:
             check_int("--lora-r", self.lora_r)
         if self.lora_alpha is not None:

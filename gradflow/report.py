@@ -22,6 +22,25 @@ class Applicability(str, enum.Enum):
         return self.value
 
 
+class Detail(str, enum.Enum):
+    """How much a report's JSON holds (`--detail`); see gradflow.render.json_report."""
+
+    COMPACT = "compact"  # counts, findings, per-layer gradients, module rows down to each decoder layer
+    PARAMS = "params"  # also every module row and every trainable parameter's gradient
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, value) -> "Detail":
+        try:
+            return cls(value)
+        except ValueError:
+            from gradflow.errors import GradflowError
+
+            raise GradflowError(f"--detail {value!r} is not one of compact, params", "Pick one of those") from None
+
+
 @dataclasses.dataclass
 class Fix:
     title: str
@@ -38,11 +57,12 @@ class Finding:
     fix: Fix | None = None
     params: list[str] = dataclasses.field(default_factory=list)  # the parameters it concerns
 
-    def to_dict(self) -> dict:
+    def to_dict(self, limit: int | None = 50) -> dict:
+        """The finding as JSON: the first `limit` parameter names it concerns (None: all), and how many there are."""
         return {"code": self.code, "slug": self.slug, "severity": self.severity, "message": self.message,
                 "location": self.location,
                 "fix": {"title": self.fix.title, "applicability": str(self.fix.applicability)} if self.fix else None,
-                "params": self.params[:50], "params_count": len(self.params)}
+                "params": self.params[:limit], "params_count": len(self.params)}
 
 
 def severity_rank(severity: str) -> int:
@@ -103,17 +123,31 @@ class Report:
 
         return renderable(self)
 
-    def to_dict(self) -> dict:
-        from gradflow import __version__
+    def to_dict(self, detail: "Detail | str" = "compact") -> dict:
+        """The CLI's JSON (docs/report.schema.json).
 
+        Args:
+            detail: "compact" (default): counts, findings, a per-layer gradient roll-up, and the module rows down to
+                each decoder layer (plus the way to every finding's location). "params": every module row and
+                every trainable parameter's gradient too (`--detail params`).
+        """
+        from gradflow import __version__
+        from gradflow.render.json_report import COMPACT_DEPTH, COMPACT_FINDING_PARAMS, module_rows, params_section
+
+        detail = Detail.parse(detail)
+        full = detail is Detail.PARAMS
         data = {
             "schema_version": SCHEMA_VERSION, "gradflow_version": __version__, "command": self.command,
-            "model": self.model, "loss": self.loss, "params": self.params, "modules": self.modules,
-            "findings": [f.to_dict() for f in self.findings],
+            "detail": detail.value, "model": self.model, "loss": self.loss,
+            "params": params_section(self.params, full=full),
+            "modules": module_rows(self.modules, [f.location for f in self.findings if f.location],
+                                   depth=None if full else COMPACT_DEPTH),
+            "modules_total": len(self.modules),
+            "findings": [f.to_dict(limit=None if full else COMPACT_FINDING_PARAMS) for f in self.findings],
         }
         if self.before is not None or self.after is not None:
-            data["before"] = self.before.to_dict() if self.before else None
-            data["after"] = self.after.to_dict() if self.after else None
+            data["before"] = self.before.to_dict(detail) if self.before else None
+            data["after"] = self.after.to_dict(detail) if self.after else None
             data["fixes_applied"] = self.fixes_applied
         data.update(self.extra)
         return data
@@ -156,7 +190,35 @@ def build_report(snap, findings: list[Finding], command: str) -> Report:
         for p in trainable
     ] if snap.probed else []
     return Report(command=command, model=model, loss=loss, params=params, modules=modules,
-                  findings=findings, snapshot=snap)
+                  findings=findings, snapshot=snap, extra=_measured(snap))
+
+
+def _measured(snap) -> dict:
+    """The opt-in measurements (--check-gc, --steps) as JSON: "gc_check" and "steps", when they ran."""
+    extra = {}
+    gc = getattr(snap, "gc_equivalence", None)
+    if gc is not None:
+        data = {**dataclasses.asdict(gc), "diffs": [dataclasses.asdict(d) for d in gc.diffs[:50]],
+                "diffs_count": len(gc.diffs)}
+        for key in ("loss_with_gc", "loss_without_gc"):
+            data[key] = _finite(data[key])
+        for d in data["diffs"]:
+            d["rel_diff"], d["max_abs_diff"] = _finite(d["rel_diff"]), _finite(d["max_abs_diff"])
+        extra["gc_check"] = data
+    run = getattr(snap, "steps", None)
+    if run is not None:
+        data = {k: v for k, v in dataclasses.asdict(run).items() if k != "params"}
+        data["losses"] = [_finite(v) for v in run.losses]
+        stale = [p for p in run.params if not p.changed]
+        data.update(params_tracked=len(run.params), params_changed=len(run.params) - len(stale),
+                    not_changed=[dataclasses.asdict(p) for p in stale[:50]], not_changed_count=len(stale))
+        extra["steps"] = data
+    return extra
+
+
+def _finite(value):
+    """NaN/Inf are not JSON: None instead."""
+    return value if value is None or math.isfinite(value) else None
 
 
 def _module_row(m) -> dict:

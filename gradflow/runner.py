@@ -9,11 +9,39 @@ from gradflow.recipe import RecipeOptions, build
 from gradflow.sources import Setup, resolve
 
 
-def load_setup(model: str, opts: RecipeOptions) -> Setup:
+def load_setup(model, opts: RecipeOptions) -> Setup:
     """Resolve MODEL and build the training setup the options describe."""
+    return build_setup(resolve_setup(model, opts), opts)
+
+
+def resolve_setup(model, opts: RecipeOptions) -> Setup:
+    """MODEL as a Setup, nothing built yet: a spec string, a Setup, or an nn.Module / factory-style dict."""
     opts.validate()
-    setup = resolve(model, trust_remote_code=opts.trust_remote_code)
-    check_lora_flags(setup, opts)
+    if isinstance(model, Setup):
+        return model
+    if isinstance(model, str):
+        setup = resolve(model, trust_remote_code=opts.trust_remote_code)
+        if setup.kind == "config":  # a config.json alone holds no weights to load
+            raise GradflowError(f"{model} is a config file, and gradflow needs the model's weights to run it",
+                                "Pass --dry-run to judge the setup without weights, or the directory holding the "
+                                "config and weights")
+        return setup
+    import torch
+
+    from gradflow.sources import setup_from_factory_result
+
+    if isinstance(model, (torch.nn.Module, dict)):
+        setup = setup_from_factory_result(model, type(model).__name__)
+        if setup.kind != "trainer":
+            setup.kind = "object"  # built by the caller: trained in place
+        return setup
+    raise GradflowError(f"cannot use a {type(model).__name__} as MODEL", "Pass a MODEL spec string or an nn.Module")
+
+
+def build_setup(setup: Setup, opts: RecipeOptions, *, check_flags: bool = True) -> Setup:
+    """Build a resolved setup as the options say (LoRA, adapter, quantization, checkpointing), with its tokenizer."""
+    if check_flags:
+        check_lora_flags(setup, opts)
     setup = build(setup, opts)
     if setup.tokenizer is None and setup.kind in ("dir", "hub"):
         setup.tokenizer = _try_tokenizer(setup.source)
@@ -65,6 +93,55 @@ def make_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: int,
                             "Return {'model': ..., 'batch': ...} from the factory (and 'loss_fn' if the model returns "
                             "no loss)")
     return synthetic_batch(setup.model, batch_size=batch_size, seq_len=seq_len, seed=seed)
+
+
+def packed_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: int, seed: int) -> dict:
+    """`--packed`: the --batch-size samples (at least 2; each at most --seq-len tokens) packed into one row.
+
+    From --data's first samples, else synthetic token ids of distinct lengths; position_ids restart per sample
+    and there is no attention_mask (gradflow.packing), as a packed training batch has.
+    """
+    import torch
+
+    from gradflow.packing import collate_packed
+    from gradflow.probing import model_device, vocab_size
+
+    if batch_size < 2:
+        raise GradflowError(f"--packed needs at least 2 samples to pack, got --batch-size {batch_size}",
+                            "Pass --batch-size 2 or more")
+    if setup.kind == "trainer":
+        raise GradflowError(f"{setup.source} returns a Trainer, whose collator decides whether batches are packed",
+                            "Drop --packed (give the trainer a packing collator to probe packed batches)")
+    if data is None and (setup.batch is not None or setup.loss_fn is not None):
+        raise GradflowError(f"--packed builds its batch from token ids, and {setup.source} brings its own batch",
+                            "Pass --data FILE with --packed, or return a packed batch (position_ids restarting per "
+                            "sample) from the factory")
+    check_seq_len(setup.model, seq_len)
+    if data is not None:
+        from gradflow.data import encode, read_jsonl
+
+        if setup.tokenizer is None:
+            raise GradflowError("--data needs a tokenizer, and this model source has none",
+                                "Use a preset or a directory with a tokenizer, or return 'tokenizer' from your factory")
+        samples, problems = read_jsonl(data)
+        if problems:
+            raise GradflowError(f"malformed sample at {problems[0]}", "Fix or remove that line")
+        rows = [encode(s, setup.tokenizer, seq_len) for s in samples[:batch_size]]
+        if len(rows) < 2:
+            raise GradflowError(f"--packed needs at least 2 samples and {data} has {len(rows)}",
+                                "Add samples to the file, or drop --packed")
+    else:
+        vocab = vocab_size(setup.model)
+        if vocab is None:
+            raise GradflowError(f"{setup.source} has no vocab_size to make token ids for",
+                                "Pass --data FILE with --packed")
+        gen = torch.Generator().manual_seed(seed)
+        rows = []
+        for i in range(batch_size):  # distinct lengths, so that no boundary falls at a round position
+            n = max(4, seq_len - 3 * i)
+            ids = torch.randint(min(3, vocab - 1), vocab, (n,), generator=gen).tolist()
+            rows.append({"input_ids": ids, "labels": list(ids)})
+    return to_device(collate_packed(rows), model_device(setup.model))
 
 
 # learned absolute position tables: a longer sequence indexes past their end (rotary positions have no such limit)

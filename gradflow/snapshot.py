@@ -83,6 +83,92 @@ class LossState:
 
 
 @dataclasses.dataclass
+class GradDiff:
+    """A trainable parameter whose gradient with checkpointing on differs from the one with it off."""
+
+    name: str
+    module: str
+    kind: str  # differs | none-with-gc | none-without-gc | zero-with-gc | zero-without-gc
+    rel_diff: float | None = None  # ||g_on - g_off|| / ||g_off||
+    max_abs_diff: float | None = None
+
+
+@dataclasses.dataclass
+class GcEquivalence:
+    """`--check-gc`: the same batch run with checkpointing on and off, gradients compared (gradflow.gc_equivalence)."""
+
+    compared: bool
+    mode: str | None = None  # the checkpointing compared with none: reentrant | non-reentrant | mixed
+    enabled_for_check: bool = False  # the model had none; gradflow turned transformers' on for the comparison
+    reason: str | None = None  # why nothing was compared (the model cannot checkpoint)
+    error_with_gc: str | None = None  # an exception in the run with checkpointing
+    error_without_gc: str | None = None
+    params_compared: int = 0
+    rtol: dict[str, float] = dataclasses.field(default_factory=dict)  # by gradient dtype
+    atol: dict[str, float] = dataclasses.field(default_factory=dict)
+    loss_with_gc: float | None = None
+    loss_without_gc: float | None = None
+    diffs: list[GradDiff] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class ParamStep:
+    """One intended-trainable parameter after `--steps K` optimizer steps (gradflow.steps)."""
+
+    name: str
+    module: str
+    changed: bool
+    requires_grad: bool
+    in_optimizer: bool
+    has_state: bool | None  # the optimizer holds state for it after the steps; None: it keeps none at all (SGD)
+    grad: str  # ok (a nonzero gradient at some step) | zero | none
+    zero_lr: bool = False  # its param group's learning rate was 0 at every step
+
+
+@dataclasses.dataclass
+class StepsRun:
+    """`--steps K`: K real optimizer steps on one batch, then parameters and optimizer state put back."""
+
+    steps: int
+    optimizer: str  # class name
+    optimizer_source: str  # given | trainer | default (AdamW lr 1e-3 over the trainable parameters)
+    scheduler: str | None = None
+    lrs: list[list[float]] = dataclasses.field(default_factory=list)  # per step, per param group (as stepped)
+    next_lrs: list[float] = dataclasses.field(default_factory=list)  # per group, what step K+1 would use
+    zero_lr_groups: list[int] = dataclasses.field(default_factory=list)  # groups with trainable params, lr 0 throughout
+    group_sizes: list[int] = dataclasses.field(default_factory=list)  # trainable params per group
+    losses: list[float | None] = dataclasses.field(default_factory=list)
+    error: str | None = None
+    restored: bool = False
+    params: list[ParamStep] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class LeakPair:
+    """One sample whose loss has gradient w.r.t. another sample's input embeddings (packed batch)."""
+
+    sample: int  # index of the sample whose loss was differentiated (in packing order, across rows)
+    other: int  # index of the sample whose embeddings got gradient
+    ratio: float  # max |grad| on the other sample's rows / max |grad| on its own rows
+
+
+@dataclasses.dataclass
+class PackedLeak:
+    """A packed probe batch: does one sample's loss reach another sample's inputs? (gradflow.leak)"""
+
+    samples: int  # samples in the batch (segments of position_ids, over all rows)
+    rows: int
+    checked: int = 0  # samples whose loss was differentiated
+    attn_implementation: str | None = None  # config._attn_implementation
+    leaks: list[LeakPair] = dataclasses.field(default_factory=list)
+    max_ratio: float = 0.0
+    cache_created: bool | None = None  # the forward built a KV cache (use_cache on): masking_utils then skips packing
+    attention_mask_given: bool = False  # the batch carries an attention_mask: masking_utils then skips packing
+    causes: list[str] = dataclasses.field(default_factory=list)  # cache | attention-mask | implementation
+    error: str | None = None  # the measurement could not run (e.g. an attention backward missing on this device)
+
+
+@dataclasses.dataclass
 class Snapshot:
     """Everything rules look at."""
 
@@ -120,6 +206,9 @@ class Snapshot:
     # and modules whose class's forward carries such a decorator (module -> "no_grad" | "inference_mode" | ...)
     no_grad_modules: list[str] = dataclasses.field(default_factory=list)
     grad_off_forward: dict[str, str] = dataclasses.field(default_factory=dict)
+    gc_equivalence: GcEquivalence | None = None  # filled by --check-gc (gradflow.probe(check_gc=True))
+    steps: StepsRun | None = None  # filled by --steps K (gradflow.probe(steps=K))
+    packed_leak: PackedLeak | None = None  # filled when the probe batch is packed (gradflow.leak)
 
     def module(self, name: str) -> ModuleState | None:
         for m in self.modules:

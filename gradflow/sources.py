@@ -20,7 +20,7 @@ class Setup:
     """What gradflow works on: the model and, from a factory, the user's batch, loss, optimizer and intent."""
 
     model: Any
-    kind: str  # preset | dir | hub | factory | trainer
+    kind: str  # preset | dir | config | hub | factory | trainer
     source: str
     batch: Any = None
     loss_fn: Callable | None = None
@@ -31,6 +31,7 @@ class Setup:
     # a Trainer's DDP settings, for the rules to judge before the run is launched under torchrun
     find_unused_parameters: bool | None = None
     static_graph: bool = False
+    lr_scheduler: Any = None  # a factory's (or a Trainer's) scheduler, stepped by --steps
 
 
 def resolve(spec: str, *, trust_remote_code: bool = False, named_in: str | None = None) -> Setup:
@@ -53,6 +54,8 @@ def resolve(spec: str, *, trust_remote_code: bool = False, named_in: str | None 
                             "model directory or hub id")
     if _looks_like_factory(spec):
         return load_factory(spec)
+    if os.path.isfile(spec) and spec.lower().endswith(".json"):
+        return Setup(model=None, kind="config", source=spec)  # a config.json: enough for --dry-run, no weights
     if os.path.exists(spec):
         raise GradflowError(f"{spec} is a file, not a model directory or factory",
                             "Pass a directory written by save_pretrained, or FILE.py:FUNCTION")
@@ -187,10 +190,10 @@ def setup_from_factory_result(result: Any, source: str) -> Setup:
         if not isinstance(model, torch.nn.Module):
             raise GradflowError(f"factory {source} returned a dict whose 'model' is {type(model).__name__}, not an nn.Module",
                                 "Return {'model': module, ...} with an nn.Module under 'model'")
-        unknown = set(result) - {"model", "batch", "loss_fn", "optimizer", "trainable", "tokenizer"}
+        unknown = set(result) - {"model", "batch", "loss_fn", "optimizer", "lr_scheduler", "trainable", "tokenizer"}
         if unknown:
             raise GradflowError(f"factory {source} returned unknown keys: {', '.join(sorted(unknown))}",
-                                "Use only model, batch, loss_fn, optimizer, trainable, tokenizer")
+                                "Use only model, batch, loss_fn, optimizer, lr_scheduler, trainable, tokenizer")
         loss_fn = result.get("loss_fn")
         if loss_fn is not None and not callable(loss_fn):
             raise GradflowError(f"factory {source}: 'loss_fn' is not callable", "Pass a function loss_fn(model, batch) -> loss")
@@ -198,7 +201,8 @@ def setup_from_factory_result(result: Any, source: str) -> Setup:
         if trainable is not None:
             compile_regex(trainable, what=f"factory {source}: 'trainable'")
         return Setup(model=model, kind="factory", source=source, batch=result.get("batch"), loss_fn=loss_fn,
-                     optimizer=result.get("optimizer"), trainable=trainable, tokenizer=result.get("tokenizer"))
+                     optimizer=result.get("optimizer"), trainable=trainable, tokenizer=result.get("tokenizer"),
+                     lr_scheduler=result.get("lr_scheduler"))
     raise GradflowError(f"factory {source} returned {type(result).__name__}, not an nn.Module, Trainer or dict",
                         "Return an nn.Module, a Trainer, or a dict with 'model' (and optional batch, loss_fn, "
                         "optimizer, trainable)")

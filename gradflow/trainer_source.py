@@ -218,6 +218,7 @@ def prepared(trainer) -> Iterator[Setup]:
                       tokenizer=getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None))
         setup.find_unused_parameters = find_unused_parameters(trainer, live)
         setup.static_graph = bool(getattr(trainer.args, "ddp_static_graph", False))
+        setup.lr_scheduler = seen.get("lr_scheduler")  # for --steps: the schedule the run will step
         yield setup
     finally:
         with contextlib.suppress(ValueError):

@@ -8,8 +8,9 @@ import typer
 
 from gradflow import __version__
 
+# add_completion: --install-completion and --show-completion SHELL (commands, options and choice values)
 app = typer.Typer(
-    name="gradflow", no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+    name="gradflow", no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
     help="Find, explain and fix broken gradient flow in PyTorch / transformers / PEFT fine-tuning.\n\n"
          "Exit codes: 0 no finding at or above --fail-on, 1 findings, 2 usage/input/tool error.",
     context_settings={"help_option_names": ["-h", "--help"]},

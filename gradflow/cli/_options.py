@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from typing_extensions import Annotated
+
+from gradflow import choices as c
+from gradflow.report import Detail as _Detail
 
 ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help="Preset (tiny-phi3, …), save_pretrained directory, hub id, or FILE.py:FUNC / module:FUNC factory.", show_default=False)]
 
@@ -14,10 +17,12 @@ LoraAlpha = Annotated[Optional[int], typer.Option("--lora-alpha", help="LoRA alp
 LoraTargets = Annotated[Optional[str], typer.Option("--lora-targets", help="Comma-separated module names, or all-linear.", rich_help_panel="Setup")]
 Adapter = Annotated[Optional[str], typer.Option("--adapter", help="Load a PEFT adapter directory onto the model.", rich_help_panel="Setup")]
 AdapterTrainable = Annotated[bool, typer.Option("--adapter-trainable", help="Load --adapter trainable (is_trainable=True).", rich_help_panel="Setup")]
-Quant = Annotated[str, typer.Option("--quant", help="none | 4bit | 8bit (bitsandbytes).", rich_help_panel="Setup")]
-GC = Annotated[Optional[str], typer.Option("--gc", help="Gradient checkpointing: off | reentrant | non-reentrant. Default: as the model is.", rich_help_panel="Setup")]
-DType = Annotated[Optional[str], typer.Option("--dtype", help="float32 | bfloat16 | float16 (default: the model's).", rich_help_panel="Setup")]
-Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda (auto picks CUDA when present).", rich_help_panel="Setup")]
+# choice options: the Enum types in gradflow.choices make them real choices in --help; their parse() gives the one
+# message for a bad value (a GradflowError: one line, exit 2), the same the library gives
+Quant = Annotated[c.Quant, typer.Option("--quant", parser=c.Quant.parse, help="bitsandbytes quantization of the base model.", rich_help_panel="Setup")]
+GC = Annotated[Optional[c.GC], typer.Option("--gc", parser=c.GC.parse, help="Gradient checkpointing. Default: as the model is.", rich_help_panel="Setup")]
+DType = Annotated[Optional[c.DType], typer.Option("--dtype", parser=c.DType.parse, help="Model dtype (fp32 / bf16 / fp16 are aliases). Default: the model's.", rich_help_panel="Setup")]
+Device = Annotated[c.Device, typer.Option("--device", parser=c.Device.parse, help="auto picks CUDA when present; cuda:N picks one GPU.", rich_help_panel="Setup")]
 Trainable = Annotated[Optional[str], typer.Option("--trainable", help="Regex naming the parameters you intend to train.", rich_help_panel="Setup")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code", help="Allow custom code: model code from the directory or hub, and a factory that an adapter config or run metadata names as the base.", rich_help_panel="Setup")]
 
@@ -25,8 +30,20 @@ Data = Annotated[Optional[str], typer.Option("--data", help="JSONL file: build t
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Probe batch size.", rich_help_panel="Probe")]
 SeqLen = Annotated[int, typer.Option("--seq-len", help="Probe sequence length.", rich_help_panel="Probe")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed for init and synthetic batches.", rich_help_panel="Probe")]
+DryRun = Annotated[bool, typer.Option("--dry-run", help="Load no weights: judge the setup on a toy-width twin of MODEL's config (a config.json, its directory or a preset); sizes are the full model's. Cannot see non-finite or zero gradients, or data.", rich_help_panel="Probe")]
 
-FailOn = Annotated[str, typer.Option("--fail-on", help="Exit 1 on findings at or above: error | warning | never.")]
+_CI = "CI"
+FailOn = Annotated[Optional[c.FailOn], typer.Option("--fail-on", parser=c.FailOn.parse, show_default=False, help="Exit 1 on findings at or above this severity. Default: \\[tool.gradflow] fail-on, else error.", rich_help_panel=_CI)]
+Format = Annotated[c.Format, typer.Option("--format", parser=c.Format.parse, help="Report on stdout.")]
+ProbeFormat = Annotated[c.ProbeFormat, typer.Option("--format", parser=c.ProbeFormat.parse, help="Report on stdout (SARIF for code scanning).")]
+Select = Annotated[Optional[List[str]], typer.Option("--select", metavar="CODES", show_default=False, help="Only these findings: comma-separated codes, code prefixes (GF1), slugs or ALL. Overrides \\[tool.gradflow] select.", rich_help_panel=_CI)]
+Ignore = Annotated[Optional[List[str]], typer.Option("--ignore", metavar="CODES", show_default=False, help="Drop these findings (codes, prefixes, slugs), after \\[tool.gradflow] select/ignore.", rich_help_panel=_CI)]
+Baseline = Annotated[Optional[str], typer.Option("--baseline", metavar="FILE", show_default=False, help="Expected trainable set and findings (JSON). Missing: written, exit by --fail-on. Present: exit 1 when either changed, 0 otherwise.", rich_help_panel=_CI)]
+UpdateBaseline = Annotated[bool, typer.Option("--update-baseline", help="Write --baseline FILE anew even when it exists (accept the changes).", rich_help_panel=_CI)]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Data only: no progress or hints on stderr (errors still print).", rich_help_panel=_CI)]
+# report JSON size: per-parameter rows and every module row only when asked (gradflow.render.json_report)
+Detail = Annotated[_Detail, typer.Option("--detail", parser=_Detail.parse, help="JSON detail: compact (counts, findings, per-layer gradients, module rows down to each layer) or params (also every module and every trainable parameter).")]
+Isolated = Annotated[bool, typer.Option("--isolated", help="Ignore \\[tool.gradflow] in pyproject.toml.", rich_help_panel=_CI)]
 
 
 def setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype, device, trainable,
@@ -34,18 +51,12 @@ def setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, 
     """RecipeOptions from the shared CLI options (validated)."""
     from gradflow.recipe import RecipeOptions
 
+    quant, gc, dtype, device = (c.plain(v) for v in (quant, gc, dtype, device))  # the library stores plain str
     opts = RecipeOptions(lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, adapter=adapter,
                          adapter_trainable=adapter_trainable, quant=quant, gc=gc, dtype=dtype, device=device,
                          trainable=trainable, trust_remote_code=trust_remote_code, seed=seed)
     opts.validate()
     return opts
-
-
-def check_choice(value: str, choices, flag: str) -> None:
-    from gradflow.errors import GradflowError
-
-    if value not in choices:
-        raise GradflowError(f"{flag} {value!r} is not one of {', '.join(choices)}", "Pick one of those")
 
 
 def check_positive(value: int, flag: str, example: int = 2) -> None:

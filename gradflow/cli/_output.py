@@ -21,10 +21,13 @@ def stdout_width() -> int | None:
 
 
 class Output:
-    def __init__(self, fmt: str = "text"):
+    """`quiet`: data only; progress and hints are dropped (the one-line error and failure reasons still print)."""
+
+    def __init__(self, fmt: str = "text", *, quiet: bool = False):
         from rich.console import Console
 
-        self.fmt = fmt
+        self.fmt = str(fmt)
+        self.quiet = quiet
         self.out = Console(file=sys.stdout, soft_wrap=False, highlight=False, width=stdout_width())
         self.err = Console(file=sys.stderr, highlight=False)
 
@@ -38,11 +41,18 @@ class Output:
         self.out.print(renderable, crop=False)
 
     def say(self, text: str) -> None:
-        self.err.print(text)
+        """A hint or note on stderr (not with --quiet)."""
+        if not self.quiet:
+            self.err.print(text)
+
+    def tell(self, text: str) -> None:
+        """Why the exit code is what it is, on stderr even with --quiet: plain text, never wrapped."""
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
 
     @contextmanager
     def status(self, text: str):
-        if self.err.is_terminal:
+        if self.err.is_terminal and not self.quiet:
             with self.err.status(text):
                 yield
         else:

@@ -19,35 +19,53 @@ def inspect(
     data: o.Data = None, batch_size: o.BatchSize = 2, seq_len: o.SeqLen = 32, seed: o.Seed = 0,
     static: bool = typer.Option(False, "--static", help="Describe only; do not run a forward."),
     depth: Optional[int] = typer.Option(4, "--depth", help="Tree depth to show; single-child wrappers (PeftModel, LoraModel) do not count, and the way to a cut is always shown."),
-    format: str = typer.Option("text", "--format", help="text | json"),
-    fail_on: o.FailOn = "error",
+    format: o.Format = "text",
+    detail: o.Detail = "compact",
+    fail_on: o.FailOn = None, select: o.Select = None, ignore: o.Ignore = None, baseline: o.Baseline = None,
+    update_baseline: o.UpdateBaseline = False, quiet: o.Quiet = False, isolated: o.Isolated = False,
+    dry_run: o.DryRun = False,
 ):
     """Show the model module by module: trainable/frozen/quantized counts, dtype, hooks, checkpointing."""
-    from gradflow.cli._common import check_fail_on, check_format, exit_for, prepare, user_code
+    from gradflow.cli._common import Gate, prepare, user_code
     from gradflow.cli._output import Output
 
-    out = Output(format)
+    out = Output(format, quiet=quiet)
     try:
-        check_format(format, ("text", "json"))
-        check_fail_on(fail_on)
+        gate = Gate(fail_on=fail_on, select=select, ignore=ignore, trainable=trainable, baseline=baseline,
+                    update_baseline=update_baseline, isolated=isolated)
         if depth is not None:
             from gradflow.limits import check_int
 
             check_int("--depth", depth)
         opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
-                               device, trainable, trust_remote_code, seed)
-        setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out)
-        import gradflow
+                               device, gate.trainable, trust_remote_code, seed)
+        if dry_run:
+            from gradflow.dryrun import dry_run as run_dry
 
-        with user_code(setup):
-            report = gradflow.inspect(setup.model, batch, static=static, loss_fn=setup.loss_fn,
-                                      trainable=setup.trainable)
+            with out.status(f"dry run of {model} (no weights)"), user_code():
+                report = run_dry(model, opts, command="inspect", static=static, batch_size=batch_size,
+                                 seq_len=seq_len, seed=seed, data=data)
+        else:
+            setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                                   out=out)
+            import gradflow
+
+            with user_code(setup):
+                report = gradflow.inspect(setup.model, batch, static=static, loss_fn=setup.loss_fn,
+                                          trainable=setup.trainable)
+        report, code = gate.judge(report, command="inspect", model=model)
     except Exception as exc:
         fail(exc)
     if format == "json":
-        out.data(report.to_dict())
+        out.data(report.to_dict(detail))
     else:
         from gradflow.render.tree import inspect_text
 
         out.show(inspect_text(report, depth=depth, static=static))
-    raise typer.Exit(exit_for(report, fail_on))
+        if dry_run:
+            from gradflow.dryrun import note_text
+
+            out.show("")  # a blank line between the report and what the dry run could not see
+            out.show(note_text(report))
+    gate.explain(out)
+    raise typer.Exit(code)

@@ -21,18 +21,20 @@ def patch(
     dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; change nothing."),
     save: Optional[str] = typer.Option(None, "--save", help="Write the patched adapter (save_pretrained) and "
                                                             "gradflow_recipe.json (for train --recipe) to DIR."),
-    format: str = typer.Option("text", "--format", help="text | json"),
-    fail_on: o.FailOn = "error",
+    format: o.Format = "text",
+    detail: o.Detail = "compact",
+    fail_on: o.FailOn = None, select: o.Select = None, ignore: o.Ignore = None, baseline: o.Baseline = None,
+    update_baseline: o.UpdateBaseline = False, quiet: o.Quiet = False, isolated: o.Isolated = False,
 ):
     """Apply the safe fixes (unsafe ones with --unsafe-fixes), re-probe, and print the before/after and the code."""
-    from gradflow.cli._common import check_fail_on, check_format, exit_for, prepare, user_code
+    from gradflow.cli._common import Gate, prepare, user_code
     from gradflow.cli._output import Output
     from gradflow.errors import GradflowError
 
-    out = Output(format)
+    out = Output(format, quiet=quiet)
     try:
-        check_format(format, ("text", "json"))
-        check_fail_on(fail_on)
+        gate = Gate(fail_on=fail_on, select=select, ignore=ignore, trainable=trainable, baseline=baseline,
+                    update_baseline=update_baseline, isolated=isolated)
         if save is not None and dry_run:
             raise GradflowError("--save writes the patched model, --dry-run changes nothing", "Pass one of them")
         from gradflow.fixes.recipe_file import check_save_dir, check_save_target, save_patched
@@ -40,7 +42,7 @@ def patch(
         if save is not None:
             check_save_dir(save)
         opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
-                               device, trainable, trust_remote_code, seed)
+                               device, gate.trainable, trust_remote_code, seed)
         setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out)
         trained = setup.model.model if setup.kind == "trainer" else setup.model  # a Trainer's model is saved
         if save is not None:
@@ -54,15 +56,17 @@ def patch(
             with out.status(f"saving to {save}"):
                 report.extra["saved"] = save_patched(trained, report, save, source=model,
                                                      base_name=setup.preset if setup.kind == "preset" else None)
+        report, code = gate.judge(report, command="patch", model=model)
     except Exception as exc:
         fail(exc)
     if format == "json":
-        out.data(report.to_dict())
+        out.data(report.to_dict(detail))
     else:
         from gradflow.render.patch import patch_text, snippet_text
 
         out.show(patch_text(report))
         if report.extra.get("snippet"):
             out.out.print(snippet_text(report.extra["snippet"]), soft_wrap=True)
-    raise typer.Exit(exit_for(report, fail_on))
+    gate.explain(out)
+    raise typer.Exit(code)
 

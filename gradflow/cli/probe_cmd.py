@@ -15,35 +15,72 @@ def probe_backward(
     gc: o.GC = None, dtype: o.DType = None, device: o.Device = "auto", trainable: o.Trainable = None,
     trust_remote_code: o.TrustRemoteCode = False,
     data: o.Data = None, batch_size: o.BatchSize = 2, seq_len: o.SeqLen = 32, seed: o.Seed = 0,
-    format: str = typer.Option("text", "--format", help="text | json | sarif"),
-    fail_on: o.FailOn = "error",
+    format: o.ProbeFormat = "text",
+    detail: o.Detail = "compact",
+    fail_on: o.FailOn = None, select: o.Select = None, ignore: o.Ignore = None, baseline: o.Baseline = None,
+    update_baseline: o.UpdateBaseline = False, quiet: o.Quiet = False, isolated: o.Isolated = False,
+    check_gc: bool = typer.Option(False, "--check-gc", rich_help_panel="Probe",
+                                  help="Also compare every trainable gradient with checkpointing on and off."),
+    steps: int = typer.Option(0, "--steps", metavar="K", rich_help_panel="Probe",
+                              help="Also take K real optimizer steps (then restore) and report parameters that "
+                                   "did not move and a zero learning rate. 0: none."),
+    packed: bool = typer.Option(False, "--packed", rich_help_panel="Probe",
+                                help="Probe a packed batch: the --batch-size samples in one row, position ids "
+                                     "restarting per sample, and check that no sample's loss reaches another's "
+                                     "inputs (packed-attention-leak)."),
+    dry_run: o.DryRun = False,
 ):
     """Run one forward and backward and show where gradients stop, and why."""
-    from gradflow.cli._common import check_fail_on, check_format, exit_for, prepare, user_code
+    from gradflow.cli._common import Gate, prepare, user_code
     from gradflow.cli._output import Output
 
-    out = Output(format)
+    out = Output(format, quiet=quiet)
     try:
-        check_format(format, ("text", "json", "sarif"))
-        check_fail_on(fail_on)
-        opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
-                               device, trainable, trust_remote_code, seed)
-        setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out)
-        import gradflow
+        gate = Gate(fail_on=fail_on, select=select, ignore=ignore, trainable=trainable, baseline=baseline,
+                    update_baseline=update_baseline, isolated=isolated)
+        if steps:
+            from gradflow.steps import check_steps
 
-        with out.status("probing forward and backward"), user_code(setup):
-            report = gradflow.probe(setup.model, batch, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
-                                    trainable=setup.trainable)
+            check_steps(steps)
+        opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
+                               device, gate.trainable, trust_remote_code, seed)
+        if dry_run:
+            from gradflow.dryrun import dry_run as run_dry, refuse_flags
+
+            refuse_flags({"--check-gc": check_gc, "--steps": steps, "--packed": packed})
+            with out.status(f"dry run of {model} (no weights)"), user_code():
+                report = run_dry(model, opts, command="probe-backward", batch_size=batch_size, seq_len=seq_len,
+                                 seed=seed, data=data)
+        else:
+            setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                                   out=out)
+            if packed:
+                from gradflow.runner import packed_batch
+
+                batch = packed_batch(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
+            import gradflow
+
+            with out.status("probing forward and backward"), user_code(setup):
+                report = gradflow.probe(setup.model, batch, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
+                                        trainable=setup.trainable, check_gc=check_gc, steps=steps,
+                                        lr_scheduler=setup.lr_scheduler)
+        report, code = gate.judge(report, command="probe-backward", model=model)
     except Exception as exc:
         fail(exc)
     if format == "json":
-        out.data(report.to_dict())
+        out.data(report.to_dict(detail))
     elif format == "sarif":
         from gradflow.render.sarif import to_sarif
 
-        out.data(to_sarif(report))
+        out.data(to_sarif(report, source=model))  # results point at the factory line, where known
     else:
         from gradflow.render.text import probe_text
 
         out.show(probe_text(report))
-    raise typer.Exit(exit_for(report, fail_on))
+        if dry_run:
+            from gradflow.dryrun import note_text
+
+            out.show("")  # a blank line between the report and what the dry run could not see
+            out.show(note_text(report))
+    gate.explain(out)
+    raise typer.Exit(code)

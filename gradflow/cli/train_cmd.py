@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
+from gradflow import choices as c
 from gradflow.cli import _options as o
 from gradflow.cli._errors import fail
 
@@ -31,18 +32,21 @@ def train(
     epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.", rich_help_panel=_T)] = 1.0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).",
                                                      rich_help_panel=_T)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per device per step.",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per device per step (with packing: the "
+                                                                 "token budget is --batch-size x --seq-len).",
                                             rich_help_panel=_T)] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum", help="Gradient accumulation steps.",
                                             rich_help_panel=_T)] = 1,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Truncate samples to this many tokens (batches are "
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Truncate samples to this many tokens (packed "
+                                                           "batches hold whole samples; with --no-packing batches are "
                                                            "padded to their longest row, not to this).",
                                          rich_help_panel=_T)] = 512,
     seed: o.Seed = 0,
-    precision: Annotated[str, typer.Option("--precision", help="Mixed precision: fp32 | bf16 | fp16.",
-                                           rich_help_panel=_T)] = "fp32",
-    loss_on: Annotated[str, typer.Option("--loss-on", help="completion (assistant/completion tokens) | all.",
-                                         rich_help_panel=_T)] = "completion",
+    precision: Annotated[c.Precision, typer.Option("--precision", parser=c.Precision.parse,
+                                                   help="Mixed precision (fp32: off).", rich_help_panel=_T)] = "fp32",
+    loss_on: Annotated[c.LossOn, typer.Option("--loss-on", parser=c.LossOn.parse, help="completion: the "
+                                              "assistant/completion tokens; all: every token.",
+                                              rich_help_panel=_T)] = "completion",
     strict: Annotated[bool, typer.Option("--strict", help="Fail on malformed lines instead of skipping them.",
                                          rich_help_panel=_T)] = False,
     so8_layers: Annotated[Optional[str], typer.Option("--so8-layers", help="Layers that get an SO(8) rotation "
@@ -71,7 +75,23 @@ def train(
                                             rich_help_panel=_T)] = 50,
     logging_steps: Annotated[int, typer.Option("--logging-steps", help="Log loss every N steps.",
                                                rich_help_panel=_T)] = 10,
-    format: str = typer.Option("text", "--format", help="text | json (the report on stdout)"),
+    packing: Annotated[bool, typer.Option("--packing/--no-packing", help="Pack samples into padding-free "
+                                          "token-budget batches (attention never crosses samples); --no-packing pads "
+                                          "each batch to its longest row.", rich_help_panel=_T)] = True,
+    tokens_per_batch: Annotated[Optional[int], typer.Option("--tokens-per-batch", help="Tokens per packed batch. "
+                                                            "Default: the memory plan's (--batch-size x --seq-len "
+                                                            "when it fits).", rich_help_panel=_T)] = None,
+    gc_every: Annotated[Optional[int], typer.Option("--gc-every", help="Checkpoint every N-th decoder layer (1: all). "
+                                                    "Default: the memory plan's choice.", rich_help_panel=_T)] = None,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the plan may use, e.g. 24GiB or "
+                                                      "500MiB. Default: the device's free memory.",
+                                                      rich_help_panel=_T)] = None,
+    attn: Annotated[str, typer.Option("--attn", help="Attention: auto (flex_attention on CUDA, else sdpa) | sdpa | "
+                                                     "flex_attention | eager.", rich_help_panel=_T)] = "auto",
+    ce: Annotated[str, typer.Option("--ce", help="Cross-entropy: auto (chunked on CUDA where supported) | chunked | "
+                                                 "standard.", rich_help_panel=_T)] = "auto",
+    format: o.Format = "text",
+    quiet: o.Quiet = False, isolated: o.Isolated = False,
 ):
     """Fine-tune with gradient-flow checks: pre-flight probe → patch → probe, then Trainer with a live watch.
 
@@ -82,19 +102,24 @@ def train(
     from gradflow.cli._output import Output
     from gradflow.errors import ExitCode
 
-    out = Output(format)
+    out = Output(format, quiet=quiet)
     try:
         check_format(format, ("text", "json"))
+        from gradflow.config import resolve
+
+        trainable = resolve(trainable=trainable, isolated=isolated).trainable  # else [tool.gradflow] trainable
         opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
                                device, trainable, trust_remote_code, seed)
         import gradflow
 
         report = gradflow.train(
             model, data, output, setup_options=opts, learning_rate=lr, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, seed=seed, precision=precision,
-            loss_on=loss_on, strict=strict, so8_layers=_so8_layers(so8_layers), recipe=recipe,
+            batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, seed=seed, precision=str(precision),
+            loss_on=str(loss_on), strict=strict, so8_layers=_so8_layers(so8_layers), recipe=recipe,
             unsafe_fixes=unsafe_fixes, resume=resume, resume_anyway=resume_anyway, overwrite=overwrite, merge=merge,
-            check_every=check_every, moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps)
+            check_every=check_every, moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps,
+            packing=packing, tokens_per_batch=tokens_per_batch, gc_every=gc_every, max_memory=max_memory, attn=attn,
+            ce=ce, progress=not quiet)
     except KeyboardInterrupt:  # Ctrl-C while loading or writing: inside the training steps it saves a checkpoint
         import sys
 
@@ -207,7 +232,7 @@ def merge(
     try:
         from gradflow.training.merge import merge as run_merge
 
-        done = run_merge(adapter_dir, output, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+        done = run_merge(adapter_dir, output, dtype=c.plain(dtype), device=c.plain(device), trust_remote_code=trust_remote_code)
     except Exception as exc:
         fail(exc)
     print(f"merged {adapter_dir} into {done['output']} ({done['so8_folded']} SO(8) rotation(s) folded into o_proj)")

@@ -217,8 +217,65 @@ def grad_chart(report, width: int = 40) -> GradChart | None:
     return GradChart(rows, width)
 
 
+def measured(report) -> Lines | None:
+    """What --check-gc and --steps measured, one line each (the findings say what is wrong)."""
+    gc, run = report.extra.get("gc_check"), report.extra.get("steps")
+    if gc is None and run is None:
+        return None
+    out = Lines(indent=2)
+    if gc is not None:
+        if not gc["compared"]:
+            out.add(Text(f"check-gc: not compared: {gc['reason']}", style="yellow"), indent=2)
+        else:
+            how = f"{gc['mode']}" + (" (turned on for the check)" if gc["enabled_for_check"] else "")
+            if gc["error_with_gc"] or gc["error_without_gc"]:
+                result = Text("a run raised", style="bold red")
+            elif gc["diffs_count"]:
+                result = Text(f"{gc['diffs_count']} of {gc['params_compared']} gradients differ", style="bold red")
+            else:
+                result = Text(f"{gc['params_compared']} gradients equal", style="green")
+            out.add(Text(f"check-gc: {how} vs off:"), result, indent=2)
+    if run is not None:
+        head = Text(f"steps: {run['steps']} × {run['optimizer']} ({run['optimizer_source']})"
+                    + (f", scheduler {run['scheduler']}" if run["scheduler"] else "") + ":")
+        if run["error"]:
+            result = Text(f"raised {run['error']}", style="bold red")
+        else:
+            stale = run["not_changed_count"]
+            result = Text(f"{run['params_changed']} of {run['params_tracked']} intended parameters changed",
+                          style="bold red" if stale else "green")
+        lr = run["lrs"][0] if run["lrs"] else []
+        out.add(head, result, Text(f"lr at step 1: {', '.join(f'{v:.3g}' for v in lr)}", style="dim"), indent=2)
+    out.add(Text(""))
+    return out
+
+
+def packed_check(report) -> Text | None:
+    """One line: what the packed-batch leak check measured (the finding says what is wrong)."""
+    leak = getattr(getattr(report, "snapshot", None), "packed_leak", None)
+    if leak is None:
+        return None
+    head = f"packed: {leak.samples} samples in {leak.rows} row{'s' if leak.rows != 1 else ''}, " \
+           f"attention {leak.attn_implementation or 'unknown'}: "
+    if leak.error:
+        return Text(head + f"not measured ({leak.error})\n", style="yellow")
+    if leak.leaks:
+        return Text.assemble(head, (f"{len(leak.leaks)} of {leak.checked} samples reach another's inputs",
+                                    "bold red"), "\n")
+    return Text.assemble(head, (f"boundaries hold ({leak.checked} checked, cross-sample gradient exactly 0)"
+                                if leak.max_ratio == 0 else f"boundaries hold ({leak.checked} checked)", "green"),
+                         "\n")
+
+
 def probe_text(report):
-    parts = [summary(report), findings_table(report.findings)]
+    parts = [summary(report)]
+    extra = measured(report)
+    if extra is not None:
+        parts.append(extra)
+    packed = packed_check(report)
+    if packed is not None:
+        parts.append(packed)
+    parts.append(findings_table(report.findings))
     chart = grad_chart(report)
     if chart is not None:
         parts.append(chart)

@@ -11,7 +11,7 @@ __all__ = ["train", "merge", "load_adapter", "GradFlowCallback", "TrainOptions"]
 
 _LAZY = {
     "train": ("gradflow.training.engine", "train"),
-    "TrainOptions": ("gradflow.training.engine", "TrainOptions"),
+    "TrainOptions": ("gradflow.training.options", "TrainOptions"),
     "merge": ("gradflow.training.merge", "merge"),
     "load_adapter": ("gradflow.training.merge", "load_adapter"),
     "GradFlowCallback": ("gradflow.training.callback", "GradFlowCallback"),

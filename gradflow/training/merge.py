@@ -30,7 +30,7 @@ def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
 def _run_meta(adapter_dir: str) -> dict:
     """The run metadata train wrote, else the adapter config's base; `named_in` says which file and field."""
     from gradflow.recipe import read_json
-    from gradflow.training.engine import RUN_META
+    from gradflow.training.outputs import RUN_META
 
     path = os.path.join(adapter_dir, RUN_META)
     if os.path.isfile(path):

@@ -23,7 +23,7 @@ LABELS = {
     "so8_layers": "--so8-layers", "recipe": "--recipe", "unsafe_fixes": "--unsafe-fixes", "lora_r": "--lora-r",
     "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "adapter": "--adapter",
     "adapter_trainable": "--adapter-trainable", "quant": "--quant", "dtype": "--dtype", "trainable": "--trainable",
-    "world_size": "processes (WORLD_SIZE)",
+    "world_size": "processes (WORLD_SIZE)", "packing": "--no-packing", "tokens_per_batch": "--tokens-per-batch",
 }
 
 
@@ -47,6 +47,8 @@ def fingerprint(model: Any, data: str, opts, ropts) -> dict:
         "lora_r": ropts.lora_r, "lora_alpha": ropts.lora_alpha, "lora_targets": ropts.lora_targets,
         "adapter": _path_or_name(ropts.adapter), "adapter_trainable": ropts.adapter_trainable, "quant": ropts.quant,
         "dtype": ropts.dtype, "trainable": ropts.trainable, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        # packing changes the batches; a planned token budget is recorded after planning (tokens_per_batch_planned)
+        "packing": opts.packing, "tokens_per_batch": opts.tokens_per_batch,
     }
 
 

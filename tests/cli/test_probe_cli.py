@@ -270,9 +270,9 @@ def test_factory_tokenizer_serves_data(factory, tmp_path):
 
 def test_lora_on_a_plain_module_factory(factory):
     """--lora-r adds LoRA to any factory's module, not only to transformers models."""
-    code, report = probe_json(f"{factory}:plain_module", "--lora-r", "2")
+    code, report = probe_json(f"{factory}:plain_module", "--lora-r", "2", "--detail", "params")
     assert code == 0
     assert report["model"]["class"] == "PeftModel"
-    names = [p["name"] for p in report["params"]["per_param"]]
+    names = [p["name"] for p in report["params"]["per_param"]]  # per-parameter rows: --detail params
     assert names and all("lora_" in n for n in names)
     assert report["params"]["none_grad"] == 0

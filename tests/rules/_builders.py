@@ -223,6 +223,8 @@ SPEC_SEVERITY = {
     "reentrant-checkpoint-no-input-grad": "error", "nested-checkpoint": "error", "graph-break": "error",
     "loss-detached": "error", "no-supervised-tokens": "error", "nonfinite-grad": "error",
     "param-not-in-optimizer": "error", "inference-tensor-params": "error", "ddp-reentrant-checkpoint": "error",
+    "packed-attention-leak": "error",
+    "checkpoint-changes-gradients": "error", "param-not-updated": "error", "zero-learning-rate": "error",
     "trainable-param-unused": "warning", "trainable-embeddings-costly": "warning",
     "half-precision-trainable-params": "warning", "trainable-param-not-saved": "warning",
     "kbit-not-prepared": "warning",

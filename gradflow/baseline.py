@@ -1,0 +1,200 @@
+"""`--baseline FILE`: the expected trainable set and finding list, recorded once and compared on every run.
+
+The file is JSON, small enough to review in a pull request: parameter names are folded by their numeric path
+parts (`model.layers.{0-31}.self_attn.q_proj.lora_A.default.weight`), findings are (code, slug, location).
+A finding's identity is its slug and location (slugs are the stable contract; a renamed code is not a change).
+
+- FILE missing, or `update=True`: write it (atomically) and report "written"; the exit code follows --fail-on.
+- FILE present: compare; "changed" when a trainable parameter or a finding was added or removed.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+import tempfile
+
+from gradflow.errors import GradflowError
+
+FORMAT_VERSION = 1
+
+
+# ----- compact parameter names -------------------------------------------------------------------------------
+def compact_names(names) -> list[str]:
+    """Names folded over their numeric parts: `a.0.b`, `a.1.b`, `a.3.b` -> `a.{0-1,3}.b`. Exact: expand_names undoes it."""
+    groups: dict[tuple, set[tuple]] = collections.defaultdict(set)
+    for name in set(names):
+        parts = name.split(".")
+        shape = tuple(None if p.isdigit() else p for p in parts)
+        groups[shape].add(tuple(int(p) for p in parts if p.isdigit()))
+    out = []
+    for shape, indices in groups.items():
+        for box in _boxes(indices):
+            it = iter(box)
+            out.append(".".join(_ranges(next(it)) if part is None else part for part in shape))
+    return sorted(out)
+
+
+def _boxes(points: set[tuple]) -> list[tuple[frozenset, ...]]:
+    """Cover `points` exactly with few boxes (per-position sets whose product is a subset of the points)."""
+    boxes = {tuple(frozenset([v]) for v in point) for point in points}
+    width = len(next(iter(points))) if points else 0
+    for _ in range(2):  # a second sweep merges what the first one lined up
+        for pos in range(width):
+            merged: dict[tuple, set] = collections.defaultdict(set)
+            for box in boxes:
+                merged[box[:pos] + box[pos + 1:]] |= box[pos]
+            boxes = {rest[:pos] + (frozenset(vals),) + rest[pos:] for rest, vals in merged.items()}
+    return sorted(boxes, key=lambda b: tuple(min(s) for s in b))
+
+
+def _ranges(values: frozenset) -> str:
+    vals = sorted(values)
+    if len(vals) == 1:
+        return str(vals[0])
+    runs, start = [], vals[0]
+    for prev, cur in zip(vals, vals[1:] + [None]):
+        if cur is None or cur != prev + 1:  # a run ends at prev
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return "{" + ",".join(runs) + "}"
+
+
+_BRACES = re.compile(r"\{([0-9,\-]+)\}")
+
+
+def expand_names(patterns) -> set[str]:
+    """The names a compact list stands for."""
+    out: set[str] = set()
+    for pattern in patterns:
+        match = _BRACES.search(pattern)
+        if match is None:
+            out.add(pattern)
+            continue
+        for value in _expand_range(match.group(1)):
+            out |= expand_names([pattern[:match.start()] + str(value) + pattern[match.end():]])
+    return out
+
+
+def _expand_range(text: str) -> list[int]:
+    values = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        values.extend(range(int(lo), int(hi or lo) + 1))
+    return values
+
+
+# ----- record and compare -------------------------------------------------------------------------------------
+def record(report, *, command: str | None = None, model: str | None = None) -> dict:
+    """The baseline of a report: its trainable parameter names and its findings."""
+    snap = report.snapshot
+    if snap is not None:
+        names = [p.name for p in snap.trainable_params()]
+    else:  # a report read back from JSON: only the detail rows name parameters
+        names = [row["name"] for row in report.params.get("per_param", [])]
+    findings = sorted(({"code": f.code, "slug": f.slug, "location": f.location} for f in report.findings),
+                      key=lambda f: (f["code"], f["slug"], f["location"] or ""))
+    return {"gradflow_baseline": FORMAT_VERSION, "command": command or report.command, "model": model,
+            "trainable": {"count": len(set(names)), "names": compact_names(names)}, "findings": findings}
+
+
+@dataclasses.dataclass
+class BaselineResult:
+    """What --baseline did: `status` is written | unchanged | changed."""
+
+    path: str
+    status: str
+    params_added: list[str] = dataclasses.field(default_factory=list)  # compact names
+    params_removed: list[str] = dataclasses.field(default_factory=list)
+    findings_added: list[dict] = dataclasses.field(default_factory=list)
+    findings_removed: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return self.status == "changed"
+
+    def to_dict(self) -> dict:
+        return {"file": self.path, "status": self.status,
+                "trainable": {"added": self.params_added, "removed": self.params_removed},
+                "findings": {"added": self.findings_added, "removed": self.findings_removed}}
+
+    def lines(self) -> list[str]:
+        """What changed, one line each, for stderr."""
+        out = [f"+ trainable {n}" for n in self.params_added] + [f"- trainable {n}" for n in self.params_removed]
+        out += [f"+ finding {_finding_text(f)}" for f in self.findings_added]
+        out += [f"- finding {_finding_text(f)}" for f in self.findings_removed]
+        return out
+
+
+def _finding_text(f: dict) -> str:
+    return f"{f['code']} {f['slug']}" + (f" at {f['location']}" if f.get("location") else "")
+
+
+def check(report, path: str, *, update: bool = False, command: str | None = None,
+          model: str | None = None) -> BaselineResult:
+    """Write the baseline at `path` when it is missing (or `update`), else compare the report with it."""
+    current = record(report, command=command, model=model)
+    if update or not os.path.exists(path):
+        write_json_atomic(path, current)
+        return BaselineResult(path, "written")
+    old = load(path)
+    old_names, new_names = expand_names(old["trainable"]["names"]), expand_names(current["trainable"]["names"])
+    key = lambda f: (f["slug"], f.get("location"))  # noqa: E731
+    old_f = collections.Counter(key(f) for f in old["findings"])
+    new_f = collections.Counter(key(f) for f in current["findings"])
+    by_key = {key(f): f for f in (*old["findings"], *current["findings"])}
+    result = BaselineResult(
+        path, "unchanged",
+        params_added=compact_names(new_names - old_names), params_removed=compact_names(old_names - new_names),
+        findings_added=[by_key[k] for k in sorted((new_f - old_f).elements(), key=str)],
+        findings_removed=[by_key[k] for k in sorted((old_f - new_f).elements(), key=str)])
+    if result.params_added or result.params_removed or result.findings_added or result.findings_removed:
+        result.status = "changed"
+    return result
+
+
+def load(path: str) -> dict:
+    """A baseline file, its shape checked."""
+    todo = "Pass --update-baseline to record it again, or delete the file"
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise GradflowError(f"--baseline {path} is not JSON ({exc})", todo) from None
+    except OSError as exc:
+        raise GradflowError(f"--baseline {path} cannot be read ({exc.strerror})", "Check the path") from None
+    ok = (isinstance(data, dict) and data.get("gradflow_baseline") == FORMAT_VERSION
+          and isinstance(data.get("trainable"), dict) and isinstance(data["trainable"].get("names"), list)
+          and isinstance(data.get("findings"), list)
+          and all(isinstance(f, dict) and "slug" in f for f in data["findings"]))
+    if not ok:
+        raise GradflowError(f"--baseline {path} is not a gradflow baseline (version {FORMAT_VERSION})", todo)
+    return data
+
+
+def write_json_atomic(path: str, data) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".gradflow-", suffix=".tmp", dir=folder)
+        try:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the file is meant to be committed and shared
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(data, fh, indent=2)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    except OSError as exc:
+        raise GradflowError(f"cannot write the baseline {path} ({exc.strerror})",
+                            "Check that its folder is writable") from None

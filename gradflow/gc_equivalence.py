@@ -1,0 +1,234 @@
+"""`--check-gc`: one batch, run with gradient checkpointing on and off, per-parameter gradients compared.
+
+Checkpointing is meant to be invisible to the gradients: the region's forward is recomputed during backward and
+must produce the same values. It is not when the recomputation differs from the first forward: a random draw
+made without the RNG being restored (`preserve_rng_state=False`), a module that mutates state in its forward
+(a counter, a cache, a running statistic that feeds the output), or a forward that branches on
+`torch.is_grad_enabled()` (a reentrant checkpoint runs the first forward under `no_grad`).
+
+How "on" and "off" are obtained:
+- The model already checkpoints (transformers' per-layer switch, or its own `torch.utils.checkpoint` calls):
+  "on" is the model as given. "Off" runs every `torch.utils.checkpoint` call inline (the region's function is
+  called directly, as it is without checkpointing); nothing in the model is changed.
+- The model does not checkpoint but is a transformers model that can: "on" turns transformers' checkpointing on,
+  non-reentrant (the default of transformers 5; a reentrant region would also need an input-grad hook, which is
+  `reentrant-checkpoint-no-input-grad`'s concern, not this comparison's). Its checkpointing state (the per-module
+  switch and function, the input-grad hooks transformers adds) is put back exactly afterwards.
+- Otherwise nothing is compared and `reason` says why.
+
+Both runs use the same batch, the same RNG state (restored before each run), the same buffers (restored before
+each run), and dropout modules at p=0; everything is put back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable
+
+from gradflow.snapshot import GcEquivalence, GradDiff
+
+# by gradient dtype: ||g_on - g_off|| <= atol * sqrt(numel) + rtol * ||g_off||. Recomputation on the same device
+# is normally bit-exact; the slack covers non-deterministic kernels (atomics in embedding/scatter backward).
+RTOL = {"float32": 1e-4, "float64": 1e-7, "bfloat16": 2e-2, "float16": 2e-3}
+ATOL = {"float32": 1e-7, "float64": 1e-12, "bfloat16": 1e-5, "float16": 1e-6}
+_DEFAULT = "float32"
+_KEPT_ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hook", "_require_grads_hooks")
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
+_MISSING = object()
+
+
+def compare(model, batch: Any, *, loss_fn: Callable | None = None, snap=None) -> GcEquivalence:
+    """Run `batch` through `model` with checkpointing on and off and compare every trainable gradient.
+
+    `snap` (the probe's Snapshot) says whether the model already checkpoints; the model is left as found.
+    """
+    from gradflow.models import base_model
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    module_of = {p.name: p.module for p in snap.params} if snap is not None else {}
+    own_mode = _own_mode(snap)
+    if own_mode is None:
+        target = base_model(model)
+        if not (getattr(target, "supports_gradient_checkpointing", False)
+                and hasattr(target, "gradient_checkpointing_enable")):
+            return GcEquivalence(compared=False, reason=(
+                f"{type(target).__name__} does not checkpoint and has no transformers checkpointing to turn on: "
+                "nothing to compare"))
+    result = GcEquivalence(compared=True, mode=own_mode or "non-reentrant", enabled_for_check=own_mode is None,
+                           rtol=dict(RTOL), atol=dict(ATOL))
+    with _kept(model) as state:
+        off_loss, off_grads, result.error_without_gc = _run(model, batch, loss_fn, trainable,
+                                                            plain=own_mode is not None)
+        state.reset_run()
+        if own_mode is None:
+            from gradflow.recipe import set_checkpointing
+
+            try:
+                set_checkpointing(model, "non-reentrant")
+            except Exception as exc:  # e.g. "is not compatible with gradient checkpointing": say so, don't crash
+                from gradflow.probing import _describe_exc
+
+                return GcEquivalence(compared=False, reason=f"turning checkpointing on failed: {_describe_exc(exc)}")
+        on_loss, on_grads, result.error_with_gc = _run(model, batch, loss_fn, trainable, plain=False)
+    result.loss_without_gc, result.loss_with_gc = off_loss, on_loss
+    if result.error_with_gc or result.error_without_gc:
+        return result  # a run that raised has no gradients to compare
+    result.params_compared = len(trainable)
+    result.diffs = _diffs(trainable, on_grads, off_grads, module_of)
+    return result
+
+
+def _own_mode(snap) -> str | None:
+    """The checkpointing the model already does: transformers' switch, else its own checkpoint calls; None if none."""
+    if snap is None:
+        return None
+    if snap.gc_mode != "off":
+        return snap.gc_mode
+    kinds = {"reentrant" if c.reentrant else "non-reentrant" for c in snap.checkpoints if c.phase == "forward"}
+    if not kinds:
+        return None
+    return kinds.pop() if len(kinds) == 1 else "mixed"
+
+
+def _run(model, batch, loss_fn, trainable, *, plain: bool):
+    """One forward+backward from the saved RNG state: (loss, {name: grad clone or None}, error)."""
+    from gradflow.probing import _describe_exc, call_model, extract_loss
+
+    for _, p in trainable:
+        p.grad = None
+    loss_value, error = None, None
+    try:
+        with (_inline_checkpoints() if plain else contextlib.nullcontext()):
+            out = loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
+            loss = extract_loss(out)
+            loss_value = float(loss.detach().float())
+            if loss.requires_grad:
+                loss.backward()
+    except Exception as exc:  # the user's forward or backward failing is data
+        error = _describe_exc(exc)
+    grads = {n: (p.grad.detach().clone() if p.grad is not None else None) for n, p in trainable}
+    for _, p in trainable:
+        p.grad = None
+    return loss_value, grads, error
+
+
+def _diffs(trainable, on: dict, off: dict, module_of: dict) -> list[GradDiff]:
+    import torch
+
+    out = []
+    for name, p in trainable:
+        g_on, g_off = on.get(name), off.get(name)
+        module = module_of.get(name, name.rsplit(".", 1)[0] if "." in name else "")
+        if g_on is None and g_off is None:
+            continue
+        if g_on is None or g_off is None:
+            out.append(GradDiff(name, module, "none-with-gc" if g_on is None else "none-without-gc"))
+            continue
+        zero_on, zero_off = not bool(g_on.any()), not bool(g_off.any())
+        if zero_on != zero_off:
+            out.append(GradDiff(name, module, "zero-with-gc" if zero_on else "zero-without-gc"))
+            continue
+        if zero_on:
+            continue
+        dtype = str(g_off.dtype).replace("torch.", "")
+        rtol, atol = RTOL.get(dtype, RTOL[_DEFAULT]), ATOL.get(dtype, ATOL[_DEFAULT])
+        diff = (g_on.float() - g_off.float())
+        dnorm = float(torch.linalg.vector_norm(diff))
+        ref = float(torch.linalg.vector_norm(g_off.float()))
+        finite = math.isfinite(dnorm) and math.isfinite(ref)
+        if finite and dnorm <= atol * math.sqrt(g_off.numel()) + rtol * ref:
+            continue
+        if not finite and torch.equal(g_on, g_off):
+            continue  # the same NaN/Inf pattern is nonfinite-grad's business, not checkpointing's
+        out.append(GradDiff(name, module, "differs", rel_diff=dnorm / ref if ref else float("inf"),
+                            max_abs_diff=float(diff.abs().max())))
+    return out
+
+
+@contextlib.contextmanager
+def _inline_checkpoints():
+    """Every torch.utils.checkpoint call runs its function directly: the forward without checkpointing."""
+    import torch.utils.checkpoint as tuc
+
+    saved = {"CheckpointFunction": tuc.CheckpointFunction,
+             "_checkpoint_without_reentrant_generator": tuc._checkpoint_without_reentrant_generator}
+
+    class _Inline:
+        @staticmethod
+        def apply(function, preserve, *args):
+            return function(*args)
+
+    def _no_checkpoint(*args, **kwargs):
+        # checkpoint() calls the function itself between two next() calls; the second ends the generator
+        yield
+
+    tuc.CheckpointFunction = _Inline
+    tuc._checkpoint_without_reentrant_generator = _no_checkpoint
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(tuc, name, value)
+
+
+class _State:
+    """What the comparison may change: checkpointing switches and hooks, dropout p, buffers, RNG, grads, modes."""
+
+    def __init__(self, model):
+        import torch
+
+        from gradflow.probing import _rng_state
+
+        self.modules = list(model.modules())
+        self.attrs = [{a: m.__dict__.get(a, _MISSING) for a in _KEPT_ATTRS} for m in self.modules]
+        self.hooks = [{d: dict(getattr(m, d)) for d in _HOOK_DICTS if isinstance(getattr(m, d, None), dict)}
+                      for m in self.modules]
+        self.dropout = [(m, m.p) for m in self.modules if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
+        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
+        self.rng = _rng_state()
+
+    def reset_run(self) -> None:
+        """The same starting point for each run: buffers and RNG as found."""
+        import torch
+
+        with torch.no_grad():
+            for b, value in self.buffers:
+                b.copy_(value)
+        torch.set_rng_state(self.rng[0])
+        if self.rng[1] is not None:
+            torch.cuda.set_rng_state_all(self.rng[1])
+
+    def restore(self) -> None:
+        self.reset_run()
+        for m, p in self.dropout:
+            m.p = p
+        for m, attrs, hooks in zip(self.modules, self.attrs, self.hooks):
+            for a, value in attrs.items():
+                if value is _MISSING:
+                    m.__dict__.pop(a, None)
+                else:
+                    m.__dict__[a] = value
+            for d, saved in hooks.items():
+                live = getattr(m, d)
+                if live != saved:
+                    live.clear()
+                    live.update(saved)
+
+
+@contextlib.contextmanager
+def _kept(model):
+    """Train mode with dropout at p=0, RNG and buffers reset before each run; the model left as found."""
+    from gradflow.probing import preserved
+
+    state = _State(model)
+    with preserved(model):
+        try:
+            model.train()
+            for m, _ in state.dropout:
+                m.p = 0.0
+            state.reset_run()
+            yield state
+        finally:
+            state.restore()

@@ -1,0 +1,137 @@
+"""The training data: JSONL read and encoded (loss on assistant/completion tokens, /think validated), then served
+packed (padding-free token-budget batches, the default) or padded to each batch's longest row (--no-packing).
+
+Packed: the dataset is a list of groups of rows (gradflow.packing.pack_groups), one group per step
+(per_device_train_batch_size=1); the collator concatenates a group into one [1, T] row whose position ids restart
+at every sample and whose first label of each sample is -100. There is no attention mask: transformers builds the
+block-diagonal causal mask from the restarting position ids (a model with a cache would not: use_cache is off).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from gradflow.errors import GradflowError
+
+
+@dataclasses.dataclass
+class Prepared:
+    rows: list[dict]
+    audit: list[dict]
+    previews: list[dict]
+    problems: list[Any]
+    samples: int
+
+
+def read_data(path: str, opts):
+    """Read and validate the JSONL file (no tokenizer needed): fails early on --strict or no usable line."""
+    from gradflow.data import read_jsonl
+
+    samples, problems = read_jsonl(path)
+    if problems and opts.strict:
+        raise GradflowError(f"malformed sample at {problems[0]}"
+                            f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}",
+                            "Fix or remove those lines, or run without --strict to skip them")
+    if not samples:
+        raise GradflowError(f"every line of {path} is malformed ({len(problems)}); first: {problems[0]}",
+                            "Fix the data: each line needs text, prompt/completion, or messages")
+    return samples, problems
+
+
+def prepare_data(path: str, tokenizer, opts, read=None) -> Prepared:
+    """Read, validate and encode the JSONL file; bad lines become Problems (or an error with --strict)."""
+    from gradflow.data import Problem, encode, sample_id, supervised_count, think_of
+
+    samples, problems = read if read is not None else read_data(path, opts)
+    if tokenizer is None:
+        raise GradflowError("training on --data needs a tokenizer, and this model source has none",
+                            "Use a preset or a directory with a tokenizer, or return 'tokenizer' from your factory")
+    rows, audit, previews, too_short = [], [], [], []
+    for sample in samples:
+        row = encode(sample, tokenizer, opts.seq_len, loss_on=opts.loss_on)
+        supervised = supervised_count(row["labels"])
+        think = think_of(sample)
+        sid = sample_id(sample, path)
+        if supervised == 0:
+            too_short.append(Problem(path, sample.line, f"--seq-len {opts.seq_len} leaves no supervised token "
+                                                        f"(the prompt fills it)"))
+            continue
+        rows.append({"input_ids": row["input_ids"], "labels": row["labels"]})
+        audit.append({"id": sid, "line": sample.line, "think_sha256": think.sha256 if think else None,
+                      "tokens": len(row["input_ids"]), "supervised_tokens": supervised,
+                      "tokens_before_truncation": row["full_length"],
+                      "truncated": row["full_length"] > len(row["input_ids"])})
+        if len(previews) < opts.previews:
+            from gradflow.training.audit import preview
+
+            previews.append({"id": sid, "preview": preview(sample, think)})
+    if too_short and opts.strict:
+        raise GradflowError(f"{too_short[0]}", "Raise --seq-len, or shorten the prompts")
+    if not rows:
+        cap = 4096  # enough to suggest a --seq-len; a 50 MB line is not tokenised whole for a hint
+        longest = max(len(encode(s, tokenizer, cap, loss_on=opts.loss_on)["input_ids"]) for s in samples)
+        size = f"{longest}{'+' if longest >= cap else ''}"
+        raise GradflowError(f"--seq-len {opts.seq_len} is shorter than the prompt of every sample in {path}: "
+                            f"no supervised token is left (longest sample {size} tokens)",
+                            f"Raise --seq-len (e.g. --seq-len {min(longest, cap)})")
+    return Prepared(rows=rows, audit=audit, previews=previews, problems=problems + too_short, samples=len(samples))
+
+
+class Collator:
+    """Pads each batch to its longest row (not to --seq-len) and counts the tokens it has served."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+        self.tokens = 0
+
+    def __call__(self, rows):
+        from gradflow.data import collate
+
+        batch = collate(rows, self.pad_id)
+        self.tokens += int(batch["attention_mask"].sum())  # on the CPU, before the batch moves: no sync
+        return batch
+
+
+class GroupCollator:
+    """Packs the groups of rows a dataloader hands over (one group per step) into one padding-free row."""
+
+    def __init__(self):
+        from gradflow.packing import PackedCollator
+
+        self.packed = PackedCollator()
+
+    @property
+    def tokens(self) -> int:
+        return self.packed.tokens
+
+    def __call__(self, groups):
+        return self.packed([row for group in groups for row in group])
+
+
+def packed_groups(rows: list[dict], tokens_per_batch: int, seed: int) -> list[list[dict]]:
+    """Rows packed into groups of at most `tokens_per_batch` tokens (each row whole), the same for the same seed."""
+    from gradflow.packing import pack_groups
+
+    groups = pack_groups([len(r["input_ids"]) for r in rows], tokens_per_batch, seed=seed)
+    return [[rows[i] for i in group] for group in groups]
+
+
+def train_dataset(prepared: Prepared, opts, pad_id: int, tokens_per_batch: int | None):
+    """(dataset, collator): packed groups with a GroupCollator, or the rows with a padding Collator."""
+    if not opts.packing:
+        return prepared.rows, Collator(pad_id)
+    return packed_groups(prepared.rows, tokens_per_batch, opts.seed), GroupCollator()
+
+
+def probe_batch(prepared: Prepared, opts, pad_id: int, device):
+    """The pre-flight's batch, as training will shape it: the first --batch-size samples (at least two when
+    packing, so that a packed batch has a boundary to check), packed or padded."""
+    if not opts.packing:
+        from gradflow.data import collate
+
+        return collate(prepared.rows[: opts.batch_size], pad_id, device)
+    from gradflow.packing import collate_packed
+
+    batch = collate_packed(prepared.rows[: max(2, opts.batch_size)])
+    return {k: v.to(device) for k, v in batch.items()}

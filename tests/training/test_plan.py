@@ -1,0 +1,113 @@
+"""The memory plan: the least checkpointing that fits, fewer tokens only when nothing fits, and flags override it.
+
+CPU, tiny-llama (4 decoder layers), seq 64: the plan's estimate comes from counting the forward's saved activations.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from importlib import resources
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import gradflow
+from gradflow.recipe import RecipeOptions
+from gradflow.training.options import TrainOptions
+from gradflow.training.plan import HEADROOM, checkpoint_layers, make_plan
+
+DEMO = str(resources.files("gradflow") / "data" / "think_demo.jsonl")
+
+
+def _setup():
+    from gradflow.runner import load_setup
+
+    return load_setup("tiny-llama", RecipeOptions(gc="non-reentrant"))  # what train builds before planning
+
+
+def _mib_for(peak: int) -> str:
+    """A --max-memory whose budget after headroom is just above `peak`."""
+    return f"{(peak / HEADROOM + 4096) / 2 ** 20:.4f}MiB"
+
+
+def _flags(model) -> list[bool]:
+    return [layer.gradient_checkpointing for layer in checkpoint_layers(model)]
+
+
+def test_plenty_of_memory_turns_checkpointing_off_and_less_turns_it_on():
+    setup = _setup()
+    opts = TrainOptions(seq_len=64, batch_size=4)
+    roomy = make_plan(setup, opts, gc_from="plan")
+    assert roomy.gc_every == 0 and roomy.tokens_per_batch == 256 and roomy.layers == 4
+    assert _flags(setup.model) == [False] * 4
+    est = roomy.estimate
+    assert est.how == "saved activations" and est.per_token_off > est.per_token_all > 0
+    # just enough for one checkpointed layer in four: every 4th layer, the same tokens
+    one = make_plan(setup, dataclasses.replace(opts, max_memory=_mib_for(est.peak(256, 1))), gc_from="plan")
+    assert (one.gc_every, one.checkpointed, one.tokens_per_batch) == (4, 1, 256)
+    assert _flags(setup.model) == [True, False, False, False]
+    assert "checkpointing off would need" in one.why
+    # less than full checkpointing needs at 256 tokens: every layer, fewer tokens (never below --seq-len)
+    tight = make_plan(setup, dataclasses.replace(opts, max_memory=_mib_for(est.peak(160, 4))), gc_from="plan")
+    assert tight.gc_every == 1 and 64 <= tight.tokens_per_batch < 256 and tight.tokens_from == "plan"
+    assert _flags(setup.model) == [True] * 4
+    assert tight.expected_peak <= tight.budget
+
+
+def test_flags_override_the_plan():
+    setup = _setup()
+    est = make_plan(setup, TrainOptions(seq_len=64), gc_from="plan").estimate
+    small = _mib_for(est.peak(256, 4))
+    forced = make_plan(setup, TrainOptions(seq_len=64, gc_every=2, tokens_per_batch=256, max_memory=small),
+                       gc_from="plan")
+    assert (forced.gc_every, forced.gc_from, forced.tokens_per_batch, forced.tokens_from) == \
+        (2, "--gc-every", 256, "--tokens-per-batch")
+    assert _flags(setup.model) == [True, False, True, False]
+    user_gc = make_plan(setup, TrainOptions(seq_len=64), gc_from="--gc")  # --gc non-reentrant: every layer stays
+    assert user_gc.gc_every == 1 and user_gc.gc_from == "--gc" and _flags(setup.model) == [True] * 4
+
+
+def test_a_resumed_run_keeps_its_checkpoints_token_budget():
+    setup = _setup()
+    resumed = make_plan(setup, TrainOptions(seq_len=64, max_memory="3MiB"), gc_from="plan", resumed_tokens=256)
+    assert (resumed.tokens_per_batch, resumed.tokens_from) == (256, "checkpoint")
+
+
+def test_per_layer_checkpointing_leaves_gradients_unchanged():
+    setup = _setup()
+    model = setup.model
+    layers = checkpoint_layers(model)
+    batch = {"input_ids": torch.randint(3, 500, (1, 48), generator=torch.Generator().manual_seed(1))}
+    batch["labels"] = batch["input_ids"].clone()
+    grads = []
+    model.train()
+    for every in (0, 2):
+        for i, layer in enumerate(layers):
+            layer.gradient_checkpointing = every > 0 and i % every == 0
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_train_records_the_plan_and_a_smaller_budget_changes_it(tmp_path):
+    runs = {}
+    for name, memory in (("roomy", None), ("tight", "3MiB")):
+        out = tmp_path / name
+        report = gradflow.train("tiny-llama", DEMO, str(out), max_steps=1, seq_len=64, progress=False,
+                                max_memory=memory)
+        assert report.extra["train"]["status"] == "completed"
+        runs[name] = json.loads((out / "report.json").read_text())["plan"]
+    assert runs["roomy"]["gc"] == "off" and runs["roomy"]["gc_from"] == "plan"
+    assert runs["tight"]["budget_from"] == "--max-memory 3MiB"
+    assert (runs["tight"]["gc_every"], runs["tight"]["tokens_per_batch"]) != \
+        (runs["roomy"]["gc_every"], runs["roomy"]["tokens_per_batch"])
+
+
+def test_bad_max_memory_is_a_one_line_error():
+    from gradflow.errors import GradflowError
+
+    with pytest.raises(GradflowError, match="--max-memory '24 parsecs' is not a memory size"):
+        TrainOptions(max_memory="24 parsecs").validate()
