@@ -66,7 +66,7 @@ def test_every_command_json_validates(args):
 def test_opt_in_runs_validate(tmp_path):
     """--check-gc, --steps, --dry-run (no weights) and --baseline add their own parts: all in the schema."""
     for extra, key in ((("--check-gc",), "gc_check"), (("--steps", "2"), "steps"), (("--dry-run",), "dry_run"),
-                       (("--baseline", tmp_path / "baseline.json"), "baseline")):
+                       (("--baseline", tmp_path / "baseline.json"), "baseline"), (("--packed",), "packed_check")):
         report = cli_json("probe-backward", "tiny-llama", "--gc", "reentrant", "--seq-len", "16", *extra)
         validate(report)
         assert isinstance(report[key], dict), key

@@ -128,6 +128,43 @@ def _ddp(ctx, finding):
              "# or, when every trainable parameter is used in each step: ddp_find_unused_parameters=False"])
 
 
+def _gc_changes(ctx, finding):
+    where = _where(ctx, finding)
+    return (f"in {where}: make the checkpointed forward recompute exactly what it computed (preserve_rng_state=True, "
+            "no buffer or attribute updated in forward, no branch on torch.is_grad_enabled())",
+            "a checkpointed region runs its forward twice; what differs the second time changes the gradients",
+            [f"# {finding.slug}: in {where}:",
+             "#     torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)  # preserve_rng_state defaults "
+             "to True",
+             "#     # move state updates (counters, EMA buffers) out of the checkpointed forward"])
+
+
+def _not_updated(ctx, finding):
+    first = finding.params[0] if finding.params else "?"
+    return (f"{len(finding.params)} intended parameters did not change over the steps, first {first}: unfreeze "
+            "them and build the optimizer (with a nonzero lr) over them",
+            "a parameter the optimizer does not step never learns, whatever its gradient",
+            [f"# {finding.slug}: after the model is final:",
+             "#     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4)"])
+
+
+def _zero_lr(ctx, finding):
+    return ("give the optimizer a nonzero learning rate, and check the scheduler (warmup length, total steps, a "
+            "lambda that returns 0)",
+            "with lr 0 every update is zero: the run trains for hours and nothing moves",
+            [f"# {finding.slug}: print the lr the steps use:",
+             "#     print([g['lr'] for g in optimizer.param_groups], scheduler.get_last_lr())"])
+
+
+def _packed_leak(ctx, finding):
+    return ("keep the sample boundaries in packed batches: no attention_mask (position_ids restart per sample), "
+            "use_cache=False for training, and an attention implementation that reads position_ids",
+            "when attention crosses samples, each sample trains with unrelated text as context",
+            [f"# {finding.slug}:",
+             "model.config.use_cache = False          # a cache turns transformers' packed-sequence mask off",
+             "batch.pop('attention_mask', None)       # position_ids carry the boundaries"])
+
+
 ADVICE: tuple[Advice, ...] = (
     Advice("loss-from-output", "Compute the loss from the model output", ("loss-detached",),
            "Shows where the loss is computed when it does not depend on the model output (a detached or recomputed "
@@ -168,6 +205,24 @@ ADVICE: tuple[Advice, ...] = (
            "coexist.",
            "Both are set where the model is wrapped (TrainingArguments, or your DDP call), which gradflow does not "
            "own.", _ddp, per_location=False),
+    Advice("deterministic-checkpoint", "Make the checkpointed forward deterministic",
+           ("checkpoint-changes-gradients",),
+           "Names the first module whose gradients differ with checkpointing on and off, and what makes a "
+           "recomputed forward differ (RNG state not preserved, state mutated in forward, grad-mode branches).",
+           "The forward is your code (or a custom checkpoint call); only it can recompute what it computed.",
+           _gc_changes, per_location=False),
+    Advice("step-intended-params", "Step an optimizer that holds the intended parameters", ("param-not-updated",),
+           "Lists the intended parameters that did not change over `--steps K` real optimizer steps, and how to "
+           "build an optimizer that moves them.",
+           "The optimizer and the freezing are set up in your training code.", _not_updated, per_location=False),
+    Advice("nonzero-learning-rate", "Give the optimizer a nonzero learning rate", ("zero-learning-rate",),
+           "Points at the learning rate and the scheduler when every step ran with lr 0.",
+           "The learning rate and the schedule are your training arguments.", _zero_lr, per_location=False),
+    Advice("keep-packed-boundaries", "Keep sample boundaries in packed batches", ("packed-attention-leak",),
+           "Shows the three settings that keep attention inside each packed sample: no attention_mask, no KV "
+           "cache in training, an attention implementation that reads position_ids.",
+           "The collator, the config and the attention implementation are your setup.", _packed_leak,
+           per_location=False),
 )
 
 
