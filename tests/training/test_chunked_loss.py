@@ -195,6 +195,7 @@ def bf16_accelerator():
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier Trainer in this process set fp32
     accelerator = Accelerator(mixed_precision="bf16", cpu=True)
     yield accelerator
     AcceleratorState._reset_state(reset_partial_state=True)

@@ -37,7 +37,7 @@ def test_a_default_run_is_packed_planned_and_probed_packed(reference):
 def test_sigkill_mid_run_then_resume_is_bit_exact_with_packing(reference, tmp_path):
     output = tmp_path / "run"
     proc = start(*train_args(output))
-    wait_for_checkpoint(proc, output, count=3)
+    wait_for_checkpoint(proc, output, count=2)  # the last two are kept: 3 exist only for an instant
     proc.kill()  # SIGKILL: no handler runs, no cleanup
     proc.communicate()
     res = gradflow(*train_args(output, "--resume"))
