@@ -7,6 +7,7 @@ import re
 
 from gradflow.models import gc_mode_of, has_adapter_config, is_gc_layer, is_input_grad_hook, tuner_layer_class
 from gradflow.snapshot import ModuleState, ParamState, Snapshot
+from gradflow.wrappers import fsdp_units
 
 _QUANT_PARAM_CLASSES = ("Params4bit", "Int8Params")
 _QUANT_MODULE_CLASSES = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}
@@ -210,6 +211,7 @@ def describe(model, *, trainable: str | None = None, optimizer=None) -> tuple[Sn
         use_cache=getattr(config, "use_cache", None) if config is not None else None,
         trainable_regex=trainable, optimizer_given=optimizer is not None,
         ddp_find_unused=ddp[0] if ddp else None, ddp_static_graph=ddp[1] if ddp else None,
+        wrappers=fsdp_units(module_list, [n for n, _ in param_objects]),
     )
     return snap, Live(module_names=names, params=param_objects)
 

@@ -261,7 +261,8 @@ def _fill_grads(snap: Snapshot, trainable_params) -> None:
     import torch
 
     by_name = {p.name: p for p in snap.params}
-    with_grad = [(n, p.grad) for n, p in trainable_params if p.grad is not None]
+    # a sharded (FSDP2 DTensor) gradient: this rank's shard; gradflow.distributed combines the shards' norms
+    with_grad = [(n, _local(p.grad)) for n, p in trainable_params if p.grad is not None]
     norms = []
     if with_grad:
         dev = with_grad[0][1].device
@@ -286,6 +287,11 @@ def _fill_grads(snap: Snapshot, trainable_params) -> None:
             m.grads[state.grad] = m.grads.get(state.grad, 0) + 1
             if state.grad_norm is not None and state.grad != "nonfinite":
                 m.grad_norm = ((m.grad_norm or 0.0) ** 2 + state.grad_norm ** 2) ** 0.5
+
+
+def _local(t):
+    to_local = getattr(t, "to_local", None)  # torch.distributed.tensor.DTensor
+    return to_local() if callable(to_local) else t
 
 
 def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000) -> None:

@@ -169,6 +169,18 @@ class PackedLeak:
 
 
 @dataclasses.dataclass
+class WrapperFact:
+    """One FSDP unit (gradflow.wrappers): the module it wraps and the original parameters it flattens or groups."""
+
+    kind: str  # fsdp1 (FullyShardedDataParallel) | fsdp2 (fully_shard)
+    module: str  # path of the wrapped module in the snapshot's names ("" for the root)
+    params: list[str] = dataclasses.field(default_factory=list)  # original parameter names in this unit
+    use_orig_params: bool | None = None  # FSDP1's option; None for FSDP2
+    param_dtype: str | None = None  # the mixed-precision policy's param_dtype, None without one
+    planned: bool = False  # computed from a wrap plan (gradflow.wrappers.plan_fsdp1), not read from a wrapped model
+
+
+@dataclasses.dataclass
 class Snapshot:
     """Everything rules look at."""
 
@@ -201,6 +213,8 @@ class Snapshot:
     # snapshot for a setup that will be wrapped later (a Trainer's ddp_find_unused_parameters) may fill them in.
     ddp_find_unused: bool | None = None
     ddp_static_graph: bool | None = None
+    # FSDP units found on the wrapped model (FSDP1 / fully_shard), or planned for one (gradflow.wrappers)
+    wrappers: list[WrapperFact] = dataclasses.field(default_factory=list)
     trainer: str | None = None  # the Trainer class whose prepared setup this is (gradflow.probe(trainer))
     # where autograd was off: modules called under torch.no_grad() / inference_mode (the outermost of each run),
     # and modules whose class's forward carries such a decorator (module -> "no_grad" | "inference_mode" | ...)

@@ -29,6 +29,12 @@ def probe_backward(
                                      "restarting per sample, and check that no sample's loss reaches another's "
                                      "inputs (packed-attention-leak)."),
     dry_run: o.DryRun = False,
+    ddp: bool = typer.Option(False, "--ddp", rich_help_panel="Distributed",
+                             help="Under torchrun: wrap the model in DistributedDataParallel, probe on every rank "
+                                  "(same batch) and print one report gathered on rank 0."),
+    fsdp: bool = typer.Option(False, "--fsdp", rich_help_panel="Distributed",
+                              help="Under torchrun: shard the model with FSDP2 (fully_shard per decoder layer), "
+                                   "probe on every rank and print one report gathered on rank 0."),
 ):
     """Run one forward and backward and show where gradients stop, and why."""
     from gradflow.cli._common import Gate, prepare, user_code
@@ -44,6 +50,16 @@ def probe_backward(
             check_steps(steps)
         opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
                                device, gate.trainable, trust_remote_code, seed)
+        launch = None
+        if ddp or fsdp:
+            from gradflow import distributed
+            from gradflow.errors import GradflowError
+
+            if ddp and fsdp:
+                raise GradflowError("--ddp and --fsdp are two ways to wrap one model", "Pass one of them")
+            launch = distributed.start("fsdp" if fsdp else "ddp", refused={
+                "--dry-run": dry_run, "--check-gc": check_gc, "--steps": steps, "--packed": packed,
+                "--update-baseline": update_baseline})
         if dry_run:
             from gradflow.dryrun import dry_run as run_dry, refuse_flags
 
@@ -52,8 +68,14 @@ def probe_backward(
                 report = run_dry(model, opts, command="probe-backward", batch_size=batch_size, seq_len=seq_len,
                                  seed=seed, data=data)
         else:
-            setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                                   out=out)
+            if launch is not None:
+                from gradflow import distributed
+
+                setup, batch = distributed.prepare(model, opts, launch, data=data, batch_size=batch_size,
+                                                   seq_len=seq_len, seed=seed, out=out)
+            else:
+                setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed,
+                                       out=out)
             if packed:
                 from gradflow.runner import packed_batch
 
@@ -61,9 +83,14 @@ def probe_backward(
             import gradflow
 
             with out.status("probing forward and backward"), user_code(setup):
-                report = gradflow.probe(setup.model, batch, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
-                                        trainable=setup.trainable, check_gc=check_gc, steps=steps,
-                                        lr_scheduler=setup.lr_scheduler)
+                if launch is not None:
+                    from gradflow import distributed
+
+                    report = distributed.probe(setup, batch, launch)
+                else:
+                    report = gradflow.probe(setup.model, batch, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
+                                            trainable=setup.trainable, check_gc=check_gc, steps=steps,
+                                            lr_scheduler=setup.lr_scheduler)
         report, code = gate.judge(report, command="probe-backward", model=model)
     except Exception as exc:
         fail(exc)

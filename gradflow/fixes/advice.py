@@ -128,6 +128,35 @@ def _ddp(ctx, finding):
              "# or, when every trainable parameter is used in each step: ddp_find_unused_parameters=False"])
 
 
+def _fsdp_requires_grad(ctx, finding):
+    where = finding.location or "the root module"
+    return (f"wrap with use_orig_params=True, or give the trainable parameters of {where} FSDP units of their own",
+            "an FSDP1 flat parameter has one requires_grad; without use_orig_params wrapping refuses the mix",
+            [f"# {finding.slug}: where the model is wrapped:",
+             "#     FullyShardedDataParallel(model, ..., use_orig_params=True)",
+             "#     # or: auto_wrap_policy=peft.utils.other.fsdp_auto_wrap_policy(model)  (adapters in own units)"])
+
+
+def _fsdp_dtype(ctx, finding):
+    where = finding.location or "the root module"
+    return (f"give the parameters of {where} one dtype, or put the adapters in FSDP units of their own",
+            "an FSDP unit holds one parameter dtype; a mixed-precision policy casts only after that check",
+            [f"# {finding.slug}: before wrapping:",
+             "#     model.to(torch.bfloat16)    # or load the base in fp32 and let MixedPrecision cast",
+             "#     # or: auto_wrap_policy=peft.utils.other.fsdp_auto_wrap_policy(model)  (adapters in own units)"])
+
+
+def _ddp_unused(ctx, finding):
+    first = finding.params[0] if finding.params else "?"
+    return (f"freeze the {len(finding.params)} trainable parameters the forward does not use (first {first}), or "
+            "wrap with find_unused_parameters=True",
+            "DDP waits for a gradient of every trainable parameter; the second step raises without one",
+            [f"# {finding.slug}: before wrapping, for each unused parameter:",
+             f"#     model.get_parameter({first!r}).requires_grad_(False)",
+             "# or: DistributedDataParallel(model, find_unused_parameters=True)  "
+             "(TrainingArguments: ddp_find_unused_parameters=True)"])
+
+
 def _gc_changes(ctx, finding):
     where = _where(ctx, finding)
     return (f"in {where}: make the checkpointed forward recompute exactly what it computed (preserve_rng_state=True, "
@@ -205,6 +234,20 @@ ADVICE: tuple[Advice, ...] = (
            "coexist.",
            "Both are set where the model is wrapped (TrainingArguments, or your DDP call), which gradflow does not "
            "own.", _ddp, per_location=False),
+    Advice("fsdp-orig-params", "Keep original parameters in FSDP units that mix frozen and trainable ones",
+           ("fsdp-mixed-requires-grad",),
+           "Shows `use_orig_params=True` and a wrap policy that puts the adapters in units of their own.",
+           "The FSDP options are set where the model is wrapped, which gradflow does not own.",
+           _fsdp_requires_grad, per_location=False),
+    Advice("fsdp-uniform-dtype", "Give each FSDP unit one parameter dtype", ("fsdp-mixed-dtype",),
+           "Shows how to cast the model to one dtype before wrapping, or put the adapters in units of their own.",
+           "The dtypes are set where the model is loaded, the units where it is wrapped: your code.", _fsdp_dtype,
+           per_location=False),
+    Advice("ddp-freeze-unused", "Freeze the parameters DDP would wait for", ("ddp-unused-parameters",),
+           "Names the trainable parameters that got no gradient and shows how to freeze them, or to let DDP find "
+           "them with find_unused_parameters=True.",
+           "Which parameters train and how DDP wraps the model is your training code.", _ddp_unused,
+           per_location=False),
     Advice("deterministic-checkpoint", "Make the checkpointed forward deterministic",
            ("checkpoint-changes-gradients",),
            "Names the first module whose gradients differ with checkpointing on and off, and what makes a "

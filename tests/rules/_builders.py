@@ -224,6 +224,7 @@ SPEC_SEVERITY = {
     "loss-detached": "error", "no-supervised-tokens": "error", "nonfinite-grad": "error",
     "param-not-in-optimizer": "error", "inference-tensor-params": "error", "ddp-reentrant-checkpoint": "error",
     "packed-attention-leak": "error",
+    "fsdp-mixed-requires-grad": "error", "fsdp-mixed-dtype": "error", "ddp-unused-parameters": "error",
     "checkpoint-changes-gradients": "error", "param-not-updated": "error", "zero-learning-rate": "error",
     "trainable-param-unused": "warning", "trainable-embeddings-costly": "warning",
     "half-precision-trainable-params": "warning", "trainable-param-not-saved": "warning",

@@ -1,0 +1,274 @@
+"""`probe-backward --ddp|--fsdp` under torchrun: every rank probes, rank 0 prints one gathered report.
+
+Launch with the engines users already run (no launcher of gradflow's own)::
+
+    torchrun --nproc-per-node 2 -m gradflow probe-backward tiny-llama --ddp
+    torchrun --nproc-per-node 2 -m gradflow probe-backward tiny-llama --fsdp   # FSDP2 fully_shard
+
+How it works:
+- `start()` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), initialises the default process group
+  (nccl on CUDA, one GPU per local rank; gloo on CPU) before the model is built, so a factory may wrap the model
+  itself. On every rank but 0, stdout is sent to /dev/null: rank 0 speaks for the run.
+- `probe()` wraps the built model (DDP, or FSDP2 `fully_shard` per decoder layer and at the root) unless the factory
+  already returned a `DistributedDataParallel`, then runs gradflow's ordinary probe on the unwrapped module with the
+  forward going through the wrapper, so DDP's gradient all-reduce (or FSDP's reduce-scatter) happens as in training.
+  Parameter names are those of the unwrapped model.
+- Every rank gets the SAME batch (the one `--seed` makes). DDP then averages identical gradients, so the gathered
+  report equals a single-process probe of the same setup; a rank that disagrees (a parameter with a gradient on one
+  rank and none on another) is listed under "distributed" in the JSON.
+- Each rank sends rank 0 (all ranks, in fact: every rank then holds the same report and exit code) its per-parameter
+  gradient state and norm. A sharded (DTensor) gradient's norm is the root of the sum of its shards' squared norms;
+  a replicated one's is rank 0's. The state follows from the gathered norm: none (no rank holds a gradient),
+  nonfinite, zero, ok. The rules then run on the gathered snapshot.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import math
+import os
+
+from gradflow.errors import GradflowError
+
+WRAPPERS = ("ddp", "fsdp")
+
+
+@dataclasses.dataclass
+class Launch:
+    wrapper: str  # ddp | fsdp
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str
+    device: str  # cpu | cuda:N
+    wrapped: object = None  # a DistributedDataParallel the factory returned (its module is the setup's model)
+
+
+def start(wrapper: str, *, refused: dict | None = None) -> Launch:
+    """Check torchrun's environment and initialise the process group (once). `refused`: flag -> value set."""
+    if wrapper not in WRAPPERS:
+        raise GradflowError(f"unknown wrapper {wrapper!r}", "Pass --ddp or --fsdp")
+    flag = f"--{wrapper}"
+    bad = [name for name, value in (refused or {}).items() if value]
+    if bad:
+        raise GradflowError(f"{flag} cannot be combined with {', '.join(bad)} yet",
+                            f"Drop {', '.join(bad)}, or probe in one process without {flag}")
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise GradflowError(f"{flag} needs the process group that torchrun sets up (RANK / WORLD_SIZE are unset)",
+                            f"Launch it as: torchrun --nproc-per-node 2 -m gradflow probe-backward MODEL {flag}")
+    import torch
+    import torch.distributed as dist
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    cuda = torch.cuda.is_available()
+    backend = "nccl" if cuda else "gloo"
+    device = f"cuda:{local}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(local)  # "cuda" now means this rank's GPU, for --device auto as well
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend)
+        atexit.register(_finish)
+    if rank != 0:  # rank 0 speaks for the run: the others print nothing on stdout
+        import sys
+
+        sys.stdout.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+    return Launch(wrapper, rank, world, local, backend, device)
+
+
+def _finish() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # tearing down after an error on another rank: nothing left to save
+            pass
+
+
+def is_ddp(model) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
+def unwrap(model):
+    """The module under a DDP wrapper (and `_orig_mod` under torch.compile); anything else as is."""
+    while True:
+        if is_ddp(model):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def prepare(model, opts, launch: Launch, *, data, batch_size, seq_len, seed, out):
+    """As the CLI's prepare, but a factory's DDP wrapper is set aside: the setup holds the module under it."""
+    from gradflow.cli._common import check_data, user_code
+    from gradflow.cli._options import check_positive
+    from gradflow.runner import load_setup, make_batch
+
+    check_positive(batch_size, "--batch-size")
+    check_positive(seq_len, "--seq-len", 32)
+    if data is not None:
+        check_data(data)
+    with out.status(f"loading {model}"), user_code():
+        setup = load_setup(model, opts)
+        if setup.kind == "trainer":
+            raise GradflowError(f"--{launch.wrapper} wraps a model, and {setup.source} returns a Trainer",
+                                "Return the model (or {'model': ..., 'batch': ...}) from the factory")
+        if is_ddp(setup.model):
+            launch.wrapped, setup.model = setup.model, unwrap(setup.model)
+        batch = make_batch(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    return setup, batch
+
+
+def wrap(model, launch: Launch):
+    """(wrapper to run the forward through, unwrapped module to probe). A DDP model from a factory is kept."""
+    if is_ddp(model):
+        return model, unwrap(model)
+    if launch.wrapper == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [launch.local_rank] if launch.device.startswith("cuda") else None
+        return DistributedDataParallel(model, device_ids=ids), model
+    from torch.distributed.fsdp import fully_shard
+
+    for module in _layers(model):
+        fully_shard(module)
+    fully_shard(model)
+    return model, model  # FSDP2 shards in place: the module keeps its class and its parameter names
+
+
+def _layers(model):
+    """Decoder layers (any ModuleList of blocks): the usual FSDP2 units."""
+    import torch
+
+    seen = []
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
+            if not any(_inside(module, outer) for outer in seen):
+                seen.append(module)
+    return [layer for lst in seen for layer in lst if any(True for _ in layer.parameters())]
+
+
+def _inside(module, outer) -> bool:
+    return any(m is module for m in outer.modules())
+
+
+def probe(setup, batch, launch: Launch, *, trainable=None):
+    """Probe on every rank, gather the gradient states by parameter name, and return the same Report on all ranks."""
+    import gradflow
+    from gradflow.probing import call_model
+
+    wrapped, inner = wrap(launch.wrapped if launch.wrapped is not None else setup.model, launch)
+    user_loss = setup.loss_fn
+
+    def through_wrapper(_model, b):  # the forward goes through DDP / FSDP so their backward hooks run
+        return user_loss(wrapped, b) if user_loss is not None else call_model(wrapped, b)
+
+    report = gradflow.probe(inner, batch, loss_fn=through_wrapper, optimizer=setup.optimizer,
+                            trainable=trainable if trainable is not None else setup.trainable)
+    return gather(report, inner, launch)
+
+
+def _local_states(report, inner) -> dict:
+    """name -> (state, squared norm or None, sharded) for this rank's trainable parameters."""
+    sharded = {name: _is_sharded(p) for name, p in inner.named_parameters()}
+    out = {}
+    for row in report.snapshot.params:
+        if not row.requires_grad:
+            continue
+        sq = None if row.grad_norm is None or not math.isfinite(row.grad_norm) else row.grad_norm ** 2
+        out[row.name] = (row.grad, sq, sharded.get(row.name, False))
+    return out
+
+
+def _is_sharded(p) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # an older torch: no DTensor
+        return False
+    return isinstance(p, DTensor) and any(isinstance(pl, Shard) for pl in p.placements)
+
+
+def merge(per_rank: list[dict]) -> tuple[dict, list[str]]:
+    """Per-rank {name: (state, sq_norm, sharded)} -> ({name: (state, norm)}, names whose ranks disagree)."""
+    merged, disagree = {}, []
+    names = list(per_rank[0])
+    for extra in per_rank[1:]:
+        names += [n for n in extra if n not in per_rank[0]]
+    for name in names:
+        rows = [r.get(name) for r in per_rank]
+        present = [row for row in rows if row is not None]
+        states = [row[0] for row in present]
+        sharded = any(row[2] for row in present)
+        if not sharded and len(set(states)) > 1:
+            disagree.append(name)
+        if all(s == "none" for s in states):
+            merged[name] = ("none", None)
+        elif any(s == "nonfinite" for s in states):
+            merged[name] = ("nonfinite", float("nan"))
+        else:
+            sqs = [row[1] for row in present if row[0] != "none" and row[1] is not None]
+            norm = math.sqrt(sum(sqs)) if sharded else math.sqrt(sqs[0])
+            merged[name] = ("zero" if norm == 0 else "ok", norm)
+    return merged, disagree
+
+
+def gather(report, inner, launch: Launch):
+    """All ranks' states -> the gathered Report (rules re-run on it), identical on every rank."""
+    import torch.distributed as dist
+
+    from gradflow.report import build_report
+    from gradflow.rules import run_rules
+
+    mine = _local_states(report, inner)
+    everyone = [None] * launch.world_size
+    dist.all_gather_object(everyone, mine)
+    merged, disagree = merge(everyone)
+    snap = report.snapshot
+    modules = {m.name: m for m in snap.modules}
+    for m in modules.values():
+        m.grads, m.grad_norm = {}, None
+    for row in snap.params:
+        if not row.requires_grad or row.name not in merged:
+            continue
+        row.grad, row.grad_norm = merged[row.name]
+        m = modules.get(row.module)
+        if m is not None:
+            m.grads[row.grad] = m.grads.get(row.grad, 0) + 1
+            if row.grad_norm is not None and row.grad != "nonfinite":
+                m.grad_norm = ((m.grad_norm or 0.0) ** 2 + row.grad_norm ** 2) ** 0.5
+    _unshard_class_names(snap, inner)
+    gathered = build_report(snap, run_rules(snap), report.command)
+    gathered.extra.update({k: v for k, v in report.extra.items() if k not in gathered.extra})
+    gathered.extra["distributed"] = {
+        "wrapper": launch.wrapper, "world_size": launch.world_size, "backend": launch.backend,
+        "batch": "the same on every rank", "ranks_disagree": disagree[:50], "ranks_disagree_count": len(disagree),
+    }
+    return gathered
+
+
+def _unshard_class_names(snap, inner) -> None:
+    """FSDP2 swaps each sharded module's class for `FSDP<Class>`: report the model's own class names."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    renamed = {}
+    for module in inner.modules():
+        if isinstance(module, FSDPModule):
+            own = next((c for c in type(module).__mro__[1:] if not issubclass(c, FSDPModule)), None)
+            if own is not None:
+                renamed[type(module).__name__] = own.__name__
+    if not renamed:
+        return
+    snap.model_class = renamed.get(snap.model_class, snap.model_class)
+    for m in snap.modules:
+        m.cls = renamed.get(m.cls, m.cls)

@@ -1,0 +1,97 @@
+"""ddp-unused-parameters: trainable parameters with no gradient under DDP with find_unused_parameters=False.
+
+DDP runs for real on one gloo rank on the CPU: the same fault breaks the second step there already.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from _builders import assert_fires, assert_silent, base, batch, lora, probe, tiny_batch, tiny_lm
+from _dist import process_group  # noqa: F401  (fixture)
+
+SLUG = "ddp-unused-parameters"
+UNFINISHED = "Expected to have finished reduction in the prior iteration"
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+
+
+class WithSpareHead(nn.Module):
+    """A TinyLM plus a trainable head the forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = tiny_lm(freeze=False)
+        self.spare = nn.Linear(16, 16)
+
+    def forward(self, **data):
+        return self.lm(**data)
+
+
+def _train(model, data, steps: int = 2) -> str | None:
+    """Plain AdamW steps through the DDP wrapper, no gradflow involved: None, or the first error line."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    try:
+        for _ in range(steps):
+            out = model(**data)
+            (out["loss"] if isinstance(out, dict) else out.loss).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    except RuntimeError as exc:
+        return str(exc).splitlines()[0]
+    return None
+
+
+def _embeds_batch(model):
+    """The batch as inputs_embeds: the trainable input embedding then takes no part in the forward."""
+    data = batch(model)
+    with torch.no_grad():
+        embeds = model.get_input_embeddings()(data.pop("input_ids"))
+    return {**data, "inputs_embeds": embeds}
+
+
+# --- fires ------------------------------------------------------------------------------------------------------------
+def test_custom_model_with_a_spare_trainable_head(process_group):
+    model = WithSpareHead()
+    report = probe(DistributedDataParallel(model, find_unused_parameters=False), tiny_batch())
+    finding = assert_fires(report, SLUG, location="module.spare")
+    assert finding.params == ["module.spare.weight", "module.spare.bias"]
+    assert "module.spare.weight" in finding.message and finding.fix.applicability == "display-only"
+    # a fresh model: the probed wrapper's reducer hooks stay on the first one's parameters
+    assert _train(DistributedDataParallel(WithSpareHead(), find_unused_parameters=False),
+                  tiny_batch()).startswith(UNFINISHED)
+
+
+def test_full_finetune_fed_inputs_embeds(process_group):
+    model = base()
+    data = _embeds_batch(model)
+    report = probe(DistributedDataParallel(model), data)  # find_unused_parameters defaults to False
+    finding = assert_fires(report, SLUG, location="module.model.embed_tokens")
+    assert finding.params == ["module.model.embed_tokens.weight"]
+    assert _train(DistributedDataParallel(base()), data).startswith(UNFINISHED)
+
+
+# --- stays silent -----------------------------------------------------------------------------------------------------
+def test_silent_with_find_unused_parameters(process_group):
+    model = WithSpareHead()
+    report = probe(DistributedDataParallel(model, find_unused_parameters=True), tiny_batch())
+    assert_silent(report, SLUG)
+    assert report.snapshot.ddp_find_unused is True
+    assert _train(DistributedDataParallel(WithSpareHead(), find_unused_parameters=True), tiny_batch(), steps=3) is None
+
+
+def test_silent_when_every_trainable_parameter_gets_a_gradient(process_group):
+    model = lora()
+    data = batch(model)
+    report = probe(DistributedDataParallel(model, find_unused_parameters=False), data)
+    assert_silent(report, SLUG)
+    assert report.snapshot.ddp_find_unused is False
+    assert _train(DistributedDataParallel(lora(), find_unused_parameters=False), data, steps=3) is None
+
+
+def test_silent_without_ddp():
+    assert_silent(probe(WithSpareHead(), tiny_batch()), SLUG)
