@@ -90,6 +90,7 @@ def train(
                                                      "flex_attention | eager.", rich_help_panel=_T)] = "auto",
     ce: Annotated[str, typer.Option("--ce", help="Cross-entropy: auto (chunked on CUDA where supported) | chunked | "
                                                  "standard.", rich_help_panel=_T)] = "auto",
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard with FSDP2 (accelerate's plugin, one unit per decoder layer); sharded checkpoints, one consolidated adapter.", rich_help_panel="Distributed")] = False,
     format: o.Format = "text",
     quiet: o.Quiet = False, isolated: o.Isolated = False,
 ):
@@ -119,7 +120,7 @@ def train(
             unsafe_fixes=unsafe_fixes, resume=resume, resume_anyway=resume_anyway, overwrite=overwrite, merge=merge,
             check_every=check_every, moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps,
             packing=packing, tokens_per_batch=tokens_per_batch, gc_every=gc_every, max_memory=max_memory, attn=attn,
-            ce=ce, progress=not quiet)
+            ce=ce, fsdp=fsdp, progress=not quiet)
     except KeyboardInterrupt:  # Ctrl-C while loading or writing: inside the training steps it saves a checkpoint
         import sys
 

@@ -285,8 +285,11 @@ class GradFlowCallback(TrainerCallback):
         nonfinite: list[str] = []
         if present:
             device = self._group_index.device
-            sq = torch.stack([torch.linalg.vector_norm(g.detach(), dtype=torch.float32).to(device) ** 2
+            from gradflow.training.fsdp import local, sum_over_shards  # FSDP2: DTensor gradients, norm over shards
+
+            sq = torch.stack([torch.linalg.vector_norm(local(g.detach()), dtype=torch.float32).to(device) ** 2
                               for _, g in present])
+            sq = sum_over_shards(sq, [g for _, g in present])
             idx = torch.tensor([i for i, (_, p) in enumerate(self._params) if p.grad is not None], device=device)
             per_group = torch.zeros(len(self._groups), device=device).index_add_(0, self._group_index[idx], sq)
             values = torch.cat([per_group, sq]).tolist()  # one device→host read for the whole check

@@ -101,11 +101,13 @@ def damage(path: str) -> str | None:
                 return f"{name} is {size} bytes, {entry.get('bytes')} when saved"
             if sha256_file(full) != entry.get("sha256"):
                 return f"{name} has changed since it was saved (SHA-256 differs)"
-    for name in _REQUIRED:
-        if not os.path.isfile(os.path.join(path, name)):
-            return f"{name} is missing"
     names = set(os.listdir(path))
-    if not names & set(_WEIGHTS):
+    # FSDP (--fsdp) checkpoints are sharded: optimizer_0/ and pytorch_model_fsdp_0/ (torch.distributed.checkpoint)
+    sharded = any(n.startswith("pytorch_model_fsdp_") for n in names) and any(n.startswith("optimizer_") for n in names)
+    for name in _REQUIRED:
+        if not os.path.isfile(os.path.join(path, name)) and not (sharded and name == "optimizer.pt"):
+            return f"{name} is missing"
+    if not names & set(_WEIGHTS) and not sharded:
         return "it holds no model weights"
     if not any(n.startswith("rng_state") for n in names):
         return "its RNG state (rng_state*.pth) is missing"

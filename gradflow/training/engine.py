@@ -98,6 +98,9 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
     opts.resume = opts.resume or opts.resume_anyway
     opts.validate()
     ropts = setup_options or RecipeOptions()
+    from gradflow.training import fsdp as _fsdp  # --fsdp: torchrun, no --quant
+
+    _fsdp.check(opts, ropts)
     if ropts.seed == 0 and opts.seed:
         ropts.seed = opts.seed
     check_output_path(output)
@@ -224,12 +227,17 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
     finished = not stopped and not interrupted
 
     is_main = trainer.is_world_process_zero()
+    if finished and opts.fsdp:  # every rank gathers the sharded adapter; rank 0 writes it once
+        from gradflow.training import fsdp as _fsdp
+
+        _fsdp.save_adapter(trainer, setup, model, ropts, opts, os.path.join(output, ADAPTER_DIR), is_main)
+        report.extra["train"]["adapter"] = ADAPTER_DIR
     if is_main:
         from gradflow.training.plots import plot_grad_norms
 
         if plot_grad_norms(watch.history, os.path.join(output, "grad_norms.png")):
             report.extra["train"]["grad_norms_png"] = "grad_norms.png"
-        if finished:
+        if finished and not opts.fsdp:
             save_adapter(setup, model, ropts, opts, os.path.join(output, ADAPTER_DIR))
             report.extra["train"]["adapter"] = ADAPTER_DIR
     if finished and opts.merge and is_main:

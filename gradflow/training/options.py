@@ -46,6 +46,7 @@ class TrainOptions:
     max_memory: str | None = None  # "24GiB", "500MiB": the plan's budget instead of the device's free memory
     attn: str = "auto"
     ce: str = "auto"
+    fsdp: bool = False  # FSDP2 through accelerate, under torchrun (gradflow.training.fsdp)
 
     def validate(self) -> None:
         from gradflow.limits import check_float, check_int

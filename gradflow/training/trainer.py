@@ -10,7 +10,7 @@ from gradflow.training.outputs import CHECKPOINT_DIR, TB_DIR
 from gradflow.training.preflight import finding_line
 
 
-def training_args(opts, output: str, device: str):
+def training_args(opts, output: str, device: str, model=None):
     import inspect
 
     from transformers import TrainingArguments
@@ -27,6 +27,10 @@ def training_args(opts, output: str, device: str):
         dataloader_num_workers=0, warmup_steps=opts.warmup_steps, optim="adamw_torch", max_grad_norm=1.0,
         use_cpu=device == "cpu",
     )
+    if getattr(opts, "fsdp", False):  # FSDP2 through accelerate's plugin (gradflow.training.fsdp)
+        from gradflow.training.fsdp import training_kwargs
+
+        kwargs.update(training_kwargs(model, device))
     accepted = inspect.signature(TrainingArguments.__init__).parameters
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in accepted})
 
@@ -47,7 +51,7 @@ def make_trainer(setup, dataset, collator, opts, output: str, console, callbacks
     if opts.precision == "fp16" and device == "cpu":
         raise GradflowError("--precision fp16 needs a GPU (CPU has no fp16 loss scaling)",
                             "Use --precision bf16 or fp32 on CPU")
-    args = training_args(opts, output, device)
+    args = training_args(opts, output, device, setup.model)
     world = max(1, args.world_size)
     per_epoch = math.ceil(len(dataset) / (args.per_device_train_batch_size * world) / opts.grad_accum)
     total = opts.max_steps if opts.max_steps is not None else max(1, math.ceil(per_epoch * opts.epochs))
@@ -62,6 +66,10 @@ def make_trainer(setup, dataset, collator, opts, output: str, console, callbacks
     trainer_cls = atomic_save_mixin(_with_loss(Trainer))
     trainer = trainer_cls(model=setup.model, args=args, train_dataset=dataset, data_collator=collator,
                           callbacks=[watch, *callbacks])
+    if getattr(opts, "fsdp", False):
+        from gradflow.training.fsdp import enable
+
+        enable(trainer)
     trainer.gradflow_ce = resolve_ce(opts.ce, device)[0]
     trainer.remove_callback(PrinterCallback)  # it prints log dicts on stdout, which carries data
     trainer.remove_callback(ProgressCallback)

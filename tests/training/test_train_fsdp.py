@@ -1,0 +1,137 @@
+"""`gradflow train --fsdp` on CPU: 2 gloo processes under torchrun, FSDP2 through accelerate's plugin.
+
+A 3-step run completes, its checkpoints are sharded (torch.distributed.checkpoint, one file per rank), and the
+adapter is written once, consolidated (full tensors, PeftModel loads it); SIGKILL of one rank, then --resume on
+the same world size continues from the last checkpoint. Bad uses are one line, exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from importlib import resources
+
+DEMO = str(resources.files("gradflow") / "data" / "think_demo.jsonl")
+ARGS = ["--seq-len", "48", "--gc", "non-reentrant", "--device", "cpu", "--logging-steps", "1"]
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GRADFLOW_DEBUG")}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    return env
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(out, *extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+            "-m", "gradflow", "train", "tiny-llama", "--data", DEMO, "--output", str(out), "--fsdp", *ARGS,
+            *map(str, extra)]
+
+
+def _sharded(ckpt) -> bool:
+    return {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(ckpt / "pytorch_model_fsdp_0")) and \
+        {"__0_0.distcp", "__1_0.distcp"} <= set(os.listdir(ckpt / "optimizer_0"))
+
+
+def _loads(adapter) -> None:
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from gradflow.presets import build_preset
+
+    base = build_preset("tiny-llama")
+    model = PeftModel.from_pretrained(base, str(adapter))
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    assert saved and all(t.ndim == 2 and min(t.shape) > 0 for t in saved.values())
+    params = dict(model.named_parameters())
+    for key, tensor in saved.items():  # full (unsharded) shapes: the LoRA weights as the model holds them
+        name = key.replace(".weight", ".default.weight")
+        assert params[name].shape == tensor.shape, key
+        torch.testing.assert_close(params[name].detach(), tensor, rtol=0, atol=0)
+
+
+def test_fsdp_train_three_steps_two_cpu_processes(tmp_path):
+    out = tmp_path / "fsdp"
+    res = subprocess.run(_torchrun(out, "--max-steps", 3, "--save-steps", 2), capture_output=True, text=True,
+                         timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())["train"]
+    assert report["status"] == "completed" and report["world_size"] == 2 and report["steps"] == 3
+    grads = report["gradients"]  # the live watch saw every LoRA gradient (norms summed over the shards)
+    assert grads["missing"] == 0 and grads["params_trainable"] > 0
+    assert all(v > 0 for v in grads["per_layer"].values())
+    assert res.stdout.count("train     completed") == 1  # rank 0 speaks for the run
+    assert _sharded(out / "checkpoints" / "checkpoint-2")
+    assert not (out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").exists()
+    _loads(out / "adapter")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as fh:
+            kids += [int(k) for k in fh.read().split()]
+    return kids
+
+
+def test_fsdp_sigkill_one_rank_then_resume(tmp_path):
+    from gradflow.training.checkpoint import complete_checkpoints
+
+    out = tmp_path / "run"
+    args = _torchrun(out, "--max-steps", 8, "--save-steps", 2, "--lr", "1e-3")
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None and not complete_checkpoints(str(out / "checkpoints")):
+            time.sleep(0.01)
+        workers = _children(proc.pid)
+        assert workers, "torchrun started no workers"
+        os.kill(workers[-1], signal.SIGKILL)  # one rank dies; torchrun then ends the other
+        proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode != 0, "the run finished before a rank could be killed"
+    done = complete_checkpoints(str(out / "checkpoints"))
+    killed_at = max(int(os.path.basename(d).split("-")[1]) for d in done)
+    assert killed_at < 8 and not (out / "adapter").exists()
+
+    res = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming from" in res.stderr
+    first = next(int(x.split()[1].split("/")[0]) for x in res.stderr.splitlines() if x.startswith("step "))
+    assert first > killed_at >= 2  # it continued; it did not start again
+    report = json.loads((out / "report.json").read_text())["train"]
+    assert report["status"] == "completed" and report["steps"] == 8 and report["world_size"] == 2
+    _loads(out / "adapter")
+
+
+def test_fsdp_without_torchrun_is_one_line_exit_2(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "gradflow", "train", "tiny-llama", "--data", DEMO, "--output",
+                          str(tmp_path / "x"), "--fsdp", "--max-steps", "1"], capture_output=True, text=True,
+                         timeout=120, env=_env())
+    assert res.returncode == 2
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("gradflow")]
+    assert len(lines) == 1 and "--fsdp needs the process group" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_fsdp_with_quant_is_one_line_exit_2(tmp_path):
+    env = {**_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    res = subprocess.run([sys.executable, "-m", "gradflow", "train", "tiny-llama", "--data", DEMO, "--output",
+                          str(tmp_path / "x"), "--fsdp", "--quant", "4bit", "--max-steps", "1"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("gradflow")]
+    assert len(lines) == 1 and "--fsdp cannot shard a --quant" in lines[0] and "Traceback" not in res.stderr
