@@ -107,25 +107,13 @@ def unwrap(model):
             return model
 
 
-def prepare(model, opts, launch: Launch, *, data, batch_size, seq_len, seed, out):
-    """As the CLI's prepare, but a factory's DDP wrapper is set aside: the setup holds the module under it."""
-    from gradflow.cli._common import check_data, user_code
-    from gradflow.cli._options import check_positive
-    from gradflow.runner import load_setup, make_batch
-
-    check_positive(batch_size, "--batch-size")
-    check_positive(seq_len, "--seq-len", 32)
-    if data is not None:
-        check_data(data)
-    with out.status(f"loading {model}"), user_code():
-        setup = load_setup(model, opts)
-        if setup.kind == "trainer":
-            raise GradflowError(f"--{launch.wrapper} wraps a model, and {setup.source} returns a Trainer",
-                                "Return the model (or {'model': ..., 'batch': ...}) from the factory")
-        if is_ddp(setup.model):
-            launch.wrapped, setup.model = setup.model, unwrap(setup.model)
-        batch = make_batch(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
-    return setup, batch
+def adopt(setup, launch: Launch) -> None:
+    """A factory's DDP wrapper is set aside (the setup holds the module under it); a Trainer is refused."""
+    if setup.kind == "trainer":
+        raise GradflowError(f"--{launch.wrapper} wraps a model, and {setup.source} returns a Trainer",
+                            "Return the model (or {'model': ..., 'batch': ...}) from the factory")
+    if is_ddp(setup.model):
+        launch.wrapped, setup.model = setup.model, unwrap(setup.model)
 
 
 def wrap(model, launch: Launch):

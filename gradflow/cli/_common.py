@@ -27,8 +27,9 @@ def user_code(setup=None):
             raise user_exit_error(exc, setup.source, "running its forward, loss or backward") from exc
 
 
-def prepare(model, opts, *, data, batch_size, seq_len, seed, out):
-    """Resolve, build and batch, with progress on stderr."""
+def prepare(model, opts, *, data, batch_size, seq_len, seed, out, adopt=None):
+    """Resolve, build and batch, with progress on stderr. `adopt(setup)` may adjust the setup before the batch
+    is made (e.g. set a factory's DDP wrapper aside: gradflow.distributed.adopt)."""
     from gradflow.cli._options import check_positive
     from gradflow.runner import load_setup, make_batch
 
@@ -38,6 +39,8 @@ def prepare(model, opts, *, data, batch_size, seq_len, seed, out):
         check_data(data)
     with out.status(f"loading {model}"), user_code():
         setup = load_setup(model, opts)
+        if adopt is not None:
+            adopt(setup)
         batch = make_batch(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
     return setup, batch
 

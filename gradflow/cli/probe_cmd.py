@@ -68,14 +68,13 @@ def probe_backward(
                 report = run_dry(model, opts, command="probe-backward", batch_size=batch_size, seq_len=seq_len,
                                  seed=seed, data=data)
         else:
+            adopt = None
             if launch is not None:
                 from gradflow import distributed
 
-                setup, batch = distributed.prepare(model, opts, launch, data=data, batch_size=batch_size,
-                                                   seq_len=seq_len, seed=seed, out=out)
-            else:
-                setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                                       out=out)
+                adopt = lambda setup: distributed.adopt(setup, launch)  # noqa: E731
+            setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out,
+                                   adopt=adopt)
             if packed:
                 from gradflow.runner import packed_batch
 
