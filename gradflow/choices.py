@@ -132,8 +132,26 @@ class LossOn(Choice):
     ALL = "all"
 
 
+class Attn(Choice):
+    """train's attention implementation (auto: flex_attention on CUDA, else sdpa)."""
+
+    AUTO = "auto"
+    SDPA = "sdpa"
+    FLEX = "flex_attention"
+    EAGER = "eager"
+
+
+class CE(Choice):
+    """train's cross-entropy (auto: chunked on CUDA where the model supports it)."""
+
+    AUTO = "auto"
+    CHUNKED = "chunked"
+    STANDARD = "standard"
+
+
 _FLAGS = {Format: "--format", ProbeFormat: "--format", FailOn: "--fail-on", GC: "--gc", Quant: "--quant",
-          DType: "--dtype", Device: "--device", Precision: "--precision", LossOn: "--loss-on"}
+          DType: "--dtype", Device: "--device", Precision: "--precision", LossOn: "--loss-on", Attn: "--attn",
+          CE: "--ce"}
 
 
 def plain(value):

@@ -86,10 +86,10 @@ def train(
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="Memory the plan may use, e.g. 24GiB or "
                                                       "500MiB. Default: the device's free memory.",
                                                       rich_help_panel=_T)] = None,
-    attn: Annotated[str, typer.Option("--attn", help="Attention: auto (flex_attention on CUDA, else sdpa) | sdpa | "
-                                                     "flex_attention | eager.", rich_help_panel=_T)] = "auto",
-    ce: Annotated[str, typer.Option("--ce", help="Cross-entropy: auto (chunked on CUDA where supported) | chunked | "
-                                                 "standard.", rich_help_panel=_T)] = "auto",
+    attn: Annotated[c.Attn, typer.Option("--attn", parser=c.Attn.parse, help="Attention (auto: flex_attention on "
+                                         "CUDA, else sdpa).", rich_help_panel=_T)] = "auto",
+    ce: Annotated[c.CE, typer.Option("--ce", parser=c.CE.parse, help="Cross-entropy (auto: chunked on CUDA where "
+                                     "the model supports it).", rich_help_panel=_T)] = "auto",
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard with FSDP2 (accelerate's plugin, one unit per decoder layer); sharded checkpoints, one consolidated adapter.", rich_help_panel="Distributed")] = False,
     format: o.Format = "text",
     quiet: o.Quiet = False, isolated: o.Isolated = False,

@@ -6,10 +6,12 @@ import dataclasses
 
 from gradflow.errors import GradflowError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-LOSS_ON = ("completion", "all")
-ATTN_MODES = ("auto", "sdpa", "flex_attention", "eager")
-CE_MODES = ("auto", "chunked", "standard")
+from gradflow.choices import CE, Attn, LossOn, Precision
+
+PRECISIONS = Precision.values()
+LOSS_ON = LossOn.values()
+ATTN_MODES = Attn.values()
+CE_MODES = CE.values()
 
 
 @dataclasses.dataclass
@@ -63,14 +65,11 @@ class TrainOptions:
                 check_int(flag, value)
         check_float("--epochs", self.epochs)  # checked even beside --max-steps: inf is a typo either way
         check_float("--lr", self.learning_rate)
-        for flag, value, allowed in (("--precision", self.precision, PRECISIONS), ("--loss-on", self.loss_on, LOSS_ON),
-                                     ("--attn", self.attn, ATTN_MODES), ("--ce", self.ce, CE_MODES)):
-            value = getattr(value, "value", value)  # the CLI may hand over an Enum member
-            if value not in allowed:
-                raise GradflowError(f"{flag} {value!r} is not one of {', '.join(allowed)}", "Pick one of those")
-        self.attn, self.ce = getattr(self.attn, "value", self.attn), getattr(self.ce, "value", self.ce)
-        self.precision = getattr(self.precision, "value", self.precision)
-        self.loss_on = getattr(self.loss_on, "value", self.loss_on)
+        # the same parser as the CLI's: one message for a bad value from a flag or the API; stored as plain str
+        self.precision = Precision.parse(self.precision, "--precision").value
+        self.loss_on = LossOn.parse(self.loss_on, "--loss-on").value
+        self.attn = Attn.parse(self.attn, "--attn").value
+        self.ce = CE.parse(self.ce, "--ce").value
         if self.resume and self.overwrite:
             raise GradflowError("--resume and --overwrite contradict each other", "Pass one of them")
         if self.tokens_per_batch is not None and not self.packing:
