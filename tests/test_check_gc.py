@@ -120,12 +120,11 @@ def test_cli_check_gc(tmp_path):
 def test_qlora_gradients_are_compared_at_the_compute_dtype():
     """prepare_model_for_kbit_training upcasts every float parameter to fp32, but the 4-bit layers compute in bf16:
     the bf16 tolerance must apply (on an H200 the fp32 tolerance flagged 106 of 256 healthy LoRA gradients)."""
-    from gradflow.gc_equivalence import RTOL, compute_dtype
+    from gradflow.gc_equivalence import compute_dtype
     from gradflow.recipe import RecipeOptions
     from gradflow.runner import load_setup
 
     setup = load_setup("tiny-llama", RecipeOptions(quant="4bit", dtype="bfloat16", lora_r=4, gc="non-reentrant"))
     assert compute_dtype(setup.model) == "bfloat16"
-    assert RTOL["bfloat16"] > RTOL["float32"]
     plain = load_setup("tiny-llama", RecipeOptions(lora_r=4))
     assert compute_dtype(plain.model) == "float32"
