@@ -49,6 +49,8 @@ def snapshot(model, batch=None, *, loss_fn=None, optimizer=None, trainable=None,
         snap.trainer = setup.source
         snap.ddp_find_unused = setup.find_unused_parameters
         snap.ddp_static_graph = setup.static_graph
+        if setup.fsdp_plan and not snap.wrappers:  # the FSDP1 units its train() will build under torchrun
+            snap.wrappers = list(setup.fsdp_plan)
     return snap
 
 

@@ -20,6 +20,11 @@ How it works:
   gradient state and norm. A sharded (DTensor) gradient's norm is the root of the sum of its shards' squared norms;
   a replicated one's is rank 0's. The state follows from the gathered norm: none (no rank holds a gradient),
   nonfinite, zero, ok. The rules then run on the gathered snapshot.
+
+`gradflow train` under torchrun uses the helpers at the end of this module: every rank's pre-flight findings and,
+after training, the live watch's are gathered and merged (`gather_preflight`, `gather_watch`, `merge_findings`), so
+that every rank refuses together and rank 0's report holds what any rank found; `agree_min` lets the watch stop
+every rank at the same step. See docs/distributed.md, "Findings from every rank".
 """
 
 from __future__ import annotations
@@ -97,9 +102,11 @@ def is_ddp(model) -> bool:
 
 
 def unwrap(model):
-    """The module under a DDP wrapper (and `_orig_mod` under torch.compile); anything else as is."""
+    """The module under a DDP or FSDP1 wrapper (and `_orig_mod` under torch.compile); anything else as is."""
+    from gradflow.wrappers import is_fsdp1
+
     while True:
-        if is_ddp(model):
+        if is_ddp(model) or is_fsdp1(model):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
@@ -108,17 +115,23 @@ def unwrap(model):
 
 
 def adopt(setup, launch: Launch) -> None:
-    """A factory's DDP wrapper is set aside (the setup holds the module under it); a Trainer is refused."""
+    """A factory's DDP or FSDP1 wrapper is set aside (the setup holds the module under it); a Trainer is refused."""
     if setup.kind == "trainer":
         raise GradflowError(f"--{launch.wrapper} wraps a model, and {setup.source} returns a Trainer",
                             "Return the model (or {'model': ..., 'batch': ...}) from the factory")
-    if is_ddp(setup.model):
+    from gradflow.wrappers import fsdp1_numels, is_fsdp1
+
+    if is_fsdp1(setup.model):
+        fsdp1_numels(setup.model)  # refuses use_orig_params=False (and sharding it cannot combine) before the batch
+    if is_ddp(setup.model) or is_fsdp1(setup.model):
         launch.wrapped, setup.model = setup.model, unwrap(setup.model)
 
 
 def wrap(model, launch: Launch):
-    """(wrapper to run the forward through, unwrapped module to probe). A DDP model from a factory is kept."""
-    if is_ddp(model):
+    """(wrapper to run the forward through, unwrapped module to probe). A DDP or FSDP1 model from a factory is kept."""
+    from gradflow.wrappers import is_fsdp1
+
+    if is_ddp(model) or is_fsdp1(model):
         return model, unwrap(model)
     if launch.wrapper == "ddp":
         from torch.nn.parallel import DistributedDataParallel
@@ -160,20 +173,30 @@ def probe(setup, batch, launch: Launch, *, trainable=None):
     def through_wrapper(_model, b):  # the forward goes through DDP / FSDP so their backward hooks run
         return user_loss(wrapped, b) if user_loss is not None else call_model(wrapped, b)
 
+    from gradflow.wrappers import fsdp1_numels, is_fsdp1, unwrap_fsdp1
+
+    numels = fsdp1_numels(wrapped) if is_fsdp1(wrapped) else None  # FSDP1: each rank holds 1-D slices
     report = gradflow.probe(inner, batch, loss_fn=through_wrapper, optimizer=setup.optimizer,
                             trainable=trainable if trainable is not None else setup.trainable)
+    if numels is not None:
+        unwrap_fsdp1(report.snapshot, wrapped, numels)
     return gather(report, inner, launch)
 
 
 def _local_states(report, inner) -> dict:
     """name -> (state, squared norm or None, sharded) for this rank's trainable parameters."""
     sharded = {name: _is_sharded(p) for name, p in inner.named_parameters()}
+    # FSDP1 (use_orig_params): every rank holds a slice of each original parameter, and its gradient's slice
+    flat = {n for u in report.snapshot.wrappers if u.kind == "fsdp1" and not u.planned for n in u.params}
     out = {}
     for row in report.snapshot.params:
         if not row.requires_grad:
             continue
         sq = None if row.grad_norm is None or not math.isfinite(row.grad_norm) else row.grad_norm ** 2
-        out[row.name] = (row.grad, sq, sharded.get(row.name, False))
+        state = row.grad
+        if row.name in flat and state == "zero" and row.used is False:
+            state, sq = "none", None  # FSDP1 zero-fills the gradient of a unit's parameters that never ran
+        out[row.name] = (state, sq, sharded.get(row.name, False) or row.name in flat)
     return out
 
 
@@ -236,8 +259,11 @@ def gather(report, inner, launch: Launch):
     _unshard_class_names(snap, inner)
     gathered = build_report(snap, run_rules(snap), report.command)
     gathered.extra.update({k: v for k, v in report.extra.items() if k not in gathered.extra})
+    from gradflow.wrappers import is_fsdp1
+
     gathered.extra["distributed"] = {
-        "wrapper": launch.wrapper, "world_size": launch.world_size, "backend": launch.backend,
+        "wrapper": "fsdp1" if is_fsdp1(launch.wrapped) else launch.wrapper,
+        "world_size": launch.world_size, "backend": launch.backend,
         "batch": "the same on every rank", "ranks_disagree": disagree[:50], "ranks_disagree_count": len(disagree),
     }
     return gathered
@@ -260,3 +286,136 @@ def _unshard_class_names(snap, inner) -> None:
     snap.model_class = renamed.get(snap.model_class, snap.model_class)
     for m in snap.modules:
         m.cls = renamed.get(m.cls, m.cls)
+
+
+# ----- gradflow train under torchrun: every rank's findings, merged, on every rank -----------------------------
+# `gradflow train` runs the pre-flight and the live watch on every rank. These helpers gather what each rank found
+# (all ranks call them: they are collectives) so that rank 0's report holds every rank's findings, and every rank
+# takes the same decision from them (refuse, stop), so that no rank is left waiting in a collective.
+
+
+def bind_local_gpu() -> None:
+    """Under torchrun with CUDA: make "cuda" mean this rank's GPU (LOCAL_RANK) before the model is built, so that
+    each rank builds, plans and probes on its own GPU instead of all on cuda:0. No-op in one process or on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in os.environ:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def train_world(device_type: str = "cpu") -> tuple[int, str] | None:
+    """(world size, backend) under torchrun / accelerate launch with more than one process, else None.
+
+    The pre-flight runs before Trainer exists, so the default process group may not be up yet: it is started here
+    through accelerate's PartialState, exactly as TrainingArguments starts it later (same backend: gloo on CPU,
+    nccl on CUDA; Trainer then finds the group initialised and uses it)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
+        return None
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return None
+    if not dist.is_initialized():
+        from accelerate import PartialState
+
+        PartialState(cpu=device_type == "cpu")
+    if not dist.is_initialized() or dist.get_world_size() <= 1:
+        return None
+    return dist.get_world_size(), str(dist.get_backend())
+
+
+def _ranks_text(ranks: list[int], world: int) -> str:
+    return f"(on rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {world})"
+
+
+def merge_findings(per_rank: list[list]) -> tuple[list, list[dict]]:
+    """Each rank's findings -> (one list, the findings that not every rank saw).
+
+    One finding per (code, location, message), in the order rank 0 found them, then those only later ranks saw;
+    the parameters it concerns are the union over ranks. A finding that only some ranks saw gets " (on rank 1 of
+    2)" at the end of its message; the second list names them: {code, slug, severity, location, ranks}."""
+    world = len(per_rank)
+    order: list[tuple] = []
+    seen: dict[tuple, tuple] = {}  # key -> (finding, ranks, params)
+    for r, findings in enumerate(per_rank):
+        for f in findings:
+            key = (f.code, f.location, f.message)
+            if key not in seen:
+                order.append(key)
+                seen[key] = (f, [], list(f.params or []))
+            first, ranks, params = seen[key]
+            if r not in ranks:
+                ranks.append(r)
+            params.extend(p for p in (f.params or []) if p not in params)
+    merged, partial = [], []
+    for key in order:
+        first, ranks, params = seen[key]
+        message = first.message if len(ranks) == world else f"{first.message} {_ranks_text(ranks, world)}"
+        merged.append(dataclasses.replace(first, message=message, params=params))
+        if len(ranks) < world:
+            partial.append({"code": first.code, "slug": first.slug, "severity": first.severity,
+                            "location": first.location, "ranks": ranks})
+    return merged, partial
+
+
+def gather_findings(findings: list, world: tuple[int, str] | None = None) -> tuple[list, list[dict]]:
+    """Every rank's `findings` merged (merge_findings), the same on every rank. A collective when the process
+    group is up with more than one process (every rank must call it); otherwise `findings` as they are."""
+    import torch.distributed as dist
+
+    if world is None:
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return list(findings), []
+        world = (dist.get_world_size(), str(dist.get_backend()))
+    everyone: list = [None] * world[0]
+    dist.all_gather_object(everyone, list(findings))
+    return merge_findings(everyone)
+
+
+def gather_preflight(report, device_type: str = "cpu") -> None:
+    """Under torchrun: every rank's pre-flight findings, merged, become `report.findings` on every rank (so every
+    rank refuses when any rank found an error), and `report.extra["distributed"]` says how. One process: no-op."""
+    world = train_world(device_type)
+    if world is None:
+        return
+    from gradflow.training.preflight import finding_line
+
+    merged, partial = gather_findings(report.findings, world)
+    report.findings = merged
+    preflight = report.extra.get("preflight")
+    if isinstance(preflight, dict):
+        preflight["errors_after"] = [finding_line(f) for f in merged if f.severity == "error"]
+    report.extra["distributed"] = {
+        "world_size": world[0], "backend": world[1], "preflight_batch": "each rank its own slice of the data",
+        "findings_on_some_ranks": [dict(p, phase="pre-flight") for p in partial],
+    }
+
+
+def gather_watch(report, findings: list) -> list:
+    """The live watch's findings from every rank, merged (a collective under torchrun: every rank calls it after
+    training); the ones not every rank saw are added to `report.extra["distributed"]`. Returns the merged list."""
+    merged, partial = gather_findings(findings)
+    info = report.extra.get("distributed")
+    if isinstance(info, dict):
+        info["findings_on_some_ranks"] = list(info.get("findings_on_some_ranks") or []) + \
+            [dict(p, phase="training") for p in partial]
+    return merged
+
+
+def agree_min(value: int | None) -> int | None:
+    """The smallest `value` any rank holds (None: none holds one); the value itself in one process. A collective
+    under torchrun: every rank must call it at the same point."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    import torch
+
+    none = 2 ** 62
+    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
+    t = torch.tensor([none if value is None else int(value)], dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    out = int(t.item())
+    return None if out == none else out

@@ -32,6 +32,7 @@ class Setup:
     find_unused_parameters: bool | None = None
     static_graph: bool = False
     lr_scheduler: Any = None  # a factory's (or a Trainer's) scheduler, stepped by --steps
+    fsdp_plan: Any = None  # a Trainer's FSDP1 units, planned before wrapping (gradflow.trainer_source.fsdp1_plan)
 
 
 def resolve(spec: str, *, trust_remote_code: bool = False, named_in: str | None = None) -> Setup:

@@ -175,6 +175,105 @@ def find_unused_parameters(trainer, model) -> bool | None:
     return True
 
 
+def fsdp1_options(args) -> dict | None:
+    """The FSDP1 wrap options these TrainingArguments give accelerate; None when they ask for no FSDP1.
+
+    transformers 5.x builds accelerate's plugin from `args.fsdp_plugin_args` (FSDP2 unless fsdp_config says
+    `version: 1`; `use_orig_params` true unless fsdp_config says false). transformers 4.57 hands FSDP to accelerate
+    through FSDP_* environment variables that TrainingArguments sets from `fsdp` / `fsdp_config` (the same values
+    are read here from the args) and sets none for the version: accelerate then reads FSDP_VERSION, 1 by default.
+    Returns {"policy": TRANSFORMER_BASED_WRAP | SIZE_BASED_WRAP | NO_WRAP, "classes": [names] or None,
+    "min_num_params": int, "use_orig_params": bool}.
+    """
+    import os
+
+    kwargs = getattr(args, "fsdp_plugin_args", _MISSING)
+    if kwargs is not _MISSING:  # transformers 5.x
+        if not kwargs or int(kwargs.get("fsdp_version") or os.environ.get("FSDP_VERSION", "1")) != 1:
+            return None
+        classes = kwargs.get("transformer_cls_names_to_wrap") or os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")
+        use_orig = kwargs.get("use_orig_params")
+        if use_orig is None:
+            use_orig = os.environ.get("FSDP_USE_ORIG_PARAMS", "false").lower() in ("1", "true", "yes", "on")
+        return {"policy": str(kwargs.get("auto_wrap_policy") or os.environ.get("FSDP_AUTO_WRAP_POLICY", "NO_WRAP")),
+                "classes": classes.split(",") if isinstance(classes, str) else classes,
+                "min_num_params": int(kwargs.get("min_num_params") or os.environ.get("FSDP_MIN_NUM_PARAMS", 0)),
+                "use_orig_params": bool(use_orig)}
+    options = [str(getattr(o, "value", o)) for o in (getattr(args, "fsdp", None) or [])]  # transformers 4.x
+    config = getattr(args, "fsdp_config", None) or {}
+    if not options or config.get("xla") or int(os.environ.get("FSDP_VERSION", "1")) != 1:
+        return None
+    policy, classes, min_params = os.environ.get("FSDP_AUTO_WRAP_POLICY", "NO_WRAP"), None, 0
+    if "auto_wrap" in options:
+        min_params = int(config.get("min_num_params", 0))
+        policy = "SIZE_BASED_WRAP" if min_params > 0 else "TRANSFORMER_BASED_WRAP"
+        classes = None if min_params > 0 else config.get("transformer_layer_cls_to_wrap")
+    return {"policy": policy, "classes": classes, "min_num_params": min_params,
+            "use_orig_params": str(config.get("use_orig_params", "true")).lower() == "true"}
+
+
+def fsdp1_plan(trainer, model) -> list | None:
+    """The FSDP1 units `trainer.train()` will wrap `model` into when launched under torchrun, planned without
+    wrapping (gradflow.wrappers.plan_fsdp1); None when the trainer asks for no FSDP1, or when accelerate's FSDP
+    plugin is active here (then the trainer wraps the model itself, and the wrapped model is read as it is).
+
+    The policy is the one the Trainer passes to FullyShardedDataParallel: for a PeftModel, PEFT's
+    `fsdp_auto_wrap_policy` (both stacks swap it in before wrapping: adapters become units of their own), else
+    accelerate's from the args (the decoder-layer classes named in fsdp_config, else the model's
+    `_no_split_modules`; a size-based policy; or none). The mixed-precision param_dtype follows bf16 / fp16.
+    """
+    state = getattr(getattr(trainer, "accelerator", None), "state", None)
+    if getattr(state, "fsdp_plugin", None) is not None:
+        return None
+    options = fsdp1_options(trainer.args)
+    if options is None:
+        return None
+    import functools
+
+    import torch
+    from torch.distributed.fsdp import MixedPrecision
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
+
+    from gradflow.models import is_peft_model
+    from gradflow.wrappers import plan_fsdp1
+
+    policy = None
+    if is_peft_model(model) and _has_peft_config(model):
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        try:
+            policy = fsdp_auto_wrap_policy(model)
+        except TypeError as exc:  # FSDP_TRANSFORMER_CLS_TO_WRAP names a class the model lacks
+            raise GradflowError(f"the trainer's FSDP settings cannot wrap {type(model).__name__}: {_first_line(exc)}",
+                                "Set transformer_layer_cls_to_wrap in fsdp_config to the model's decoder-layer "
+                                "class") from exc
+    elif options["policy"].upper() == "TRANSFORMER_BASED_WRAP":
+        from accelerate.utils.dataclasses import get_module_class_from_name
+
+        names = options["classes"] or list(getattr(model, "_no_split_modules", None) or [])
+        classes = set()
+        for name in names:
+            cls = get_module_class_from_name(model, name)
+            if cls is None:  # accelerate raises the same when it wraps
+                raise GradflowError(f"fsdp_config's transformer_layer_cls_to_wrap names {name!r}, and "
+                                    f"{type(model).__name__} has no module of that class",
+                                    "Name the model's decoder-layer class (e.g. LlamaDecoderLayer)")
+            classes.add(cls)
+        policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=classes)
+    elif options["policy"].upper() == "SIZE_BASED_WRAP" and options["min_num_params"] > 0:
+        policy = functools.partial(size_based_auto_wrap_policy, min_num_params=options["min_num_params"])
+    args = trainer.args
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+    return plan_fsdp1(model, auto_wrap_policy=policy, use_orig_params=options["use_orig_params"],
+                      mixed_precision=MixedPrecision(param_dtype=dtype) if dtype is not None else None)
+
+
+def _has_peft_config(model) -> bool:
+    from peft import PeftConfig
+
+    return isinstance(getattr(model, "active_peft_config", None), PeftConfig)
+
+
 @contextlib.contextmanager
 def prepared(trainer) -> Iterator[Setup]:
     """The Setup `trainer.train()` would start with; on exit the trainer and model are put back as found.
@@ -219,6 +318,7 @@ def prepared(trainer) -> Iterator[Setup]:
         setup.find_unused_parameters = find_unused_parameters(trainer, live)
         setup.static_graph = bool(getattr(trainer.args, "ddp_static_graph", False))
         setup.lr_scheduler = seen.get("lr_scheduler")  # for --steps: the schedule the run will step
+        setup.fsdp_plan = fsdp1_plan(trainer, live)  # FSDP1 refuses a bad unit when it wraps: judge the plan
         yield setup
     finally:
         with contextlib.suppress(ValueError):

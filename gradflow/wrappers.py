@@ -101,3 +101,117 @@ def _run_callable(root, policy, ignored: set) -> list:
 
     walk(root, True)
     return picked
+
+
+# --- a model the user wrapped in FSDP1 themselves, probed under torchrun (gradflow.distributed) -----------------------
+FSDP1_SEGMENT = "_fsdp_wrapped_module"  # the attribute FSDP1 keeps the wrapped module under
+
+
+def is_fsdp1(model) -> bool:
+    """Whether `model` is a `FullyShardedDataParallel` (FSDP1) wrapper."""
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(model, FullyShardedDataParallel)
+
+
+def clean_name(name: str) -> str:
+    """A module or parameter name under FSDP1 wrappers as the unwrapped model spells it."""
+    if FSDP1_SEGMENT not in name:
+        return name
+    return ".".join(s for s in name.split(".") if s != FSDP1_SEGMENT)
+
+
+def fsdp1_numels(wrapped) -> dict[int, int]:
+    """id(original parameter) -> its full numel, for a model FSDP1 wrapped with `use_orig_params=True`.
+
+    Each rank's original parameters are then 1-D views of its own slice of the flat parameter (possibly empty), so
+    their numel is the slice's; the flat parameter keeps the original shapes. Refuses what the gathered report
+    cannot combine: a wrapper without `use_orig_params` (per-parameter gradients exist only inside the flat
+    gradient), and sharding that does not split each parameter once across all ranks (NO_SHARD, or hybrid sharding
+    over more than one replica group), whose slices' norms would be counted several times.
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    numels: dict[int, int] = {}
+    for module in wrapped.modules():
+        if not isinstance(module, FullyShardedDataParallel):
+            continue
+        if not getattr(module, "_use_orig_params", False):
+            raise GradflowError("the factory's FullyShardedDataParallel has use_orig_params=False: each unit's "
+                                "gradients live in one flat parameter, not per original parameter",
+                                "Wrap with FullyShardedDataParallel(..., use_orig_params=True), or use fully_shard "
+                                "(FSDP2), to probe it under torchrun")
+        strategy = getattr(module, "sharding_strategy", None)
+        if world > 1 and (strategy == ShardingStrategy.NO_SHARD or getattr(module, "world_size", world) != world):
+            raise GradflowError(f"the factory's FullyShardedDataParallel uses {getattr(strategy, 'name', strategy)}, "
+                                "which does not split each parameter once across all ranks",
+                                "Probe with sharding_strategy FULL_SHARD or SHARD_GRAD_OP (or with --ddp for "
+                                "NO_SHARD)")
+        handle = getattr(module, "_handle", None)
+        flat = getattr(handle, "flat_param", None)
+        if flat is None:  # a unit with no parameters of its own
+            continue
+        for p, shape in zip(flat._params or [], flat._shapes):
+            n = 1
+            for s in shape:
+                n *= int(s)
+            numels[id(p)] = n
+    return numels
+
+
+def unwrap_fsdp1(snap, wrapped, numels: dict[int, int]) -> None:
+    """Make the snapshot of `wrapped.module` (under FSDP1 with use_orig_params) read as the unwrapped model's.
+
+    Names lose FSDP1's `_fsdp_wrapped_module` segment and the wrapper modules' own rows go (the module they wrap
+    keeps its row); each parameter's numel is the full one, not this rank's slice; module counts and depths follow;
+    the first-call order is re-ranked without the wrappers. The FSDP1 units are read off `wrapped` (the root
+    included). Cut locations are dropped: autograd reaches each unit's flat parameter, not the original
+    parameters, so a walk from the loss cannot place them.
+    """
+    live = {n: p for n, p in wrapped.module.named_parameters(remove_duplicate=False)}
+    kept = [m for m in snap.modules if m.cls != "FullyShardedDataParallel"]
+    ranked = sorted((m.order, i) for i, m in enumerate(kept) if m.order is not None)
+    rank_of = {i: r for r, (_, i) in enumerate(ranked)}
+    by_name = {}
+    for i, m in enumerate(kept):
+        m.name = clean_name(m.name)
+        m.depth = 0 if not m.name else m.name.count(".") + 1
+        m.order = rank_of.get(i)
+        m.trainable = m.frozen = m.quantized = 0
+        m.cut_params = []
+        by_name[m.name] = m
+    snap.modules = kept
+    for p in snap.params:
+        obj = live.get(p.name)
+        if obj is not None and id(obj) in numels:
+            p.numel = numels[id(obj)]
+        p.name, p.module = clean_name(p.name), clean_name(p.module)
+        prefix = p.module
+        while True:  # roll the counts up to every ancestor module, as describe does
+            m = by_name.get(prefix)
+            if m is not None:
+                if p.quantized:
+                    m.quantized += p.numel
+                elif p.requires_grad:
+                    m.trainable += p.numel
+                else:
+                    m.frozen += p.numel
+            if not prefix:
+                break
+            prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+    snap.no_grad_modules = [clean_name(n) for n in snap.no_grad_modules]
+    snap.grad_off_forward = {clean_name(k): v for k, v in snap.grad_off_forward.items()}
+    if snap.forward_nonfinite_at is not None:
+        snap.forward_nonfinite_at = clean_name(snap.forward_nonfinite_at)
+    for call in snap.checkpoints:
+        call.location = clean_name(call.location) if call.location is not None else None
+        call.caller = clean_name(call.caller) if call.caller is not None else None
+        call.modules = [clean_name(n) for n in call.modules]
+    units = fsdp_units(list(wrapped.named_modules()), [n for n, _ in wrapped.named_parameters()])
+    for unit in units:
+        unit.module, unit.params = clean_name(unit.module), [clean_name(n) for n in unit.params]
+    snap.wrappers = units

@@ -33,6 +33,27 @@ def build():
 '''
 
 
+FSDP1_FACTORY = '''
+import torch
+import torch.distributed as dist
+
+from gradflow.presets import build_preset
+from gradflow.recipe import apply_lora
+
+
+def build():
+    model = apply_lora(build_preset("tiny-llama"), 8, 16, "all-linear")  # what probe-backward tiny-llama builds
+    if dist.is_available() and dist.is_initialized():  # under torchrun: the user wraps it in FSDP1 themselves
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+        layer = type(model.get_base_model().model.layers[0])
+        model = FullyShardedDataParallel(model, use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy({layer}),
+                                         device_id=torch.device("cpu"))
+    return model
+'''
+
+
 def _env():
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
@@ -93,11 +114,17 @@ def single_llama():
     return _single("tiny-llama")
 
 
-@pytest.mark.parametrize("wrapper", ["--ddp", "--fsdp"])
-def test_gathered_report_equals_single_process(wrapper, single_llama):
-    gathered = _torchrun("tiny-llama", wrapper)
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "fsdp1"])
+def test_gathered_report_equals_single_process(wrapper, single_llama, tmp_path):
+    if wrapper == "fsdp1":  # a factory that wraps tiny-llama + the same LoRA in FSDP1 (use_orig_params) itself
+        factory = tmp_path / "fsdp1_factory.py"
+        factory.write_text(FSDP1_FACTORY)
+        gathered = _torchrun(f"{factory}:build", "--fsdp")
+        assert not any("_fsdp_wrapped_module" in r["name"] for r in gathered["params"]["per_param"])
+    else:
+        gathered = _torchrun("tiny-llama", f"--{wrapper}")
     _assert_same(gathered, single_llama)
-    assert gathered["distributed"] == {"wrapper": wrapper[2:], "world_size": 2, "backend": "gloo",
+    assert gathered["distributed"] == {"wrapper": wrapper, "world_size": 2, "backend": "gloo",
                                        "batch": "the same on every rank", "ranks_disagree": [],
                                        "ranks_disagree_count": 0}
     assert {r["grad"] for r in gathered["params"]["per_param"]} == {"ok", "zero"}  # LoRA: B gets a gradient, A zero
@@ -142,3 +169,84 @@ def test_merge_combines_shards_and_lists_disagreeing_ranks():
     assert merged["n"] == ("none", None)
     assert merged["x"][0] == "nonfinite"
     assert merged["u"] == ("ok", 1.0) and disagree == ["u"]  # a gradient on rank 0 only
+
+
+# --- FSDP1 on one gloo rank, in process: names, numels and states as the unwrapped model's ---------------------------
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh())
+                                           for _ in range(2)])
+        self.spare = torch.nn.Linear(6, 6)  # trainable, never called
+        self.head = torch.nn.Linear(6, 1)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x).pow(2).mean()
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _fsdp1_setup(model, **options):
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from gradflow.distributed import Launch
+    from gradflow.sources import Setup
+
+    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({torch.nn.Sequential}),
+                                       device_id=torch.device("cpu"), **options)
+    setup = Setup(model=wrapped, kind="factory", source="net.py:build", loss_fn=lambda m, x: m(x))
+    return setup, Launch("fsdp", 0, 1, 0, "gloo", "cpu")
+
+
+@pytest.mark.filterwarnings("ignore:.*FSDP:FutureWarning", "ignore:FSDP is switching to use `NO_SHARD`:UserWarning")
+def test_fsdp1_probe_reads_as_the_unwrapped_model(one_rank):
+    import copy
+
+    import gradflow
+    from gradflow import distributed
+
+    torch.manual_seed(0)
+    net = _Net()
+    plain = copy.deepcopy(net)
+    batch = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    setup, launch = _fsdp1_setup(net, use_orig_params=True)
+    distributed.adopt(setup, launch)
+    assert setup.model is net and launch.wrapped is not None
+    got = distributed.probe(setup, batch, launch)
+    ref = gradflow.probe(plain, batch, loss_fn=lambda m, x: m(x))
+
+    rows = [(p.name, p.module, p.numel, p.grad) for p in got.snapshot.params]
+    assert rows == [(p.name, p.module, p.numel, p.grad) for p in ref.snapshot.params]
+    assert dict((p.name, p.grad) for p in got.snapshot.params)["spare.weight"] == "none"  # FSDP1 zero-filled it
+    norms = [p.grad_norm if p.grad_norm is not None else -1.0 for p in got.snapshot.params]
+    expected = [p.grad_norm if p.grad_norm is not None else -1.0 for p in ref.snapshot.params]
+    torch.testing.assert_close(torch.tensor(norms, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-7)
+    keys = ("name", "cls", "depth", "trainable", "frozen", "ran", "order", "grads")
+    assert [tuple(getattr(m, k) for k in keys) for m in got.snapshot.modules] == \
+        [tuple(getattr(m, k) for k in keys) for m in ref.snapshot.modules]
+    assert [f.slug for f in got.findings] == [f.slug for f in ref.findings]
+    assert [(u.module, u.kind, u.use_orig_params, u.planned) for u in got.snapshot.wrappers] == \
+        [("", "fsdp1", True, False), ("blocks.0", "fsdp1", True, False), ("blocks.1", "fsdp1", True, False)]
+    assert got.extra["distributed"]["wrapper"] == "fsdp1"
+
+
+@pytest.mark.filterwarnings("ignore:.*FSDP:FutureWarning", "ignore:FSDP is switching to use `NO_SHARD`:UserWarning")
+def test_fsdp1_without_use_orig_params_is_refused(one_rank):
+    from gradflow import distributed
+    from gradflow.errors import GradflowError
+
+    setup, launch = _fsdp1_setup(_Net(), use_orig_params=False)
+    with pytest.raises(GradflowError, match="use_orig_params=False") as err:
+        distributed.adopt(setup, launch)
+    assert "use_orig_params=True" in err.value.todo

@@ -240,6 +240,7 @@ class GradFlowCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         step = self._step = state.global_step
+        judged = step == 1 or step % self.check_every == 0 or step == self.moved_at_step or bool(self._waiting)
         if not self._optimizer_seen:
             self._lr_steps += 1  # no optimizer event (older transformers): count every step
         if not self._pre_optimizer_seen and (step == 1 or step % self.check_every == 0):
@@ -252,10 +253,23 @@ class GradFlowCallback(TrainerCallback):
             self._check_moved(step, state, control)
         elif self._waiting:
             self._check_moved(step, state, control, self._waiting)
+        if judged:  # the only steps at which the watch (or its pre-flight, by step 1) can decide to stop
+            self._agree_stop(control)
         self._raise_pending(f"at step {step}")
 
     def on_train_end(self, args, state, control, **kwargs):
         self._release()
+
+    def _agree_stop(self, control) -> None:
+        """Under DDP / FSDP (torchrun) every rank stops at the same step: when the watch on any rank decided to
+        stop, all stop, recording the earliest such step; otherwise a rank that stops leaves the others waiting in
+        their next gradient all-reduce. A collective, at steps every rank judges alike; nothing in one process."""
+        from gradflow.distributed import agree_min
+
+        agreed = agree_min(self.stopped_at)
+        if agreed is not None:
+            self.stopped_at = agreed
+            control.should_training_stop = True
 
     def _release(self):
         """Remove the batch hook and close the TensorBoard writer."""

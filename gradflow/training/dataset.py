@@ -124,14 +124,18 @@ def train_dataset(prepared: Prepared, opts, pad_id: int, tokens_per_batch: int |
     return packed_groups(prepared.rows, tokens_per_batch, opts.seed), GroupCollator()
 
 
-def probe_batch(prepared: Prepared, opts, pad_id: int, device):
+def probe_batch(prepared: Prepared, opts, pad_id: int, device, rank: int = 0):
     """The pre-flight's batch, as training will shape it: the first --batch-size samples (at least two when
-    packing, so that a packed batch has a boundary to check), packed or padded."""
+    packing, so that a packed batch has a boundary to check), packed or padded. Under torchrun, rank r takes the
+    r-th such slice of the data (wrapping around), so that every rank probes samples of its own."""
+    n = max(2, opts.batch_size) if opts.packing else opts.batch_size
+    start = (rank * n) % len(prepared.rows)
+    rows = (prepared.rows[start:] + prepared.rows[:start])[:n]
     if not opts.packing:
         from gradflow.data import collate
 
-        return collate(prepared.rows[: opts.batch_size], pad_id, device)
+        return collate(rows, pad_id, device)
     from gradflow.packing import collate_packed
 
-    batch = collate_packed(prepared.rows[: max(2, opts.batch_size)])
+    batch = collate_packed(rows)
     return {k: v.to(device) for k, v in batch.items()}

@@ -82,9 +82,10 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
         **options: TrainOptions fields (learning_rate, max_steps, batch_size, seq_len, so8_layers, resume, …).
 
     Returns:
-        A Report: the pre-flight probe's findings plus those raised while training, with `.before`/`.after`
-        from the pre-flight, and `extra["train"]` holding status (completed | refused | stopped | interrupted),
-        losses and the final gradient state. `report.trained_model` is the model in memory. `interrupted`: a
+        A Report: the pre-flight probe's findings plus those raised while training (under torchrun: every
+        rank's, merged; see gradflow.distributed), with `.before`/`.after` from the pre-flight (this rank's), and
+        `extra["train"]` holding status (completed | refused | stopped | interrupted), losses and the final
+        gradient state. `report.trained_model` is the model in memory. `interrupted`: a
         SIGINT / SIGTERM stopped the run after a step and saved `extra["train"]["checkpoint"]`. Resuming a run
         that had ended returns its stored report with `extra["train"]["already_complete"]` and trains nothing.
 
@@ -129,6 +130,9 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
         done = _already_complete(plan, output)
         if done is not None:
             return done
+    from gradflow.distributed import bind_local_gpu
+
+    bind_local_gpu()  # torchrun on GPUs: each rank builds and probes on its own device
     setup, gc_from = build_setup(model, ropts, opts, tokenizer)
     prepared = prepare_data(data, setup.tokenizer, opts, read)
     for problem in prepared.problems[:5]:
@@ -160,7 +164,7 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
     if opts.packing:  # recorded in each checkpoint, so that --resume packs the same batches
         fingerprint["tokens_per_batch_planned"] = memory.tokens_per_batch
     pad_id = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else 0
-    batch = probe_batch(prepared, opts, pad_id, device)
+    batch = probe_batch(prepared, opts, pad_id, device, rank=rank())  # under torchrun: each rank its own samples
     recipe_changes = None
     if opts.recipe is not None:
         recipe_changes = apply_recipe(setup, opts.recipe, batch)
@@ -169,11 +173,14 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
     say("pre-flight: probing" + (" a packed batch" if opts.packing else ""))
     pf = preflight(setup, batch, unsafe=opts.unsafe_fixes, say=say)
     report = _report(pf, prepared, opts, data, output)
+    from gradflow import distributed as _dist
+
+    _dist.gather_preflight(report, device.type)  # torchrun: every rank's findings, so every rank decides alike
     report.extra["preflight"]["recipe"] = {"path": opts.recipe, "changes": recipe_changes} if opts.recipe else None
     report.extra["plan"] = memory.to_dict()
     ce, ce_why = resolve_ce(opts.ce, device.type)
     report.extra["train"].update(packing=opts.packing, attention=attention, ce={"loss": ce, "why": ce_why})
-    errors = [f for f in pf["after"].findings if f.severity == "error"]
+    errors = [f for f in report.findings if f.severity == "error"]
     if errors:
         report.extra["train"]["status"] = "refused"
         report.extra["train"]["refused_because"] = [finding_line(f) for f in errors]
@@ -217,8 +224,10 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
     seconds = time.perf_counter() - t0
     stopped = watch.stopped_at is not None
     interrupted = not stopped and signals.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps
-    report.findings = list(report.findings) + list(watch.findings)
+    watched = _dist.gather_watch(report, watch.findings)  # torchrun: every rank's, merged (a collective)
+    report.findings = list(report.findings) + watched
     state = final_state(trainer, watch, collator, seconds, result)
+    state["findings"] = [f.to_dict() for f in watched]
     report.extra["train"].update(state)
     report.extra["train"]["status"] = "stopped" if stopped else "interrupted" if interrupted else "completed"
     if interrupted:

@@ -24,7 +24,8 @@ CPU = torch.device("cpu")
 
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in"),
               pytest.mark.filterwarnings("ignore:.*has both parameters with requires_grad=True and False:UserWarning"),
-              pytest.mark.filterwarnings("ignore:.*FSDP:FutureWarning")]
+              pytest.mark.filterwarnings("ignore:.*FSDP:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`:UserWarning")]
 
 
 def _planned(model, **plan):

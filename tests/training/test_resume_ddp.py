@@ -104,5 +104,11 @@ def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     assert report["train"]["status"] == "completed" and report["train"]["world_size"] == 2
     assert report["train"]["steps"] == 3 and report["train"]["gradients"]["missing"] == 0
     assert res.stdout.count("train     completed") == 1  # rank 0 speaks for the run
+    # both ranks' pre-flight and watch findings, gathered: a healthy run finds the same on both (no rank suffix)
+    dist = report["distributed"]
+    assert dist["world_size"] == 2 and dist["backend"] == "gloo" and dist["findings_on_some_ranks"] == []
+    assert [f["slug"] for f in report["findings"]] == ["lora-zero-init"]
+    assert not any("(on rank" in f["message"] for f in report["findings"])
+    assert report["train"]["findings"] == [] and report["train"]["stopped_at"] is None
     assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(out / "checkpoints" / "checkpoint-2"))
     assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")

@@ -72,6 +72,10 @@ def test_fsdp_train_three_steps_two_cpu_processes(tmp_path):
     assert grads["missing"] == 0 and grads["params_trainable"] > 0
     assert all(v > 0 for v in grads["per_layer"].values())
     assert res.stdout.count("train     completed") == 1  # rank 0 speaks for the run
+    # the pre-flight and the live watch ran on both ranks and their findings were gathered: the same on both
+    dist = json.loads((out / "report.json").read_text())["distributed"]
+    assert dist["world_size"] == 2 and dist["backend"] == "gloo" and dist["findings_on_some_ranks"] == []
+    assert report["findings"] == [] and report["stopped_at"] is None
     assert _sharded(out / "checkpoints" / "checkpoint-2")
     assert not (out / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").exists()
     _loads(out / "adapter")
