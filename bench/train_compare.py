@@ -10,6 +10,7 @@ Runs (each in its own subprocess, so that each peak is its own; the same data, m
     a     `gradflow train` as a user types it (packing, memory plan, --ce auto: gradflow's defaults)
     a-gc  `gradflow train --gc non-reentrant --gc-every 1`: every layer checkpointed, as TRL does
     a-ce  `gradflow train --ce standard`: the full-logits loss, to measure the chunked one (not in the default set)
+    a-eager `gradflow train --compile off`: the decoder layers not compiled, to measure torch.compile
     b     seed-style Trainer: every sample padded to --seq-len, reentrant checkpointing + enable_input_require_grads
     c     TRL SFTTrainer with its defaults (pad to the longest row, checkpointing on)
     d     TRL SFTTrainer packing=True (packing_strategy "bfd", padding-free), the model on flex_attention
@@ -44,9 +45,10 @@ RESULTS = os.path.join(HERE, "results")
 DOCS = os.path.join(ROOT, "docs", "benchmarks.md")
 
 RUNS = {
-    "a": "gradflow train (defaults: packed, planned)",
+    "a": "gradflow train (defaults: packed, planned, compiled on CUDA)",
     "a-gc": "gradflow train --gc non-reentrant --gc-every 1",
     "a-ce": "gradflow train --ce standard",
+    "a-eager": "gradflow train --compile off",
     "b": "seed-style Trainer (pad to max, reentrant GC + input-grad hook)",
     "c": "TRL SFTTrainer, defaults (pad to longest)",
     "d": "TRL SFTTrainer, packing=True (bfd, padding-free), flex_attention",
@@ -284,7 +286,7 @@ def summarize(results: dict, n_params: int, peak_tflops: float | None) -> None:
 def markdown(doc: dict, mode: str) -> str:
     m = doc["modes"][mode]
     when = {k: m.get(k, doc.get(k)) for k in ("commit", "date", "versions")}  # per mode: two commands, two commits
-    title = dict(lora="LoRA", qlora="QLoRA").get(mode, mode)
+    title = {"lora": "LoRA", "qlora": "QLoRA", "lora-vs-seed": "LoRA against the seed-style Trainer"}.get(mode, mode)
     lines = [f"### {title} on {doc['device']} ({when['commit'][:12]}, {when['date']})", "",
              f"{m['model']} (N = {_count(m['n_params'])}), {m['dtype']}, LoRA r16/α32 all linear"
              f"{', 4-bit nf4 base' if mode == 'qlora' else ''}; {m['samples']} /think samples "
@@ -308,7 +310,7 @@ def markdown(doc: dict, mode: str) -> str:
         cells = [f"{name}: {r['title']}", f"{tps:,.0f}", f"{tps / base:.2f}×" if base else "–",
                  _gib(r.get("peak_allocated")), _gib(r.get("peak_reserved")), "–" if gc is None else f"{gc:.0%}",
                  str(r.get("attention", "?")) + (f", CE {r['ce']}" + (" (fell back)" if r.get("ce_fallback") else "")
-                                                 if r.get("ce") else ""),
+                                                 if r.get("ce") else "") + (", compiled" if r.get("compiled") else ""),
                  "–" if mfu is None else f"{mfu:.1%}",
                  "–" if agree is None else "yes" if agree else "NO"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -675,6 +677,10 @@ def _run_gradflow(cfg: Config) -> dict:
         if "--ce" not in flags:
             raise RuntimeError("this gradflow has no --ce option")
         argv += ["--ce", "standard"]
+    if cfg.run == "a-eager":
+        if "--compile" not in flags:
+            raise RuntimeError("this gradflow has no --compile option")
+        argv += ["--compile", "off"]
     print("$ gradflow train " + " ".join(argv), flush=True)
     sys.argv = ["gradflow", "train", *argv]
     from gradflow.cli import main as cli_main
@@ -693,6 +699,7 @@ def _run_gradflow(cfg: Config) -> dict:
                                                  "expected_peak") if k in plan}
         info["gradflow_tokens"] = (report.get("train") or {}).get("tokens")
         info["gradflow_status"] = (report.get("train") or {}).get("status")
+        info["compiled"] = bool(((report.get("train") or {}).get("compile") or {}).get("compiled"))
     except (OSError, ValueError):
         pass
     return info

@@ -149,9 +149,17 @@ class CE(Choice):
     STANDARD = "standard"
 
 
+class Compile(Choice):
+    """train's torch.compile of the decoder layers (auto: on CUDA with Triton, single process)."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 _FLAGS = {Format: "--format", ProbeFormat: "--format", FailOn: "--fail-on", GC: "--gc", Quant: "--quant",
           DType: "--dtype", Device: "--device", Precision: "--precision", LossOn: "--loss-on", Attn: "--attn",
-          CE: "--ce"}
+          CE: "--ce", Compile: "--compile"}
 
 
 def plain(value):

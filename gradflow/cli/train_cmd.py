@@ -90,6 +90,9 @@ def train(
                                          "CUDA, else sdpa).", rich_help_panel=_T)] = "auto",
     ce: Annotated[c.CE, typer.Option("--ce", parser=c.CE.parse, help="Cross-entropy (auto: chunked on CUDA where "
                                      "the model supports it).", rich_help_panel=_T)] = "auto",
+    compile_mode: Annotated[c.Compile, typer.Option("--compile", parser=c.Compile.parse, help="torch.compile each decoder "
+                                               "layer (auto: on CUDA with Triton, one process).",
+                                               rich_help_panel=_T)] = "auto",
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard with FSDP2 (accelerate's plugin, one unit per decoder layer); sharded checkpoints, one consolidated adapter.", rich_help_panel="Distributed")] = False,
     format: o.Format = "text",
     quiet: o.Quiet = False, isolated: o.Isolated = False,
@@ -120,7 +123,7 @@ def train(
             unsafe_fixes=unsafe_fixes, resume=resume, resume_anyway=resume_anyway, overwrite=overwrite, merge=merge,
             check_every=check_every, moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps,
             packing=packing, tokens_per_batch=tokens_per_batch, gc_every=gc_every, max_memory=max_memory, attn=attn,
-            ce=ce, fsdp=fsdp, progress=not quiet)
+            ce=ce, compile=compile_mode, fsdp=fsdp, progress=not quiet)
     except KeyboardInterrupt:  # Ctrl-C while loading or writing: inside the training steps it saves a checkpoint
         import sys
 

@@ -192,8 +192,13 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
         for fix in pf["patch"].fixes_applied:
             say(f"pre-flight: applied {fix.get('title', fix) if isinstance(fix, dict) else fix}")
 
+    from gradflow.training.compiling import apply as apply_compile
     from gradflow.training.trainer import final_state, make_trainer
 
+    compiled = apply_compile(setup.model, opts.compile, device.type)  # after the probes: they hook the eager model
+    report.extra["train"]["compile"] = compiled
+    if compiled["compiled"]:
+        say(f"compile: {compiled['layers']} decoder layers ({compiled['why']})")
     dataset, collator = train_dataset(prepared, opts, pad_id, memory.tokens_per_batch)
     if opts.packing:
         report.extra["data"]["packed_batches"] = len(dataset)

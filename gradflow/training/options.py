@@ -6,12 +6,13 @@ import dataclasses
 
 from gradflow.errors import GradflowError
 
-from gradflow.choices import CE, Attn, LossOn, Precision
+from gradflow.choices import CE, Attn, Compile, LossOn, Precision
 
 PRECISIONS = Precision.values()
 LOSS_ON = LossOn.values()
 ATTN_MODES = Attn.values()
 CE_MODES = CE.values()
+COMPILE_MODES = Compile.values()
 
 
 @dataclasses.dataclass
@@ -48,6 +49,7 @@ class TrainOptions:
     max_memory: str | None = None  # "24GiB", "500MiB": the plan's budget instead of the device's free memory
     attn: str = "auto"
     ce: str = "auto"
+    compile: str = "auto"  # torch.compile each decoder layer (gradflow.training.compiling)
     fsdp: bool = False  # FSDP2 through accelerate, under torchrun (gradflow.training.fsdp)
 
     def validate(self) -> None:
@@ -70,6 +72,7 @@ class TrainOptions:
         self.loss_on = LossOn.parse(self.loss_on, "--loss-on").value
         self.attn = Attn.parse(self.attn, "--attn").value
         self.ce = CE.parse(self.ce, "--ce").value
+        self.compile = Compile.parse(self.compile, "--compile").value
         if self.resume and self.overwrite:
             raise GradflowError("--resume and --overwrite contradict each other", "Pass one of them")
         if self.tokens_per_batch is not None and not self.packing:
