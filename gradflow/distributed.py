@@ -76,13 +76,17 @@ def start(wrapper: str, *, refused: dict | None = None) -> Launch:
         dist.init_process_group(backend=backend)
         atexit.register(_finish)
     if rank != 0:  # rank 0 speaks for the run: the others print nothing on stdout
-        import sys
-
-        sys.stdout.flush()
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 1)
-        os.close(devnull)
+        _silence_stdout()
     return Launch(wrapper, rank, world, local, backend, device)
+
+
+def _silence_stdout() -> None:
+    import sys
+
+    sys.stdout.flush()
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
 
 
 def _finish() -> None:
@@ -419,3 +423,22 @@ def agree_min(value: int | None) -> int | None:
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     out = int(t.item())
     return None if out == none else out
+
+
+def speak_for_ranks(report) -> None:
+    """probe-backward / inspect when the user's code started the process group itself (a Trainer factory under
+    torchrun, without --ddp/--fsdp): every rank probed its own first batch; the findings of all ranks are merged
+    into the report (a collective: every rank calls it), and only rank 0 prints. One process: nothing happens."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    world = (dist.get_world_size(), str(dist.get_backend()))
+    merged, partial = gather_findings(report.findings, world)
+    report.findings = merged
+    report.extra["distributed"] = {"world_size": world[0], "backend": world[1],
+                                   "batch": "each rank its own (the trainer's dataloader on that rank)",
+                                   "findings_on_some_ranks": [dict(p, phase="probe") for p in partial]}
+    if dist.get_rank() != 0:
+        _silence_stdout()
+

@@ -140,6 +140,48 @@ def test_factory_that_wraps_in_ddp_itself(tmp_path):
     assert not any(r["name"].startswith("module.") for r in gathered["params"]["per_param"])
 
 
+TRAINER_FACTORY = '''
+from datasets import Dataset
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+
+from gradflow.presets import build_preset, build_tokenizer
+from gradflow.recipe import apply_lora
+
+
+def build():
+    tok = build_tokenizer()
+    rows = Dataset.from_dict({"text": [f"sample {i} says hello to the world" for i in range(8)]})
+    rows = rows.map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
+    args = TrainingArguments(output_dir=OUT, per_device_train_batch_size=2, max_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True)
+    model = apply_lora(build_preset("tiny-llama"), 4, 8, "all-linear")
+    model.base_model.model.model.layers[1].self_attn.o_proj.base_layer.weight.requires_grad_(True)  # a mix
+    return Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+'''
+
+
+def test_a_trainer_factory_under_torchrun_speaks_once_for_every_rank(tmp_path):
+    """No --ddp/--fsdp: the Trainer starts the process group itself; each rank probes its own first batch, the
+    findings of both are merged and rank 0 alone prints them."""
+    factory = tmp_path / "trainer_factory.py"
+    factory.write_text(TRAINER_FACTORY.replace("OUT", repr(str(tmp_path / "out"))))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), "-m", "gradflow", "probe-backward", f"{factory}:build",
+                          "--format", "json", "--fail-on", "never"],
+                         capture_output=True, text=True, timeout=180, env=_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count('"schema_version"') == 1  # rank 1 printed nothing
+    report = json.loads(res.stdout)
+    info = report["distributed"]
+    assert info["world_size"] == 2 and info["backend"] == "gloo" and info["findings_on_some_ranks"] == []
+    slugs = [f["slug"] for f in report["findings"]]
+    assert len(slugs) == len(set(slugs)) and slugs  # both ranks' findings, each once
+    single = subprocess.run([sys.executable, "-m", "gradflow", "probe-backward", f"{factory}:build", "--format",
+                             "json", "--fail-on", "never"], capture_output=True, text=True, timeout=120, env=_env())
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert sorted(slugs) == sorted(f["slug"] for f in json.loads(single.stdout)["findings"])
+
+
 @pytest.mark.parametrize("extra,message", [
     ([], "--ddp needs the process group that torchrun sets up"),
     (["--steps", "2"], "--ddp cannot be combined with --steps"),

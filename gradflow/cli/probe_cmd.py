@@ -90,6 +90,10 @@ def probe_backward(
                     report = gradflow.probe(setup.model, batch, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
                                             trainable=setup.trainable, check_gc=check_gc, steps=steps,
                                             lr_scheduler=setup.lr_scheduler)
+            if launch is None:  # a Trainer factory under torchrun started the process group: rank 0 speaks
+                from gradflow.distributed import speak_for_ranks
+
+                speak_for_ranks(report)
         report, code = gate.judge(report, command="probe-backward", model=model)
     except Exception as exc:
         fail(exc)
