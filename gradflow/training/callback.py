@@ -170,6 +170,9 @@ class GradFlowCallback(TrainerCallback):
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             return self._note("pre-flight skipped under DeepSpeed / FSDP (sharded parameters); run "
                               "gradflow.probe(trainer) on one process instead")
+        from gradflow.distributed import gather_findings
+
+        findings = []
         try:
             with kept_rng():
                 batch = _to_device(first_batch(loader), model_device(self._model))
@@ -178,15 +181,19 @@ class GradFlowCallback(TrainerCallback):
             raise  # a trainable regex that names no parameter, an empty dataset: the user's to fix
         except Exception as exc:  # a probe that fails must not stop a run that may be healthy
             first = (str(exc).splitlines() or [""])[0]
-            return self._note(f"pre-flight probe failed ({type(exc).__name__}: {first}); training goes on without it")
-        loss = report.snapshot.loss if report.snapshot is not None else None
-        findings = report.findings
-        if loss is not None and loss.error_phase == "loss":
-            # the model computes no loss from this batch (a Trainer subclass's own compute_loss): not a fault
-            findings = [f for f in findings if f.slug != "step-raised"]
-            self._note("pre-flight: the model returns no loss for the first batch (custom compute_loss?); "
-                       "the checks that need a backward did not run")
-        self.preflight_report = report
+            self._note(f"pre-flight probe failed ({type(exc).__name__}: {first}); training goes on without it")
+        else:
+            loss = report.snapshot.loss if report.snapshot is not None else None
+            findings = report.findings
+            if loss is not None and loss.error_phase == "loss":
+                # the model computes no loss from this batch (a Trainer subclass's own compute_loss): not a fault
+                findings = [f for f in findings if f.slug != "step-raised"]
+                self._note("pre-flight: the model returns no loss for the first batch (custom compute_loss?); "
+                           "the checks that need a backward did not run")
+            self.preflight_report = report
+        # under torchrun each rank probed its own first batch: every rank takes every rank's findings (a collective,
+        # reached by every rank, a failed probe included), so that all stop or raise together and rank 0 says all
+        findings, _ = gather_findings(findings)
         for f in findings:
             if f.severity != "info":
                 self._raise(control, state, f, phase="pre-flight")

@@ -125,6 +125,58 @@ def test_two_gloo_ranks_gather_findings_and_stop_together(tmp_path):
         assert out["min_none"] is None and out["min"] == 3
 
 
+def _callback_worker(rank: int, port: int, out: str) -> None:
+    """One of two forked ranks of a user's Trainer run: GradFlowCallback's pre-flight on this rank's first batch;
+    rank 1's batch has no supervised token."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from gradflow.presets import build_preset
+    from gradflow.recipe import apply_lora
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = apply_lora(build_preset("tiny-llama"), 4, 8, "all-linear")
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(rank))
+    labels = ids.clone() if rank == 0 else torch.full_like(ids, -100)
+    loader = torch.utils.data.DataLoader([{"input_ids": ids, "labels": labels}], batch_size=None)
+    args = TrainingArguments(output_dir=os.path.join(out, f"args{rank}"), use_cpu=True, report_to=[])
+    watch, control, state = GradFlowCallback(check_every=10), TrainerControl(), TrainerState()
+    state.is_world_process_zero = rank == 0
+    watch.on_train_begin(args, state, control, model=model, train_dataloader=loader)
+    result = {"findings": [f.to_dict() for f in watch.findings], "stop": control.should_training_stop}
+    watch.on_train_end(args, state, control)
+    dist.destroy_process_group()
+    with open(os.path.join(out, f"cb{rank}.json"), "w") as fh:
+        json.dump(result, fh)
+
+
+def test_callback_preflight_in_a_users_trainer_gathers_every_ranks_findings(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    port = _port()
+    procs = [ctx.Process(target=_callback_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+    r0, r1 = (json.loads((tmp_path / f"cb{r}.json").read_text()) for r in range(2))
+    for out in (r0, r1):  # both ranks hold rank 1's finding, marked, and both stop before training
+        found = [f for f in out["findings"] if f["slug"] == "no-supervised-tokens"]
+        assert len(found) == 1 and found[0]["message"].endswith("(on rank 1 of 2)"), out["findings"]
+        assert out["stop"] is True
+    assert r0["findings"] == r1["findings"]
+
+
 # ----- a real 2-process gradflow train ---------------------------------------------------------------------------
 def _model_and_data(root) -> tuple[str, str]:
     """tiny-llama whose embedding matches its tokenizer, then a token added to the tokenizer without
