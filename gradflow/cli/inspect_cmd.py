@@ -53,7 +53,7 @@ def inspect(
             with user_code(setup):
                 report = gradflow.inspect(setup.model, batch, static=static, loss_fn=setup.loss_fn,
                                           trainable=setup.trainable)
-            from gradflow.distributed import speak_for_ranks
+            from gradflow.ranks import speak_for_ranks
 
             speak_for_ranks(report)  # a Trainer factory under torchrun started the process group: rank 0 speaks
         report, code = gate.judge(report, command="inspect", model=model)

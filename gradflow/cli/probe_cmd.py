@@ -91,7 +91,7 @@ def probe_backward(
                                             trainable=setup.trainable, check_gc=check_gc, steps=steps,
                                             lr_scheduler=setup.lr_scheduler)
             if launch is None:  # a Trainer factory under torchrun started the process group: rank 0 speaks
-                from gradflow.distributed import speak_for_ranks
+                from gradflow.ranks import speak_for_ranks
 
                 speak_for_ranks(report)
         report, code = gate.judge(report, command="probe-backward", model=model)

@@ -170,7 +170,7 @@ class GradFlowCallback(TrainerCallback):
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             return self._note("pre-flight skipped under DeepSpeed / FSDP (sharded parameters); run "
                               "gradflow.probe(trainer) on one process instead")
-        from gradflow.distributed import gather_findings
+        from gradflow.ranks import gather_findings
 
         findings = []
         try:
@@ -271,7 +271,7 @@ class GradFlowCallback(TrainerCallback):
         """Under DDP / FSDP (torchrun) every rank stops at the same step: when the watch on any rank decided to
         stop, all stop, recording the earliest such step; otherwise a rank that stops leaves the others waiting in
         their next gradient all-reduce. A collective, at steps every rank judges alike; nothing in one process."""
-        from gradflow.distributed import agree_min
+        from gradflow.ranks import agree_min
 
         agreed = agree_min(self.stopped_at)
         if agreed is not None:

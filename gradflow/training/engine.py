@@ -83,7 +83,7 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
 
     Returns:
         A Report: the pre-flight probe's findings plus those raised while training (under torchrun: every
-        rank's, merged; see gradflow.distributed), with `.before`/`.after` from the pre-flight (this rank's), and
+        rank's, merged; see gradflow.ranks), with `.before`/`.after` from the pre-flight (this rank's), and
         `extra["train"]` holding status (completed | refused | stopped | interrupted), losses and the final
         gradient state. `report.trained_model` is the model in memory. `interrupted`: a
         SIGINT / SIGTERM stopped the run after a step and saved `extra["train"]["checkpoint"]`. Resuming a run
@@ -130,7 +130,7 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
         done = _already_complete(plan, output)
         if done is not None:
             return done
-    from gradflow.distributed import bind_local_gpu
+    from gradflow.ranks import bind_local_gpu
 
     bind_local_gpu()  # torchrun on GPUs: each rank builds and probes on its own device
     setup, gc_from = build_setup(model, ropts, opts, tokenizer)
@@ -173,9 +173,9 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
     say("pre-flight: probing" + (" a packed batch" if opts.packing else ""))
     pf = preflight(setup, batch, unsafe=opts.unsafe_fixes, say=say)
     report = _report(pf, prepared, opts, data, output)
-    from gradflow import distributed as _dist
+    from gradflow import ranks as _ranks
 
-    _dist.gather_preflight(report, device.type)  # torchrun: every rank's findings, so every rank decides alike
+    _ranks.gather_preflight(report, device.type)  # torchrun: every rank's findings, so every rank decides alike
     report.extra["preflight"]["recipe"] = {"path": opts.recipe, "changes": recipe_changes} if opts.recipe else None
     report.extra["plan"] = memory.to_dict()
     ce, ce_why = resolve_ce(opts.ce, device.type)
@@ -229,7 +229,7 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
     seconds = time.perf_counter() - t0
     stopped = watch.stopped_at is not None
     interrupted = not stopped and signals.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps
-    watched = _dist.gather_watch(report, watch.findings)  # torchrun: every rank's, merged (a collective)
+    watched = _ranks.gather_watch(report, watch.findings)  # torchrun: every rank's, merged (a collective)
     report.findings = list(report.findings) + watched
     state = final_state(trainer, watch, collator, seconds, result)
     state["findings"] = [f.to_dict() for f in watched]

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gradflow.distributed import agree_min, gather_findings, merge_findings
+from gradflow.ranks import agree_min, gather_findings, merge_findings
 from gradflow.training.callback import GradFlowCallback
 from gradflow.training.findings import finding
 
