@@ -22,6 +22,7 @@ from typing import Any
 
 from gradflow.errors import GradflowError
 from gradflow.report import Report, build_report
+from gradflow.snapshot import count_into_ancestors
 
 # What a dry run cannot see, and why: they depend on the real weights' values or on real data.
 UNSEEN: dict[str, str] = {
@@ -382,19 +383,7 @@ def to_full_size(snap, twin: Twin, shapes: dict[str, tuple], opts) -> dict:
     for m in snap.modules:
         m.trainable = m.frozen = m.quantized = 0
     for p in snap.params:
-        prefix = p.module
-        while True:
-            m = index.get(prefix)
-            if m is not None:
-                if p.quantized:
-                    m.quantized += p.numel
-                elif p.requires_grad:
-                    m.trainable += p.numel
-                else:
-                    m.frozen += p.numel
-            if not prefix:
-                break
-            prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+        count_into_ancestors(index, p)
     trainable = [p for p in snap.params if p.requires_grad]
     return {"params_total": sum(p.numel for p in snap.params),
             "params_trainable": sum(p.numel for p in trainable),

@@ -232,3 +232,22 @@ class Snapshot:
 
     def trainable_params(self) -> list[ParamState]:
         return [p for p in self.params if p.requires_grad]
+
+
+def count_into_ancestors(index: dict, p: ParamState) -> None:
+    """Add parameter `p`'s numel to its module and every ancestor in `index` (name -> ModuleState; "" is the root),
+    as quantized, trainable or frozen."""
+    prefix = p.module
+    while True:
+        m = index.get(prefix)
+        if m is not None:
+            if p.quantized:
+                m.quantized += p.numel
+            elif p.requires_grad:
+                m.trainable += p.numel
+            else:
+                m.frozen += p.numel
+        if not prefix:
+            return
+        prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+

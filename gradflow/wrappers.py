@@ -9,7 +9,7 @@ checks its group's dtypes only at the first forward, so a wrapped model is read 
 from __future__ import annotations
 
 from gradflow.errors import GradflowError
-from gradflow.snapshot import WrapperFact
+from gradflow.snapshot import WrapperFact, count_into_ancestors
 
 
 def _dtype(d) -> str | None:
@@ -190,19 +190,7 @@ def unwrap_fsdp1(snap, wrapped, numels: dict[int, int]) -> None:
         if obj is not None and id(obj) in numels:
             p.numel = numels[id(obj)]
         p.name, p.module = clean_name(p.name), clean_name(p.module)
-        prefix = p.module
-        while True:  # roll the counts up to every ancestor module, as describe does
-            m = by_name.get(prefix)
-            if m is not None:
-                if p.quantized:
-                    m.quantized += p.numel
-                elif p.requires_grad:
-                    m.trainable += p.numel
-                else:
-                    m.frozen += p.numel
-            if not prefix:
-                break
-            prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
+        count_into_ancestors(by_name, p)  # the counts rolled up to every ancestor module, as describe does
     snap.no_grad_modules = [clean_name(n) for n in snap.no_grad_modules]
     snap.grad_off_forward = {clean_name(k): v for k, v in snap.grad_off_forward.items()}
     if snap.forward_nonfinite_at is not None:

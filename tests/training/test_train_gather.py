@@ -74,6 +74,27 @@ def test_gather_and_agree_in_one_process_leave_things_as_they_are():
 
 
 # ----- real collectives, two gloo processes without a model --------------------------------------------------
+def _fork_two_ranks(target, tmp_path) -> None:
+    """Run target(rank, port, out_dir) in two forked processes (they inherit torch and transformers: no second
+    import) and require both to exit 0 within 120 s."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    port = _port()
+    procs = [ctx.Process(target=target, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout=120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+    assert [p.exitcode for p in procs] == [0, 0]
+
+
 def _worker(rank: int, port: int, out: str) -> None:
     """One of two forked ranks: only rank 1's watch finds an error at step 1; both then judge step 1."""
     import torch.distributed as dist
@@ -98,22 +119,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 
 
 def test_two_gloo_ranks_gather_findings_and_stop_together(tmp_path):
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")  # the children inherit torch and transformers: no second import
-    port = _port()
-    procs = [ctx.Process(target=_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    assert [p.exitcode for p in procs] == [0, 0]
+    _fork_two_ranks(_worker, tmp_path)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert r0["local"] == {"stopped_at": None, "stop": False} and r1["local"] == {"stopped_at": 1, "stop": True}
     for out in (r0, r1):  # both ranks stop, at rank 1's step, and hold the same gathered findings
@@ -153,22 +159,7 @@ def _callback_worker(rank: int, port: int, out: str) -> None:
 
 
 def test_callback_preflight_in_a_users_trainer_gathers_every_ranks_findings(tmp_path):
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("fork")
-    port = _port()
-    procs = [ctx.Process(target=_callback_worker, args=(r, port, str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(timeout=120)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-    assert [p.exitcode for p in procs] == [0, 0]
+    _fork_two_ranks(_callback_worker, tmp_path)
     r0, r1 = (json.loads((tmp_path / f"cb{r}.json").read_text()) for r in range(2))
     for out in (r0, r1):  # both ranks hold rank 1's finding, marked, and both stop before training
         found = [f for f in out["findings"] if f["slug"] == "no-supervised-tokens"]
