@@ -178,7 +178,7 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
     _ranks.gather_preflight(report, device.type)  # torchrun: every rank's findings, so every rank decides alike
     report.extra["preflight"]["recipe"] = {"path": opts.recipe, "changes": recipe_changes} if opts.recipe else None
     report.extra["plan"] = memory.to_dict()
-    ce, ce_why = resolve_ce(opts.ce, device.type)
+    ce, ce_why = resolve_ce(opts.ce, device.type, fsdp=opts.fsdp)
     report.extra["train"].update(packing=opts.packing, attention=attention, ce={"loss": ce, "why": ce_why})
     errors = [f for f in report.findings if f.severity == "error"]
     if errors:

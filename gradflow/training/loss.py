@@ -10,7 +10,7 @@ Trainer adds no autocast for bf16/fp16 itself: accelerate wraps `model.forward` 
 run here under the same autocast when that wrapper is present.
 
 Where the model's forward does more than `loss_function(lm_head(decoder(...)))` (logit soft-capping or scaling,
-router losses, prompt-learning adapters, a custom loss, DDP wrappers, an architecture not checked here),
+router losses, prompt-learning adapters, a custom loss, DDP wrappers, FSDP sharding, an architecture not checked here),
 `chunked_causal_lm_loss` returns None and the caller falls back to `model(**inputs).loss`;
 `unsupported_reason` says why.
 """
@@ -41,6 +41,16 @@ def _unwrap(model):
     return peft, causal_lm
 
 
+def _fsdp_sharded(model) -> bool:
+    """FSDP2's fully_shard on the model (or DTensor parameters in it)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def unsupported_reason(model, inputs: dict | None = None) -> str | None:
     """Why the chunked loss cannot reproduce `model(**inputs).loss` for this model (None: it can)."""
     import torch
@@ -49,6 +59,9 @@ def unsupported_reason(model, inputs: dict | None = None) -> str | None:
             model, "config"):
         # calling the decoder directly would skip DDP's forward, which prepares the gradient all-reduce
         return f"{type(model).__name__} wraps the model (DDP): the chunked loss needs the unwrapped model"
+    if _fsdp_sharded(model):
+        # the decoder called directly skips the root unit's pre-forward: its weights stay sharded (DTensor)
+        return "FSDP shards the model: the embeddings, final norm and head are gathered only in its own forward"
     peft, causal_lm = _unwrap(model)
     if causal_lm is None:
         return f"{type(model).__name__} is not a transformers causal LM"

@@ -70,7 +70,7 @@ def make_trainer(setup, dataset, collator, opts, output: str, console, callbacks
         from gradflow.training.fsdp import enable
 
         enable(trainer)
-    trainer.gradflow_ce = resolve_ce(opts.ce, device)[0]
+    trainer.gradflow_ce = resolve_ce(opts.ce, device, fsdp=getattr(opts, "fsdp", False))[0]
     trainer.remove_callback(PrinterCallback)  # it prints log dicts on stdout, which carries data
     trainer.remove_callback(ProgressCallback)
     if progress:  # RichProgress itself stays silent on ranks other than 0
@@ -100,8 +100,10 @@ def _with_loss(base):
     return GradflowTrainer
 
 
-def resolve_ce(asked: str, device: str) -> tuple[str, str]:
-    """(standard | chunked, why): chunked needs gradflow.training.loss; auto takes it on CUDA only."""
+def resolve_ce(asked: str, device: str, *, fsdp: bool = False) -> tuple[str, str]:
+    """(standard | chunked, why): chunked needs gradflow.training.loss; auto takes it on CUDA only; never under
+    --fsdp (the chunked loss calls the decoder and the head itself, and FSDP gathers the root unit's weights, the
+    embeddings, the final norm and the head, only in the model's own forward)."""
     try:
         import gradflow.training.loss  # noqa: F401
         have = True
@@ -109,6 +111,9 @@ def resolve_ce(asked: str, device: str) -> tuple[str, str]:
         have = False
     if asked == "standard":
         return "standard", "--ce standard"
+    if fsdp:
+        return "standard", (f"{'--ce chunked' if asked == 'chunked' else 'auto'}: not under --fsdp (FSDP gathers the "
+                            "embeddings, final norm and head only in the model's own forward)")
     if not have:
         return "standard", "this gradflow has no chunked cross-entropy"
     if asked == "chunked":
