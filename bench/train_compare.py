@@ -49,6 +49,7 @@ RUNS = {
     "a-gc": "gradflow train --gc non-reentrant --gc-every 1",
     "a-ce": "gradflow train --ce standard",
     "a-eager": "gradflow train --compile off",
+    "a-gc-eager": "gradflow train --gc non-reentrant --gc-every 1 --compile off",
     "b": "seed-style Trainer (pad to max, reentrant GC + input-grad hook)",
     "c": "TRL SFTTrainer, defaults (pad to longest)",
     "d": "TRL SFTTrainer, packing=True (bfd, padding-free), flex_attention",
@@ -190,6 +191,8 @@ class Config:
     attn_packed: str  # attention for run d: flex_attention on CUDA, sdpa for --smoke on CPU
     gradflow_flags: list
     profile_out: str = ""
+    memory_trace: bool = False  # one more step, recorded by the CUDA allocator (bench/memory_trace.py)
+    memory_trace_out: str = ""
 
 
 def run_worker(cfg: Config, timeout: int, log_path: str, threads: int | None = None) -> dict:
@@ -356,6 +359,9 @@ def main(argv=None) -> int:
                     help="all: every token (TRL's default); completion: assistant tokens in every run")
     ap.add_argument("--profile", nargs="?", const="all", default=None,
                     help="also profile 3 steps after the counted ones, for these runs (default: all run)")
+    ap.add_argument("--memory-trace", metavar="RUNS", default="",
+                    help="one more step after the others, for these runs (comma-separated), recorded by the CUDA "
+                         "allocator: what is alive at its peak, by where it was allocated (bench/memory_trace.py)")
     ap.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: from its name)")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per run")
     ap.add_argument("--jobs", type=int, help="runs at once (default 1; --smoke: all)")
@@ -390,6 +396,9 @@ def main(argv=None) -> int:
     steps = args.steps or (3 if smoke else 35)
     samples = args.samples or (32 if smoke else 512)
     profile = set(runs if args.profile == "all" else (args.profile or "").split(",")) - {""}
+    memory_trace = set(args.memory_trace.split(",")) - {""}
+    if memory_trace and smoke:
+        ap.error("--memory-trace reads the CUDA allocator: not with --smoke")
     mode = "qlora" if args.qlora else "lora"
     peak = args.peak_tflops or PEAK_TFLOPS.get(slug)
 
@@ -411,7 +420,9 @@ def main(argv=None) -> int:
                       result=os.path.join(workdir, f"result-{run}.json"), loss_on=args.loss_on, lr=2e-4,
                       attn_packed="sdpa" if smoke else "flex_attention", gradflow_flags=flags,
                       profile_out=os.path.join(out_dir,
-                                               f"train_compare_profile_{mode}_{run}_{slug}.txt"))
+                                               f"train_compare_profile_{mode}_{run}_{slug}.txt"),
+                      memory_trace=run in memory_trace,
+                      memory_trace_out=os.path.join(out_dir, f"train_compare_memory_{mode}_{run}_{slug}.txt"))
                for run in runs]
     # on the GPU one run at a time (each peak and each timing its own); --smoke on CPU measures neither: in parallel
     jobs = args.jobs or (len(runs) if smoke else 1)
@@ -426,7 +437,9 @@ def main(argv=None) -> int:
             r = results[run] = future.result()
             tps = r.get("tokens_per_second")
             print(f"  {run:5s} {r['title']}: " + (
-                f"{tps:,.0f} real tok/s, peak {_gib(r.get('peak_allocated'))} GiB ({r['worker_wall_s']} s)" if tps
+                f"{tps:,.0f} real tok/s, peak {_gib(r.get('peak_allocated'))} GiB (training "
+                f"{_gib((r.get('peak_train') or [None])[0])}, before it {_gib((r.get('peak_setup') or [None])[0])}) "
+                f"({r['worker_wall_s']} s)" if tps
                 else f"FAILED rc={r['worker_rc']}: {(r.get('error') or '')[:200]} (log {workdir}/log-{run}.txt)"),
                 flush=True)
     n_params = model_params(preset)
@@ -472,6 +485,10 @@ class Meter:
         self.t0 = self.t1 = None
         self.model_info: dict = {}
         self.prof = None
+        self.peak_before_reset = [0, 0]  # allocated, reserved: the highest peaks read before a reset_peak_memory_stats
+        self.setup_peak = None  # [allocated, reserved] before the first step: model build, pre-flight, plan
+        self.trace_baseline = None
+        self.memory_trace = None
 
     def count(self, batch):
         ids = batch["input_ids"]
@@ -510,8 +527,18 @@ def instrument(meter: Meter) -> None:
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
+    trace_step = _total_steps(cfg)  # the last step, when --memory-trace added it
+
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            if cfg.device == "cuda" and state.global_step == 0 and meter.setup_peak is None:
+                meter.setup_peak = _peaks(meter)  # model build, pre-flight and plan: their peak apart from training
+                torch.cuda.reset_peak_memory_stats()
+                meter.peak_before_reset = [0, 0]
+            if cfg.memory_trace and state.global_step == trace_step - 1 and meter.trace_baseline is None:
+                import memory_trace
+
+                meter.trace_baseline = memory_trace.start()
             if cfg.profile and state.global_step == last and meter.prof is None:
                 acts = [torch.profiler.ProfilerActivity.CPU]
                 if cfg.device == "cuda":
@@ -529,6 +556,12 @@ def instrument(meter: Meter) -> None:
             elif meter.prof is not None and state.global_step == last + 3:
                 _sync(cfg.device)
                 meter.prof.stop()
+            if meter.trace_baseline is not None and state.global_step == trace_step and meter.memory_trace is None:
+                import memory_trace
+
+                meter.memory_trace = memory_trace.stop(cfg.memory_trace_out, meter.trace_baseline,
+                                                       f"run {cfg.run} ({RUNS[cfg.run]}), step {trace_step}")
+                meter.memory_trace["path"] = _rel(cfg.memory_trace_out)
 
         def on_train_end(self, args, state, control, model=None, **kw):
             meter.model_info.update(_model_info(model))
@@ -591,6 +624,7 @@ def worker(cfg_path: str) -> int:
         torch.manual_seed(0)
         if cfg.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+            _keep_peaks_across_resets(meter)
         instrument(meter)
         t_start = time.perf_counter()
         if cfg.run.startswith("a"):
@@ -629,11 +663,40 @@ def _measure(cfg: Config, meter: Meter, partial: bool = False) -> dict:
         out["error"] = (f"the run did not reach step {last} (steps logged: {len(meter.losses)}, batches: "
                         f"{len(meter.tokens)})")
     if cfg.device == "cuda":
-        out["peak_allocated"] = torch.cuda.max_memory_allocated()
-        out["peak_reserved"] = torch.cuda.max_memory_reserved()
+        train = _peaks(meter)
+        setup = meter.setup_peak or [0, 0]
+        # the whole process's peak: training's, or the setup's (model build, gradflow's pre-flight and plan)
+        out["peak_allocated"], out["peak_reserved"] = max(train[0], setup[0]), max(train[1], setup[1])
+        out["peak_train"], out["peak_setup"] = train, setup
+    if meter.memory_trace is not None:
+        out["memory_trace"] = meter.memory_trace
     if meter.prof is not None:
         out["profile"] = _write_profile(meter.prof, cfg)
     return out
+
+
+def _peaks(meter: Meter) -> list:
+    import torch
+
+    return [max(meter.peak_before_reset[0], torch.cuda.max_memory_allocated()),
+            max(meter.peak_before_reset[1], torch.cuda.max_memory_reserved())]
+
+
+def _keep_peaks_across_resets(meter: Meter) -> None:
+    """gradflow's memory plan resets the allocator's peak to measure its probe steps: keep what it would erase."""
+    import torch
+
+    reset = torch.cuda.reset_peak_memory_stats
+
+    def keeping(*a, **k):
+        meter.peak_before_reset = _peaks(meter)
+        return reset(*a, **k)
+
+    torch.cuda.reset_peak_memory_stats = keeping
+
+
+def _rel(path: str) -> str:
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT) else path
 
 
 def _write_profile(prof, cfg: Config) -> str:
@@ -651,11 +714,11 @@ def _write_profile(prof, cfg: Config) -> str:
         fh.write(f"# torch.profiler: run {cfg.run} ({RUNS[cfg.run]}), steps {cfg.warmup + cfg.steps + 1}-"
                  f"{cfg.warmup + cfg.steps + 3} (after the counted ones), top ops by self "
                  f"{'CUDA' if cfg.device == 'cuda' else 'CPU'} time\n{table}\n")
-    return os.path.relpath(cfg.profile_out, ROOT) if cfg.profile_out.startswith(ROOT) else cfg.profile_out
+    return _rel(cfg.profile_out)
 
 
 def _total_steps(cfg: Config) -> int:
-    return cfg.warmup + cfg.steps + (3 if cfg.profile else 0)
+    return cfg.warmup + cfg.steps + (3 if cfg.profile else 0) + (1 if cfg.memory_trace else 0)
 
 
 def _run_gradflow(cfg: Config) -> dict:
@@ -670,14 +733,14 @@ def _run_gradflow(cfg: Config) -> dict:
             "--save-steps", str(total + 1)]
     if cfg.quant != "none":
         argv += ["--quant", cfg.quant]
-    if cfg.run == "a-gc":
+    if cfg.run in ("a-gc", "a-gc-eager"):
         argv += ["--gc", "non-reentrant"]
         argv += ["--gc-every", "1"] if "--gc-every" in flags else []
     if cfg.run == "a-ce":
         if "--ce" not in flags:
             raise RuntimeError("this gradflow has no --ce option")
         argv += ["--ce", "standard"]
-    if cfg.run == "a-eager":
+    if cfg.run in ("a-eager", "a-gc-eager"):
         if "--compile" not in flags:
             raise RuntimeError("this gradflow has no --compile option")
         argv += ["--compile", "off"]
