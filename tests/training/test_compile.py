@@ -43,6 +43,8 @@ def test_compiled_layers_train_the_eager_losses_and_save_the_same_adapter_names(
     ("auto", "cpu", "1", (False, "auto: compiling pays off on CUDA, and this is the CPU")),
     ("auto", "cuda", "2", (False, "auto: not under torchrun (compiled layers are untested with DDP/FSDP; "
                                   "--compile on forces it)")),
+    ("auto", "cuda", "1", (False, "auto: not under torchrun (compiled layers are untested with DDP/FSDP; "
+                                  "--compile on forces it)")),  # a one-process torchrun too
     ("off", "cuda", "1", (False, "--compile off")),
     ("on", "cpu", "2", (True, "--compile on")),
 ])
