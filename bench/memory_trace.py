@@ -1,6 +1,7 @@
 """Where a training step's peak GPU memory goes: the CUDA caching allocator's trace of one step, read at its peak.
 
-`start()` turns on `torch.cuda.memory._record_memory_history` (Python and C++ stacks) before a step; `stop(path)`
+`start()` turns on `torch.cuda.memory._record_memory_history` (Python stacks; set MEMORY_TRACE_STACKS=all for C++
+frames too, which name the autograd node of backward allocations) before a step; `stop(path)`
 after it takes the snapshot, turns recording off and writes `summary(...)` to `path`. The summary replays the
 step's allocations and frees (`alloc` / `free_completed`, the events `torch.cuda.memory_allocated` counts), finds
 the moment of the peak, and lists what was allocated during the step and still alive then, grouped by where it was
@@ -15,6 +16,7 @@ Used by bench/train_compare.py --memory-trace RUNS.
 from __future__ import annotations
 
 import collections
+import os
 
 MiB = 2**20
 
@@ -24,7 +26,10 @@ def start() -> int:
     import torch
 
     torch.cuda.synchronize()
-    torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="all")
+    # with C++ stacks, gradflow's chunked cross-entropy failed once on an H200 inside the traced step
+    # ("cross_entropy_loss returned NULL without setting an exception"); d's run traced fine
+    torch.cuda.memory._record_memory_history(max_entries=2_000_000,
+                                             stacks=os.environ.get("MEMORY_TRACE_STACKS", "python"))
     return torch.cuda.memory_allocated()
 
 
