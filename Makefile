@@ -40,10 +40,10 @@ train-demo: $(NEW)/.ok
 	  --max-steps 60 --lr 1e-2 --seq-len 96 --so8-layers 2,3 --overwrite
 
 test-new: $(NEW)/.ok
-	$(NEW)/bin/python -m pytest tests
+	$(NEW)/bin/python -m pytest --durations=20 tests
 
 test-old: $(OLD)/.ok
-	$(OLD)/bin/python -m pytest tests
+	$(OLD)/bin/python -m pytest --durations=20 tests
 
 test: test-old test-new
 
