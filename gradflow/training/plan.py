@@ -191,7 +191,7 @@ def _saved_bytes(model, tokens: int, device, precision: str, layers: list) -> tu
                 size = storage.nbytes()
                 totals["in" if inside[0] else "out"] += size
                 totals["max"] = max(totals["max"], size)
-        return t
+        return t.detach()  # not t itself: a saved output returned as is holds its own grad_fn, a cycle gc cannot free
 
     handles = []
     for layer in layers:
