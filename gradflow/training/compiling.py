@@ -15,10 +15,11 @@ How:
 - It happens after the pre-flight and the memory plan: they probe the eager model with hooks, and the gradient
   flow they prove does not change with compilation (tests/training/test_compile.py compares the losses).
 - auto: on for CUDA with Triton in a single process; off on the CPU (compiling costs more than short CPU runs win),
-  under torchrun / accelerate launch, whatever the world size (on an H200, `train --fsdp` with compiled layers made
-  no step in two minutes under a one-process torchrun; DDP/FSDP with compiled layers has not been measured), and
-  without Triton. Under auto a layer that fails to compile runs eagerly (dynamo's suppress_errors: a run the user did not
-  ask to compile must not die of it); `--compile on` compiles anyway and lets a compile error stop the run.
+  under torchrun / accelerate launch, whatever the world size (on an H200, `train --fsdp` with compiled layers
+  made no step in two minutes under a one-process torchrun; DDP/FSDP with compiled layers has not been measured),
+  and without Triton. Under auto a layer that fails to compile runs eagerly (dynamo's suppress_errors: a run the
+  user did not ask to compile must not die of it); `--compile on` compiles anyway and lets a compile error stop
+  the run.
 """
 
 from __future__ import annotations

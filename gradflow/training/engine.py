@@ -202,7 +202,8 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
     dataset, collator = train_dataset(prepared, opts, pad_id, memory.tokens_per_batch)
     if opts.packing:
         report.extra["data"]["packed_batches"] = len(dataset)
-    trainer, watch = make_trainer(setup, dataset, collator, opts, output, console, callbacks or [], progress)
+    trainer, watch = make_trainer(setup, dataset, collator, opts, output, console, callbacks or [], progress,
+                                  ce=ce)
     trainer.gradflow_fingerprint = fingerprint  # recorded in every checkpoint's manifest
     from gradflow.training.signals import StopOnSignal
 

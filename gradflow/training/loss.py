@@ -41,14 +41,16 @@ def _unwrap(model):
     return peft, causal_lm
 
 
-def _fsdp_sharded(model) -> bool:
-    """FSDP2's fully_shard on the model (or DTensor parameters in it)."""
+def _fsdp_root(model) -> bool:
+    """FSDP2's fully_shard on the model itself (or on the causal LM inside a PeftModel): its root unit holds the
+    embeddings, final norm and head, gathered only in the root's own forward. Units on the decoder layers alone
+    gather themselves when the decoder calls them."""
     try:
         from torch.distributed.fsdp import FSDPModule
-        from torch.distributed.tensor import DTensor
     except ImportError:
         return False
-    return isinstance(model, FSDPModule) or any(isinstance(p, DTensor) for p in model.parameters())
+    peft, causal_lm = _unwrap(model)
+    return any(isinstance(m, FSDPModule) for m in (model, peft, causal_lm) if m is not None)
 
 
 def unsupported_reason(model, inputs: dict | None = None) -> str | None:
@@ -59,7 +61,7 @@ def unsupported_reason(model, inputs: dict | None = None) -> str | None:
             model, "config"):
         # calling the decoder directly would skip DDP's forward, which prepares the gradient all-reduce
         return f"{type(model).__name__} wraps the model (DDP): the chunked loss needs the unwrapped model"
-    if _fsdp_sharded(model):
+    if _fsdp_root(model):
         # the decoder called directly skips the root unit's pre-forward: its weights stay sharded (DTensor)
         return "FSDP shards the model: the embeddings, final norm and head are gathered only in its own forward"
     peft, causal_lm = _unwrap(model)

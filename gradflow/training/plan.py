@@ -233,11 +233,8 @@ def measure(model, *, target: int, precision: str, layers: list, can_toggle: boo
                 return _line(_cuda_peak(model, tokens, device, precision),
                              _cuda_peak(model, 2 * tokens, device, precision), tokens, 2 * tokens)
 
-            # the probe steps are part of the run's peak: none may need more than the step the plan will choose.
-            # With the checkpointing given, only it is measured; without checkpointing, at 1/32 of the target
-            # tokens, as a checkpointed step at the target keeps more. (An H200 Phi-3.5-mini QLoRA run with every
-            # layer checkpointed peaked at 8.97 GiB before training and 8.00 GiB in its steps, when the plan
-            # still measured 1,024 tokens without checkpointing: the likeliest cause, not yet re-measured.)
+            # the probe steps count in the run's peak (module docstring): only the given checkpointing, or
+            # without checkpointing at 1/32 of the target tokens
             _cuda_peak(model, 8, device, precision)  # first-use allocations (cuBLAS workspaces) out of the lines
             if fixed is not None or not can_toggle:
                 if can_toggle:

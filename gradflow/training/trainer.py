@@ -35,8 +35,10 @@ def training_args(opts, output: str, device: str, model=None):
     return TrainingArguments(**{k: v for k, v in kwargs.items() if k in accepted})
 
 
-def make_trainer(setup, dataset, collator, opts, output: str, console, callbacks, progress: bool):
-    """(trainer, watch): Trainer with GradFlowCallback, atomic checkpoints, rich progress on stderr."""
+def make_trainer(setup, dataset, collator, opts, output: str, console, callbacks, progress: bool, *,
+                 ce: str = "standard"):
+    """(trainer, watch): Trainer with GradFlowCallback, atomic checkpoints, rich progress on stderr; `ce`: the loss
+    resolve_ce chose (standard | chunked)."""
     import math
 
     from transformers import Trainer
@@ -70,7 +72,7 @@ def make_trainer(setup, dataset, collator, opts, output: str, console, callbacks
         from gradflow.training.fsdp import enable
 
         enable(trainer)
-    trainer.gradflow_ce = resolve_ce(opts.ce, device, fsdp=getattr(opts, "fsdp", False))[0]
+    trainer.gradflow_ce = ce
     trainer.remove_callback(PrinterCallback)  # it prints log dicts on stdout, which carries data
     trainer.remove_callback(ProgressCallback)
     if progress:  # RichProgress itself stays silent on ranks other than 0
