@@ -79,6 +79,23 @@ def start(wrapper: str, *, refused: dict | None = None) -> Launch:
     return Launch(wrapper, rank, world, local, backend, device)
 
 
+def end() -> None:
+    """The end of a command that completed under torchrun: every rank waits for the others (rank 0 may still be
+    writing its report), then the process group is torn down while the interpreter is whole. Left to exit, a rank
+    that finished first could be aborted by gloo's still-joinable threads in interpreter shutdown ("terminate
+    called without an active exception": rank 1 of a `probe-backward --fsdp`, once in CI). Not for error paths:
+    a rank that failed may never reach the barrier (atexit's `_finish` tears down without waiting)."""
+    import sys
+
+    if "torch.distributed" not in sys.modules:  # a command refused before torch was imported
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _finish() -> None:
     import torch.distributed as dist
 

@@ -113,4 +113,7 @@ def probe_backward(
             out.show("")  # a blank line between the report and what the dry run could not see
             out.show(note_text(report))
     gate.explain(out)
+    from gradflow.distributed import end
+
+    end()  # under torchrun: every rank waits for rank 0's output, then the process group goes
     raise typer.Exit(code)

@@ -131,7 +131,9 @@ def train(
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     except Exception as exc:
         fail(exc)
-    _end_process_group()
+    from gradflow.distributed import end
+
+    end()  # every rank together, before rank 0 prints and the process exits
     state = report.extra["train"]
     import os
 
@@ -208,20 +210,6 @@ def _already_complete(state: dict, output: str, report, out) -> "NoReturn":  # n
                      "pass --overwrite to train it again\n")
     sys.stderr.flush()
     raise typer.Exit(0)
-
-
-def _end_process_group() -> None:
-    """Under torchrun the CLI owns the process: tear the process group down before exit, not in interpreter
-    shutdown, where gloo's threads can be destroyed while still joinable (SIGABRT after a completed run)."""
-    import sys
-
-    if "torch.distributed" not in sys.modules:  # a run refused or already complete never imported torch
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()  # rank 0 may still be writing the adapter and report
-        dist.destroy_process_group()
 
 
 def merge(
