@@ -15,7 +15,7 @@ LORA_R, LORA_ALPHA = 16, 32
 
 
 def tokenizer():
-    from gradflow.presets import build_tokenizer
+    from gradflow.setup.presets import build_tokenizer
 
     return build_tokenizer()
 
@@ -26,11 +26,11 @@ def base_model(preset: str, *, device: str, dtype: str = "bfloat16", attn: str =
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gradflow.presets import preset_config
+    from gradflow.setup.presets import preset_config
 
     torch_dtype = getattr(torch, dtype)
     config = preset_config(preset)
-    torch.manual_seed(seed)  # as gradflow.presets.build_preset: the same weights as `gradflow train PRESET`
+    torch.manual_seed(seed)  # as gradflow.setup.presets.build_preset: the same weights as `gradflow train PRESET`
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype, attn_implementation=attn)
     if model.generation_config is not None:

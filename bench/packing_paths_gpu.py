@@ -25,10 +25,10 @@ def main() -> int:
     import transformers
     from peft import LoraConfig, get_peft_model
 
-    from gradflow.data import collate
-    from gradflow.leak import measure
-    from gradflow.packing import collate_packed, supervised_tokens
-    from gradflow.presets import build_preset
+    from gradflow.data.jsonl import collate
+    from gradflow.probing.leak import measure
+    from gradflow.data.packing import collate_packed, supervised_tokens
+    from gradflow.setup.presets import build_preset
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench/results/packing_paths.json")

@@ -18,7 +18,7 @@ def main():
     from peft import LoraConfig, get_peft_model
 
     import gradflow
-    from gradflow.presets import build_preset
+    from gradflow.setup.presets import build_preset
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=32)
@@ -31,7 +31,7 @@ def main():
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     dev = "cuda"
 
-    import gradflow.presets as presets
+    import gradflow.setup.presets as presets
     config = presets.preset_config("phi3.5-mini-shape")
     config.num_hidden_layers = args.layers
     config.use_cache = False

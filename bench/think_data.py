@@ -2,7 +2,7 @@
 
 Each line is gradflow's `{"id": ..., "messages": [user, assistant]}` JSONL; the assistant content holds
 `<think-task>`, `<think-safety>`, `<think-policy>` and `<final>`, each once and in that order (it passes
-`gradflow.training.think.parse`). Sample lengths are log-normal: with gradflow's byte-level preset tokenizer
+`gradflow.data.think.parse`). Sample lengths are log-normal: with gradflow's byte-level preset tokenizer
 (one token per ASCII character, one per chat or /think tag) the median is about 500 tokens, and a few samples pass
 2048 tokens, so that truncation is exercised too. The text is drawn from a small word list with a fixed
 per-topic bias, so a model can learn something from it and the loss falls.

@@ -143,7 +143,7 @@ def model_params(preset: str) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from gradflow.presets import preset_config
+    from gradflow.setup.presets import preset_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(preset_config(preset))

@@ -18,7 +18,7 @@ def _model(quant: bool):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from gradflow.presets import build_preset
+    from gradflow.setup.presets import build_preset
 
     base = build_preset("phi3.5-mini-shape", dtype=torch.bfloat16, device="cuda", seed=0)
     if quant:

@@ -29,10 +29,10 @@ import time
 def _model(args):
     import torch
 
-    from gradflow.recipe import apply_lora
+    from gradflow.setup.build import apply_lora
 
     if args.preset:
-        from gradflow.presets import build_preset
+        from gradflow.setup.presets import build_preset
 
         model = build_preset(args.preset, seed=0)
     else:
@@ -99,7 +99,7 @@ def run(args, watch: bool) -> tuple[list[float], float]:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from gradflow.packing import PackedCollator
+    from gradflow.data.packing import PackedCollator
     from gradflow.training.callback import GradFlowCallback
 
     spent = [0.0]

@@ -7,14 +7,23 @@ import dataclasses
 from typing import Any, Callable
 
 from gradflow.errors import GradflowError
+from gradflow.fixes.engine import run_patch, verify
+from gradflow.forward import synthetic_batch
+from gradflow.models import is_trainer
+from gradflow.probing.backward import probe as run_probe
+from gradflow.probing.gc_check import compare
+from gradflow.probing.leak import to_dict
+from gradflow.probing.steps import check_steps, run_steps
 from gradflow.report import Report, build_report
+from gradflow.rules import run_rules
+from gradflow.setup.sources import compile_regex
+from gradflow.setup.trainer_source import prepared
 
 
 def check_trainable_regex(model, trainable: str | None) -> None:
     """A --trainable regex must be valid and name at least one parameter."""
     if trainable is None:
         return
-    from gradflow.sources import compile_regex
 
     pattern = compile_regex(trainable)
     names = [n for n, _ in model.named_parameters()]
@@ -27,8 +36,6 @@ def check_trainable_regex(model, trainable: str | None) -> None:
 @contextlib.contextmanager
 def _target(model, batch, loss_fn, optimizer):
     """What to probe: the model as given, or, for a Trainer, the setup its `train()` would start with."""
-    from gradflow.trainer_source import is_trainer, prepared
-
     if not is_trainer(model):
         yield model, batch, loss_fn, optimizer, None
         return
@@ -40,8 +47,6 @@ def _target(model, batch, loss_fn, optimizer):
 def snapshot(model, batch=None, *, loss_fn=None, optimizer=None, trainable=None, backward=True, static=False,
              setup=None):
     """Trace (and probe) `model` once; the Snapshot that rules read."""
-    from gradflow.probing import probe as run_probe
-
     check_trainable_regex(model, trainable)
     snap = run_probe(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable,
                      backward=backward, static=static)
@@ -69,8 +74,6 @@ def inspect(model, batch: Any = None, *, static: bool = False, loss_fn: Callable
     Returns:
         A Report with per-module rows and the findings a forward can show (the first cut among them).
     """
-    from gradflow.rules import run_rules
-
     with _target(model, batch, loss_fn, None) as (model, batch, loss_fn, _, setup):
         snap = snapshot(model, batch, loss_fn=loss_fn, trainable=trainable, backward=False, static=static,
                         setup=setup)
@@ -94,7 +97,7 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
             own by default).
         trainable: regex naming the parameters you intend to train.
         check_gc: also run the batch with gradient checkpointing on and off and compare every trainable
-            gradient (`checkpoint-changes-gradients`); see gradflow.gc_equivalence for how on/off are obtained.
+            gradient (`checkpoint-changes-gradients`); see gradflow.probing.gc_check for how on/off are obtained.
         steps: also take this many real optimizer steps (then put parameters and optimizer state back) and report
             intended parameters that did not move (`param-not-updated`) and a zero learning rate
             (`zero-learning-rate`). The optimizer is `optimizer`, a Trainer's own, else AdamW(lr=1e-3).
@@ -103,11 +106,7 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     Returns:
         A Report: loss state, per-parameter gradient classes (ok / none / zero / nonfinite), findings.
     """
-    from gradflow.rules import run_rules
-
     if steps:
-        from gradflow.steps import check_steps
-
         steps = check_steps(steps)
     with _target(model, batch, loss_fn, optimizer) as (model, batch, loss_fn, optimizer, setup):
         snap = snapshot(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable, setup=setup)
@@ -115,7 +114,6 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
                  lr_scheduler=lr_scheduler)
     report = build_report(snap, run_rules(snap), "probe-backward")
     if snap.packed_leak is not None:  # the batch was packed: what the leak check measured, as JSON
-        from gradflow.leak import to_dict
 
         report.extra["packed_check"] = to_dict(snap.packed_leak)
     return report
@@ -126,16 +124,10 @@ def _measure(snap, model, batch, loss_fn, optimizer, setup, *, check_gc: bool, s
     if not (check_gc or steps):
         return
     if batch is None and loss_fn is None:
-        from gradflow.probing import synthetic_batch
-
         batch = synthetic_batch(model)  # the batch the probe synthesised: same seed, same ids
     if check_gc:
-        from gradflow.gc_equivalence import compare
-
         snap.gc_equivalence = compare(model, batch, loss_fn=loss_fn, snap=snap)
     if steps:
-        from gradflow.steps import run_steps
-
         if lr_scheduler is None and setup is not None:
             lr_scheduler = getattr(setup, "lr_scheduler", None)
         source = "trainer" if setup is not None and optimizer is not None and optimizer is setup.optimizer else None
@@ -157,11 +149,15 @@ def patch(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     Returns:
         A Report carrying `.before`, `.after` and `.fixes_applied`.
     """
-    from gradflow.fixes.engine import run_patch
-
     trainer = model
     with _target(model, batch, loss_fn, optimizer) as (model, batch_, loss_fn_, optimizer_, setup):
-        report = run_patch(model, batch_, loss_fn=loss_fn_, optimizer=optimizer_, trainable=trainable,
+        if batch_ is None and loss_fn_ is None:
+            batch_ = synthetic_batch(model)  # one batch for the probes before and after
+
+        def reprobe() -> Report:
+            return probe(model, batch_, loss_fn=loss_fn_, optimizer=optimizer_, trainable=trainable)
+
+        report = run_patch(model, batch_, reprobe, loss_fn=loss_fn_, optimizer=optimizer_, trainable=trainable,
                            unsafe=unsafe, dry_run=dry_run)
     if setup is None or dry_run or not report.fixes_applied:
         return report
@@ -171,8 +167,6 @@ def patch(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
 
 
 def _reproved(report: Report, after: Report) -> Report:
-    from gradflow.fixes.engine import verify
-
     verification = verify(after)
     records = [{**rec, "verified": verification["ok"] and not any(s in after.slugs() for s in rec.get("answers", ()))}
                for rec in report.fixes_applied]

@@ -1,6 +1,7 @@
 """Factories that reproduce real gradient-flow failures, for `gradflow probe-backward gradflow.demos:NAME`."""
 
 from __future__ import annotations
+from gradflow.setup.presets import build_preset, build_tokenizer, preset_config
 
 
 def seed_bug():
@@ -33,7 +34,6 @@ def _seed_setup(preset: str, *, quant, device: str, dtype, seq_len: int):
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from gradflow.presets import build_preset, build_tokenizer, preset_config
 
     torch_dtype = getattr(torch, dtype) if dtype else None
     if quant is None:

@@ -21,89 +21,20 @@ How it works:
   a replicated one's is rank 0's. The state follows from the gathered norm: none (no rank holds a gradient),
   nonfinite, zero, ok. The rules then run on the gathered snapshot.
 
-Findings gathered across ranks (train's pre-flight and watch, a Trainer factory's probe): gradflow.ranks.
+Findings gathered across ranks (train's pre-flight and watch, a Trainer factory's probe): gradflow.report.ranks.
 """
 
 from __future__ import annotations
 
-import atexit
-import dataclasses
 import math
-import os
 
+import gradflow
 from gradflow.errors import GradflowError
-
-WRAPPERS = ("ddp", "fsdp")
-
-
-@dataclasses.dataclass
-class Launch:
-    wrapper: str  # ddp | fsdp
-    rank: int
-    world_size: int
-    local_rank: int
-    backend: str
-    device: str  # cpu | cuda:N
-    wrapped: object = None  # a DistributedDataParallel the factory returned (its module is the setup's model)
-
-
-def start(wrapper: str, *, refused: dict | None = None) -> Launch:
-    """Check torchrun's environment and initialise the process group (once). `refused`: flag -> value set."""
-    if wrapper not in WRAPPERS:
-        raise GradflowError(f"unknown wrapper {wrapper!r}", "Pass --ddp or --fsdp")
-    flag = f"--{wrapper}"
-    bad = [name for name, value in (refused or {}).items() if value]
-    if bad:
-        raise GradflowError(f"{flag} cannot be combined with {', '.join(bad)} yet",
-                            f"Drop {', '.join(bad)}, or probe in one process without {flag}")
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        raise GradflowError(f"{flag} needs the process group that torchrun sets up (RANK / WORLD_SIZE are unset)",
-                            f"Launch it as: torchrun --nproc-per-node 2 -m gradflow probe-backward MODEL {flag}")
-    import torch
-    import torch.distributed as dist
-
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local = int(os.environ.get("LOCAL_RANK", rank))
-    cuda = torch.cuda.is_available()
-    backend = "nccl" if cuda else "gloo"
-    device = f"cuda:{local}" if cuda else "cpu"
-    if cuda:
-        torch.cuda.set_device(local)  # "cuda" now means this rank's GPU, for --device auto as well
-    if not dist.is_initialized():
-        dist.init_process_group(backend=backend)
-        atexit.register(_finish)
-    if rank != 0:  # rank 0 speaks for the run: the others print nothing on stdout
-        from gradflow.ranks import silence_stdout
-
-        silence_stdout()
-    return Launch(wrapper, rank, world, local, backend, device)
-
-
-def end() -> None:
-    """The end of a command that completed under torchrun: every rank waits for the others (rank 0 may still be
-    writing its report), then the process group is torn down while the interpreter is whole. Left to exit, a rank
-    that finished first could be aborted by gloo's still-joinable threads in interpreter shutdown ("terminate
-    called without an active exception": rank 1 of a `probe-backward --fsdp`, once in CI). Not for error paths:
-    a rank that failed may never reach the barrier (atexit's `_finish` tears down without waiting)."""
-    import sys
-
-    if "torch.distributed" not in sys.modules:  # a command refused before torch was imported
-        return
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _finish() -> None:
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # tearing down after an error on another rank: nothing left to save
-            pass
+from gradflow.forward import call_model
+from gradflow.report import build_report
+from gradflow.rules import run_rules
+from gradflow.setup.wrappers import fsdp1_numels, is_fsdp1, unwrap_fsdp1
+from gradflow.world import Launch
 
 
 def is_ddp(model) -> bool:
@@ -114,8 +45,6 @@ def is_ddp(model) -> bool:
 
 def unwrap(model):
     """The module under a DDP or FSDP1 wrapper (and `_orig_mod` under torch.compile); anything else as is."""
-    from gradflow.wrappers import is_fsdp1
-
     while True:
         if is_ddp(model) or is_fsdp1(model):
             model = model.module
@@ -130,7 +59,6 @@ def adopt(setup, launch: Launch) -> None:
     if setup.kind == "trainer":
         raise GradflowError(f"--{launch.wrapper} wraps a model, and {setup.source} returns a Trainer",
                             "Return the model (or {'model': ..., 'batch': ...}) from the factory")
-    from gradflow.wrappers import fsdp1_numels, is_fsdp1
 
     if is_fsdp1(setup.model):
         fsdp1_numels(setup.model)  # refuses use_orig_params=False (and sharding it cannot combine) before the batch
@@ -140,8 +68,6 @@ def adopt(setup, launch: Launch) -> None:
 
 def wrap(model, launch: Launch):
     """(wrapper to run the forward through, unwrapped module to probe). A DDP or FSDP1 model from a factory is kept."""
-    from gradflow.wrappers import is_fsdp1
-
     if is_ddp(model) or is_fsdp1(model):
         return model, unwrap(model)
     if launch.wrapper == "ddp":
@@ -175,16 +101,12 @@ def _inside(module, outer) -> bool:
 
 def probe(setup, batch, launch: Launch, *, trainable=None):
     """Probe on every rank, gather the gradient states by parameter name, and return the same Report on all ranks."""
-    import gradflow
-    from gradflow.probing import call_model
-
     wrapped, inner = wrap(launch.wrapped if launch.wrapped is not None else setup.model, launch)
     user_loss = setup.loss_fn
 
     def through_wrapper(_model, b):  # the forward goes through DDP / FSDP so their backward hooks run
         return user_loss(wrapped, b) if user_loss is not None else call_model(wrapped, b)
 
-    from gradflow.wrappers import fsdp1_numels, is_fsdp1, unwrap_fsdp1
 
     numels = fsdp1_numels(wrapped) if is_fsdp1(wrapped) else None  # FSDP1: each rank holds 1-D slices
     report = gradflow.probe(inner, batch, loss_fn=through_wrapper, optimizer=setup.optimizer,
@@ -247,8 +169,6 @@ def gather(report, inner, launch: Launch):
     """All ranks' states -> the gathered Report (rules re-run on it), identical on every rank."""
     import torch.distributed as dist
 
-    from gradflow.report import build_report
-    from gradflow.rules import run_rules
 
     mine = _local_states(report, inner)
     everyone = [None] * launch.world_size
@@ -270,7 +190,6 @@ def gather(report, inner, launch: Launch):
     _unshard_class_names(snap, inner)
     gathered = build_report(snap, run_rules(snap), report.command)
     gathered.extra.update({k: v for k, v in report.extra.items() if k not in gathered.extra})
-    from gradflow.wrappers import is_fsdp1
 
     gathered.extra["distributed"] = {
         "wrapper": "fsdp1" if is_fsdp1(launch.wrapped) else launch.wrapper,

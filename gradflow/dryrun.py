@@ -20,8 +20,16 @@ import os
 import tempfile
 from typing import Any
 
+from gradflow.api import snapshot
 from gradflow.errors import GradflowError
+from gradflow.limits import check_int
 from gradflow.report import Report, build_report
+from gradflow.rules import run_rules
+from gradflow.setup.build import (_from_pretrained, _no_progress_bars, _quant_config, apply_lora, build, read_json,
+                                  resolve_device, resolve_dtype)
+from gradflow.setup.load import check_lora_flags, make_batch
+from gradflow.setup.presets import preset_config
+from gradflow.setup.sources import Setup, _first_line, names_code, resolve
 from gradflow.snapshot import count_into_ancestors
 
 # What a dry run cannot see, and why: they depend on the real weights' values or on real data.
@@ -57,15 +65,11 @@ class Twin:
 
 def load_config(spec: str, *, trust_remote_code: bool = False):
     """(config, kind) for a config.json path, a directory holding one, a preset or a hub id; nothing else runs."""
-    from gradflow.sources import names_code, resolve
-
     if names_code(spec):
         raise GradflowError(f"--dry-run needs a config, but {spec} is a factory (Python code that builds the model)",
                             "Pass the config.json (or its directory) of the model the factory loads, or drop --dry-run")
     setup = resolve(spec, trust_remote_code=trust_remote_code)
     if setup.kind == "preset":
-        from gradflow.presets import preset_config
-
         return preset_config(spec), "preset"
     path = spec
     if setup.kind == "dir":
@@ -83,15 +87,11 @@ def load_config(spec: str, *, trust_remote_code: bool = False):
 
     try:
         if setup.kind in ("dir", "config"):
-            from gradflow.recipe import read_json
-
             read_json(path)  # a readable JSON object, or one line saying what is wrong
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except GradflowError:
         raise
     except Exception as exc:
-        from gradflow.sources import _first_line
-
         if "trust_remote_code" in str(exc):
             raise GradflowError(f"{spec} needs custom code: {_first_line(exc)}",
                                 "Read that code, then pass --trust-remote-code") from exc
@@ -187,8 +187,6 @@ def full_size(config, *, trust_remote_code: bool = False):
         with torch.device("meta"):
             model = _causal_lm(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except Exception as exc:
-        from gradflow.sources import _first_line
-
         raise GradflowError(f"cannot build a causal LM from {type(config).__name__}: {_first_line(exc)}",
                             "A dry run supports configs that AutoModelForCausalLM.from_config accepts") from exc
     return model
@@ -199,7 +197,6 @@ def _load_dtype(config, kind: str, opts):
     import torch
     import transformers
 
-    from gradflow.recipe import resolve_dtype
 
     chosen = resolve_dtype(opts.dtype)
     if chosen is not None:
@@ -225,7 +222,6 @@ def build_twin(spec: str, opts) -> tuple[Twin, Any]:
         raise GradflowError(f"--lora-r {rank} is larger than the model's hidden size ({full_hidden}, from its config)",
                             f"Pass --lora-r {full_hidden} or less")
     twin_config = shrink_config(config, min_hidden=rank)
-    from gradflow.recipe import _from_pretrained, _no_progress_bars, _quant_config, resolve_device, resolve_dtype
 
     device = resolve_device(opts.device)
     dtype = _load_dtype(config, kind, opts)
@@ -245,8 +241,6 @@ def build_twin(spec: str, opts) -> tuple[Twin, Any]:
     except GradflowError:
         raise
     except Exception as exc:
-        from gradflow.sources import _first_line
-
         raise GradflowError(f"cannot build a toy-width twin of {type(config).__name__}: {type(exc).__name__}: "
                             f"{_first_line(exc)}", "Run without --dry-run on a machine that holds the weights") from exc
     if model.generation_config is not None and getattr(twin_config, "pad_token_id", None) is not None:
@@ -350,7 +344,6 @@ def _meta_adapted_numel(twin: Twin, opts) -> dict[str, int]:
     adapter weights whose shape the base layer alone does not give (e.g. LoRA on fused MoE expert parameters)."""
     import torch
 
-    from gradflow.recipe import apply_lora
 
     rank = opts.lora_r if opts.lora_r is not None else 8
     if rank <= 0 or opts.adapter is not None:
@@ -406,7 +399,7 @@ def dry_run(spec: str, opts, *, command: str = "probe-backward", static: bool = 
     Args:
         spec: a config.json path, a directory holding one (its weights, if any, are not read), a preset, or a hub id
             (its config only).
-        opts: the setup (gradflow.recipe.RecipeOptions): LoRA, quantization, checkpointing, dtype, trainable.
+        opts: the setup (gradflow.setup.build.RecipeOptions): LoRA, quantization, checkpointing, dtype, trainable.
         command: "probe-backward" (forward and backward) or "inspect" (forward only, or nothing when `static`).
         static: for inspect: describe the module tree without running the twin.
         batch_size, seq_len, seed: the synthetic batch.
@@ -416,8 +409,6 @@ def dry_run(spec: str, opts, *, command: str = "probe-backward", static: bool = 
         A Report with the full-size model's parameter counts, the twin's structural findings (minus UNSEEN), and
         `extra["dry_run"]` saying what the dry run did and could not see.
     """
-    from gradflow.limits import check_int
-
     if command not in ("probe-backward", "inspect"):
         raise ValueError(f"dry_run command {command!r}")
     opts.validate()
@@ -443,12 +434,6 @@ def _one_thread():
 
 
 def _dry_run(spec, opts, *, command, static, batch_size, seq_len, seed, data) -> Report:
-    from gradflow.api import snapshot
-    from gradflow.recipe import build
-    from gradflow.rules import run_rules
-    from gradflow.runner import check_lora_flags, make_batch
-    from gradflow.sources import Setup
-
     if data is not None:
         raise GradflowError("--dry-run probes a synthetic batch on a toy-width twin, so --data cannot be used",
                             "Drop --data (a run with the weights checks real samples)")
@@ -534,7 +519,6 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n}"
-
 
 
 def refuse_flags(flags: dict) -> None:

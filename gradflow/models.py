@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
+from typing import Any
 
 # a numbered block in a name: 'model.layers.3', 'transformer.h.0', 'encoder.layer.11', 'blocks.2'
 LAYER = re.compile(r"^(?P<prefix>.*?(?:^|\.)(?:layers|h|blocks|layer))\.(?P<index>\d+)(?=\.|$)")
@@ -85,3 +86,22 @@ def mark_hook(fn, kind: str):
 def has_hook(hooks: dict, kind: str) -> bool:
     """Whether a module's hook dict (`_forward_hooks`, `_forward_pre_hooks`) holds gradflow's hook of `kind`."""
     return any(getattr(h, _FIX_MARK, None) == kind for h in hooks.values())
+
+
+def transformers_model(model):
+    """The transformers PreTrainedModel inside `model` (PEFT wraps it), or None."""
+    target = model.get_base_model() if is_peft_model(model) else model
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return None
+    return target if isinstance(target, PreTrainedModel) else None
+
+
+def is_trainer(obj: Any) -> bool:
+    """Whether `obj` is a transformers Trainer (any subclass); never imports transformers itself."""
+    if "transformers" not in sys.modules:
+        return False  # nothing can be a Trainer before transformers is imported
+    from transformers import Trainer
+
+    return isinstance(obj, Trainer)

@@ -95,7 +95,7 @@ class GradDiff:
 
 @dataclasses.dataclass
 class GcEquivalence:
-    """`--check-gc`: the same batch run with checkpointing on and off, gradients compared (gradflow.gc_equivalence)."""
+    """`--check-gc`: the same batch run with checkpointing on and off, gradients compared (gradflow.probing.gc_check)."""
 
     compared: bool
     mode: str | None = None  # the checkpointing compared with none: reentrant | non-reentrant | mixed
@@ -113,7 +113,7 @@ class GcEquivalence:
 
 @dataclasses.dataclass
 class ParamStep:
-    """One intended-trainable parameter after `--steps K` optimizer steps (gradflow.steps)."""
+    """One intended-trainable parameter after `--steps K` optimizer steps (gradflow.probing.steps)."""
 
     name: str
     module: str
@@ -154,7 +154,7 @@ class LeakPair:
 
 @dataclasses.dataclass
 class PackedLeak:
-    """A packed probe batch: does one sample's loss reach another sample's inputs? (gradflow.leak)"""
+    """A packed probe batch: does one sample's loss reach another sample's inputs? (gradflow.probing.leak)"""
 
     samples: int  # samples in the batch (segments of position_ids, over all rows)
     rows: int
@@ -170,14 +170,14 @@ class PackedLeak:
 
 @dataclasses.dataclass
 class WrapperFact:
-    """One FSDP unit (gradflow.wrappers): the module it wraps and the original parameters it flattens or groups."""
+    """One FSDP unit (gradflow.setup.wrappers): the module it wraps and the original parameters it flattens or groups."""
 
     kind: str  # fsdp1 (FullyShardedDataParallel) | fsdp2 (fully_shard)
     module: str  # path of the wrapped module in the snapshot's names ("" for the root)
     params: list[str] = dataclasses.field(default_factory=list)  # original parameter names in this unit
     use_orig_params: bool | None = None  # FSDP1's option; None for FSDP2
     param_dtype: str | None = None  # the mixed-precision policy's param_dtype, None without one
-    planned: bool = False  # computed from a wrap plan (gradflow.wrappers.plan_fsdp1), not read from a wrapped model
+    planned: bool = False  # computed from a wrap plan (gradflow.setup.wrappers.plan_fsdp1), not read from a wrapped model
 
 
 @dataclasses.dataclass
@@ -213,7 +213,7 @@ class Snapshot:
     # snapshot for a setup that will be wrapped later (a Trainer's ddp_find_unused_parameters) may fill them in.
     ddp_find_unused: bool | None = None
     ddp_static_graph: bool | None = None
-    # FSDP units found on the wrapped model (FSDP1 / fully_shard), or planned for one (gradflow.wrappers)
+    # FSDP units found on the wrapped model (FSDP1 / fully_shard), or planned for one (gradflow.setup.wrappers)
     wrappers: list[WrapperFact] = dataclasses.field(default_factory=list)
     trainer: str | None = None  # the Trainer class whose prepared setup this is (gradflow.probe(trainer))
     # where autograd was off: modules called under torch.no_grad() / inference_mode (the outermost of each run),
@@ -222,7 +222,7 @@ class Snapshot:
     grad_off_forward: dict[str, str] = dataclasses.field(default_factory=dict)
     gc_equivalence: GcEquivalence | None = None  # filled by --check-gc (gradflow.probe(check_gc=True))
     steps: StepsRun | None = None  # filled by --steps K (gradflow.probe(steps=K))
-    packed_leak: PackedLeak | None = None  # filled when the probe batch is packed (gradflow.leak)
+    packed_leak: PackedLeak | None = None  # filled when the probe batch is packed (gradflow.probing.leak)
 
     def module(self, name: str) -> ModuleState | None:
         for m in self.modules:

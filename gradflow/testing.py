@@ -14,6 +14,10 @@ fix it. Plain text, no colour: it reads the same in a terminal and in a CI log.
 from __future__ import annotations
 
 from typing import Any, Callable
+import gradflow
+from gradflow.choices import FailOn
+from gradflow.report import severity_rank
+from gradflow.setup.sources import setup_from_factory_result
 
 __all__ = ["assert_gradient_flow", "format_findings"]
 
@@ -42,8 +46,6 @@ def assert_gradient_flow(model_or_trainer: Any, batch: Any = None, trainable: st
             without a model).
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not this helper's
-    import gradflow
-    from gradflow.choices import FailOn
 
     threshold = FailOn.parse(fail_on, where="fail_on").value
     target, batch, trainable, loss_fn, optimizer = _unpack(model_or_trainer, batch, trainable, loss_fn, optimizer)
@@ -57,7 +59,6 @@ def _unpack(obj, batch, trainable, loss_fn, optimizer):
     """A factory-style dict spreads into its parts; what the caller passes explicitly wins."""
     if not isinstance(obj, dict):
         return obj, batch, trainable, loss_fn, optimizer
-    from gradflow.sources import setup_from_factory_result
 
     setup = setup_from_factory_result(obj, "the dict passed to assert_gradient_flow")
     return (setup.model, batch if batch is not None else setup.batch, trainable or setup.trainable,
@@ -66,8 +67,6 @@ def _unpack(obj, batch, trainable, loss_fn, optimizer):
 
 def format_findings(report, fail_on: str = "error") -> str:
     """The failure message: what was probed, then one block per finding at or above `fail_on`."""
-    from gradflow.report import severity_rank
-
     failing = [] if fail_on == "never" else [f for f in report.findings if f.severity != "info"
                                              and severity_rank(f.severity) >= severity_rank(fail_on)]
     below = sorted({f.slug for f in report.findings if f not in failing})

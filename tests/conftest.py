@@ -66,7 +66,7 @@ def preset_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("presets")
 
     def get(name: str):
-        from gradflow.presets import build_preset
+        from gradflow.setup.presets import build_preset
 
         directory = root / name
         if not (directory / "config.json").exists():

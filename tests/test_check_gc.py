@@ -76,7 +76,7 @@ def test_a_model_that_cannot_checkpoint_is_reported_not_raised():
 FACTORY = '''
 import torch
 from peft import LoraConfig, get_peft_model
-from gradflow.presets import build_preset
+from gradflow.setup.presets import build_preset
 
 
 class Counter(torch.nn.Module):
@@ -120,9 +120,9 @@ def test_cli_check_gc(tmp_path):
 def test_qlora_gradients_are_compared_at_the_compute_dtype():
     """prepare_model_for_kbit_training upcasts every float parameter to fp32, but the 4-bit layers compute in bf16:
     the bf16 tolerance must apply (on an H200 the fp32 tolerance flagged 106 of 256 healthy LoRA gradients)."""
-    from gradflow.gc_equivalence import compute_dtype
-    from gradflow.recipe import RecipeOptions
-    from gradflow.runner import load_setup
+    from gradflow.probing.gc_check import compute_dtype
+    from gradflow.setup.build import RecipeOptions
+    from gradflow.setup.load import load_setup
 
     setup = load_setup("tiny-llama", RecipeOptions(quant="4bit", dtype="bfloat16", lora_r=4, gc="non-reentrant"))
     assert compute_dtype(setup.model) == "bfloat16"

@@ -20,7 +20,7 @@ SETUP = ["--format", "json", "--detail", "params", "--seq-len", "16"]
 DDP_FACTORY = '''
 import torch.distributed as dist
 
-from gradflow.presets import build_preset
+from gradflow.setup.presets import build_preset
 
 
 def build():
@@ -37,8 +37,8 @@ FSDP1_FACTORY = '''
 import torch
 import torch.distributed as dist
 
-from gradflow.presets import build_preset
-from gradflow.recipe import apply_lora
+from gradflow.setup.presets import build_preset
+from gradflow.setup.build import apply_lora
 
 
 def build():
@@ -144,8 +144,8 @@ TRAINER_FACTORY = '''
 from datasets import Dataset
 from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-from gradflow.presets import build_preset, build_tokenizer
-from gradflow.recipe import apply_lora
+from gradflow.setup.presets import build_preset, build_tokenizer
+from gradflow.setup.build import apply_lora
 
 
 def build():
@@ -241,8 +241,8 @@ def _fsdp1_setup(model, **options):
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
-    from gradflow.distributed import Launch
-    from gradflow.sources import Setup
+    from gradflow.world import Launch
+    from gradflow.setup.sources import Setup
 
     wrapped = FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({torch.nn.Sequential}),
                                        device_id=torch.device("cpu"), **options)

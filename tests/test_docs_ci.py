@@ -67,7 +67,7 @@ def test_the_workflow_commands_run_as_written(project):
 
 
 def test_the_baseline_example_has_the_shape_gradflow_reads(tmp_path):
-    from gradflow.baseline import load
+    from gradflow.report.baseline import load
 
     (example,) = blocks("json")
     (tmp_path / "b.json").write_text(example)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from gradflow.dryrun import UNSEEN, dry_run, shrink_config
-from gradflow.recipe import RecipeOptions
+from gradflow.setup.build import RecipeOptions
 
 SETUPS = {
     # healthy on both stacks: LoRA on every linear layer, non-reentrant checkpointing
@@ -43,7 +43,7 @@ def small_llama(tmp_path_factory):
 
 def _real(folder, opts):
     import gradflow
-    from gradflow.runner import load_setup, make_batch
+    from gradflow.setup.load import load_setup, make_batch
 
     setup = load_setup(str(folder), opts)
     batch = make_batch(setup, data=None, batch_size=2, seq_len=16, seed=0)
@@ -106,7 +106,7 @@ def test_twin_keeps_grouping_layers_and_names():
 @pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-mixtral"])  # Conv1D projections; LoRA on fused MoE experts
 def test_preset_dry_run_equals_real_probe(preset):
     import gradflow
-    from gradflow.runner import load_setup, make_batch
+    from gradflow.setup.load import load_setup, make_batch
 
     opts = dict(device="cpu", lora_r=8, lora_targets="all-linear", gc="reentrant")
     setup = load_setup(preset, RecipeOptions(**opts))
@@ -120,7 +120,7 @@ def test_preset_dry_run_equals_real_probe(preset):
 
 def test_inspect_dry_run_shows_the_real_tree(small_llama):
     import gradflow
-    from gradflow.runner import load_setup
+    from gradflow.setup.load import load_setup
 
     opts = dict(device="cpu", lora_r=8, gc="reentrant")
     setup = load_setup(str(small_llama), RecipeOptions(**opts))

@@ -12,18 +12,19 @@ import random
 import pytest
 import torch
 
-from gradflow.data import collate
+from gradflow.data.jsonl import collate
 from gradflow.errors import GradflowError
-from gradflow.packing import (PackedCollator, collate_packed, fill_rate, is_packed, pack_groups, packing_blockers,
+from gradflow.probing.leak import packing_blockers
+from gradflow.data.packing import (PackedCollator, collate_packed, fill_rate, is_packed, pack_groups,
                               segments, supervised_tokens)
-from gradflow.presets import build_preset
+from gradflow.setup.presets import build_preset
 
 RTOL, ATOL = 1e-4, 1e-6
 LENGTHS = (9, 5, 12)
 
 
 def _rows(lengths=LENGTHS, seed=0, prompt=2):
-    """Rows like gradflow.data.encode gives: the first `prompt` tokens unsupervised (-100)."""
+    """Rows like gradflow.data.jsonl.encode gives: the first `prompt` tokens unsupervised (-100)."""
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for n in lengths:
@@ -179,7 +180,7 @@ def test_packing_not_exact_with_a_cache_or_an_attention_mask():
 def test_packing_blockers_name_an_attention_implementation_without_a_mask_function():
     from transformers import AttentionInterface
 
-    from gradflow.leak import boundary_causes
+    from gradflow.probing.leak import boundary_causes
 
     AttentionInterface.register("gf_plain_causal", AttentionInterface._global_mapping["sdpa"])
     model = _model("tiny-llama", "sdpa", "full")

@@ -141,7 +141,7 @@ def test_compact_stays_small_on_a_deep_model(tmp_path):
     factory.write_text(
         "import torch\n"
         "from transformers import AutoModelForCausalLM\n"
-        "from gradflow.presets import preset_config\n\n\n"
+        "from gradflow.setup.presets import preset_config\n\n\n"
         "def build():\n"
         "    config = preset_config('tiny-phi3')\n"
         "    config.num_hidden_layers = 32\n"
@@ -162,7 +162,7 @@ def test_compact_stays_small_on_a_deep_model(tmp_path):
 def test_detail_from_the_api_and_a_bad_value():
     import gradflow
     from gradflow.errors import GradflowError
-    from gradflow.presets import build_preset
+    from gradflow.setup.presets import build_preset
 
     report = gradflow.probe(build_preset("tiny-llama", seed=0))
     assert report.to_dict() == report.to_dict("compact")

@@ -19,8 +19,8 @@ from rich.console import Console
 
 import gradflow
 from gradflow.demos import seed_bug
-from gradflow.render import fold_runs
-from gradflow.render.text import GradChart
+from gradflow.report.render.text import fold_runs
+from gradflow.report.render.text import GradChart
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SLUG = "reentrant-checkpoint-no-input-grad"

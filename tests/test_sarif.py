@@ -20,7 +20,7 @@ SEED_BUG = "gradflow.demos:seed_bug"
 FACTORY = '''
 from peft import LoraConfig, get_peft_model
 
-from gradflow.presets import build_preset
+from gradflow.setup.presets import build_preset
 
 
 def frozen_adapter():
@@ -144,7 +144,7 @@ def test_a_preset_has_only_a_logical_location():
 def test_source_lines_of_a_trainer_factory_without_running_it():
     """A Trainer built with gradient_checkpointing=True in TrainingArguments: that keyword's line, read by a source
     scan only (the factory is not imported)."""
-    from gradflow.render.sarif import source_lines
+    from gradflow.report.render.sarif import source_lines
 
     script = REPO / "tests" / "realistic" / "lora_gc_reentrant.py"
     where = source_lines(f"{script}:build", root=str(REPO))

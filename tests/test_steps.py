@@ -71,7 +71,7 @@ def test_trainer_optimizer_with_zero_learning_rate(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from gradflow.presets import build_preset, build_tokenizer
+    from gradflow.setup.presets import build_preset, build_tokenizer
 
     tok = build_tokenizer()
     model = get_peft_model(build_preset("tiny-llama", seed=0),
@@ -96,7 +96,7 @@ FACTORY = '''
 import torch
 from peft import LoraConfig, get_peft_model
 from torch.optim.lr_scheduler import LambdaLR
-from gradflow.presets import build_preset
+from gradflow.setup.presets import build_preset
 
 
 def _lora():

@@ -11,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from gradflow.errors import GradflowError
-from gradflow.presets import build_preset
+from gradflow.setup.presets import build_preset
 from gradflow.testing import assert_gradient_flow
 
 REALISTIC = Path(__file__).resolve().parent / "realistic"

@@ -18,7 +18,7 @@ def _trainer(out_dir, *, gc_kwargs=None, optimizer=None, modules_to_save=None, s
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
 
-    from gradflow.presets import build_preset, build_tokenizer
+    from gradflow.setup.presets import build_preset, build_tokenizer
 
     torch.manual_seed(seed)
     tok = build_tokenizer()
@@ -131,7 +131,7 @@ def test_sft_trainer_with_peft_config(tmp_path):
     from datasets import Dataset
     from peft import LoraConfig
 
-    from gradflow.presets import build_preset, build_tokenizer
+    from gradflow.setup.presets import build_preset, build_tokenizer
 
     tok = build_tokenizer()
     ds = Dataset.from_dict({"text": [f"sample {i} says hello to the world" for i in range(8)]})

@@ -22,7 +22,7 @@ def user_code(setup=None):
         except (SystemExit, KeyboardInterrupt) as exc:
             if setup is None or setup.kind not in ("factory", "trainer"):
                 raise
-            from gradflow.sources import user_exit_error
+            from gradflow.setup.sources import user_exit_error
 
             raise user_exit_error(exc, setup.source, "running its forward, loss or backward") from exc
 
@@ -31,7 +31,7 @@ def prepare(model, opts, *, data, batch_size, seq_len, seed, out, adopt=None):
     """Resolve, build and batch, with progress on stderr. `adopt(setup)` may adjust the setup before the batch
     is made (e.g. set a factory's DDP wrapper aside: gradflow.distributed.adopt)."""
     from gradflow.cli._options import check_positive
-    from gradflow.runner import load_setup, make_batch
+    from gradflow.setup.load import load_setup, make_batch
 
     check_positive(batch_size, "--batch-size")
     check_positive(seq_len, "--seq-len", 32)
@@ -47,7 +47,7 @@ def prepare(model, opts, *, data, batch_size, seq_len, seed, out, adopt=None):
 
 def check_data(path: str) -> None:
     """A bad --data file fails before the model loads, not after."""
-    from gradflow.data import read_jsonl
+    from gradflow.data.jsonl import read_jsonl
 
     _, problems = read_jsonl(path)
     if problems:
@@ -79,7 +79,7 @@ class Gate:
 
     def __init__(self, *, fail_on=None, select=None, ignore=None, trainable=None, baseline=None,
                  update_baseline: bool = False, isolated: bool = False):
-        from gradflow.config import resolve
+        from gradflow.report.config import resolve
 
         if update_baseline and baseline is None:
             raise GradflowError("--update-baseline has no file to write", "Pass --baseline FILE with it")
@@ -87,7 +87,7 @@ class Gate:
                                 isolated=isolated)
         self.baseline, self.update_baseline = baseline, update_baseline
         if baseline is not None and not update_baseline and os.path.exists(baseline):
-            from gradflow.baseline import load
+            from gradflow.report.baseline import load
 
             load(baseline)  # a broken file fails now, not after the model has loaded
         self.trainable = self.settings.trainable
@@ -98,13 +98,13 @@ class Gate:
         """(the report as selected, the exit code); writes or compares the baseline."""
         import dataclasses
 
-        from gradflow.selection import apply_selection
+        from gradflow.report.selection import apply_selection
 
         shown = apply_selection(report, self.settings.selection)
         self.hidden = len(report.findings) - len(shown.findings)
         code = exit_for(shown, self.settings.fail_on)
         if self.baseline is not None:
-            from gradflow.baseline import check
+            from gradflow.report.baseline import check
 
             self.result = check(shown, self.baseline, update=self.update_baseline, command=command, model=model)
             shown = dataclasses.replace(shown, extra={**shown.extra, "baseline": self.result.to_dict()})

@@ -47,7 +47,7 @@ def raised_outside_gradflow(exc: BaseException) -> bool:
 
 
 def foreign_exit_error(exc: SystemExit) -> GradflowError:
-    from gradflow.sources import _where
+    from gradflow.setup.sources import _where
 
     return GradflowError(f"code outside gradflow raised SystemExit({exc.code!r}){_where(exc)} before the command "
                          "finished, so nothing was checked", "Remove that exit call from your factory, model or loss")

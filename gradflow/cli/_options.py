@@ -41,7 +41,7 @@ Ignore = Annotated[Optional[List[str]], typer.Option("--ignore", metavar="CODES"
 Baseline = Annotated[Optional[str], typer.Option("--baseline", metavar="FILE", show_default=False, help="Expected trainable set and findings (JSON). Missing: written, exit by --fail-on. Present: exit 1 when either changed, 0 otherwise.", rich_help_panel=_CI)]
 UpdateBaseline = Annotated[bool, typer.Option("--update-baseline", help="Write --baseline FILE anew even when it exists (accept the changes).", rich_help_panel=_CI)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Data only: no progress or hints on stderr (errors still print).", rich_help_panel=_CI)]
-# report JSON size: per-parameter rows and every module row only when asked (gradflow.render.json_report)
+# report JSON size: per-parameter rows and every module row only when asked (gradflow.report.render.json_report)
 Detail = Annotated[_Detail, typer.Option("--detail", parser=_Detail.parse, help="JSON detail: compact (counts, findings, per-layer gradients, module rows down to each layer) or params (also every module and every trainable parameter).")]
 Isolated = Annotated[bool, typer.Option("--isolated", help="Ignore \\[tool.gradflow] in pyproject.toml.", rich_help_panel=_CI)]
 
@@ -49,7 +49,7 @@ Isolated = Annotated[bool, typer.Option("--isolated", help="Ignore \\[tool.gradf
 def setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype, device, trainable,
                   trust_remote_code, seed=0):
     """RecipeOptions from the shared CLI options (validated)."""
-    from gradflow.recipe import RecipeOptions
+    from gradflow.setup.build import RecipeOptions
 
     quant, gc, dtype, device = (c.plain(v) for v in (quant, gc, dtype, device))  # the library stores plain str
     opts = RecipeOptions(lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, adapter=adapter,

@@ -57,7 +57,7 @@ def _print_doc(head: str, doc: str) -> None:
         return
     from rich.text import Text
 
-    from gradflow.render.markdown import render_markdown
+    from gradflow.report.render.markdown import render_markdown
 
     console.print(Text(head, style="bold"))
     console.print()

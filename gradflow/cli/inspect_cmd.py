@@ -53,7 +53,7 @@ def inspect(
             with user_code(setup):
                 report = gradflow.inspect(setup.model, batch, static=static, loss_fn=setup.loss_fn,
                                           trainable=setup.trainable)
-            from gradflow.ranks import speak_for_ranks
+            from gradflow.report.ranks import speak_for_ranks
 
             speak_for_ranks(report)  # a Trainer factory under torchrun started the process group: rank 0 speaks
         report, code = gate.judge(report, command="inspect", model=model)
@@ -62,7 +62,7 @@ def inspect(
     if format == "json":
         out.data(report.to_dict(detail))
     else:
-        from gradflow.render.tree import inspect_text
+        from gradflow.report.render.tree import inspect_text
 
         out.show(inspect_text(report, depth=depth, static=static))
         if dry_run:
@@ -71,7 +71,7 @@ def inspect(
             out.show("")  # a blank line between the report and what the dry run could not see
             out.show(note_text(report))
     gate.explain(out)
-    from gradflow.distributed import end
+    from gradflow.world import end
 
     end()  # under torchrun: every rank waits for rank 0's output, then the process group goes
     raise typer.Exit(code)

@@ -62,7 +62,7 @@ def patch(
     if format == "json":
         out.data(report.to_dict(detail))
     else:
-        from gradflow.render.patch import patch_text, snippet_text
+        from gradflow.report.render.patch import patch_text, snippet_text
 
         out.show(patch_text(report))
         if report.extra.get("snippet"):

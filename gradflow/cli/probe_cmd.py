@@ -45,19 +45,19 @@ def probe_backward(
         gate = Gate(fail_on=fail_on, select=select, ignore=ignore, trainable=trainable, baseline=baseline,
                     update_baseline=update_baseline, isolated=isolated)
         if steps:
-            from gradflow.steps import check_steps
+            from gradflow.probing.steps import check_steps
 
             check_steps(steps)
         opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
                                device, gate.trainable, trust_remote_code, seed)
         launch = None
         if ddp or fsdp:
-            from gradflow import distributed
+            from gradflow import world
             from gradflow.errors import GradflowError
 
             if ddp and fsdp:
                 raise GradflowError("--ddp and --fsdp are two ways to wrap one model", "Pass one of them")
-            launch = distributed.start("fsdp" if fsdp else "ddp", refused={
+            launch = world.start("fsdp" if fsdp else "ddp", refused={
                 "--dry-run": dry_run, "--check-gc": check_gc, "--steps": steps, "--packed": packed,
                 "--update-baseline": update_baseline})
         if dry_run:
@@ -76,7 +76,7 @@ def probe_backward(
             setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out,
                                    adopt=adopt)
             if packed:
-                from gradflow.runner import packed_batch
+                from gradflow.setup.load import packed_batch
 
                 batch = packed_batch(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
             import gradflow
@@ -91,7 +91,7 @@ def probe_backward(
                                             trainable=setup.trainable, check_gc=check_gc, steps=steps,
                                             lr_scheduler=setup.lr_scheduler)
             if launch is None:  # a Trainer factory under torchrun started the process group: rank 0 speaks
-                from gradflow.ranks import speak_for_ranks
+                from gradflow.report.ranks import speak_for_ranks
 
                 speak_for_ranks(report)
         report, code = gate.judge(report, command="probe-backward", model=model)
@@ -100,11 +100,11 @@ def probe_backward(
     if format == "json":
         out.data(report.to_dict(detail))
     elif format == "sarif":
-        from gradflow.render.sarif import to_sarif
+        from gradflow.report.render.sarif import to_sarif
 
         out.data(to_sarif(report, source=model))  # results point at the factory line, where known
     else:
-        from gradflow.render.text import probe_text
+        from gradflow.report.render.text import probe_text
 
         out.show(probe_text(report))
         if dry_run:
@@ -113,7 +113,7 @@ def probe_backward(
             out.show("")  # a blank line between the report and what the dry run could not see
             out.show(note_text(report))
     gate.explain(out)
-    from gradflow.distributed import end
+    from gradflow.world import end
 
     end()  # under torchrun: every rank waits for rank 0's output, then the process group goes
     raise typer.Exit(code)

@@ -109,7 +109,7 @@ def train(
     out = Output(format, quiet=quiet)
     try:
         check_format(format, ("text", "json"))
-        from gradflow.config import resolve
+        from gradflow.report.config import resolve
 
         trainable = resolve(trainable=trainable, isolated=isolated).trainable  # else [tool.gradflow] trainable
         opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
@@ -131,7 +131,7 @@ def train(
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     except Exception as exc:
         fail(exc)
-    from gradflow.distributed import end
+    from gradflow.world import end
 
     end()  # every rank together, before rank 0 prints and the process exits
     state = report.extra["train"]
@@ -146,7 +146,7 @@ def train(
     if format == "json":
         out.data(report.to_dict())
     else:
-        from gradflow.render.train import train_text
+        from gradflow.report.render.train import train_text
 
         out.show(train_text(report))
     if state["status"] == "refused":

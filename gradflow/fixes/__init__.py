@@ -7,6 +7,7 @@ then their dtype, then checkpointing and the hook, then the cache; the display-o
 from __future__ import annotations
 
 import importlib
+from gradflow.fixes.advice import FIXES
 
 CATALOG: tuple[str, ...] = (
     "unfreeze_adapter",
@@ -24,8 +25,6 @@ CATALOG: tuple[str, ...] = (
 
 def all_fixes():
     """Every Fix, in catalog order, then the display-only advice table (gradflow/fixes/advice.py)."""
-    from gradflow.fixes.advice import FIXES
-
     return [importlib.import_module(f"gradflow.fixes.{name}").FIX for name in CATALOG] + list(FIXES)
 
 

@@ -101,15 +101,6 @@ class Context:
 
 # --- helpers shared by fixes ------------------------------------------------------------------------------------
 
-def transformers_model(model):
-    """The transformers PreTrainedModel inside `model` (PEFT wraps it), or None."""
-    target = model.get_base_model() if is_peft_model(model) else model
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        return None
-    return target if isinstance(target, PreTrainedModel) else None
-
 
 def base_prefix(model) -> str:
     """The path prefix of the transformers model inside a PeftModel ('base_model.model.'), else ''."""

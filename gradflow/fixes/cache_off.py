@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gradflow.fixes._base import Fix, Plan, transformers_model
+from gradflow.fixes._base import Fix, Plan
+from gradflow.models import transformers_model
 
 ANSWERS = ("use-cache-in-training",)
 

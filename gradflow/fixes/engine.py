@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from gradflow.fixes import all_fixes
 from gradflow.fixes._base import Context, Env, Fix, Plan
+from gradflow.fixes._state import ModelState
 from gradflow.report import Report
 
 MAX_ROUNDS = 3  # a fix can reveal the next finding (unfrozen adapters behind a cut checkpoint): probe again
@@ -15,14 +16,17 @@ _ADVICE = Fix(id="advice", title="Follow the finding's advice", applicability="d
               plan=lambda ctx, finding: None)
 
 
-def run_patch(model, batch: Any = None, *, loss_fn: Callable | None = None, optimizer=None,
-              trainable: str | None = None, unsafe: bool = False, dry_run: bool = False) -> Report:
+def run_patch(model, batch: Any, run_probe: Callable[[], Report], *, loss_fn: Callable | None = None,
+              optimizer=None, trainable: str | None = None, unsafe: bool = False, dry_run: bool = False) -> Report:
     """Probe `model`, apply the fixes its findings call for, and probe again.
 
     Args:
         model: the nn.Module to fix in place.
-        batch, loss_fn, optimizer, trainable: as for `gradflow.probe`. A legacy `past_key_values` is popped from a
-            dict batch by the cache fix.
+        batch: the one batch both probes use (the caller synthesises it when the user gave none). A legacy
+            `past_key_values` is popped from a dict batch by the cache fix.
+        run_probe: probes `model` on `batch` as the user set it up (`gradflow.api.patch` passes its own probe, so
+            that fixes never import the API above them).
+        loss_fn, optimizer, trainable: as for `gradflow.probe`.
         unsafe: also apply fixes that change what the model learns.
         dry_run: plan only; nothing is changed.
 
@@ -31,16 +35,6 @@ def run_patch(model, batch: Any = None, *, loss_fn: Callable | None = None, opti
         around the fixes (`.after` is None on a dry run); `.fixes_applied` lists what changed and why; `.extra`
         holds the plan (dry run), display-only advice, skipped unsafe fixes, the verification and the snippet.
     """
-    from gradflow.api import probe
-    from gradflow.fixes._state import ModelState
-    from gradflow.probing import synthetic_batch
-
-    if batch is None and loss_fn is None:
-        batch = synthetic_batch(model)  # one batch for the probes before and after
-
-    def run_probe():
-        return probe(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable)
-
     def context(report):
         return Context(model=model, batch=batch, snap=report.snapshot, findings=report.findings, trainable=trainable,
                        optimizer_given=optimizer is not None, loss_fn=loss_fn, unsafe=unsafe)
@@ -105,8 +99,6 @@ def run_patch(model, batch: Any = None, *, loss_fn: Callable | None = None, opti
 
 def _one_by_one(model, batch, applied, before, run_probe):
     """Re-apply `applied` in order, probing after each; a fix that makes things worse is undone and dropped."""
-    from gradflow.fixes._state import ModelState
-
     reference, kept, dropped = before, [], []
     for plan, rec in applied:
         state = ModelState(model, batch)

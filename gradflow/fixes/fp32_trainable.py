@@ -17,8 +17,8 @@ adapter layers do, and what the rest of the model sees keeps its dtype.
 
 from __future__ import annotations
 
-from gradflow.models import has_hook, is_peft_model, mark_hook
 from gradflow.fixes._base import Fix, Plan
+from gradflow.models import has_hook, is_peft_model, mark_hook
 from gradflow.rules._base import plural
 
 ANSWERS = ("half-precision-trainable-params",)

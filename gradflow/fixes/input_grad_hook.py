@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from gradflow.models import has_hook, is_peft_model, mark_hook
-from gradflow.fixes._base import (Fix, Plan, ancestors, base_prefix, describe_module, submodule_expr,
-                                  transformers_model)
+from gradflow.errors import GradflowError
+from gradflow.fixes._base import Fix, Plan, ancestors, base_prefix, describe_module, submodule_expr
+from gradflow.models import has_hook, is_input_grad_hook, is_peft_model, mark_hook, transformers_model
+from gradflow.probing.describe import hook_names
 
 ANSWERS = ("reentrant-checkpoint-no-input-grad",)
 _NOT_INPUTS = ("mask", "position", "label", "cache")
@@ -59,9 +60,6 @@ def cut_regions(snap):
 
 
 def has_input_grad_hook(module) -> bool:
-    from gradflow.describe import hook_names
-    from gradflow.models import is_input_grad_hook
-
     return any(is_input_grad_hook(h) for h in hook_names(module))
 
 
@@ -175,8 +173,6 @@ def apply(model, data, env=None) -> list[str]:
         if data["via"] == "enable_input_require_grads":
             tm = transformers_model(model)
             if tm is None:
-                from gradflow.errors import GradflowError
-
                 raise GradflowError(f"{type(model).__name__} is not a transformers model: cannot call "
                                     "enable_input_require_grads()", "Patch the model this recipe was made for")
             emb = tm.get_input_embeddings()

@@ -16,8 +16,9 @@ Safe: the gradients are the same; only what is kept in memory between forward an
 from __future__ import annotations
 
 from gradflow.fixes import input_grad_hook
-from gradflow.models import is_peft_model
 from gradflow.fixes._base import Fix, Plan
+from gradflow.models import gc_mode_of, is_peft_model
+from gradflow.setup.build import set_checkpointing
 
 ANSWERS = ("reentrant-checkpoint-no-input-grad",)
 
@@ -45,9 +46,6 @@ def plan(ctx, finding):
 
 
 def apply(model, data, env=None) -> list[str]:
-    from gradflow.models import gc_mode_of
-    from gradflow.recipe import set_checkpointing
-
     if not any(gc_mode_of(m) == "reentrant" for m in model.modules()):
         return []
     set_checkpointing(model, "non-reentrant")

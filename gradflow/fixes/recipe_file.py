@@ -15,6 +15,8 @@ import json
 import os
 
 from gradflow.errors import GradflowError
+from gradflow.fixes import by_id
+from gradflow.fixes._base import Env
 
 RECIPE_FILE = "gradflow_recipe.json"
 RECIPE_SCHEMA = 1
@@ -64,8 +66,6 @@ def load_recipe(path: str) -> Recipe:
     Raises:
         GradflowError: the file is missing, is not JSON, is not a gradflow recipe, or names an unknown fix.
     """
-    from gradflow.fixes import by_id
-
     file = os.path.join(path, RECIPE_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise GradflowError(f"no recipe at {file}", "Write one with: gradflow patch MODEL --save DIR")
@@ -91,9 +91,6 @@ def load_recipe(path: str) -> Recipe:
 
 def apply_recipe(model, recipe: Recipe, batch=None) -> list[str]:
     """Apply the recipe's fixes to `model` in order; return what changed. Fixes already in effect change nothing."""
-    from gradflow.fixes import by_id
-    from gradflow.fixes._base import Env
-
     env = Env(batch=batch)
     changed: list[str] = []
     for entry in recipe.fixes:

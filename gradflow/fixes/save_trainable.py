@@ -16,8 +16,8 @@ trainable stay frozen in the copy. An optimizer built before the patch does not 
 
 from __future__ import annotations
 
-from gradflow.models import is_peft_model
 from gradflow.fixes._base import Fix, Plan, base_prefix
+from gradflow.models import is_peft_model
 
 ANSWERS = ("trainable-param-not-saved",)
 

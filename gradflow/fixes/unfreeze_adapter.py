@@ -12,8 +12,8 @@ Safe: only the adapter's own weights are unfrozen; the base stays frozen.
 
 from __future__ import annotations
 
-from gradflow.models import is_peft_model
 from gradflow.fixes._base import Fix, Plan
+from gradflow.models import is_peft_model, tuner_layer_class
 
 ANSWERS = ("adapter-frozen",)
 
@@ -50,8 +50,6 @@ def plan(ctx, finding):
 
 
 def _has_tuner_layers(model) -> bool:
-    from gradflow.models import tuner_layer_class
-
     tuner = tuner_layer_class()
     return tuner is not None and any(isinstance(m, tuner) for m in model.modules())
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import re
 
-from gradflow.models import is_peft_model
 from gradflow.fixes._base import Fix, Plan
 from gradflow.fixes.save_trainable import save_targets, snippet_lines, wrap_modules_to_save
+from gradflow.models import is_peft_model
 
 ANSWERS = ("intended-param-frozen",)
 

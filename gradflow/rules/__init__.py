@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from gradflow.report import severity_rank
 from gradflow.rules.codes import CODES, lookup
 
 
@@ -19,8 +20,6 @@ def all_rules():
 
 def run_rules(snap) -> list:
     """Every rule over `snap`, minus those superseded by a more specific finding; ordered by severity."""
-    from gradflow.report import severity_rank
-
     found = []
     for rule in all_rules():
         if rule.check is not None:  # runtime findings come from GradFlowCallback, not from a snapshot

@@ -2,7 +2,7 @@
 Finds FSDP units whose parameters do not share one dtype where torch requires one: an FSDP1 unit
 (`FullyShardedDataParallel`) that would flatten parameters of several dtypes (fp32 adapters with a bf16 base), or a
 `fully_shard` (FSDP2) group whose trainable parameters have several dtypes. It reads the units planned for FSDP1
-(`gradflow.wrappers.plan_fsdp1`; for a `Trainer` whose TrainingArguments ask for FSDP1, planned from its FSDP
+(`gradflow.setup.wrappers.plan_fsdp1`; for a `Trainer` whose TrainingArguments ask for FSDP1, planned from its FSDP
 settings) and the groups of a model `fully_shard` already wrapped. Static: found before the first step.
 
 ## Why is this bad?

@@ -1,7 +1,7 @@
 """## What it does
 Finds an FSDP1 unit (`FullyShardedDataParallel` without `use_orig_params=True`) whose flat parameter would hold
 frozen and trainable original parameters together. It reads the units planned for the model
-(`gradflow.wrappers.plan_fsdp1`, from the wrap policy) before the model is wrapped; for a `Trainer` whose
+(`gradflow.setup.wrappers.plan_fsdp1`, from the wrap policy) before the model is wrapped; for a `Trainer` whose
 TrainingArguments ask for FSDP1, gradflow plans them from its FSDP settings (the policy accelerate builds, or PEFT's
 `fsdp_auto_wrap_policy` for a PeftModel, as the Trainer swaps it in). Static: found before the first step.
 

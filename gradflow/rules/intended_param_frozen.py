@@ -17,13 +17,13 @@ Safe: only the parameters you named are unfrozen (and, for PEFT models, register
 
 from __future__ import annotations
 
+from gradflow.rules import adapter_frozen
 from gradflow.rules._base import Rule, plural, short
 
 
 def check(snap):
     if not snap.trainable_regex:
         return []
-    from gradflow.rules import adapter_frozen
 
     # frozen adapter weights are adapter-frozen's to report, with the fix that fits them (is_trainable=True)
     covered = {name for f in adapter_frozen.check(snap) for name in f.params}

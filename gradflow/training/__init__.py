@@ -1,6 +1,6 @@
 """Training: `gradflow train` on transformers.Trainer, with GradFlowCallback watching gradients.
 
-Imports are lazy so that `gradflow.data` can use the pure-Python /think validation without torch.
+Imports are lazy so that `gradflow.data.jsonl` can use the pure-Python /think validation without torch.
 """
 
 from __future__ import annotations

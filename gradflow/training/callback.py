@@ -25,9 +25,15 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
+from gradflow.api import inspect, probe
 from gradflow.errors import GradflowError
+from gradflow.forward import model_device
 from gradflow.models import layer_key
+from gradflow.report.ranks import gather_findings
+from gradflow.setup.trainer_source import first_batch, kept_rng
 from gradflow.training.findings import finding
+from gradflow.training.fsdp import local, sum_over_shards
+from gradflow.world import agree_min
 
 _SAMPLE = 1024  # elements kept per parameter to tell whether it moved
 
@@ -160,17 +166,12 @@ class GradFlowCallback(TrainerCallback):
 
     def _preflight(self, args, state, control, kwargs):
         """Probe the run's first batch with its model and optimizer before any step; report what is broken."""
-        from gradflow.api import probe
-        from gradflow.probing import model_device
-        from gradflow.trainer_source import first_batch, kept_rng
-
         loader = kwargs.get("train_dataloader")
         if loader is None:
             return self._note("pre-flight skipped: the Trainer passed no train dataloader")
         if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
             return self._note("pre-flight skipped under DeepSpeed / FSDP (sharded parameters); run "
                               "gradflow.probe(trainer) on one process instead")
-        from gradflow.ranks import gather_findings
 
         findings = []
         try:
@@ -200,8 +201,6 @@ class GradFlowCallback(TrainerCallback):
 
     def _intended_frozen(self, control, state):
         """Without the pre-flight: the static check of `trainable` (no forward runs)."""
-        from gradflow.api import inspect
-
         report = inspect(self._model, static=True, trainable=self.trainable)
         for f in report.findings:
             if f.slug == "intended-param-frozen":
@@ -271,8 +270,6 @@ class GradFlowCallback(TrainerCallback):
         """Under DDP / FSDP (torchrun) every rank stops at the same step: when the watch on any rank decided to
         stop, all stop, recording the earliest such step; otherwise a rank that stops leaves the others waiting in
         their next gradient all-reduce. A collective, at steps every rank judges alike; nothing in one process."""
-        from gradflow.ranks import agree_min
-
         agreed = agree_min(self.stopped_at)
         if agreed is not None:
             self.stopped_at = agreed
@@ -306,7 +303,6 @@ class GradFlowCallback(TrainerCallback):
         nonfinite: list[str] = []
         if present:
             device = self._group_index.device
-            from gradflow.training.fsdp import local, sum_over_shards  # FSDP2: DTensor gradients, norm over shards
 
             sq = torch.stack([torch.linalg.vector_norm(local(g.detach()), dtype=torch.float32).to(device) ** 2
                               for _, g in present])
@@ -357,8 +353,6 @@ class GradFlowCallback(TrainerCallback):
     def _probe_cause(self):
         """The probe's error findings on the last batch: why the gradient stops."""
         try:
-            from gradflow.api import probe
-
             args, kwargs = self._last_batch
             batch = dict(kwargs) if not args else None
             report = probe(self._model, batch) if batch is not None else None

@@ -25,6 +25,7 @@ How:
 from __future__ import annotations
 
 import os
+from gradflow.training.plan import checkpoint_layers
 
 
 def resolve(asked: str, device: str) -> tuple[bool, str]:
@@ -49,8 +50,6 @@ def resolve(asked: str, device: str) -> tuple[bool, str]:
 def compile_layers(model, *, fall_back: bool = False) -> int:
     """Compile each decoder layer in place (dynamic shapes); returns how many were compiled. `fall_back`: a layer
     that fails to compile runs eagerly instead of raising."""
-    from gradflow.training.plan import checkpoint_layers
-
     layers = checkpoint_layers(model)
     if fall_back and layers:
         import torch._dynamo

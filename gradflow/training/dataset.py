@@ -1,7 +1,7 @@
 """The training data: JSONL read and encoded (loss on assistant/completion tokens, /think validated), then served
 packed (padding-free token-budget batches, the default) or padded to each batch's longest row (--no-packing).
 
-Packed: the dataset is a list of groups of rows (gradflow.packing.pack_groups), one group per step
+Packed: the dataset is a list of groups of rows (gradflow.data.packing.pack_groups), one group per step
 (per_device_train_batch_size=1); the collator concatenates a group into one [1, T] row whose position ids restart
 at every sample and whose first label of each sample is -100. There is no attention mask: transformers builds the
 block-diagonal causal mask from the restarting position ids (a model with a cache would not: use_cache is off).
@@ -12,6 +12,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from gradflow.data.audit import preview
+from gradflow.data.jsonl import Problem, collate, encode, read_jsonl, sample_id, supervised_count, think_of
+from gradflow.data.packing import PackedCollator, collate_packed, pack_groups
 from gradflow.errors import GradflowError
 
 
@@ -26,8 +29,6 @@ class Prepared:
 
 def read_data(path: str, opts):
     """Read and validate the JSONL file (no tokenizer needed): fails early on --strict or no usable line."""
-    from gradflow.data import read_jsonl
-
     samples, problems = read_jsonl(path)
     if problems and opts.strict:
         raise GradflowError(f"malformed sample at {problems[0]}"
@@ -41,8 +42,6 @@ def read_data(path: str, opts):
 
 def prepare_data(path: str, tokenizer, opts, read=None) -> Prepared:
     """Read, validate and encode the JSONL file; bad lines become Problems (or an error with --strict)."""
-    from gradflow.data import Problem, encode, sample_id, supervised_count, think_of
-
     samples, problems = read if read is not None else read_data(path, opts)
     if tokenizer is None:
         raise GradflowError("training on --data needs a tokenizer, and this model source has none",
@@ -63,8 +62,6 @@ def prepare_data(path: str, tokenizer, opts, read=None) -> Prepared:
                       "tokens_before_truncation": row["full_length"],
                       "truncated": row["full_length"] > len(row["input_ids"])})
         if len(previews) < opts.previews:
-            from gradflow.training.audit import preview
-
             previews.append({"id": sid, "preview": preview(sample, think)})
     if too_short and opts.strict:
         raise GradflowError(f"{too_short[0]}", "Raise --seq-len, or shorten the prompts")
@@ -86,8 +83,6 @@ class Collator:
         self.tokens = 0
 
     def __call__(self, rows):
-        from gradflow.data import collate
-
         batch = collate(rows, self.pad_id)
         self.tokens += int(batch["attention_mask"].sum())  # on the CPU, before the batch moves: no sync
         return batch
@@ -97,8 +92,6 @@ class GroupCollator:
     """Packs the groups of rows a dataloader hands over (one group per step) into one padding-free row."""
 
     def __init__(self):
-        from gradflow.packing import PackedCollator
-
         self.packed = PackedCollator()
 
     @property
@@ -111,8 +104,6 @@ class GroupCollator:
 
 def packed_groups(rows: list[dict], tokens_per_batch: int, seed: int) -> list[list[dict]]:
     """Rows packed into groups of at most `tokens_per_batch` tokens (each row whole), the same for the same seed."""
-    from gradflow.packing import pack_groups
-
     groups = pack_groups([len(r["input_ids"]) for r in rows], tokens_per_batch, seed=seed)
     return [[rows[i] for i in group] for group in groups]
 
@@ -132,10 +123,7 @@ def probe_batch(prepared: Prepared, opts, pad_id: int, device, rank: int = 0):
     start = (rank * n) % len(prepared.rows)
     rows = (prepared.rows[start:] + prepared.rows[:start])[:n]
     if not opts.packing:
-        from gradflow.data import collate
-
         return collate(rows, pad_id, device)
-    from gradflow.packing import collate_packed
 
     batch = collate_packed(rows)
     return {k: v.to(device) for k, v in batch.items()}

@@ -16,22 +16,35 @@ import sys
 import time
 from typing import Any
 
+from gradflow.data.audit import write_json_atomic, write_jsonl_atomic
 from gradflow.errors import GradflowError
-from gradflow.recipe import RecipeOptions
-from gradflow.training.dataset import Collator, Prepared, prepare_data, read_data  # noqa: F401 (public names)
-from gradflow.training.options import LOSS_ON, PRECISIONS, TrainOptions  # noqa: F401 (public names)
-from gradflow.training.outputs import (ADAPTER_DIR, CHECKPOINT_DIR, RUN_META, TB_DIR,  # noqa: F401
-                                       check_output, check_output_path, prepare_output, rank, save_adapter)
-from gradflow.training.preflight import apply_recipe, finding_line, preflight  # noqa: F401
+from gradflow.forward import model_device
+from gradflow.noise import ignore_known_noise
+from gradflow.report import Finding, Fix, Report, ranks as _ranks
+from gradflow.setup.build import RecipeOptions, apply_lora
+from gradflow.setup.load import build_setup as build_resolved, check_lora_flags, check_seq_len, resolve_setup
+from gradflow.training import fsdp as _fsdp, so8
+from gradflow.training.checkpoint import clear_staging, set_aside
+from gradflow.training.compiling import apply as apply_compile
+from gradflow.training.dataset import Prepared, prepare_data, probe_batch, read_data, train_dataset  # noqa: F401
+from gradflow.training.lock import hold
+from gradflow.training.merge import merge
+from gradflow.training.options import TrainOptions
+from gradflow.training.outputs import (ADAPTER_DIR, CHECKPOINT_DIR, check_output, check_output_path, prepare_output,
+                                       rank, save_adapter)
+from gradflow.training.plan import make_plan
+from gradflow.training.plots import plot_grad_norms
+from gradflow.training.preflight import apply_recipe, preflight
+from gradflow.training.resume import fingerprint as run_fingerprint, plan as resume_plan
+from gradflow.training.signals import StopOnSignal
+from gradflow.training.trainer import final_state, make_trainer, prepare_model, resolve_ce
+from gradflow.world import bind_local_gpu
 
 
 # ----- the model --------------------------------------------------------------------------------------------
 def build_setup(model: Any, ropts: RecipeOptions, opts: TrainOptions, tokenizer=None):
     """MODEL (spec string, Setup or nn.Module) → (Setup, who sets checkpointing), through the loader every command
-    uses (gradflow.runner), with LoRA and SO(8) adapters applied."""
-    from gradflow.recipe import apply_lora
-    from gradflow.runner import build_setup as build_resolved, check_lora_flags, check_seq_len, resolve_setup
-
+    uses (gradflow.setup.load), with LoRA and SO(8) adapters applied."""
     setup = resolve_setup(model, ropts)
     if setup.kind == "trainer":
         raise GradflowError(f"{setup.source} returns a Trainer: gradflow train builds its own",
@@ -54,7 +67,6 @@ def build_setup(model: Any, ropts: RecipeOptions, opts: TrainOptions, tokenizer=
                                 "Pass --lora-r 8 (or any positive rank)")
         check_lora_flags(setup, ropts)
         setup = build_resolved(setup, dataclasses.replace(ropts, lora_r=0), check_flags=False)
-        from gradflow.training import so8
 
         so8.install(setup.model, opts.so8_layers)
         setup.model = apply_lora(setup.model, rank_, ropts.lora_alpha or 2 * rank_, ropts.lora_targets or "all-linear",
@@ -83,7 +95,7 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
 
     Returns:
         A Report: the pre-flight probe's findings plus those raised while training (under torchrun: every
-        rank's, merged; see gradflow.ranks), with `.before`/`.after` from the pre-flight (this rank's), and
+        rank's, merged; see gradflow.report.ranks), with `.before`/`.after` from the pre-flight (this rank's), and
         `extra["train"]` holding status (completed | refused | stopped | interrupted), losses and the final
         gradient state. `report.trained_model` is the model in memory. `interrupted`: a
         SIGINT / SIGTERM stopped the run after a step and saved `extra["train"]["checkpoint"]`. Resuming a run
@@ -93,13 +105,10 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
         GradflowError: bad input; `output` is locked by another run; `resume` finds no intact checkpoint, or one
             written with other options (unless `resume_anyway`).
     """
-    from gradflow.training.lock import hold
-
     opts = TrainOptions(**options)
     opts.resume = opts.resume or opts.resume_anyway
     opts.validate()
     ropts = setup_options or RecipeOptions()
-    from gradflow.training import fsdp as _fsdp  # --fsdp: torchrun, no --quant
 
     _fsdp.check(opts, ropts)
     if ropts.seed == 0 and opts.seed:
@@ -121,7 +130,6 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
     say = console.print if progress and rank() == 0 else (lambda *a, **k: None)
 
     read = read_data(data, opts)  # fail fast on bad data, before the model loads
-    from gradflow.training.resume import fingerprint as run_fingerprint, plan as resume_plan
 
     fingerprint = run_fingerprint(model, data, opts, ropts)
     # a checkpoint of another run is refused here, before the model loads
@@ -130,7 +138,6 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
         done = _already_complete(plan, output)
         if done is not None:
             return done
-    from gradflow.ranks import bind_local_gpu
 
     bind_local_gpu()  # torchrun on GPUs: each rank builds and probes on its own device
     setup, gc_from = build_setup(model, ropts, opts, tokenizer)
@@ -143,17 +150,12 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
         say(f"sample {p['id']}: {p['preview']}")
     prepare_output(output, opts)
 
-    from gradflow.training.audit import write_json_atomic, write_jsonl_atomic
 
     if rank() == 0:
         write_jsonl_atomic(os.path.join(output, "audit.jsonl"), prepared.audit)
 
     from rich.markup import escape
 
-    from gradflow.probing import model_device
-    from gradflow.training.dataset import probe_batch, train_dataset
-    from gradflow.training.plan import make_plan
-    from gradflow.training.trainer import prepare_model, resolve_ce
 
     device = model_device(setup.model)
     attention = prepare_model(setup.model, opts.attn, device.type)
@@ -173,7 +175,6 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
     say("pre-flight: probing" + (" a packed batch" if opts.packing else ""))
     pf = preflight(setup, batch, unsafe=opts.unsafe_fixes, say=say)
     report = _report(pf, prepared, opts, data, output)
-    from gradflow import ranks as _ranks
 
     _ranks.gather_preflight(report, device.type)  # torchrun: every rank's findings, so every rank decides alike
     report.extra["preflight"]["recipe"] = {"path": opts.recipe, "changes": recipe_changes} if opts.recipe else None
@@ -192,8 +193,6 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
         for fix in pf["patch"].fixes_applied:
             say(f"pre-flight: applied {fix.get('title', fix) if isinstance(fix, dict) else fix}")
 
-    from gradflow.training.compiling import apply as apply_compile
-    from gradflow.training.trainer import final_state, make_trainer
 
     compiled = apply_compile(setup.model, opts.compile, device.type)  # after the probes: they hook the eager model
     report.extra["train"]["compile"] = compiled
@@ -205,7 +204,6 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
     trainer, watch = make_trainer(setup, dataset, collator, opts, output, console, callbacks or [], progress,
                                   ce=ce)
     trainer.gradflow_fingerprint = fingerprint  # recorded in every checkpoint's manifest
-    from gradflow.training.signals import StopOnSignal
 
     signals = StopOnSignal()
     trainer.add_callback(signals)
@@ -243,21 +241,16 @@ def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions
 
     is_main = trainer.is_world_process_zero()
     if finished and opts.fsdp:  # every rank gathers the sharded adapter; rank 0 writes it once
-        from gradflow.training import fsdp as _fsdp
 
         _fsdp.save_adapter(trainer, setup, model, ropts, opts, os.path.join(output, ADAPTER_DIR), is_main)
         report.extra["train"]["adapter"] = ADAPTER_DIR
     if is_main:
-        from gradflow.training.plots import plot_grad_norms
-
         if plot_grad_norms(watch.history, os.path.join(output, "grad_norms.png")):
             report.extra["train"]["grad_norms_png"] = "grad_norms.png"
         if finished and not opts.fsdp:
             save_adapter(setup, model, ropts, opts, os.path.join(output, ADAPTER_DIR))
             report.extra["train"]["adapter"] = ADAPTER_DIR
     if finished and opts.merge and is_main:
-        from gradflow.training.merge import merge
-
         merge(os.path.join(output, ADAPTER_DIR), os.path.join(output, "merged"),
               trust_remote_code=ropts.trust_remote_code)
         report.extra["train"]["merged"] = "merged"
@@ -272,7 +265,6 @@ def _announce_resume(plan, output: str, say) -> None:
     """Say where the run continues from and why; damaged checkpoints are set aside (rank 0), staging cleared."""
     from rich.markup import escape
 
-    from gradflow.training.checkpoint import clear_staging, set_aside
 
     warn = _warn if rank() == 0 else (lambda text: None)
     for path, why in plan.damaged:
@@ -307,7 +299,6 @@ def _already_complete(plan, output: str):
         return None
     if train.get("status") != "completed" or train.get("steps") != plan.step:
         return None
-    from gradflow.report import Finding, Fix, Report
 
     fields = ("schema_version", "gradflow_version", "command", "model", "loss", "params", "modules", "findings")
     findings = [Finding(f["code"], f["slug"], f["severity"], f["message"], f.get("location"),
@@ -336,7 +327,6 @@ def _quiet():
     import contextlib
     import warnings
 
-    from gradflow.noise import ignore_known_noise
 
     @contextlib.contextmanager
     def ctx():

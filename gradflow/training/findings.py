@@ -7,13 +7,12 @@ The two states that exist only during training (GF401, GF402) are runtime rules 
 from __future__ import annotations
 
 from gradflow.report import Finding, Fix
+from gradflow.rules import load
+from gradflow.rules.codes import SLUGS
 
 
 def finding(slug: str, message: str, *, location: str | None = None, params: list[str] | None = None) -> Finding:
     """A Finding for a training-time state, with the code and fix the central table gives its slug."""
-    from gradflow.rules import load
-    from gradflow.rules.codes import SLUGS
-
     rule = load(SLUGS[slug])
     fix = Fix(title=rule.fix_title, applicability=rule.applicability) if getattr(rule, "fix_title", None) else None
     return Finding(code=rule.code, slug=slug, severity=rule.severity, message=message, location=location,

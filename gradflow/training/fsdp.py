@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import os
 
+from gradflow.distributed import _layers
 from gradflow.errors import GradflowError
+from gradflow.models import is_peft_model
+from gradflow.training.outputs import replace_dir, save_adapter as write
 
 LAUNCH = "torchrun --nproc-per-node 2 -m gradflow train MODEL --data DATA --output OUT --fsdp"
 
@@ -35,15 +38,11 @@ def check(opts, ropts) -> None:
 
 def _layer_classes(model) -> list[str]:
     """The decoder layer classes (each an FSDP unit): the model's _no_split_modules, else the layer list's type."""
-    from gradflow.models import is_peft_model
-
     base = model.get_base_model() if is_peft_model(model) else model
     names = list(getattr(base, "_no_split_modules", None) or [])
     present = {type(m).__name__ for m in base.modules()}
     names = [n for n in names if n in present]
     if not names:
-        from gradflow.distributed import _layers
-
         layers = _layers(base)
         names = sorted({type(m).__name__ for m in layers}) if layers else []
     return names
@@ -96,8 +95,6 @@ def full_state(trainer) -> dict:
 
 def save_adapter(trainer, setup, model_spec, ropts, opts, path: str, is_main: bool) -> None:
     """Gather on every rank; rank 0 writes the consolidated adapter (PeftModel.from_pretrained loads it)."""
-    from gradflow.training.outputs import save_adapter as write
-
     state = full_state(trainer)
     if not is_main:
         return
@@ -116,7 +113,6 @@ def save_adapter(trainer, setup, model_spec, ropts, opts, path: str, is_main: bo
     else:
         import torch
 
-        from gradflow.training.outputs import replace_dir
 
         tmp = f"{path}.tmp-{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)

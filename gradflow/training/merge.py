@@ -6,6 +6,12 @@ import os
 import shutil
 
 from gradflow.errors import GradflowError
+from gradflow.limits import SEED_MAX
+from gradflow.setup.build import RecipeOptions, build, read_json
+from gradflow.setup.load import _try_tokenizer
+from gradflow.setup.sources import resolve
+from gradflow.training import so8
+from gradflow.training.outputs import RUN_META
 
 
 def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
@@ -16,7 +22,6 @@ def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
     """
     from peft import PeftModel
 
-    from gradflow.training import so8
 
     layers = so8.read_meta(adapter_dir)
     if layers:
@@ -29,9 +34,6 @@ def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
 
 def _run_meta(adapter_dir: str) -> dict:
     """The run metadata train wrote, else the adapter config's base; `named_in` says which file and field."""
-    from gradflow.recipe import read_json
-    from gradflow.training.outputs import RUN_META
-
     path = os.path.join(adapter_dir, RUN_META)
     if os.path.isfile(path):
         return {**read_json(path), "named_in": f"{path} (base)"}
@@ -42,10 +44,6 @@ def _run_meta(adapter_dir: str) -> dict:
 
 def load_base(adapter_dir: str, *, dtype: str | None = None, device: str = "cpu", trust_remote_code: bool = False):
     """The adapter's base model, unquantized, as it was built for training (presets: the same seed)."""
-    from gradflow.limits import SEED_MAX
-    from gradflow.recipe import RecipeOptions, build
-    from gradflow.sources import resolve
-
     meta = _run_meta(adapter_dir)
     base = meta.get("base")
     if not base:
@@ -61,8 +59,6 @@ def load_base(adapter_dir: str, *, dtype: str | None = None, device: str = "cpu"
     # the run metadata is a file, perhaps from someone else: its base never runs code without --trust-remote-code
     setup = build(resolve(base, trust_remote_code=trust_remote_code, named_in=meta["named_in"]), opts)
     if setup.tokenizer is None:
-        from gradflow.runner import _try_tokenizer
-
         setup.tokenizer = _try_tokenizer(adapter_dir)
     return setup
 
@@ -74,8 +70,6 @@ def merge(adapter_dir: str, output: str, *, dtype: str | None = None, device: st
     Returns:
         What was written: `{"output", "so8_folded", "base"}`.
     """
-    from gradflow.training import so8
-
     if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
         raise GradflowError(f"{adapter_dir} holds no adapter_config.json",
                             "Pass the adapter directory a training run wrote (OUTPUT/adapter)")

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from gradflow.choices import Attn, CE, Compile, LossOn, Precision
 from gradflow.errors import GradflowError
+from gradflow.limits import check_float, check_int
 
-from gradflow.choices import CE, Attn, Compile, LossOn, Precision
 
 PRECISIONS = Precision.values()
 LOSS_ON = LossOn.values()
@@ -53,8 +54,6 @@ class TrainOptions:
     fsdp: bool = False  # FSDP2 through accelerate, under torchrun (gradflow.training.fsdp)
 
     def validate(self) -> None:
-        from gradflow.limits import check_float, check_int
-
         # finite and bounded, each bound in the message (gradflow.limits holds the table)
         bounded = {"--batch-size": self.batch_size, "--grad-accum": self.grad_accum, "--seq-len": self.seq_len,
                    "--check-every": self.check_every, "--save-steps": self.save_steps,

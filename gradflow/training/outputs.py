@@ -15,6 +15,9 @@ import os
 import shutil
 
 from gradflow.errors import GradflowError
+from gradflow.training import so8
+from gradflow.training.lock import LOCK_NAME
+from gradflow.training.resume import find
 
 ADAPTER_DIR, CHECKPOINT_DIR, TB_DIR = "adapter", "checkpoints", "tensorboard"
 RUN_META = "gradflow_train.json"  # how the adapter's base was built: merge and load_base read it
@@ -33,9 +36,6 @@ def check_output_path(output: str) -> None:
 
 def check_output(output: str, opts):
     """With --output locked, before any work: the intact checkpoint to resume from (checkpoint.Intact), if any."""
-    from gradflow.training.lock import LOCK_NAME
-    from gradflow.training.resume import find
-
     if opts.resume:
         return find(output, os.path.join(output, CHECKPOINT_DIR))
     held = [n for n in os.listdir(output) if n != LOCK_NAME] if os.path.isdir(output) else []
@@ -67,8 +67,6 @@ def prepare_output(output: str, opts) -> None:
 
 def save_adapter(setup, model_spec, ropts, opts, path: str) -> None:
     """The adapter, written atomically: PeftModel.from_pretrained loads it; gradflow.load_adapter adds SO(8)."""
-    from gradflow.training import so8
-
     model = setup.model
     if not hasattr(model, "peft_config"):
         # not a PEFT model (a factory's own module): save its trainable state, which is what trained

@@ -25,6 +25,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from gradflow.errors import GradflowError
+from gradflow.forward import model_device
+from gradflow.models import gc_mode_of
+from gradflow.setup.build import hidden_size
+from gradflow.training.options import parse_bytes
 
 HEADROOM = 0.9  # plan for 90% of the budget: allocator fragmentation and kernels' workspaces take the rest
 
@@ -218,8 +223,6 @@ def measure(model, *, target: int, precision: str, layers: list, can_toggle: boo
     not the plan's to choose (0 off, n every n-th layer): on CUDA only that configuration is measured."""
     import torch
 
-    from gradflow.probing import model_device
-    from gradflow.recipe import hidden_size
 
     device = model_device(model)
     t1 = max(8, min(512 if device.type == "cuda" else 128, target // 4))  # small, yet above CUDA's fixed noise
@@ -274,8 +277,6 @@ def measure(model, *, target: int, precision: str, layers: list, can_toggle: boo
 
 def budget(device: str, max_memory: str | None, model) -> tuple[int | None, str]:
     """Bytes to plan for (after headroom) and where the number comes from."""
-    from gradflow.training.options import parse_bytes
-
     if max_memory is not None:
         return int(parse_bytes(max_memory) * HEADROOM), f"--max-memory {max_memory}"
     if device == "cuda":
@@ -361,9 +362,6 @@ def _fits_why(every, options, gc_fixed, estimate, target, layers, budget_bytes) 
 def make_plan(setup, opts, *, gc_from: str, resumed_tokens: int | None = None) -> Plan:
     """Measure, choose, apply (per-layer checkpointing), and return the plan. `gc_from`: "plan" when gradflow built
     the checkpointing and may change it, "--gc" when the user set it, "the model" when the model's source did."""
-    from gradflow.models import gc_mode_of
-    from gradflow.probing import model_device
-
     model = setup.model
     device = model_device(model).type
     layers = checkpoint_layers(model)
@@ -376,8 +374,6 @@ def make_plan(setup, opts, *, gc_from: str, resumed_tokens: int | None = None) -
     elif gc_from != "plan" or not toggles:
         gc_fixed, gc_from = (1 if on_now else 0), ("the model" if gc_from == "plan" else gc_from)
     if opts.gc_every is not None and not toggles:
-        from gradflow.errors import GradflowError
-
         raise GradflowError(f"--gc-every {opts.gc_every}: this model has no per-layer checkpointing switched on",
                             "Drop --gc-every, or pass --gc non-reentrant with it (a transformers model)")
     if resumed_tokens is not None and opts.tokens_per_batch is None:

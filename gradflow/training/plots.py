@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from gradflow.report.render.text import fold_runs
 
 
 def plot_grad_norms(history: list[dict], path: str) -> bool:
@@ -29,7 +30,6 @@ def grad_norm_figure(history: list[dict]):
     """The figure: one line per layer on a log axis; layers that never got a gradient named in one folded note."""
     import matplotlib.pyplot as plt
 
-    from gradflow.render import fold_runs
 
     layers = list(dict.fromkeys(k for row in history for k in row["layers"]))
     if not layers:

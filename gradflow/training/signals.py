@@ -14,6 +14,8 @@ import threading
 
 from transformers import TrainerCallback
 
+from gradflow.world import is_multi_process
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -85,7 +87,7 @@ def _agreed(received: int) -> int:
     """Under DDP every rank stops at the same step: the largest signal number any rank received (0 for none)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_multi_process():
         return received
     import torch
 

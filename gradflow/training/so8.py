@@ -18,6 +18,7 @@ import os
 import torch
 
 from gradflow.errors import GradflowError
+from gradflow.models import layer_index
 
 MODULE_NAME = "so8"
 META_FILE = "gradflow_so8.json"
@@ -51,8 +52,6 @@ class SO8Rotation(torch.nn.Module):
 
 def attention_modules(model) -> list[tuple[int, str, torch.nn.Module]]:
     """(layer index, name, module) for every attention module with an `o_proj`."""
-    from gradflow.models import layer_index
-
     found = []
     for name, module in model.named_modules():
         if not hasattr(module, "o_proj") or isinstance(module, torch.nn.Linear):

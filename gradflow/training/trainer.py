@@ -6,8 +6,15 @@ from __future__ import annotations
 import os
 
 from gradflow.errors import GradflowError
+from gradflow.forward import model_device
+from gradflow.models import gc_mode_of, is_peft_model
+from gradflow.report import finding_line
+from gradflow.training.callback import GradFlowCallback
+from gradflow.training.checkpoint import atomic_save_mixin
+from gradflow.training.fsdp import enable, training_kwargs
+from gradflow.training.loss import chunked_causal_lm_loss
 from gradflow.training.outputs import CHECKPOINT_DIR, TB_DIR
-from gradflow.training.preflight import finding_line
+from gradflow.training.progress import RichProgress
 
 
 def training_args(opts, output: str, device: str, model=None):
@@ -28,7 +35,6 @@ def training_args(opts, output: str, device: str, model=None):
         use_cpu=device == "cpu",
     )
     if getattr(opts, "fsdp", False):  # FSDP2 through accelerate's plugin (gradflow.training.fsdp)
-        from gradflow.training.fsdp import training_kwargs
 
         kwargs.update(training_kwargs(model, device))
     accepted = inspect.signature(TrainingArguments.__init__).parameters
@@ -44,10 +50,6 @@ def make_trainer(setup, dataset, collator, opts, output: str, console, callbacks
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-    from gradflow.probing import model_device
-    from gradflow.training.callback import GradFlowCallback
-    from gradflow.training.checkpoint import atomic_save_mixin
-    from gradflow.training.progress import RichProgress
 
     device = model_device(setup.model).type
     if opts.precision == "fp16" and device == "cpu":
@@ -69,8 +71,6 @@ def make_trainer(setup, dataset, collator, opts, output: str, console, callbacks
     trainer = trainer_cls(model=setup.model, args=args, train_dataset=dataset, data_collator=collator,
                           callbacks=[watch, *callbacks])
     if getattr(opts, "fsdp", False):
-        from gradflow.training.fsdp import enable
-
         enable(trainer)
     trainer.gradflow_ce = ce
     trainer.remove_callback(PrinterCallback)  # it prints log dicts on stdout, which carries data
@@ -88,8 +88,6 @@ def _with_loss(base):
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
             if self.gradflow_ce == "chunked" and not return_outputs:
-                from gradflow.training.loss import chunked_causal_lm_loss
-
                 # the model sees num_items_in_batch only when it takes loss kwargs: the same loss scale as HF's path
                 items = num_items_in_batch if getattr(self, "model_accepts_loss_kwargs", False) else None
                 loss = chunked_causal_lm_loss(model, inputs, num_items_in_batch=items)
@@ -103,21 +101,14 @@ def _with_loss(base):
 
 
 def resolve_ce(asked: str, device: str, *, fsdp: bool = False) -> tuple[str, str]:
-    """(standard | chunked, why): chunked needs gradflow.training.loss; auto takes it on CUDA only; never under
+    """(standard | chunked, why): auto takes the chunked loss on CUDA only; never under
     --fsdp (the chunked loss calls the decoder and the head itself, and FSDP gathers the root unit's weights, the
     embeddings, the final norm and the head, only in the model's own forward)."""
-    try:
-        import gradflow.training.loss  # noqa: F401
-        have = True
-    except ImportError:
-        have = False
     if asked == "standard":
         return "standard", "--ce standard"
     if fsdp:
         return "standard", (f"{'--ce chunked' if asked == 'chunked' else 'auto'}: not under --fsdp (FSDP gathers the "
                             "embeddings, final norm and head only in the model's own forward)")
-    if not have:
-        return "standard", "this gradflow has no chunked cross-entropy"
     if asked == "chunked":
         return "chunked", "--ce chunked"
     if device == "cuda":
@@ -129,8 +120,6 @@ def prepare_model(model, asked: str, device: str) -> dict:
     """No cache in training (a cache turns transformers' packed-sequence masking off), and the attention
     implementation: --attn, or auto = flex_attention on CUDA where the model supports it, else sdpa.
     Returns what was chosen and why, for the report."""
-    from gradflow.models import is_peft_model
-
     base = model.get_base_model() if is_peft_model(model) else model
     for config in {id(c): c for c in (getattr(base, "config", None), getattr(model, "config", None))
                    if c is not None}.values():
@@ -167,10 +156,7 @@ def _flex_available() -> bool:
     return bool(is_torch_flex_attn_available())
 
 
-
 def gc_reentrant(model) -> bool:
-    from gradflow.models import gc_mode_of
-
     return any(gc_mode_of(m) == "reentrant" for m in model.modules())
 
 

@@ -11,10 +11,10 @@ import sys
 import pytest
 
 from clirun import REPO, assert_one_line_error, cli_env, gradflow, invoke
-from gradflow.baseline import compact_names, expand_names, write_json_atomic
-from gradflow.config import find_pyproject, read_config, resolve
+from gradflow.report.baseline import compact_names, expand_names, write_json_atomic
+from gradflow.report.config import find_pyproject, read_config, resolve
 from gradflow.errors import GradflowError
-from gradflow.selection import Layer, RuleSelection, parse_selector, parse_selectors
+from gradflow.report.selection import Layer, RuleSelection, parse_selector, parse_selectors
 
 SEED_BUG = "gradflow.demos:seed_bug"  # GF101 (error) at layers.0 and GF302 (info)
 
@@ -151,7 +151,7 @@ def test_a_bad_choice_is_the_library_error_raised_while_parsing(args, message):
 
 def test_the_library_validates_with_the_same_choices():
     from gradflow.choices import GC, Precision, LossOn, Quant
-    from gradflow.recipe import GC_MODES, QUANT_MODES, RecipeOptions
+    from gradflow.setup.build import GC_MODES, QUANT_MODES, RecipeOptions
     from gradflow.training.options import LOSS_ON, PRECISIONS
 
     assert (GC_MODES, QUANT_MODES, PRECISIONS, LOSS_ON) == (GC.values(), Quant.values(), Precision.values(),

@@ -10,7 +10,7 @@ from tests.cli.clirun import gradflow
 _HELPER = '''
 import torch
 from peft import LoraConfig, get_peft_model
-from gradflow.presets import build_preset
+from gradflow.setup.presets import build_preset
 
 def lora_model():
     print("building the model")  # a chatty user helper

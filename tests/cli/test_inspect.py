@@ -183,7 +183,7 @@ def test_a_pipe_without_columns_keeps_every_row_whole():
 
 
 def test_middle_ellipsis_keeps_both_ends():
-    from gradflow.render.tree import middle
+    from gradflow.report.render.tree import middle
 
     assert middle("Phi3DecoderLayer", 12) == "Phi3De…Layer"
     assert middle("Phi3DecoderLayer", 16) == "Phi3DecoderLayer"

@@ -56,7 +56,7 @@ TRAIN_TAIL = textwrap.dedent('''
 
 def snippet_of(stdout: str) -> str:
     """The lines between the snippet's two marker lines, as printed."""
-    from gradflow.render.patch import SNIPPET_END, SNIPPET_START
+    from gradflow.report.render.patch import SNIPPET_END, SNIPPET_START
 
     lines = stdout.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(SNIPPET_START))
@@ -163,7 +163,7 @@ def _graph_break_factory(tmp_path) -> str:
         import torch
         from torch import nn
         from peft import LoraConfig, get_peft_model
-        from gradflow.presets import build_preset
+        from gradflow.setup.presets import build_preset
 
         class Detach(nn.Module):
             def __init__(self, inner):

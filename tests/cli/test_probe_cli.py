@@ -21,7 +21,7 @@ FACTORY = '''
 import torch
 from peft import LoraConfig, get_peft_model
 
-from gradflow.presets import build_preset, build_tokenizer
+from gradflow.setup.presets import build_preset, build_tokenizer
 
 
 def _lora_phi3():

@@ -133,7 +133,7 @@ def test_preflight_refuses_an_unfixable_setup_with_exit_1(tmp_path):
     factory = tmp_path / "frozen.py"
     factory.write_text(
         "def build():\n"
-        "    from gradflow.presets import build_preset, build_tokenizer\n"
+        "    from gradflow.setup.presets import build_preset, build_tokenizer\n"
         "    model = build_preset('tiny-llama')\n"
         "    model.requires_grad_(False)\n"
         "    return {'model': model, 'tokenizer': build_tokenizer()}\n")

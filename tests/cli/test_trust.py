@@ -25,7 +25,7 @@ pathlib.Path(__file__).with_name("MARKER").write_text("imported")
 
 
 def build():
-    from gradflow.presets import build_preset
+    from gradflow.setup.presets import build_preset
 
     return build_preset("tiny-gpt2")
 '''
@@ -45,7 +45,7 @@ def interrupts():
 
 
 def exits_in_loss():
-    from gradflow.presets import build_preset
+    from gradflow.setup.presets import build_preset
 
     def loss_fn(model, batch):
         sys.exit(0)
@@ -55,7 +55,7 @@ def exits_in_loss():
 
 
 def exits_in_train():
-    from gradflow.presets import build_preset, build_tokenizer
+    from gradflow.setup.presets import build_preset, build_tokenizer
 
     return {"model": build_preset("tiny-gpt2"), "tokenizer": build_tokenizer(),
             "loss_fn": lambda model, batch: sys.exit(0)}
@@ -65,8 +65,8 @@ def exits_in_train():
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """evil.py, an adapter dir (a real tiny-gpt2 LoRA save) whose config and run metadata name evil.py:build."""
-    from gradflow.presets import build_preset
-    from gradflow.recipe import apply_lora
+    from gradflow.setup.presets import build_preset
+    from gradflow.setup.build import apply_lora
 
     d = tmp_path_factory.mktemp("trust")
     (d / "evil.py").write_text(EVIL)
@@ -117,7 +117,7 @@ def test_merge_run_metadata_base_factory_is_refused_then_trusted(work):
 def test_a_base_read_from_a_file_resolves_only_as_preset_directory_or_hub_id(work, monkeypatch):
     """In process: every form of code in a file-read spec is refused; presets, directories and hub ids are not."""
     from gradflow.errors import GradflowError
-    from gradflow.sources import resolve
+    from gradflow.setup.sources import resolve
 
     monkeypatch.chdir(work)
     for spec in ("evil.py:build", "evil:build", "gradflow.demos:seed_bug", "evil.py", str(work / "evil.py") + ":build"):

@@ -10,7 +10,7 @@ import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from gradflow.presets import build_preset
+from gradflow.setup.presets import build_preset
 
 STACK = "new" if int(transformers.__version__.split(".")[0]) >= 5 else "old"
 VOCAB = 512

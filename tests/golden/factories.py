@@ -6,7 +6,7 @@ import tempfile
 import torch
 from peft import LoraConfig, get_peft_model
 
-from gradflow.presets import build_preset
+from gradflow.setup.presets import build_preset
 
 
 def trainer():

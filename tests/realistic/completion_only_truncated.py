@@ -12,7 +12,7 @@ from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from gradflow.presets import build_preset, build_tokenizer
+from gradflow.setup.presets import build_preset, build_tokenizer
 
 SYSTEM = "You are a helpful assistant. Answer in one short, polite sentence.\n"
 PAIRS = [("What does the cat do?", "It sits on the mat."), ("Where did the dog run?", "In the park."),

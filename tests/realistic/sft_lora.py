@@ -7,7 +7,7 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
-from gradflow.presets import build_preset, build_tokenizer
+from gradflow.setup.presets import build_preset, build_tokenizer
 
 TEXTS = ["the cat sat on the mat", "a dog ran in the park", "birds sing at dawn", "rain falls on the roof",
          "the sun is warm today", "fish swim in the sea", "trees grow tall", "snow covers the hills"]

@@ -155,7 +155,7 @@ def test_probe_leaves_the_run_bit_identical(script, tmp_path):
 
 def test_a_tokenizer_batch_is_probed_like_a_dict():
     """The batch users make by hand, `tokenizer(texts, return_tensors='pt')`, probes as the dict it acts as."""
-    from gradflow.presets import build_preset, build_tokenizer
+    from gradflow.setup.presets import build_preset, build_tokenizer
 
     batch = build_tokenizer()(["the cat sat on the mat", "birds sing"], return_tensors="pt", padding=True)
     batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)

@@ -8,8 +8,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradflow
-from gradflow.presets import build_preset
-from gradflow.probing import synthetic_batch
+from gradflow.setup.presets import build_preset
+from gradflow.forward import synthetic_batch
 
 STACK = "new" if int(transformers.__version__.split(".")[0]) >= 5 else "old"
 VOCAB = 512

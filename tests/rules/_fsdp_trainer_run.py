@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import gradflow
-from gradflow.presets import build_preset, build_tokenizer
+from gradflow.setup.presets import build_preset, build_tokenizer
 
 LAYER = "LlamaDecoderLayer"
 SLUGS = ("fsdp-mixed-requires-grad", "fsdp-mixed-dtype")

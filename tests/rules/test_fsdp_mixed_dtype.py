@@ -1,6 +1,6 @@
 """fsdp-mixed-dtype: FSDP units whose parameters do not share the dtype torch requires.
 
-FSDP1 refuses the unit when it wraps, so the rule reads the plan (gradflow.wrappers.plan_fsdp1); fully_shard (FSDP2)
+FSDP1 refuses the unit when it wraps, so the rule reads the plan (gradflow.setup.wrappers.plan_fsdp1); fully_shard (FSDP2)
 wraps and fails at the first forward, so the rule reads the wrapped model. Everything runs on one gloo rank on the CPU.
 """
 
@@ -17,7 +17,7 @@ from _builders import assert_fires, assert_silent, base, lora, tiny_batch, tiny_
 from _dist import process_group  # noqa: F401  (fixture)
 from gradflow.api import snapshot
 from gradflow.rules import run_rules
-from gradflow.wrappers import plan_fsdp1
+from gradflow.setup.wrappers import plan_fsdp1
 
 SLUG = "fsdp-mixed-dtype"
 CPU = torch.device("cpu")

@@ -1,6 +1,6 @@
 """fsdp-mixed-requires-grad: an FSDP1 unit without use_orig_params that mixes frozen and trainable parameters.
 
-FSDP1 raises when it wraps such a unit, so the rule reads the plan (gradflow.wrappers.plan_fsdp1) before wrapping;
+FSDP1 raises when it wraps such a unit, so the rule reads the plan (gradflow.setup.wrappers.plan_fsdp1) before wrapping;
 each case also wraps for real (one gloo rank on the CPU) to show what torch does with that plan.
 """
 
@@ -16,7 +16,7 @@ from _builders import assert_fires, assert_silent, lora, tiny_lm
 from _dist import process_group  # noqa: F401  (fixture)
 from gradflow.api import snapshot
 from gradflow.rules import run_rules
-from gradflow.wrappers import plan_fsdp1
+from gradflow.setup.wrappers import plan_fsdp1
 
 SLUG = "fsdp-mixed-requires-grad"
 UNIFORM = "requires_grad=True and False|uniform `requires_grad`"  # FSDP1's auto-wrap check, or its flattening's

@@ -1,7 +1,7 @@
 """fsdp-mixed-requires-grad and fsdp-mixed-dtype for a Trainer whose TrainingArguments ask for FSDP1.
 
 FSDP1 refuses a bad unit when it wraps, so gradflow plans the units from the Trainer's FSDP settings
-(gradflow.trainer_source.fsdp1_plan) and the rules judge the plan. transformers builds such a Trainer only in a
+(gradflow.setup.trainer_source.fsdp1_plan) and the rules judge the plan. transformers builds such a Trainer only in a
 distributed launch, so the cases run under torchrun (2 gloo processes, tests/rules/_fsdp_trainer_run.py); on CPU
 accelerate drops its FSDP plugin, and the run shows what FSDP1 itself raises when it wraps the same model as planned.
 """
@@ -115,7 +115,7 @@ def _args(tmp_path, **config):
 
 
 def test_fsdp1_options_from_training_arguments(tmp_path, fsdp_env):
-    from gradflow.trainer_source import fsdp1_options
+    from gradflow.setup.trainer_source import fsdp1_options
 
     args = _args(tmp_path, fsdp_version=1, use_orig_params=False, transformer_layer_cls_to_wrap="LlamaDecoderLayer")
     assert fsdp1_options(args) == {"policy": "TRANSFORMER_BASED_WRAP", "classes": ["LlamaDecoderLayer"],
@@ -130,7 +130,7 @@ def test_fsdp1_options_from_training_arguments(tmp_path, fsdp_env):
 
 def test_default_fsdp_version_differs_between_stacks(tmp_path, fsdp_env):
     """No version asked for: transformers 5.x picks FSDP2, 4.57 leaves it to accelerate's FSDP_VERSION (1)."""
-    from gradflow.trainer_source import fsdp1_options
+    from gradflow.setup.trainer_source import fsdp1_options
 
     options = fsdp1_options(_args(tmp_path))
     if stack() == "old":

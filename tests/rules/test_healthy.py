@@ -110,9 +110,9 @@ def test_qlora_after_prepare_model_for_kbit_training(llama_dir, bits):
 ])
 def test_recipes_built_from_presets(preset, options):
     """The setups gradflow's own recipe builds (the CLI's --lora-r/--gc/--quant) are healthy."""
-    from gradflow.probing import synthetic_batch
-    from gradflow.recipe import RecipeOptions, build
-    from gradflow.sources import resolve
+    from gradflow.forward import synthetic_batch
+    from gradflow.setup.build import RecipeOptions, build
+    from gradflow.setup.sources import resolve
 
     setup = build(resolve(preset), RecipeOptions(device="cpu", **options))
     model = setup.model

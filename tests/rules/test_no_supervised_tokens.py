@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from _builders import assert_fires, assert_silent, batch, lora, probe
-from gradflow.presets import build_tokenizer
+from gradflow.setup.presets import build_tokenizer
 
 SLUG = "no-supervised-tokens"
 

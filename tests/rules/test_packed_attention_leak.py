@@ -11,7 +11,7 @@ from peft import get_peft_model
 from torch import nn
 
 from _builders import assert_fires, assert_silent, base, batch, enable_gc, lora, lora_config, probe
-from gradflow.packing import collate_packed
+from gradflow.data.packing import collate_packed
 
 SLUG = "packed-attention-leak"
 

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
 import gradflow
-from gradflow.presets import build_preset
+from gradflow.setup.presets import build_preset
 
 SLUG = "packed-attention-leak"
 

@@ -7,7 +7,7 @@ from torch import nn
 
 import gradflow
 from _builders import lora
-from gradflow.probing import synthetic_batch
+from gradflow.forward import synthetic_batch
 
 
 class Exploding(nn.Module):

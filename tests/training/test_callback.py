@@ -17,8 +17,8 @@ from transformers import Trainer, TrainingArguments
 
 from gradflow import GradFlowCallback
 from gradflow.errors import GradflowError
-from gradflow.presets import build_preset
-from gradflow.recipe import apply_lora
+from gradflow.setup.presets import build_preset
+from gradflow.setup.build import apply_lora
 
 
 class _Rows(torch.utils.data.Dataset):

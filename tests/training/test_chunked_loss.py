@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from gradflow.presets import build_preset
-from gradflow.recipe import apply_lora
+from gradflow.setup.presets import build_preset
+from gradflow.setup.build import apply_lora
 from gradflow.training.loss import chunked_causal_lm_loss, unsupported_reason
 
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from gradflow.data import CHARS_PER_TOKEN, Sample, _kind, collate, encode, read_jsonl, supervised_count
+from gradflow.data.jsonl import CHARS_PER_TOKEN, Sample, _kind, collate, encode, read_jsonl, supervised_count
 from gradflow.errors import GradflowError
-from gradflow.presets import build_tokenizer
+from gradflow.setup.presets import build_tokenizer
 from gradflow.training.engine import TrainOptions, prepare_data
 
 

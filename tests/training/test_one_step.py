@@ -12,8 +12,8 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from gradflow import GradFlowCallback
-from gradflow.presets import build_preset
-from gradflow.recipe import apply_lora
+from gradflow.setup.presets import build_preset
+from gradflow.setup.build import apply_lora
 from tests.cli.clirun import gradflow
 
 

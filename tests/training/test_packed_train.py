@@ -69,8 +69,8 @@ def test_the_packed_step_has_the_padded_steps_loss_and_gradients():
     """What Trainer gets from the two collators: one packed row, or padded rows; the same loss and gradients."""
     import torch
 
-    from gradflow.runner import load_setup
-    from gradflow.recipe import RecipeOptions
+    from gradflow.setup.load import load_setup
+    from gradflow.setup.build import RecipeOptions
     from gradflow.training.dataset import Collator, GroupCollator, prepare_data
     from gradflow.training.options import TrainOptions
     from gradflow.training.trainer import prepare_model

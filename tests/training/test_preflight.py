@@ -16,7 +16,7 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 
 from gradflow import GradFlowCallback
 from gradflow.errors import GradflowError
-from gradflow.presets import build_preset, build_tokenizer
+from gradflow.setup.presets import build_preset, build_tokenizer
 from tests.conftest import stack
 
 GF101 = "reentrant-checkpoint-no-input-grad"

@@ -79,7 +79,7 @@ def test_sigkill_mid_run_then_resume_finishes(tmp_path):
 
     from peft import PeftModel
 
-    from gradflow.presets import build_preset
+    from gradflow.setup.presets import build_preset
 
     PeftModel.from_pretrained(build_preset("tiny-phi3"), str(out / "adapter"))
 

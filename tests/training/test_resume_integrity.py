@@ -91,7 +91,7 @@ def test_resume_anyway_continues_with_other_options(reference, tmp_path):
 def test_a_run_stopped_after_its_last_checkpoint_gets_its_outputs_without_training(reference, tmp_path):
     import gradflow
     from gfrun import DEMO, assert_bit_exact
-    from gradflow.recipe import RecipeOptions
+    from gradflow.setup.build import RecipeOptions
 
     output = copy_run(reference[0], tmp_path / "run")
     shutil.rmtree(os.path.join(output, "adapter"))

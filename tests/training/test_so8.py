@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch.testing import assert_close
 
-from gradflow.presets import build_preset
-from gradflow.recipe import apply_lora
+from gradflow.setup.presets import build_preset
+from gradflow.setup.build import apply_lora
 from gradflow.training import so8
 from gradflow.training.merge import load_adapter
 

@@ -9,11 +9,11 @@ import re
 
 import pytest
 
-from gradflow.data import Sample, _kind, encode, read_jsonl, think_of, validate
-from gradflow.presets import build_tokenizer
-from gradflow.training.audit import preview as audit_preview
+from gradflow.data.jsonl import Sample, _kind, encode, read_jsonl, think_of, validate
+from gradflow.setup.presets import build_tokenizer
+from gradflow.data.audit import preview as audit_preview
 from gradflow.training.engine import TrainOptions, prepare_data
-from gradflow.training.think import parse, think_hash
+from gradflow.data.think import parse, think_hash
 from tests.cli.clirun import gradflow
 
 @pytest.fixture(scope="module")

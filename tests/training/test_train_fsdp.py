@@ -48,7 +48,7 @@ def _loads(adapter) -> None:
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from gradflow.presets import build_preset
+    from gradflow.setup.presets import build_preset
 
     base = build_preset("tiny-llama")
     model = PeftModel.from_pretrained(base, str(adapter))

@@ -18,7 +18,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gradflow.ranks import agree_min, gather_findings, merge_findings
+from gradflow.report.ranks import gather_findings, merge_findings
+from gradflow.world import agree_min
 from gradflow.training.callback import GradFlowCallback
 from gradflow.training.findings import finding
 
@@ -138,8 +139,8 @@ def _callback_worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
-    from gradflow.presets import build_preset
-    from gradflow.recipe import apply_lora
+    from gradflow.setup.presets import build_preset
+    from gradflow.setup.build import apply_lora
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     torch.manual_seed(0)
@@ -172,7 +173,7 @@ def test_callback_preflight_in_a_users_trainer_gathers_every_ranks_findings(tmp_
 def _model_and_data(root) -> tuple[str, str]:
     """tiny-llama whose embedding matches its tokenizer, then a token added to the tokenizer without
     resize_token_embeddings; 4 samples, only the 4th uses the new token."""
-    from gradflow.presets import build_preset, build_tokenizer
+    from gradflow.setup.presets import build_preset, build_tokenizer
 
     model = build_preset("tiny-llama")
     tok = build_tokenizer(model.config.vocab_size)

@@ -7,6 +7,7 @@ down to every finding's location. `params` adds every module row and one row per
 """
 
 from __future__ import annotations
+from gradflow.report.render.text import layer_groups
 
 # root → model → layers → layers.N; single-child wrappers (PeftModel, LoraModel) cost no depth, as in inspect
 COMPACT_DEPTH = 3
@@ -59,8 +60,6 @@ def _parent(name: str) -> str | None:
 
 def per_layer(per_param: list[dict]) -> list[dict]:
     """Gradient norm and grad-class counts per decoder layer (or top-level module), in model order."""
-    from gradflow.render.text import layer_groups
-
     return [{"layer": key, "grad_norm": norm, "grads": dict(sorted(counts.items()))}
             for key, norm, counts in layer_groups(per_param)]
 

@@ -6,8 +6,8 @@ import dataclasses
 import re
 
 from gradflow.models import gc_mode_of, has_adapter_config, is_gc_layer, is_input_grad_hook, tuner_layer_class
+from gradflow.setup.wrappers import fsdp_units
 from gradflow.snapshot import ModuleState, ParamState, Snapshot
-from gradflow.wrappers import fsdp_units
 
 _QUANT_PARAM_CLASSES = ("Params4bit", "Int8Params")
 _QUANT_MODULE_CLASSES = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}

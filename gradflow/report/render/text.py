@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import math
+import re
 
 from rich.cells import cell_len
 from rich.console import Group
 from rich.text import Text
 
 from gradflow.models import LAYER
-from gradflow.render import fold_runs
+
+_NUMBERED = re.compile(r"^(.*)\.(\d+)$")
+
+
+def fold_runs(rows: list[tuple[str, object]]) -> list[tuple[str, object]]:
+    """Runs of consecutive numbered keys with equal values become one row: 'layers.0–31 ×32'.
+
+    `rows` is (key, value) in order; a key folds with the one before it when both are PREFIX.N with the same
+    prefix, consecutive numbers, and equal values.
+    """
+    out: list[list] = []  # [prefix, first, last, value, key]
+    for key, value in rows:
+        hit = _NUMBERED.match(key)
+        prev = out[-1] if out else None
+        if (hit and prev is not None and prev[0] == hit.group(1) and prev[2] + 1 == int(hit.group(2))
+                and prev[3] == value):
+            prev[2] = int(hit.group(2))
+            continue
+        out.append([hit.group(1), int(hit.group(2)), int(hit.group(2)), value, key] if hit
+                   else [None, 0, 0, value, key])
+    return [(f"{prefix}.{a}–{b} ×{b - a + 1}" if prefix is not None and b > a else key, value)
+            for prefix, a, b, value, key in out]
+
 
 _STYLE = {"error": "bold red", "warning": "yellow", "info": "cyan"}
 

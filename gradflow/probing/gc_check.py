@@ -26,6 +26,10 @@ import contextlib
 import math
 from typing import Any, Callable
 
+from gradflow.forward import call_model, extract_loss, rng_state
+from gradflow.models import base_model
+from gradflow.probing.backward import _describe_exc, preserved
+from gradflow.setup.build import set_checkpointing
 from gradflow.snapshot import GcEquivalence, GradDiff
 
 # by gradient dtype: ||g_on - g_off|| <= atol * sqrt(numel) + rtol * ||g_off||. Recomputation on the same device
@@ -44,8 +48,6 @@ def compare(model, batch: Any, *, loss_fn: Callable | None = None, snap=None) ->
 
     `snap` (the probe's Snapshot) says whether the model already checkpoints; the model is left as found.
     """
-    from gradflow.models import base_model
-
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     module_of = {p.name: p.module for p in snap.params} if snap is not None else {}
     own_mode = _own_mode(snap)
@@ -63,12 +65,9 @@ def compare(model, batch: Any, *, loss_fn: Callable | None = None, snap=None) ->
                                                             plain=own_mode is not None)
         state.reset_run()
         if own_mode is None:
-            from gradflow.recipe import set_checkpointing
-
             try:
                 set_checkpointing(model, "non-reentrant")
             except Exception as exc:  # e.g. "is not compatible with gradient checkpointing": say so, don't crash
-                from gradflow.probing import _describe_exc
 
                 return GcEquivalence(compared=False, reason=f"turning checkpointing on failed: {_describe_exc(exc)}")
         on_loss, on_grads, result.error_with_gc = _run(model, batch, loss_fn, trainable, plain=False)
@@ -94,8 +93,6 @@ def _own_mode(snap) -> str | None:
 
 def _run(model, batch, loss_fn, trainable, *, plain: bool):
     """One forward+backward from the saved RNG state: (loss, {name: grad clone or None}, error)."""
-    from gradflow.probing import _describe_exc, call_model, extract_loss
-
     for _, p in trainable:
         p.grad = None
     loss_value, error = None, None
@@ -179,7 +176,6 @@ class _State:
     def __init__(self, model):
         import torch
 
-        from gradflow.probing import _rng_state
 
         self.modules = list(model.modules())
         self.attrs = [{a: m.__dict__.get(a, _MISSING) for a in _KEPT_ATTRS} for m in self.modules]
@@ -187,7 +183,7 @@ class _State:
                       for m in self.modules]
         self.dropout = [(m, m.p) for m in self.modules if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
         self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        self.rng = _rng_state()
+        self.rng = rng_state()
 
     def reset_run(self) -> None:
         """The same starting point for each run: buffers and RNG as found."""
@@ -220,8 +216,6 @@ class _State:
 @contextlib.contextmanager
 def _kept(model):
     """Train mode with dropout at p=0, RNG and buffers reset before each run; the model left as found."""
-    from gradflow.probing import preserved
-
     state = _State(model)
     with preserved(model):
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from gradflow.data.think import has_think_tags
 
 
 def write_jsonl_atomic(path: str, rows: list[dict]) -> None:
@@ -27,8 +28,6 @@ def preview(sample, think, text_width: int = 80) -> str:
 
     Raw text that holds anything tag-like is never shown, whatever the validation let through.
     """
-    from gradflow.training.think import has_think_tags
-
     if think is not None:
         return think.preview(text_width)
     record = sample.record

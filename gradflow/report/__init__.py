@@ -6,6 +6,9 @@ import dataclasses
 import enum
 import math
 from typing import Any
+from gradflow.errors import GradflowError
+from gradflow.report.render import renderable, to_text
+from gradflow.report.render.json_report import COMPACT_DEPTH, COMPACT_FINDING_PARAMS, module_rows, params_section
 
 SCHEMA_VERSION = 1
 SEVERITIES = ("info", "warning", "error")
@@ -23,7 +26,7 @@ class Applicability(str, enum.Enum):
 
 
 class Detail(str, enum.Enum):
-    """How much a report's JSON holds (`--detail`); see gradflow.render.json_report."""
+    """How much a report's JSON holds (`--detail`); see gradflow.report.render.json_report."""
 
     COMPACT = "compact"  # counts, findings, per-layer gradients, module rows down to each decoder layer
     PARAMS = "params"  # also every module row and every trainable parameter's gradient
@@ -36,8 +39,6 @@ class Detail(str, enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            from gradflow.errors import GradflowError
-
             raise GradflowError(f"--detail {value!r} is not one of compact, params", "Pick one of those") from None
 
 
@@ -110,8 +111,6 @@ class Report:
         Returns:
             The report as text, one line per row, ending in a newline.
         """
-        from gradflow.render import to_text
-
         return to_text(self, width=width, color=color, depth=depth)
 
     def __str__(self) -> str:
@@ -119,7 +118,6 @@ class Report:
 
     def __rich__(self):
         # rich.print(report) and rich consoles get the styled renderable itself, fitted to their width
-        from gradflow.render import renderable
 
         return renderable(self)
 
@@ -132,7 +130,6 @@ class Report:
                 every trainable parameter's gradient too (`--detail params`).
         """
         from gradflow import __version__
-        from gradflow.render.json_report import COMPACT_DEPTH, COMPACT_FINDING_PARAMS, module_rows, params_section
 
         detail = Detail.parse(detail)
         full = detail is Detail.PARAMS
@@ -231,3 +228,9 @@ def _module_row(m) -> dict:
         row["grads"] = dict(m.grads)
         row["grad_norm"] = m.grad_norm
     return row
+
+
+def finding_line(f: Finding) -> str:
+    """One finding as one line: code, slug, where, and the message."""
+    where = f" at {f.location}" if f.location else ""
+    return f"{f.code} {f.slug}{where}: {f.message}"

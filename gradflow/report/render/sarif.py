@@ -22,6 +22,7 @@ import ast
 import hashlib
 import os
 import re
+from gradflow.rules import all_rules
 
 _LEVEL = {"error": "error", "warning": "warning", "info": "note"}
 
@@ -78,7 +79,6 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None) -> d
         root: the directory URIs are relative to (default: the working directory).
     """
     from gradflow import __version__
-    from gradflow.rules import all_rules
 
     root = os.path.abspath(root or os.getcwd())
     rules = [{

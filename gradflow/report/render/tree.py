@@ -6,6 +6,7 @@ import re
 
 from rich.cells import cell_len
 from rich.text import Text
+from gradflow.report.render.text import findings_table, summary
 
 _NUM = re.compile(r"^\d+$")
 
@@ -272,7 +273,6 @@ def inspect_text(report, *, depth: int | None = 4, static: bool | None = None):
     """What `gradflow inspect` prints: the summary, the module tree, the findings."""
     from rich.console import Group
 
-    from gradflow.render.text import findings_table, summary
 
     if static is None:
         static = not _traced(report)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 
+from gradflow.data.think import canonical, has_think_tags, parse, parse_turns
 from gradflow.errors import GradflowError
 
 ROLES = ("system", "user", "assistant")
@@ -132,8 +133,6 @@ def validate(record) -> str | None:
 
 def _check_think(content: str, *, assistant: bool, where: str) -> str | None:
     """/think tags only in assistant content or a completion, and then well-formed. Never quotes the text."""
-    from gradflow.training.think import has_think_tags, parse
-
     if not has_think_tags(content):
         return None
     if not assistant:
@@ -145,8 +144,6 @@ def _check_think(content: str, *, assistant: bool, where: str) -> str | None:
 
 def think_of(sample: Sample):
     """The /think turns of a validated sample (a ThinkSample: one hash per assistant turn), or None."""
-    from gradflow.training.think import parse_turns
-
     record = sample.record
     if sample.kind == "messages":
         contents = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
@@ -173,8 +170,6 @@ def encode(sample: Sample, tokenizer, seq_len: int, *, loss_on: str = "completio
     `full_length` then counts the tokens of what was kept, a lower bound. /think tags in assistant content or a
     completion are written canonically.
     """
-    from gradflow.training.think import canonical
-
     record = sample.record
     budget = seq_len * CHARS_PER_TOKEN
     if sample.kind == "text":

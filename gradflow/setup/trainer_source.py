@@ -12,20 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import random
-import sys
-from typing import Any, Iterator
+from typing import Iterator
 
 from gradflow.errors import GradflowError
-from gradflow.sources import Setup, _first_line, _where
-
-
-def is_trainer(obj: Any) -> bool:
-    """Whether `obj` is a transformers Trainer (any subclass); never imports transformers itself."""
-    if "transformers" not in sys.modules:
-        return False  # nothing can be a Trainer before transformers is imported
-    from transformers import Trainer
-
-    return isinstance(obj, Trainer)
+from gradflow.models import is_peft_model
+from gradflow.setup.sources import Setup, _first_line, _where
+from gradflow.setup.wrappers import plan_fsdp1
 
 
 class _Stop(Exception):
@@ -214,7 +206,7 @@ def fsdp1_options(args) -> dict | None:
 
 def fsdp1_plan(trainer, model) -> list | None:
     """The FSDP1 units `trainer.train()` will wrap `model` into when launched under torchrun, planned without
-    wrapping (gradflow.wrappers.plan_fsdp1); None when the trainer asks for no FSDP1, or when accelerate's FSDP
+    wrapping (gradflow.setup.wrappers.plan_fsdp1); None when the trainer asks for no FSDP1, or when accelerate's FSDP
     plugin is active here (then the trainer wraps the model itself, and the wrapped model is read as it is).
 
     The policy is the one the Trainer passes to FullyShardedDataParallel: for a PeftModel, PEFT's
@@ -234,8 +226,6 @@ def fsdp1_plan(trainer, model) -> list | None:
     from torch.distributed.fsdp import MixedPrecision
     from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
 
-    from gradflow.models import is_peft_model
-    from gradflow.wrappers import plan_fsdp1
 
     policy = None
     if is_peft_model(model) and _has_peft_config(model):

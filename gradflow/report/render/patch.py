@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.text import Text
 
-from gradflow.render.text import Lines, findings_table, summary
+from gradflow.report.render.text import Lines, findings_table, summary
 
 SNIPPET_START = "── paste into your script "
 SNIPPET_END = "──"

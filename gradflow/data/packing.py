@@ -16,7 +16,7 @@ When that path does not hold, attention silently crosses samples (measured on bo
 - the batch carries an `attention_mask` (even all ones): the detection runs only when the mask is None;
 - the attention implementation has no mask function in transformers (a custom registered one), or the model's
   code does not build its mask through masking_utils.
-`packing_blockers(model)` names the first two model-side causes before training; `gradflow.leak` measures the
+`packing_blockers(model)` names the first two model-side causes before training; `gradflow.probing.leak` measures the
 real thing (the `packed-attention-leak` finding).
 """
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import random
-from typing import Iterable
 
 from gradflow.errors import GradflowError
 
@@ -165,18 +164,3 @@ def supervised_tokens(batch) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
-def packing_blockers(model) -> list[str]:
-    """Why transformers would not keep sample boundaries for this model (empty when the packed path holds).
-
-    Static: the cache and the attention implementation. `gradflow.leak.measure` is the measured truth.
-    """
-    from gradflow.leak import boundary_causes
-
-    return boundary_causes(model, attention_mask_given=False, cache_created=None)
-
-
-def pack_rows(rows: Iterable[dict], tokens_per_batch: int, *, seed: int | None = None) -> list[dict]:
-    """Convenience: group `rows` by length and collate each group (for probes and tests, not the Trainer)."""
-    rows = list(rows)
-    groups = pack_groups([len(r["input_ids"]) for r in rows], tokens_per_batch, seed=seed)
-    return [collate_packed([rows[i] for i in g]) for g in groups]

@@ -8,11 +8,12 @@ import json
 import os
 import tempfile
 
-from gradflow.choices import GC, Device, DType, Quant, plain
+from gradflow.choices import DType, Device, GC, Quant, plain
 from gradflow.errors import GradflowError
 from gradflow.limits import check_int
 from gradflow.models import is_peft_model
-from gradflow.sources import Setup, _first_line, compile_regex
+from gradflow.setup.presets import build_preset, build_tokenizer
+from gradflow.setup.sources import Setup, _first_line, compile_regex, resolve
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -147,8 +148,6 @@ def _load(setup: Setup, opts: RecipeOptions, device: str, dtype):
 
     quant_config = _quant_config(opts.quant, dtype or torch.float32)
     if setup.kind == "preset":
-        from gradflow.presets import build_preset, build_tokenizer
-
         setup.tokenizer = build_tokenizer()
         if quant_config is None:
             return build_preset(setup.preset, dtype=dtype, device=device, seed=opts.seed)
@@ -182,8 +181,6 @@ def _no_progress_bars():
 
 def _load_adapter_dir(setup: Setup, opts: RecipeOptions, device: str, dtype):
     """A PEFT adapter directory: load its base (a preset name works too), then the adapter, frozen or not."""
-    from gradflow.sources import resolve
-
     config_path = os.path.join(setup.source, "adapter_config.json")
     base_id = read_json(config_path).get("base_model_name_or_path")
     if not base_id:

@@ -11,6 +11,7 @@ import re
 
 from rich.console import Group
 from rich.text import Text
+from gradflow.report.render.text import Lines
 
 _INLINE = re.compile(r"`([^`]+)`|\*\*([^*]+)\*\*|(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])")
 _ITEM = re.compile(r"^(\s*)[-*] (.*)$")
@@ -48,8 +49,6 @@ def _code(lines: list[str]) -> Text:
 
 def render_markdown(doc: str) -> Group:
     """`doc` as rich renderables, one per block, with a blank line between blocks."""
-    from gradflow.render.text import Lines
-
     blocks: list = []
     para: list[str] = []
     items: Lines | None = None

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from gradflow.choices import FailOn, plain
 from gradflow.errors import GradflowError
-from gradflow.selection import Layer, RuleSelection, parse_selectors
+from gradflow.report.selection import Layer, RuleSelection, parse_selectors
+from gradflow.setup.sources import compile_regex
 
 KEYS = ("fail-on", "select", "ignore", "trainable")
 
@@ -98,7 +99,6 @@ def read_config(path: str | os.PathLike) -> ProjectConfig:
     if trainable is not None:
         if not isinstance(trainable, str):
             raise GradflowError(f"{where} trainable = {trainable!r} is not a string", 'Write a regex like "lora_"')
-        from gradflow.sources import compile_regex
 
         compile_regex(trainable, what=f"{where} trainable")
     return ProjectConfig(path=str(path), fail_on=fail_on, select=select, ignore=ignore, trainable=trainable)

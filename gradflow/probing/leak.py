@@ -13,6 +13,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Mapping
 
+from gradflow.data.packing import segments
+from gradflow.forward import call_model
+from gradflow.models import transformers_model
 from gradflow.snapshot import LeakPair, PackedLeak
 
 REL_TOL = 1e-6  # of the sample's own max |grad|; a kept boundary gives exactly 0
@@ -22,8 +25,6 @@ def measure(model, batch: Mapping) -> PackedLeak:
     """Measure cross-sample gradient on a packed batch; errors are recorded, never raised."""
     import torch
 
-    from gradflow.packing import segments
-    from gradflow.probing import call_model
 
     spans = segments(batch["position_ids"])
     rows = len(spans)
@@ -179,15 +180,9 @@ def _logits(out):
     return logits if isinstance(logits, torch.Tensor) and logits.dim() == 3 else None
 
 
-def _transformers_model(model):
-    from gradflow.fixes._base import transformers_model
-
-    return transformers_model(model)
-
-
 def attn_implementation(model) -> str | None:
     """config._attn_implementation of the transformers model inside `model`, or None."""
-    tm = _transformers_model(model)
+    tm = transformers_model(model)
     config = getattr(tm if tm is not None else model, "config", None)
     return getattr(config, "_attn_implementation", None) if config is not None else None
 
@@ -212,7 +207,7 @@ def boundary_causes(model, *, attention_mask_given: bool, cache_created: bool | 
     `cache_created=None` predicts it from the config (use_cache on, no gradient checkpointing, train mode).
     """
     causes = []
-    tm = _transformers_model(model)
+    tm = transformers_model(model)
     if cache_created is None and tm is not None:
         gc = bool(getattr(tm, "is_gradient_checkpointing", False))
         cache_created = bool(getattr(tm.config, "use_cache", False)) and not gc
@@ -247,3 +242,11 @@ def _no_donated_buffers():
     if not hasattr(fconfig, "donated_buffer"):
         return contextlib.nullcontext()
     return fconfig.patch(donated_buffer=False)
+
+
+def packing_blockers(model) -> list[str]:
+    """Why transformers would not keep sample boundaries for this model (empty when the packed path holds).
+
+    Static: the cache and the attention implementation. `measure` is the measured truth.
+    """
+    return boundary_causes(model, attention_mask_given=False, cache_created=None)

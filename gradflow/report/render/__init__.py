@@ -1,39 +1,19 @@
 """Rendering of Reports: rich text, the module tree, SARIF.
 
 `renderable(report)` is what the CLI prints for the report's command; `to_text(report)` is the same as a string
-(`str(report)`). rich is imported inside the functions, so importing gradflow.render.sarif stays cheap.
+(`str(report)`). rich is imported inside the functions, so importing gradflow.report.render.sarif stays cheap.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import sys
+from gradflow.report.render.patch import patch_text, snippet_text
+from gradflow.report.render.text import probe_text
+from gradflow.report.render.train import train_text
+from gradflow.report.render.tree import inspect_text
 
 DEFAULT_WIDTH = 80  # when neither $COLUMNS nor a terminal says
-
-
-_NUMBERED = re.compile(r"^(.*)\.(\d+)$")
-
-
-def fold_runs(rows: list[tuple[str, object]]) -> list[tuple[str, object]]:
-    """Runs of consecutive numbered keys with equal values become one row: 'layers.0–31 ×32'.
-
-    `rows` is (key, value) in order; a key folds with the one before it when both are PREFIX.N with the same
-    prefix, consecutive numbers, and equal values.
-    """
-    out: list[list] = []  # [prefix, first, last, value, key]
-    for key, value in rows:
-        hit = _NUMBERED.match(key)
-        prev = out[-1] if out else None
-        if (hit and prev is not None and prev[0] == hit.group(1) and prev[2] + 1 == int(hit.group(2))
-                and prev[3] == value):
-            prev[2] = int(hit.group(2))
-            continue
-        out.append([hit.group(1), int(hit.group(2)), int(hit.group(2)), value, key] if hit
-                   else [None, 0, 0, value, key])
-    return [(f"{prefix}.{a}–{b} ×{b - a + 1}" if prefix is not None and b > a else key, value)
-            for prefix, a, b, value, key in out]
 
 
 def renderable(report, *, depth: int | None = 4):
@@ -41,21 +21,14 @@ def renderable(report, *, depth: int | None = 4):
     from rich.console import Group
 
     if report.command == "inspect":
-        from gradflow.render.tree import inspect_text
-
         return inspect_text(report, depth=depth)
     if report.command == "train":
-        from gradflow.render.train import train_text
-
         return train_text(report)
     if report.before is not None or report.after is not None:
-        from gradflow.render.patch import patch_text, snippet_text
-
         parts = [patch_text(report)]
         if report.extra.get("snippet"):
             parts.append(snippet_text(report.extra["snippet"]))
         return Group(*parts)
-    from gradflow.render.text import probe_text
 
     return probe_text(report)
 

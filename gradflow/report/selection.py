@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from gradflow.errors import GradflowError
+from gradflow.rules.codes import CODES, REDIRECTS, lookup
 
 _EXACT = 100  # a whole code or a slug: more specific than any prefix
 
@@ -28,8 +29,6 @@ class Selector:
 
 def parse_selector(text: str, where: str) -> Selector:
     """One code, code prefix, slug or ALL; `where` names the flag or the pyproject key for the error."""
-    from gradflow.rules.codes import CODES, REDIRECTS, lookup
-
     raw = str(text).strip()
     if raw.upper() == "ALL":
         return Selector(raw, "", 0)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from gradflow.data.jsonl import encode, probe_batch, read_jsonl
+from gradflow.data.packing import collate_packed
 from gradflow.errors import GradflowError
-from gradflow.recipe import RecipeOptions, build
-from gradflow.sources import Setup, resolve
+from gradflow.forward import model_device, synthetic_batch, vocab_size
+from gradflow.setup.build import RecipeOptions, build
+from gradflow.setup.sources import Setup, resolve, setup_from_factory_result
 
 
 def load_setup(model, opts: RecipeOptions) -> Setup:
@@ -28,7 +31,6 @@ def resolve_setup(model, opts: RecipeOptions) -> Setup:
         return setup
     import torch
 
-    from gradflow.sources import setup_from_factory_result
 
     if isinstance(model, (torch.nn.Module, dict)):
         setup = setup_from_factory_result(model, type(model).__name__)
@@ -71,8 +73,6 @@ def _try_tokenizer(path: str):
 
 def make_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: int, seed: int):
     """The probe batch: from --data, else the factory's batch, else synthetic token ids."""
-    from gradflow.probing import model_device, synthetic_batch, vocab_size
-
     if setup.kind == "trainer":
         if data is not None:
             raise GradflowError(f"{setup.source} returns a Trainer, whose dataloader gives the batch; --data would "
@@ -81,8 +81,6 @@ def make_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: int,
     if data is not None or (setup.batch is None and setup.loss_fn is None):
         check_seq_len(setup.model, seq_len)
     if data is not None:
-        from gradflow.data import probe_batch
-
         return probe_batch(data, setup.tokenizer, batch_size=batch_size, seq_len=seq_len,
                            device=model_device(setup.model))
     if setup.batch is not None or setup.loss_fn is not None:
@@ -99,12 +97,10 @@ def packed_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: in
     """`--packed`: the --batch-size samples (at least 2; each at most --seq-len tokens) packed into one row.
 
     From --data's first samples, else synthetic token ids of distinct lengths; position_ids restart per sample
-    and there is no attention_mask (gradflow.packing), as a packed training batch has.
+    and there is no attention_mask (gradflow.data.packing), as a packed training batch has.
     """
     import torch
 
-    from gradflow.packing import collate_packed
-    from gradflow.probing import model_device, vocab_size
 
     if batch_size < 2:
         raise GradflowError(f"--packed needs at least 2 samples to pack, got --batch-size {batch_size}",
@@ -118,8 +114,6 @@ def packed_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: in
                             "sample) from the factory")
     check_seq_len(setup.model, seq_len)
     if data is not None:
-        from gradflow.data import encode, read_jsonl
-
         if setup.tokenizer is None:
             raise GradflowError("--data needs a tokenizer, and this model source has none",
                                 "Use a preset or a directory with a tokenizer, or return 'tokenizer' from your factory")

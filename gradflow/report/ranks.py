@@ -11,49 +11,9 @@ in a collective. In one process each is a no-op. See docs/distributed.md, "Findi
 from __future__ import annotations
 
 import dataclasses
-import os
 
-
-def silence_stdout() -> None:
-    """This process's stdout (fd 1) goes to /dev/null: rank 0 alone prints data."""
-    import sys
-
-    sys.stdout.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.close(devnull)
-
-
-def bind_local_gpu() -> None:
-    """Under torchrun with CUDA: make "cuda" mean this rank's GPU (LOCAL_RANK) before the model is built, so that
-    each rank builds, plans and probes on its own GPU instead of all on cuda:0. No-op in one process or on CPU."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "LOCAL_RANK" not in os.environ:
-        return
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-
-
-def train_world(device_type: str = "cpu") -> tuple[int, str] | None:
-    """(world size, backend) under torchrun / accelerate launch with more than one process, else None.
-
-    The pre-flight runs before Trainer exists, so the default process group may not be up yet: it is started here
-    through accelerate's PartialState, exactly as TrainingArguments starts it later (same backend: gloo on CPU,
-    nccl on CUDA; Trainer then finds the group initialised and uses it)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or "RANK" not in os.environ:
-        return None
-    import torch.distributed as dist
-
-    if not dist.is_available():
-        return None
-    if not dist.is_initialized():
-        from accelerate import PartialState
-
-        PartialState(cpu=device_type == "cpu")
-    if not dist.is_initialized() or dist.get_world_size() <= 1:
-        return None
-    return dist.get_world_size(), str(dist.get_backend())
+from gradflow.report import finding_line
+from gradflow.world import finish, is_multi_process, silence_stdout, train_world
 
 
 def _ranks_text(ranks: list[int], world: int) -> str:
@@ -96,7 +56,7 @@ def gather_findings(findings: list, world: tuple[int, str] | None = None) -> tup
     import torch.distributed as dist
 
     if world is None:
-        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not is_multi_process():
             return list(findings), []
         world = (dist.get_world_size(), str(dist.get_backend()))
     everyone: list = [None] * world[0]
@@ -110,7 +70,6 @@ def gather_preflight(report, device_type: str = "cpu") -> None:
     world = train_world(device_type)
     if world is None:
         return
-    from gradflow.training.preflight import finding_line
 
     merged, partial = gather_findings(report.findings, world)
     report.findings = merged
@@ -134,30 +93,13 @@ def gather_watch(report, findings: list) -> list:
     return merged
 
 
-def agree_min(value: int | None) -> int | None:
-    """The smallest `value` any rank holds (None: none holds one); the value itself in one process. A collective
-    under torchrun: every rank must call it at the same point."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    import torch
-
-    none = 2 ** 62
-    device = torch.device("cuda", torch.cuda.current_device()) if "nccl" in str(dist.get_backend()) else "cpu"
-    t = torch.tensor([none if value is None else int(value)], dtype=torch.long, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    out = int(t.item())
-    return None if out == none else out
-
-
 def speak_for_ranks(report) -> None:
     """probe-backward / inspect when the user's code started the process group itself (a Trainer factory under
     torchrun, without --ddp/--fsdp): every rank probed its own first batch; the findings of all ranks are merged
     into the report (a collective: every rank calls it), and only rank 0 prints. One process: nothing happens."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_multi_process():
         return
     world = (dist.get_world_size(), str(dist.get_backend()))
     merged, partial = gather_findings(report.findings, world)
@@ -169,8 +111,7 @@ def speak_for_ranks(report) -> None:
         silence_stdout()
     import atexit
 
-    from gradflow.distributed import _finish
 
     # the Trainer's process group is nobody's to close: left to interpreter teardown, gloo could abort rank 0
     # ("terminate called without an active exception", seen once in 4.57's suite)
-    atexit.register(_finish)
+    atexit.register(finish)

@@ -21,6 +21,8 @@ import contextlib
 from typing import Any, Callable
 
 from gradflow.errors import GradflowError
+from gradflow.forward import call_model, extract_loss
+from gradflow.probing.backward import _describe_exc, preserved
 from gradflow.snapshot import ParamStep, StepsRun
 
 DEFAULT_LR = 1e-3
@@ -46,7 +48,6 @@ def run_steps(model, batch: Any, *, steps: int, loss_fn: Callable | None = None,
     """Take `steps` optimizer steps on `batch`, record what moved, and put the model and optimizer back."""
     import torch
 
-    from gradflow.probing import preserved
 
     named = list(model.named_parameters())
     states = {p.name: p for p in snap.params} if snap is not None else {}
@@ -79,7 +80,6 @@ def run_steps(model, batch: Any, *, steps: int, loss_fn: Callable | None = None,
             run.params = [_param_state(n, p, states, held, optimizer, nonzero, got_grad, params_before)
                           for n, p in intended]
     except Exception as exc:  # the user's forward, backward or optimizer failing is data
-        from gradflow.probing import _describe_exc
 
         run.error = _describe_exc(exc)
     finally:
@@ -106,8 +106,6 @@ def _intended(state, p) -> bool:
 
 
 def _step(model, batch, loss_fn, optimizer, lr_scheduler, intended, got_grad, nonzero) -> float | None:
-    from gradflow.probing import call_model, extract_loss
-
     model.zero_grad(set_to_none=True)  # parameters outside the optimizer too: each step sees its own gradient
     out = loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
     loss = extract_loss(out)

@@ -11,6 +11,8 @@ import sys
 from typing import Any, Callable
 
 from gradflow.errors import GradflowError
+from gradflow.models import is_trainer
+from gradflow.setup.presets import PRESETS
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -32,7 +34,7 @@ class Setup:
     find_unused_parameters: bool | None = None
     static_graph: bool = False
     lr_scheduler: Any = None  # a factory's (or a Trainer's) scheduler, stepped by --steps
-    fsdp_plan: Any = None  # a Trainer's FSDP1 units, planned before wrapping (gradflow.trainer_source.fsdp1_plan)
+    fsdp_plan: Any = None  # a Trainer's FSDP1 units, planned before wrapping (gradflow.setup.trainer_source.fsdp1_plan)
 
 
 def resolve(spec: str, *, trust_remote_code: bool = False, named_in: str | None = None) -> Setup:
@@ -42,8 +44,6 @@ def resolve(spec: str, *, trust_remote_code: bool = False, named_in: str | None 
     not type. Such a spec resolves as a preset, directory or hub id only: a factory in it would run code that
     someone else wrote, so it is refused unless `trust_remote_code` is set.
     """
-    from gradflow.presets import PRESETS
-
     if spec in PRESETS:
         return Setup(model=None, kind="preset", source=spec, preset=spec)
     if os.path.isdir(spec):
@@ -158,7 +158,6 @@ def _is_setup_object(obj: Any) -> bool:
     torch = sys.modules.get("torch")
     if torch is not None and isinstance(obj, torch.nn.Module):
         return True
-    from gradflow.trainer_source import is_trainer
 
     return is_trainer(obj)
 
@@ -167,7 +166,6 @@ def setup_from_factory_result(result: Any, source: str) -> Setup:
     """Check a factory's return value: an nn.Module, a Trainer, or a dict with `model` or `trainer`."""
     import torch
 
-    from gradflow.trainer_source import is_trainer
 
     if isinstance(result, torch.nn.Module):
         return Setup(model=result, kind="factory", source=source)

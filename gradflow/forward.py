@@ -1,0 +1,72 @@
+"""The forward helpers every layer uses: where a model lives, a synthetic batch, calling a model on a batch, its loss,
+and the RNG state to replay a step. torch is imported inside the functions, so importing this module stays cheap."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+
+def model_device(model):
+    import torch
+
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return torch.device("cpu")
+
+
+def vocab_size(model) -> int | None:
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if size:
+        return int(size)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    return getattr(emb, "num_embeddings", None)
+
+
+def synthetic_batch(model, *, batch_size: int = 2, seq_len: int = 32, seed: int = 0) -> dict:
+    """Token ids inside the vocab and labels equal to them: a causal-LM batch."""
+    import torch
+
+    vocab = vocab_size(model)
+    if vocab is None:
+        raise ValueError("cannot synthesise a batch: the model has no vocab_size; pass a batch or loss_fn")
+    gen = torch.Generator().manual_seed(seed)
+    # skip the first ids: presets keep pad/bos/eos there
+    ids = torch.randint(min(3, vocab - 1), vocab, (batch_size, seq_len), generator=gen)
+    device = model_device(model)
+    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.clone().to(device)}
+
+
+def call_model(model, batch):
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def extract_loss(out):
+    """The scalar loss from a model output or a loss_fn's return value."""
+    import torch
+
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, Mapping):
+        loss = out.get("loss")
+    if loss is None and isinstance(out, torch.Tensor):
+        loss = out
+    if loss is None and isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        loss = out[0]
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"no loss in the output ({type(out).__name__}); pass labels in the batch or a loss_fn")
+    if loss.numel() != 1:
+        raise TypeError(f"the loss has shape {tuple(loss.shape)}, not a scalar; reduce it in your loss_fn")
+    # a reshape of a 0-dim loss would add a view node and hide a hand-made leaf (loss.requires_grad_())
+    return loss if loss.dim() == 0 else loss.reshape(())
+
+
+def rng_state():
+    import torch
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda

@@ -1,0 +1,1 @@
+"""MODEL → Setup: presets, directories, hub ids, factories and Trainers read, then built as options ask."""
