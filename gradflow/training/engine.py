@@ -20,7 +20,7 @@ from gradflow.data.audit import write_json_atomic, write_jsonl_atomic
 from gradflow.errors import GradflowError
 from gradflow.forward import model_device
 from gradflow.noise import ignore_known_noise
-from gradflow.report import Finding, Fix, Report, ranks as _ranks
+from gradflow.report import Finding, Fix, Report, finding_line, ranks as _ranks
 from gradflow.setup.build import RecipeOptions, apply_lora
 from gradflow.setup.load import build_setup as build_resolved, check_lora_flags, check_seq_len, resolve_setup
 from gradflow.training import fsdp as _fsdp, so8
