@@ -33,6 +33,7 @@ from gradflow.errors import GradflowError
 from gradflow.forward import call_model
 from gradflow.report import build_report
 from gradflow.rules import run_rules
+from gradflow.setup.sources import Kind
 from gradflow.setup.wrappers import fsdp1_numels, is_fsdp1, unwrap_fsdp1
 from gradflow.world import Launch
 
@@ -56,7 +57,7 @@ def unwrap(model):
 
 def adopt(setup, launch: Launch) -> None:
     """A factory's DDP or FSDP1 wrapper is set aside (the setup holds the module under it); a Trainer is refused."""
-    if setup.kind == "trainer":
+    if setup.kind == Kind.TRAINER:
         raise GradflowError(f"--{launch.wrapper} wraps a model, and {setup.source} returns a Trainer",
                             "Return the model (or {'model': ..., 'batch': ...}) from the factory")
 

@@ -29,7 +29,7 @@ from gradflow.setup.build import (_from_pretrained, _no_progress_bars, _quant_co
                                   resolve_device, resolve_dtype)
 from gradflow.setup.load import check_lora_flags, make_batch
 from gradflow.setup.presets import preset_config
-from gradflow.setup.sources import Setup, _first_line, names_code, resolve
+from gradflow.setup.sources import Kind, Setup, _first_line, names_code, resolve
 from gradflow.snapshot import count_into_ancestors
 
 # What a dry run cannot see, and why: they depend on the real weights' values or on real data.
@@ -57,7 +57,7 @@ class Twin:
 
     config: Any  # the real config
     twin_config: Any
-    kind: str  # preset | dir | config | hub
+    kind: Kind  # PRESET, DIR, CONFIG or HUB
     source: str
     full_numel: dict[str, int]  # full-size parameter name -> numel (meta device)
     full_modules: dict[str, Any]  # full-size module name -> module (meta device), for adapter shapes
@@ -69,10 +69,10 @@ def load_config(spec: str, *, trust_remote_code: bool = False):
         raise GradflowError(f"--dry-run needs a config, but {spec} is a factory (Python code that builds the model)",
                             "Pass the config.json (or its directory) of the model the factory loads, or drop --dry-run")
     setup = resolve(spec, trust_remote_code=trust_remote_code)
-    if setup.kind == "preset":
+    if setup.kind == Kind.PRESET:
         return preset_config(spec), "preset"
     path = spec
-    if setup.kind == "dir":
+    if setup.kind == Kind.DIR:
         if os.path.isfile(os.path.join(spec, "adapter_config.json")) and not os.path.isfile(
                 os.path.join(spec, "config.json")):
             raise GradflowError(f"{spec} is a PEFT adapter directory; a dry run builds the base from its config "
@@ -86,7 +86,7 @@ def load_config(spec: str, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     try:
-        if setup.kind in ("dir", "config"):
+        if setup.kind in (Kind.DIR, Kind.CONFIG):
             read_json(path)  # a readable JSON object, or one line saying what is wrong
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except GradflowError:
@@ -399,7 +399,7 @@ def dry_run(spec: str, opts, *, command: str = "probe-backward", static: bool = 
     Args:
         spec: a config.json path, a directory holding one (its weights, if any, are not read), a preset, or a hub id
             (its config only).
-        opts: the setup (gradflow.setup.build.RecipeOptions): LoRA, quantization, checkpointing, dtype, trainable.
+        opts: the setup (gradflow.setup.build.SetupOptions): LoRA, quantization, checkpointing, dtype, trainable.
         command: "probe-backward" (forward and backward) or "inspect" (forward only, or nothing when `static`).
         static: for inspect: describe the module tree without running the twin.
         batch_size, seq_len, seed: the synthetic batch.
@@ -441,8 +441,8 @@ def _dry_run(spec, opts, *, command, static, batch_size, seq_len, seed, data) ->
         raise GradflowError("--dry-run loads no weights, so it cannot load --adapter",
                             "Describe the adapter with --lora-r / --lora-targets, or drop --dry-run")
     twin, model = build_twin(spec, opts)
-    setup = Setup(model=model, kind=twin.kind if twin.kind != "config" else "dir", source=spec,
-                  preset=spec if twin.kind == "preset" else None)
+    setup = Setup(model=model, kind=twin.kind if twin.kind != Kind.CONFIG else Kind.DIR, source=spec,
+                  preset=spec if twin.kind == Kind.PRESET else None)
     check_lora_flags(setup, opts)
     setup = build(setup, opts)
     model = setup.model

@@ -121,10 +121,10 @@ def test_qlora_gradients_are_compared_at_the_compute_dtype():
     """prepare_model_for_kbit_training upcasts every float parameter to fp32, but the 4-bit layers compute in bf16:
     the bf16 tolerance must apply (on an H200 the fp32 tolerance flagged 106 of 256 healthy LoRA gradients)."""
     from gradflow.probing.gc_check import compute_dtype
-    from gradflow.setup.build import RecipeOptions
+    from gradflow.setup.build import SetupOptions
     from gradflow.setup.load import load_setup
 
-    setup = load_setup("tiny-llama", RecipeOptions(quant="4bit", dtype="bfloat16", lora_r=4, gc="non-reentrant"))
+    setup = load_setup("tiny-llama", SetupOptions(quant="4bit", dtype="bfloat16", lora_r=4, gc="non-reentrant"))
     assert compute_dtype(setup.model) == "bfloat16"
-    plain = load_setup("tiny-llama", RecipeOptions(lora_r=4))
+    plain = load_setup("tiny-llama", SetupOptions(lora_r=4))
     assert compute_dtype(plain.model) == "float32"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from gradflow.dryrun import UNSEEN, dry_run, shrink_config
-from gradflow.setup.build import RecipeOptions
+from gradflow.setup.build import SetupOptions
 
 SETUPS = {
     # healthy on both stacks: LoRA on every linear layer, non-reentrant checkpointing
@@ -61,8 +61,8 @@ def _grads(report):
 
 @pytest.mark.parametrize("name", list(SETUPS))
 def test_dry_run_finds_what_a_real_probe_finds(small_llama, name):
-    real = _real(small_llama, RecipeOptions(device="cpu", **SETUPS[name]))
-    dry = dry_run(str(small_llama / "config.json"), RecipeOptions(device="cpu", **SETUPS[name]), seq_len=16)
+    real = _real(small_llama, SetupOptions(device="cpu", **SETUPS[name]))
+    dry = dry_run(str(small_llama / "config.json"), SetupOptions(device="cpu", **SETUPS[name]), seq_len=16)
 
     assert _key(dry) == _key(real)
     assert _grads(dry) == _grads(real)  # every trainable parameter: the same name and the same ok/none/zero class
@@ -81,7 +81,7 @@ def test_dry_run_finds_what_a_real_probe_finds(small_llama, name):
 
 def test_the_comparison_is_not_vacuous(small_llama):
     """The broken setups do fire errors and warnings; the healthy one fires none."""
-    slugs = {name: {f.slug for f in _real(small_llama, RecipeOptions(device="cpu", **SETUPS[name])).findings
+    slugs = {name: {f.slug for f in _real(small_llama, SetupOptions(device="cpu", **SETUPS[name])).findings
                     if f.severity != "info"} for name in ("healthy", "intended-frozen", "full-bf16")}
     assert slugs["healthy"] == set()
     assert "intended-param-frozen" in slugs["intended-frozen"]
@@ -109,9 +109,9 @@ def test_preset_dry_run_equals_real_probe(preset):
     from gradflow.setup.load import load_setup, make_batch
 
     opts = dict(device="cpu", lora_r=8, lora_targets="all-linear", gc="reentrant")
-    setup = load_setup(preset, RecipeOptions(**opts))
+    setup = load_setup(preset, SetupOptions(**opts))
     real = gradflow.probe(setup.model, make_batch(setup, data=None, batch_size=2, seq_len=16, seed=0))
-    dry = dry_run(preset, RecipeOptions(**opts), seq_len=16)
+    dry = dry_run(preset, SetupOptions(**opts), seq_len=16)
     assert _key(dry) == _key(real) and _key(real)  # lora-zero-init and use-cache-in-training at least
     assert _grads(dry) == _grads(real)
     assert (dry.model["params_total"], dry.model["params_trainable"]) == (real.model["params_total"],
@@ -123,9 +123,9 @@ def test_inspect_dry_run_shows_the_real_tree(small_llama):
     from gradflow.setup.load import load_setup
 
     opts = dict(device="cpu", lora_r=8, gc="reentrant")
-    setup = load_setup(str(small_llama), RecipeOptions(**opts))
+    setup = load_setup(str(small_llama), SetupOptions(**opts))
     real = gradflow.inspect(setup.model, static=True)
-    dry = dry_run(str(small_llama), RecipeOptions(**opts), command="inspect", static=True)
+    dry = dry_run(str(small_llama), SetupOptions(**opts), command="inspect", static=True)
     assert dry.command == "inspect" and dry.params["with_grad"] is None  # no backward was run
     assert [(m["name"], m["class"], m["trainable"], m["frozen"], m["checkpointing"]) for m in dry.modules] == \
         [(m["name"], m["class"], m["trainable"], m["frozen"], m["checkpointing"]) for m in real.modules]
@@ -141,7 +141,7 @@ def test_phi35_longrope_config_twin(tmp_path):
                original_max_position_embeddings=4096, pad_token_id=32000, eos_token_id=32000,
                rope_scaling={"type": "longrope", "short_factor": [1.0] * 48, "long_factor": [1.5] * 48},
                tie_word_embeddings=False).save_pretrained(tmp_path)
-    report = dry_run(str(tmp_path), RecipeOptions(device="cpu", lora_r=16, gc="non-reentrant"), seq_len=16)
+    report = dry_run(str(tmp_path), SetupOptions(device="cpu", lora_r=16, gc="non-reentrant"), seq_len=16)
     assert report.params["none_grad"] == 0 and report.params["trainable"] == 2 * 2 * 4  # 4 linears per layer
     # the real Phi-3.5 layer: qkv 3072x9216, o 3072x3072, gate_up 3072x16384, down 8192x3072; LoRA r=16 on each
     per_layer = 16 * ((3072 + 9216) + (3072 + 3072) + (3072 + 16384) + (8192 + 3072))

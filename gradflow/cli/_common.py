@@ -20,9 +20,10 @@ def user_code(setup=None):
         try:
             yield
         except (SystemExit, KeyboardInterrupt) as exc:
-            if setup is None or setup.kind not in ("factory", "trainer"):
+            from gradflow.setup.sources import Kind, user_exit_error
+
+            if setup is None or setup.kind not in (Kind.FACTORY, Kind.TRAINER):
                 raise
-            from gradflow.setup.sources import user_exit_error
 
             raise user_exit_error(exc, setup.source, "running its forward, loss or backward") from exc
 

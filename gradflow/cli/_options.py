@@ -48,11 +48,11 @@ Isolated = Annotated[bool, typer.Option("--isolated", help="Ignore \\[tool.gradf
 
 def setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype, device, trainable,
                   trust_remote_code, seed=0):
-    """RecipeOptions from the shared CLI options (validated)."""
-    from gradflow.setup.build import RecipeOptions
+    """SetupOptions from the shared CLI options (validated)."""
+    from gradflow.setup.build import SetupOptions
 
     quant, gc, dtype, device = (c.plain(v) for v in (quant, gc, dtype, device))  # the library stores plain str
-    opts = RecipeOptions(lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, adapter=adapter,
+    opts = SetupOptions(lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, adapter=adapter,
                          adapter_trainable=adapter_trainable, quant=quant, gc=gc, dtype=dtype, device=device,
                          trainable=trainable, trust_remote_code=trust_remote_code, seed=seed)
     opts.validate()

@@ -30,6 +30,7 @@ def patch(
     from gradflow.cli._common import Gate, prepare, user_code
     from gradflow.cli._output import Output
     from gradflow.errors import GradflowError
+    from gradflow.setup.sources import Kind
 
     out = Output(format, quiet=quiet)
     try:
@@ -44,7 +45,7 @@ def patch(
         opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
                                device, gate.trainable, trust_remote_code, seed)
         setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out)
-        trained = setup.model.model if setup.kind == "trainer" else setup.model  # a Trainer's model is saved
+        trained = setup.model.model if setup.kind == Kind.TRAINER else setup.model  # a Trainer's model is saved
         if save is not None:
             check_save_target(trained, save)
         import gradflow
@@ -55,7 +56,7 @@ def patch(
         if save is not None:
             with out.status(f"saving to {save}"):
                 report.extra["saved"] = save_patched(trained, report, save, source=model,
-                                                     base_name=setup.preset if setup.kind == "preset" else None)
+                                                     base_name=setup.preset if setup.kind == Kind.PRESET else None)
         report, code = gate.judge(report, command="patch", model=model)
     except Exception as exc:
         fail(exc)

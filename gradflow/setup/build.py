@@ -13,7 +13,7 @@ from gradflow.errors import GradflowError
 from gradflow.limits import check_int
 from gradflow.models import is_peft_model
 from gradflow.setup.presets import build_preset, build_tokenizer
-from gradflow.setup.sources import Setup, _first_line, compile_regex, resolve
+from gradflow.setup.sources import Kind, Setup, _first_line, compile_regex, resolve
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
@@ -22,7 +22,7 @@ QUANT_MODES = Quant.values()
 
 
 @dataclasses.dataclass
-class RecipeOptions:
+class SetupOptions:
     """Setup options as the CLI takes them. None means: leave the model as its source built it."""
 
     lora_r: int | None = None  # None: 8 for presets/dirs/hub ids, no LoRA for factories; 0: no LoRA
@@ -82,14 +82,14 @@ def resolve_dtype(name: str | None):
     return getattr(torch, DTYPES[name])
 
 
-def build(setup: Setup, opts: RecipeOptions) -> Setup:
+def build(setup: Setup, opts: SetupOptions) -> Setup:
     """Load or adapt the model in `setup` as `opts` say, in the order careful users follow."""
     opts.validate()
-    if setup.kind == "trainer":
+    if setup.kind == Kind.TRAINER:
         return _trainer_setup(setup, opts)
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype)
-    is_factory = setup.kind == "factory"
+    is_factory = setup.kind == Kind.FACTORY
     if setup.model is None:
         setup.model = _load(setup, opts, device, dtype)
     elif opts.quant != "none" and not _quantized(setup.model):
@@ -125,7 +125,7 @@ def build(setup: Setup, opts: RecipeOptions) -> Setup:
     return setup
 
 
-def _trainer_setup(setup: Setup, opts: RecipeOptions) -> Setup:
+def _trainer_setup(setup: Setup, opts: SetupOptions) -> Setup:
     """A Trainer brings its own model, checkpointing and adapters: setup flags would silently disagree with it."""
     given = [flag for flag, value in (("--lora-r", opts.lora_r), ("--lora-alpha", opts.lora_alpha),
                                       ("--lora-targets", opts.lora_targets), ("--adapter", opts.adapter),
@@ -143,11 +143,11 @@ def _trainer_setup(setup: Setup, opts: RecipeOptions) -> Setup:
     return setup
 
 
-def _load(setup: Setup, opts: RecipeOptions, device: str, dtype):
+def _load(setup: Setup, opts: SetupOptions, device: str, dtype):
     import torch
 
     quant_config = _quant_config(opts.quant, dtype or torch.float32)
-    if setup.kind == "preset":
+    if setup.kind == Kind.PRESET:
         setup.tokenizer = build_tokenizer()
         if quant_config is None:
             return build_preset(setup.preset, dtype=dtype, device=device, seed=opts.seed)
@@ -159,7 +159,7 @@ def _load(setup: Setup, opts: RecipeOptions, device: str, dtype):
             return _from_pretrained(tmp, opts, device, dtype, quant_config)
     if _is_adapter_dir(setup):
         return _load_adapter_dir(setup, opts, device, dtype)
-    if setup.kind == "dir" and not os.path.isfile(os.path.join(setup.source, "config.json")):
+    if setup.kind == Kind.DIR and not os.path.isfile(os.path.join(setup.source, "config.json")):
         raise GradflowError(f"{setup.source} has no config.json or adapter_config.json",
                             "Pass a directory written by save_pretrained")
     return _from_pretrained(setup.source, opts, device, dtype, quant_config)
@@ -179,7 +179,7 @@ def _no_progress_bars():
             hf_logging.enable_progress_bar()
 
 
-def _load_adapter_dir(setup: Setup, opts: RecipeOptions, device: str, dtype):
+def _load_adapter_dir(setup: Setup, opts: SetupOptions, device: str, dtype):
     """A PEFT adapter directory: load its base (a preset name works too), then the adapter, frozen or not."""
     config_path = os.path.join(setup.source, "adapter_config.json")
     base_id = read_json(config_path).get("base_model_name_or_path")
@@ -215,10 +215,10 @@ def read_json(path: str) -> dict:
 
 
 def _is_adapter_dir(setup: Setup) -> bool:
-    return setup.kind == "dir" and os.path.isfile(os.path.join(setup.source, "adapter_config.json"))
+    return setup.kind == Kind.DIR and os.path.isfile(os.path.join(setup.source, "adapter_config.json"))
 
 
-def _from_pretrained(path: str, opts: RecipeOptions, device: str, dtype, quant_config):
+def _from_pretrained(path: str, opts: SetupOptions, device: str, dtype, quant_config):
     from transformers import AutoModelForCausalLM
 
     kwargs = {"trust_remote_code": opts.trust_remote_code}

@@ -8,23 +8,23 @@ from gradflow.data.jsonl import encode, probe_batch, read_jsonl
 from gradflow.data.packing import collate_packed
 from gradflow.errors import GradflowError
 from gradflow.forward import model_device, synthetic_batch, vocab_size
-from gradflow.setup.build import RecipeOptions, build
-from gradflow.setup.sources import Setup, resolve, setup_from_factory_result
+from gradflow.setup.build import SetupOptions, build
+from gradflow.setup.sources import Kind, Setup, resolve, setup_from_factory_result
 
 
-def load_setup(model, opts: RecipeOptions) -> Setup:
+def load_setup(model, opts: SetupOptions) -> Setup:
     """Resolve MODEL and build the training setup the options describe."""
     return build_setup(resolve_setup(model, opts), opts)
 
 
-def resolve_setup(model, opts: RecipeOptions) -> Setup:
+def resolve_setup(model, opts: SetupOptions) -> Setup:
     """MODEL as a Setup, nothing built yet: a spec string, a Setup, or an nn.Module / factory-style dict."""
     opts.validate()
     if isinstance(model, Setup):
         return model
     if isinstance(model, str):
         setup = resolve(model, trust_remote_code=opts.trust_remote_code)
-        if setup.kind == "config":  # a config.json alone holds no weights to load
+        if setup.kind == Kind.CONFIG:  # a config.json alone holds no weights to load
             raise GradflowError(f"{model} is a config file, and gradflow needs the model's weights to run it",
                                 "Pass --dry-run to judge the setup without weights, or the directory holding the "
                                 "config and weights")
@@ -34,30 +34,30 @@ def resolve_setup(model, opts: RecipeOptions) -> Setup:
 
     if isinstance(model, (torch.nn.Module, dict)):
         setup = setup_from_factory_result(model, type(model).__name__)
-        if setup.kind != "trainer":
-            setup.kind = "object"  # built by the caller: trained in place
+        if setup.kind != Kind.TRAINER:
+            setup.kind = Kind.OBJECT  # built by the caller: trained in place
         return setup
     raise GradflowError(f"cannot use a {type(model).__name__} as MODEL", "Pass a MODEL spec string or an nn.Module")
 
 
-def build_setup(setup: Setup, opts: RecipeOptions, *, check_flags: bool = True) -> Setup:
+def build_setup(setup: Setup, opts: SetupOptions, *, check_flags: bool = True) -> Setup:
     """Build a resolved setup as the options say (LoRA, adapter, quantization, checkpointing), with its tokenizer."""
     if check_flags:
         check_lora_flags(setup, opts)
     setup = build(setup, opts)
-    if setup.tokenizer is None and setup.kind in ("dir", "hub"):
+    if setup.tokenizer is None and setup.kind in (Kind.DIR, Kind.HUB):
         setup.tokenizer = _try_tokenizer(setup.source)
     return setup
 
 
-def check_lora_flags(setup: Setup, opts: RecipeOptions) -> None:
+def check_lora_flags(setup: Setup, opts: SetupOptions) -> None:
     """--lora-targets / --lora-alpha without a LoRA to shape would be silently ignored: say so instead."""
     if not (opts.lora_targets or opts.lora_alpha) or opts.adapter is not None:
         return
     flag = "--lora-targets" if opts.lora_targets else "--lora-alpha"
     if opts.lora_r == 0:
         raise GradflowError(f"{flag} has no effect with --lora-r 0", "Drop it, or pass a rank like --lora-r 8")
-    if opts.lora_r is None and setup.kind == "factory":
+    if opts.lora_r is None and setup.kind == Kind.FACTORY:
         raise GradflowError(f"{flag} has no effect: gradflow adds no LoRA to a factory's model unless asked",
                             "Pass --lora-r 8 (or another rank) with it, or add LoRA inside the factory")
 
@@ -73,7 +73,7 @@ def _try_tokenizer(path: str):
 
 def make_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: int, seed: int):
     """The probe batch: from --data, else the factory's batch, else synthetic token ids."""
-    if setup.kind == "trainer":
+    if setup.kind == Kind.TRAINER:
         if data is not None:
             raise GradflowError(f"{setup.source} returns a Trainer, whose dataloader gives the batch; --data would "
                                 "be ignored", "Drop --data (the trainer's train_dataset is probed)")
@@ -105,7 +105,7 @@ def packed_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: in
     if batch_size < 2:
         raise GradflowError(f"--packed needs at least 2 samples to pack, got --batch-size {batch_size}",
                             "Pass --batch-size 2 or more")
-    if setup.kind == "trainer":
+    if setup.kind == Kind.TRAINER:
         raise GradflowError(f"{setup.source} returns a Trainer, whose collator decides whether batches are packed",
                             "Drop --packed (give the trainer a packing collator to probe packed batches)")
     if data is None and (setup.batch is not None or setup.loss_fn is not None):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import importlib
 import importlib.util
 import os
@@ -17,12 +18,27 @@ from gradflow.setup.presets import PRESETS
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+class Kind(str, enum.Enum):
+    """Where a Setup came from. A str, so that the value is what report.json and messages show."""
+
+    PRESET = "preset"
+    DIR = "dir"
+    CONFIG = "config"  # a config.json: enough for --dry-run, no weights
+    HUB = "hub"
+    FACTORY = "factory"
+    TRAINER = "trainer"
+    OBJECT = "object"  # an nn.Module handed over by the caller (the API, train's own build): trained in place
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclasses.dataclass
 class Setup:
     """What gradflow works on: the model and, from a factory, the user's batch, loss, optimizer and intent."""
 
     model: Any
-    kind: str  # preset | dir | config | hub | factory | trainer
+    kind: Kind
     source: str
     batch: Any = None
     loss_fn: Callable | None = None
@@ -45,9 +61,9 @@ def resolve(spec: str, *, trust_remote_code: bool = False, named_in: str | None 
     someone else wrote, so it is refused unless `trust_remote_code` is set.
     """
     if spec in PRESETS:
-        return Setup(model=None, kind="preset", source=spec, preset=spec)
+        return Setup(model=None, kind=Kind.PRESET, source=spec, preset=spec)
     if os.path.isdir(spec):
-        return Setup(model=None, kind="dir", source=spec)
+        return Setup(model=None, kind=Kind.DIR, source=spec)
     if named_in is not None and names_code(spec) and not trust_remote_code:
         raise GradflowError(f"{named_in} names the Python factory {spec!r} as the base model, and gradflow runs "
                             "code read from a file only when told to",
@@ -56,12 +72,12 @@ def resolve(spec: str, *, trust_remote_code: bool = False, named_in: str | None 
     if _looks_like_factory(spec):
         return load_factory(spec)
     if os.path.isfile(spec) and spec.lower().endswith(".json"):
-        return Setup(model=None, kind="config", source=spec)  # a config.json: enough for --dry-run, no weights
+        return Setup(model=None, kind=Kind.CONFIG, source=spec)  # a config.json: enough for --dry-run, no weights
     if os.path.exists(spec):
         raise GradflowError(f"{spec} is a file, not a model directory or factory",
                             "Pass a directory written by save_pretrained, or FILE.py:FUNCTION")
     if _HUB_ID.match(spec) and not spec.startswith("."):
-        return Setup(model=None, kind="hub", source=spec)
+        return Setup(model=None, kind=Kind.HUB, source=spec)
     if os.sep in spec or spec.startswith("."):
         raise GradflowError(f"no such directory: {spec}", "Check the path, or pass a preset name")
     names = ", ".join(sorted(PRESETS))
@@ -168,9 +184,9 @@ def setup_from_factory_result(result: Any, source: str) -> Setup:
 
 
     if isinstance(result, torch.nn.Module):
-        return Setup(model=result, kind="factory", source=source)
+        return Setup(model=result, kind=Kind.FACTORY, source=source)
     if is_trainer(result):
-        return Setup(model=result, kind="trainer", source=source)
+        return Setup(model=result, kind=Kind.TRAINER, source=source)
     if isinstance(result, dict) and "trainer" in result:
         if not is_trainer(result["trainer"]):
             raise GradflowError(f"factory {source} returned a dict whose 'trainer' is "
@@ -183,7 +199,7 @@ def setup_from_factory_result(result: Any, source: str) -> Setup:
         trainable = result.get("trainable")
         if trainable is not None:
             compile_regex(trainable, what=f"factory {source}: 'trainable'")
-        return Setup(model=result["trainer"], kind="trainer", source=source, trainable=trainable)
+        return Setup(model=result["trainer"], kind=Kind.TRAINER, source=source, trainable=trainable)
     if isinstance(result, dict):
         model = result.get("model")
         if not isinstance(model, torch.nn.Module):
@@ -199,7 +215,7 @@ def setup_from_factory_result(result: Any, source: str) -> Setup:
         trainable = result.get("trainable")
         if trainable is not None:
             compile_regex(trainable, what=f"factory {source}: 'trainable'")
-        return Setup(model=model, kind="factory", source=source, batch=result.get("batch"), loss_fn=loss_fn,
+        return Setup(model=model, kind=Kind.FACTORY, source=source, batch=result.get("batch"), loss_fn=loss_fn,
                      optimizer=result.get("optimizer"), trainable=trainable, tokenizer=result.get("tokenizer"),
                      lr_scheduler=result.get("lr_scheduler"))
     raise GradflowError(f"factory {source} returned {type(result).__name__}, not an nn.Module, Trainer or dict",

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from gradflow.errors import GradflowError
 from gradflow.models import is_peft_model
-from gradflow.setup.sources import Setup, _first_line, _where
+from gradflow.setup.sources import Kind, Setup, _first_line, _where
 from gradflow.setup.wrappers import plan_fsdp1
 
 
@@ -302,7 +302,7 @@ def prepared(trainer) -> Iterator[Setup]:
         live = trainer.model  # the unwrapped model (PEFT wrapping by SFTTrainer happened in its __init__)
         loader = seen.get("train_dataloader")
         batch = trainer._prepare_inputs(first_batch(loader)) if loader is not None else None
-        setup = Setup(model=live, kind="trainer", source=type(trainer).__name__, batch=batch,
+        setup = Setup(model=live, kind=Kind.TRAINER, source=type(trainer).__name__, batch=batch,
                       loss_fn=_trainer_loss(trainer, _num_items(trainer, batch)), optimizer=seen.get("optimizer") or trainer.optimizer,
                       tokenizer=getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None))
         setup.find_unused_parameters = find_unused_parameters(trainer, live)

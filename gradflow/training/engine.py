@@ -21,8 +21,9 @@ from gradflow.errors import GradflowError
 from gradflow.forward import model_device
 from gradflow.noise import ignore_known_noise
 from gradflow.report import Finding, Fix, Report, finding_line, ranks as _ranks
-from gradflow.setup.build import RecipeOptions, apply_lora
+from gradflow.setup.build import SetupOptions, apply_lora
 from gradflow.setup.load import build_setup as build_resolved, check_lora_flags, check_seq_len, resolve_setup
+from gradflow.setup.sources import Kind
 from gradflow.training import fsdp as _fsdp, so8
 from gradflow.training.checkpoint import clear_staging, set_aside
 from gradflow.training.compiling import apply as apply_compile
@@ -42,22 +43,22 @@ from gradflow.world import bind_local_gpu
 
 
 # ----- the model --------------------------------------------------------------------------------------------
-def build_setup(model: Any, ropts: RecipeOptions, opts: TrainOptions, tokenizer=None):
+def build_setup(model: Any, ropts: SetupOptions, opts: TrainOptions, tokenizer=None):
     """MODEL (spec string, Setup or nn.Module) → (Setup, who sets checkpointing), through the loader every command
     uses (gradflow.setup.load), with LoRA and SO(8) adapters applied."""
     setup = resolve_setup(model, ropts)
-    if setup.kind == "trainer":
+    if setup.kind == Kind.TRAINER:
         raise GradflowError(f"{setup.source} returns a Trainer: gradflow train builds its own",
                             "Run your trainer with callbacks=[gradflow.GradFlowCallback()], or check it first with "
                             "gradflow probe-backward")
     if tokenizer is not None:
         setup.tokenizer = tokenizer
-    builds_lora = setup.kind in ("preset", "dir", "hub") and ropts.adapter is None
+    builds_lora = setup.kind in (Kind.PRESET, Kind.DIR, Kind.HUB) and ropts.adapter is None
     gc_from = "--gc" if ropts.gc is not None else "plan" if builds_lora else "the model"
     if builds_lora and ropts.gc is None:
         ropts.gc = "non-reentrant"  # on every layer; the memory plan then turns off what memory allows
     if opts.so8_layers:
-        if not builds_lora or (setup.kind == "dir" and os.path.isfile(os.path.join(setup.source,
+        if not builds_lora or (setup.kind == Kind.DIR and os.path.isfile(os.path.join(setup.source,
                                                                                     "adapter_config.json"))):
             raise GradflowError("--so8-layers needs a base model that gradflow adds LoRA to (a preset, directory "
                                 "or hub id, without --adapter)", "Drop --so8-layers, or start from the base model")
@@ -79,7 +80,7 @@ def build_setup(model: Any, ropts: RecipeOptions, opts: TrainOptions, tokenizer=
 
 
 # ----- the run ----------------------------------------------------------------------------------------------
-def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: RecipeOptions | None = None,
+def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: SetupOptions | None = None,
           callbacks: list | None = None, progress: bool = True, **options):
     """Fine-tune `model` on a JSONL file with gradient-flow checks before and during the run.
 
@@ -108,7 +109,7 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
     opts = TrainOptions(**options)
     opts.resume = opts.resume or opts.resume_anyway
     opts.validate()
-    ropts = setup_options or RecipeOptions()
+    ropts = setup_options or SetupOptions()
 
     _fsdp.check(opts, ropts)
     if ropts.seed == 0 and opts.seed:
@@ -120,7 +121,7 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
                     cleanup=cleanup)
 
 
-def _run(model, data: str, output: str, opts: TrainOptions, ropts: RecipeOptions, *, tokenizer, callbacks,
+def _run(model, data: str, output: str, opts: TrainOptions, ropts: SetupOptions, *, tokenizer, callbacks,
          progress: bool, cleanup):
     """The run, --output locked: output and resume checks, data, model, plan, pre-flight, Trainer, outputs."""
     from rich.console import Console

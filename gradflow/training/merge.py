@@ -7,7 +7,7 @@ import shutil
 
 from gradflow.errors import GradflowError
 from gradflow.limits import SEED_MAX
-from gradflow.setup.build import RecipeOptions, build, read_json
+from gradflow.setup.build import SetupOptions, build, read_json
 from gradflow.setup.load import _try_tokenizer
 from gradflow.setup.sources import resolve
 from gradflow.training import so8
@@ -54,7 +54,7 @@ def load_base(adapter_dir: str, *, dtype: str | None = None, device: str = "cpu"
             or not isinstance(meta_dtype, (str, type(None)))):
         raise GradflowError(f"{meta['named_in']}: base, base_seed or dtype is not a valid value",
                             "Write the run again with gradflow train, or fix that file by hand")
-    opts = RecipeOptions(lora_r=0, dtype=dtype or meta_dtype, device=device, seed=seed,
+    opts = SetupOptions(lora_r=0, dtype=dtype or meta_dtype, device=device, seed=seed,
                          trust_remote_code=trust_remote_code)
     # the run metadata is a file, perhaps from someone else: its base never runs code without --trust-remote-code
     setup = build(resolve(base, trust_remote_code=trust_remote_code, named_in=meta["named_in"]), opts)

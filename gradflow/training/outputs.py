@@ -15,6 +15,7 @@ import os
 import shutil
 
 from gradflow.errors import GradflowError
+from gradflow.setup.sources import Kind
 from gradflow.training import so8
 from gradflow.training.lock import LOCK_NAME
 from gradflow.training.resume import find
@@ -78,7 +79,7 @@ def save_adapter(setup, model_spec, ropts, opts, path: str) -> None:
         torch.save(state, os.path.join(tmp, "trainable_state.pt"))
         replace_dir(tmp, path)
         return
-    base = model_spec if isinstance(model_spec, str) and setup.kind in ("preset", "dir", "hub") else None
+    base = model_spec if isinstance(model_spec, str) and setup.kind in (Kind.PRESET, Kind.DIR, Kind.HUB) else None
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)

@@ -36,7 +36,7 @@ def _path_or_name(spec: Any) -> Any:
 
 
 def fingerprint(model: Any, data: str, opts, ropts) -> dict:
-    """The options of this run that change the weights it ends with (TrainOptions and RecipeOptions)."""
+    """The options of this run that change the weights it ends with (TrainOptions and SetupOptions)."""
     return {
         "model": _path_or_name(model), "data_sha256": sha256_file(data), "seed": opts.seed,
         "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "seq_len": opts.seq_len,

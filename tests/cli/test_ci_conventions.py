@@ -151,16 +151,16 @@ def test_a_bad_choice_is_the_library_error_raised_while_parsing(args, message):
 
 def test_the_library_validates_with_the_same_choices():
     from gradflow.choices import GC, Precision, LossOn, Quant
-    from gradflow.setup.build import GC_MODES, QUANT_MODES, RecipeOptions
+    from gradflow.setup.build import GC_MODES, QUANT_MODES, SetupOptions
     from gradflow.training.options import LOSS_ON, PRECISIONS
 
     assert (GC_MODES, QUANT_MODES, PRECISIONS, LOSS_ON) == (GC.values(), Quant.values(), Precision.values(),
                                                             LossOn.values())
-    opts = RecipeOptions(gc=GC.REENTRANT, quant="4bit", dtype="bf16", device="cuda:1")
+    opts = SetupOptions(gc=GC.REENTRANT, quant="4bit", dtype="bf16", device="cuda:1")
     opts.validate()
     assert (type(opts.gc), opts.gc, opts.device) == (str, "reentrant", "cuda:1")
     with pytest.raises(GradflowError, match="--gc 'sideways' is not one of off, reentrant, non-reentrant"):
-        RecipeOptions(gc="sideways").validate()
+        SetupOptions(gc="sideways").validate()
 
 
 def test_update_baseline_needs_a_baseline():

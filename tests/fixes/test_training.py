@@ -38,10 +38,10 @@ def test_patched_rotations_train_with_the_adapter():
 
 @pytest.mark.parametrize("quant", ["4bit", "8bit"])
 def test_patched_qlora_preset_trains(quant):
-    from gradflow.setup.build import RecipeOptions, build
+    from gradflow.setup.build import SetupOptions, build
     from gradflow.setup.sources import resolve
 
-    model = build(resolve("tiny-phi3"), RecipeOptions(quant=quant, gc="reentrant")).model
+    model = build(resolve("tiny-phi3"), SetupOptions(quant=quant, gc="reentrant")).model
     remove_input_grad_hooks(model)  # a removed hook: the adapters inside the 4/8-bit layers get no gradient
     data = batch()
     report = gradflow.patch(model, data)

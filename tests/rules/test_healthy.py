@@ -111,10 +111,10 @@ def test_qlora_after_prepare_model_for_kbit_training(llama_dir, bits):
 def test_recipes_built_from_presets(preset, options):
     """The setups gradflow's own recipe builds (the CLI's --lora-r/--gc/--quant) are healthy."""
     from gradflow.forward import synthetic_batch
-    from gradflow.setup.build import RecipeOptions, build
+    from gradflow.setup.build import SetupOptions, build
     from gradflow.setup.sources import resolve
 
-    setup = build(resolve(preset), RecipeOptions(device="cpu", **options))
+    setup = build(resolve(preset), SetupOptions(device="cpu", **options))
     model = setup.model
     report = probe(model, synthetic_batch(model, batch_size=2, seq_len=8 if "quant" in options else 16))
     assert_healthy(report)

@@ -70,12 +70,12 @@ def test_the_packed_step_has_the_padded_steps_loss_and_gradients():
     import torch
 
     from gradflow.setup.load import load_setup
-    from gradflow.setup.build import RecipeOptions
+    from gradflow.setup.build import SetupOptions
     from gradflow.training.dataset import Collator, GroupCollator, prepare_data
     from gradflow.training.options import TrainOptions
     from gradflow.training.trainer import prepare_model
 
-    setup = load_setup("tiny-llama", RecipeOptions(gc="off"))
+    setup = load_setup("tiny-llama", SetupOptions(gc="off"))
     prepare_model(setup.model, "auto", "cpu")
     rows = prepare_data(DEMO, setup.tokenizer, TrainOptions(seq_len=48)).rows[:3]
     model = setup.model

@@ -14,7 +14,7 @@ import torch
 from torch.testing import assert_close
 
 import gradflow
-from gradflow.setup.build import RecipeOptions
+from gradflow.setup.build import SetupOptions
 from gradflow.training.options import TrainOptions
 from gradflow.training.plan import HEADROOM, checkpoint_layers, make_plan
 
@@ -24,7 +24,7 @@ DEMO = str(resources.files("gradflow") / "data" / "think_demo.jsonl")
 def _setup():
     from gradflow.setup.load import load_setup
 
-    return load_setup("tiny-llama", RecipeOptions(gc="non-reentrant"))  # what train builds before planning
+    return load_setup("tiny-llama", SetupOptions(gc="non-reentrant"))  # what train builds before planning
 
 
 def _mib_for(peak: int) -> str:

@@ -91,13 +91,13 @@ def test_resume_anyway_continues_with_other_options(reference, tmp_path):
 def test_a_run_stopped_after_its_last_checkpoint_gets_its_outputs_without_training(reference, tmp_path):
     import gradflow
     from gfrun import DEMO, assert_bit_exact
-    from gradflow.setup.build import RecipeOptions
+    from gradflow.setup.build import SetupOptions
 
     output = copy_run(reference[0], tmp_path / "run")
     shutil.rmtree(os.path.join(output, "adapter"))
     os.remove(os.path.join(output, "report.json"))
     before = _listing(output)
-    report = gradflow.train("tiny-llama", DEMO, output, setup_options=RecipeOptions(gc="off"), max_steps=STEPS,
+    report = gradflow.train("tiny-llama", DEMO, output, setup_options=SetupOptions(gc="off"), max_steps=STEPS,
                             seq_len=64, save_steps=1, logging_steps=1, learning_rate=1e-3, resume=True,
                             progress=False)  # the same job as gfrun.JOB, through the library
     assert report.extra["train"]["status"] == "completed" and report.extra["train"]["steps"] == STEPS

@@ -12,7 +12,7 @@ from torch.testing import assert_close
 
 import gradflow
 from gradflow.setup.presets import build_preset
-from gradflow.setup.build import RecipeOptions
+from gradflow.setup.build import SetupOptions
 
 DEMO = str(resources.files("gradflow") / "data" / "think_demo.jsonl")
 
@@ -31,7 +31,7 @@ def test_demo_trains_loss_falls_and_adapter_reloads_with_same_logits(tmp_path):
     from peft import PeftModel
 
     out = tmp_path / "run"
-    report = gradflow.train("tiny-phi3", DEMO, str(out), setup_options=RecipeOptions(gc="off"), max_steps=30,
+    report = gradflow.train("tiny-phi3", DEMO, str(out), setup_options=SetupOptions(gc="off"), max_steps=30,
                             learning_rate=5e-3, seq_len=96, logging_steps=5, progress=False)
     state = report.extra["train"]
     assert state["status"] == "completed" and state["steps"] == 30
@@ -56,7 +56,7 @@ def test_so8_layers_train_save_reload_and_merge(tmp_path):
     from gradflow.training import load_adapter, so8
 
     out = tmp_path / "run"
-    report = gradflow.train("tiny-llama", DEMO, str(out), setup_options=RecipeOptions(gc="non-reentrant"),
+    report = gradflow.train("tiny-llama", DEMO, str(out), setup_options=SetupOptions(gc="non-reentrant"),
                             max_steps=6, learning_rate=1e-2, seq_len=64, so8_layers=[1, 3], moved_at_step=3,
                             merge=True, progress=False)
     assert report.extra["train"]["status"] == "completed", report.extra["train"]
@@ -90,7 +90,7 @@ def test_qlora_runs_on_cpu(tmp_path, quant):
     from peft import PeftModel
 
     out = tmp_path / quant
-    report = gradflow.train("tiny-llama", DEMO, str(out), setup_options=RecipeOptions(quant=quant, gc="off"),
+    report = gradflow.train("tiny-llama", DEMO, str(out), setup_options=SetupOptions(quant=quant, gc="off"),
                             max_steps=4, learning_rate=5e-3, seq_len=48, moved_at_step=2, check_every=2,
                             progress=False)
     state = report.extra["train"]
