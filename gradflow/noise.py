@@ -1,7 +1,9 @@
-"""The warnings gradflow's own runs provoke, filtered by name; everything else reaches the user."""
+"""The warnings and log lines gradflow's own runs provoke, filtered by name; everything else reaches the user."""
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 
 # Warnings that gradflow's own runs provoke, each matched by category and message start, with why it is noise.
@@ -23,7 +25,30 @@ KNOWN_NOISE: tuple[tuple[type[Warning], str], ...] = (
 )
 
 
+# Log lines, each matched by logger name and message start. transformers 5.25 brought in `kernels`, and importing
+# bitsandbytes (PEFT does, for any LoRA) then asks the hub for a CPU 4-bit kernel: offline it logs that it skips a
+# trust check, without network that it falls back to bitsandbytes' own CPU code. Neither is the user's to act on.
+KNOWN_LOG_NOISE: tuple[tuple[str, str], ...] = (
+    ("kernels._internals.hf_hub", r"Skipping publisher trust check for 'kernels-community/"),
+    ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+)
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(str(record.msg))
+
+
 def ignore_known_noise() -> None:
-    """Filter KNOWN_NOISE (each by category and message start); no catch-all filter, so users keep their warnings."""
+    """Filter KNOWN_NOISE (each by category and message start) and KNOWN_LOG_NOISE (by logger and message start);
+    no catch-all filter, so users keep their warnings. Calling it again adds nothing."""
     for category, message in KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message, category=category)
+    for name, message in KNOWN_LOG_NOISE:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.pattern.pattern == message for f in logger.filters):
+            logger.addFilter(_DropMessages(message))

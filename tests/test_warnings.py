@@ -114,3 +114,26 @@ def test_the_known_noise_filters_are_targeted():
     assert KNOWN_NOISE
     for category, message in KNOWN_NOISE:
         assert issubclass(category, Warning) and len(message) >= 20, (category, message)
+
+
+def test_the_kernel_hub_log_lines_bitsandbytes_provokes_are_dropped_and_nothing_else(caplog):
+    """transformers 5.25 installs `kernels`; importing bitsandbytes (PEFT does) then logs about a hub kernel."""
+    import logging
+
+    from gradflow.noise import ignore_known_noise
+
+    hub = logging.getLogger("kernels._internals.hf_hub")
+    saved = list(hub.filters)
+    try:
+        ignore_known_noise()
+        ignore_known_noise()  # idempotent: one filter, however often the CLI and train call it
+        assert len(hub.filters) == len(saved) + 1
+        with caplog.at_level(logging.WARNING, logger="kernels._internals.hf_hub"):
+            hub.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
+                        "Hugging Face Hub is in offline mode.")
+            hub.warning("Skipping publisher trust check for 'someone/their-kernel' because Hugging Face Hub is in "
+                        "offline mode.")
+        assert [r.getMessage()[:60] for r in caplog.records] == [
+            "Skipping publisher trust check for 'someone/their-kernel' be"]
+    finally:
+        hub.filters[:] = saved
