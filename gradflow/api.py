@@ -114,8 +114,7 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
                  lr_scheduler=lr_scheduler)
     report = build_report(snap, run_rules(snap), "probe-backward")
     if snap.packed_leak is not None:  # the batch was packed: what the leak check measured, as JSON
-
-        report.extra["packed_check"] = to_dict(snap.packed_leak)
+        report.packed_check = to_dict(snap.packed_leak)
     return report
 
 
@@ -170,7 +169,7 @@ def _reproved(report: Report, after: Report) -> Report:
     verification = verify(after)
     records = [{**rec, "verified": verification["ok"] and not any(s in after.slugs() for s in rec.get("answers", ()))}
                for rec in report.fixes_applied]
-    extra = {**report.extra, "verification": verification}
     return dataclasses.replace(report, model=after.model, loss=after.loss, params=after.params,
                                modules=after.modules, findings=after.findings, snapshot=after.snapshot,
-                               after=after, fixes_applied=records, extra=extra)
+                               after=after, fixes_applied=records,
+                               patch=dataclasses.replace(report.patch, verification=verification))

@@ -31,7 +31,7 @@ import math
 import gradflow
 from gradflow.errors import GradflowError
 from gradflow.forward import call_model
-from gradflow.report import build_report
+from gradflow.report import SECTIONS, build_report
 from gradflow.rules import run_rules
 from gradflow.setup.sources import Kind
 from gradflow.setup.wrappers import fsdp1_numels, is_fsdp1, unwrap_fsdp1
@@ -190,9 +190,10 @@ def gather(report, inner, launch: Launch):
                 m.grad_norm = ((m.grad_norm or 0.0) ** 2 + row.grad_norm ** 2) ** 0.5
     _unshard_class_names(snap, inner)
     gathered = build_report(snap, run_rules(snap), report.command)
-    gathered.extra.update({k: v for k, v in report.extra.items() if k not in gathered.extra})
-
-    gathered.extra["distributed"] = {
+    for name in SECTIONS:  # what this rank's probe measured beyond the gradients (none is gathered)
+        if getattr(gathered, name) is None:
+            setattr(gathered, name, getattr(report, name))
+    gathered.distributed = {
         "wrapper": "fsdp1" if is_fsdp1(launch.wrapped) else launch.wrapper,
         "world_size": launch.world_size, "backend": launch.backend,
         "batch": "the same on every rank", "ranks_disagree": disagree[:50], "ranks_disagree_count": len(disagree),

@@ -407,7 +407,7 @@ def dry_run(spec: str, opts, *, command: str = "probe-backward", static: bool = 
 
     Returns:
         A Report with the full-size model's parameter counts, the twin's structural findings (minus UNSEEN), and
-        `extra["dry_run"]` saying what the dry run did and could not see.
+        `dry_run` saying what the dry run did and could not see.
     """
     if command not in ("probe-backward", "inspect"):
         raise ValueError(f"dry_run command {command!r}")
@@ -462,7 +462,7 @@ def _dry_run(spec, opts, *, command, static, batch_size, seq_len, seed, data) ->
                          "params_trainable": size["params_trainable"], "weights_bytes": size["weights_bytes"],
                          "dry_run": True})
     report.params["trainable_numel"] = size["params_trainable"]
-    report.extra["dry_run"] = {
+    report.dry_run = {
         "weights_loaded": False,
         "method": "toy-width twin: the same architecture class, module tree, parameter names and layer count at toy "
                   "width, random init; the setup and probe as usual on a synthetic batch; sizes from the full "
@@ -494,7 +494,7 @@ class _Stderr:
 
 def note_text(report: Report) -> str:
     """The lines a dry run adds to the text report: what it did and what it cannot see."""
-    info = report.extra.get("dry_run") or {}
+    info = report.dry_run or {}
     size = info.get("full_size", {})
     twin = info.get("twin", {})
     cfg = info.get("config", {})

@@ -108,7 +108,7 @@ class Gate:
             from gradflow.report.baseline import check
 
             self.result = check(shown, self.baseline, update=self.update_baseline, command=command, model=model)
-            shown = dataclasses.replace(shown, extra={**shown.extra, "baseline": self.result.to_dict()})
+            shown = dataclasses.replace(shown, baseline=self.result.to_dict())
             if self.result.status != "written":  # a baseline accepts the findings it records
                 code = int(ExitCode.FINDINGS if self.result.changed else ExitCode.OK)
         return shown, code

@@ -55,8 +55,8 @@ def patch(
                                     trainable=setup.trainable, unsafe=unsafe_fixes, dry_run=dry_run)
         if save is not None:
             with out.status(f"saving to {save}"):
-                report.extra["saved"] = save_patched(trained, report, save, source=model,
-                                                     base_name=setup.preset if setup.kind == Kind.PRESET else None)
+                report.patch.saved = save_patched(trained, report, save, source=model,
+                                               base_name=setup.preset if setup.kind == Kind.PRESET else None)
         report, code = gate.judge(report, command="patch", model=model)
     except Exception as exc:
         fail(exc)
@@ -66,8 +66,8 @@ def patch(
         from gradflow.report.render.patch import patch_text, snippet_text
 
         out.show(patch_text(report))
-        if report.extra.get("snippet"):
-            out.out.print(snippet_text(report.extra["snippet"]), soft_wrap=True)
+        if report.patch.snippet:
+            out.out.print(snippet_text(report.patch.snippet), soft_wrap=True)
     gate.explain(out)
     raise typer.Exit(code)
 

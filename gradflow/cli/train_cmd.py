@@ -134,7 +134,7 @@ def train(
     from gradflow.world import end
 
     end()  # every rank together, before rank 0 prints and the process exits
-    state = report.extra["train"]
+    state = report.train
     import os
 
     if state["status"] == "interrupted":

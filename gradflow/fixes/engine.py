@@ -8,6 +8,7 @@ from gradflow.fixes import all_fixes
 from gradflow.fixes._base import Context, Env, Fix, Plan
 from gradflow.fixes._state import ModelState
 from gradflow.report import Report
+from gradflow.report.sections import PatchOutcome
 
 MAX_ROUNDS = 3  # a fix can reveal the next finding (unfrozen adapters behind a cut checkpoint): probe again
 _RANK = {"safe": 0, "unsafe": 1, "display-only": 2}
@@ -80,21 +81,21 @@ def run_patch(model, batch: Any, run_probe: Callable[[], Report], *, loss_fn: Ca
         rec["verified"] = bool(verification and verification["ok"]) and not remaining
         records.append(rec)
 
-    extra = {
-        "dry_run": dry_run,
-        "unsafe_fixes": unsafe,
-        "plan": [p.to_dict() for p in (first_plans or []) if dry_run and _applies(p, unsafe)],
-        "advice": [p.to_dict() for p in advice],
-        "skipped_unsafe": [p.to_dict() for p in skipped],
-        "verification": verification,
-        "rolled_back": rolled_back,
-        "snippet": build_snippet([p for p, _ in applied] if not dry_run else
-                                 [p for p in (first_plans or []) if _applies(p, unsafe)],
-                                 advice, skipped),
-    }
+    outcome = PatchOutcome(
+        dry_run=dry_run,
+        unsafe_fixes=unsafe,
+        plan=[p.to_dict() for p in (first_plans or []) if dry_run and _applies(p, unsafe)],
+        advice=[p.to_dict() for p in advice],
+        skipped_unsafe=[p.to_dict() for p in skipped],
+        verification=verification,
+        rolled_back=rolled_back,
+        snippet=build_snippet([p for p, _ in applied] if not dry_run else
+                              [p for p in (first_plans or []) if _applies(p, unsafe)],
+                              advice, skipped),
+    )
     return Report(command="patch", model=current.model, loss=current.loss, params=current.params,
                   modules=current.modules, findings=current.findings, snapshot=current.snapshot, before=before,
-                  after=None if dry_run else current, fixes_applied=records, extra=extra)
+                  after=None if dry_run else current, fixes_applied=records, patch=outcome)
 
 
 def _one_by_one(model, batch, applied, before, run_probe):

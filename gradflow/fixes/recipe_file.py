@@ -44,7 +44,7 @@ def recipe_from_report(report, source: str | None = None) -> Recipe:
     """The applied fixes of a patch Report, as a Recipe."""
     fixes = [{"id": f["id"], "applicability": f["applicability"], "answers": list(f["answers"]), "data": f["data"]}
              for f in report.fixes_applied]
-    verification = (report.extra or {}).get("verification") or {}
+    verification = (report.patch.verification if report.patch is not None else None) or {}
     return Recipe(fixes=fixes, source=source, verified=verification.get("ok"))
 
 

@@ -5,17 +5,29 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Any
+import types
+from typing import Any, Mapping
+
 from gradflow.errors import GradflowError
 from gradflow.report.render import renderable, to_text
 from gradflow.report.render.json_report import COMPACT_DEPTH, COMPACT_FINDING_PARAMS, module_rows, params_section
+from gradflow.report.sections import (DataSection, DistributedSection, DryRunSection, PatchOutcome, PreflightSection,
+                                      TrainSection)
 
 SCHEMA_VERSION = 1
 SEVERITIES = ("info", "warning", "error")
+# the sections after the probe's fields, in the order the JSON shows them
+SECTIONS = ("gc_check", "steps", "packed_check", "dry_run", "distributed", "preflight", "plan", "data", "train",
+            "baseline")
 
 
 class Applicability(str, enum.Enum):
-    """How a fix may be applied: the one definition rules, fixes and reports use (it compares equal to its value)."""
+    """How a fix may be applied: the one definition fixes and reports use (it compares equal to its value).
+
+    Ordered from the most to the least applicable, safe < unsafe < display-only (as declared), so that whether a
+    fix is applied at a threshold is one comparison: `applicability.applies(threshold)`. Each `Fix` in
+    gradflow/fixes declares its own; a finding's is stamped from the fix that answers it (gradflow.fixes.stamp).
+    """
 
     SAFE = "safe"  # applied by default: it changes no training outcome the user chose
     UNSAFE = "unsafe"  # applied only with --unsafe-fixes: it can change what the model learns
@@ -23,6 +35,29 @@ class Applicability(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+    @property
+    def rank(self) -> int:
+        """0 for safe, 1 for unsafe, 2 for display-only."""
+        return type(self)._member_names_.index(self.name)
+
+    def applies(self, threshold: "Applicability | str") -> bool:
+        """Whether a fix of this applicability is applied at `threshold` (safe by default, unsafe with
+        --unsafe-fixes); a display-only fix never is."""
+        return self <= threshold
+
+    # str's own ordering is alphabetical: compare by rank instead (a plain value such as "safe" is accepted)
+    def __lt__(self, other):
+        return self.rank < Applicability(other).rank if isinstance(other, str) else NotImplemented
+
+    def __le__(self, other):
+        return self.rank <= Applicability(other).rank if isinstance(other, str) else NotImplemented
+
+    def __gt__(self, other):
+        return self.rank > Applicability(other).rank if isinstance(other, str) else NotImplemented
+
+    def __ge__(self, other):
+        return self.rank >= Applicability(other).rank if isinstance(other, str) else NotImplemented
 
 
 class Detail(str, enum.Enum):
@@ -44,8 +79,13 @@ class Detail(str, enum.Enum):
 
 @dataclasses.dataclass
 class Fix:
+    """A finding's fix: the rule's title for it, and the applicability of the fix that answers it.
+
+    A rule leaves `applicability` None (the fixes sit a layer above the rules); gradflow.fixes.stamp fills it in.
+    """
+
     title: str
-    applicability: Applicability
+    applicability: Applicability | None = None
 
 
 @dataclasses.dataclass
@@ -57,13 +97,22 @@ class Finding:
     location: str | None = None
     fix: Fix | None = None
     params: list[str] = dataclasses.field(default_factory=list)  # the parameters it concerns
+    params_count: int | None = None  # how many it concerns, when `params` lists fewer (read back from compact JSON)
 
     def to_dict(self, limit: int | None = 50) -> dict:
         """The finding as JSON: the first `limit` parameter names it concerns (None: all), and how many there are."""
         return {"code": self.code, "slug": self.slug, "severity": self.severity, "message": self.message,
                 "location": self.location,
                 "fix": {"title": self.fix.title, "applicability": str(self.fix.applicability)} if self.fix else None,
-                "params": self.params[:limit], "params_count": len(self.params)}
+                "params": self.params[:limit],
+                "params_count": self.params_count if self.params_count is not None else len(self.params)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Finding":
+        fix = data.get("fix")
+        return cls(data["code"], data["slug"], data["severity"], data["message"], data.get("location"),
+                   Fix(fix["title"], Applicability(fix["applicability"])) if fix else None,
+                   list(data.get("params") or []), data.get("params_count"))
 
 
 def severity_rank(severity: str) -> int:
@@ -72,7 +121,11 @@ def severity_rank(severity: str) -> int:
 
 @dataclasses.dataclass
 class Report:
-    """The outcome of inspect / probe / patch. `to_dict()` is the CLI's JSON."""
+    """The outcome of inspect / probe / patch / train. `to_dict()` is the CLI's JSON (docs/report.schema.json).
+
+    Beyond the probe's own fields, each command fills its own sections (gradflow.report.sections); a section left
+    None is not in the JSON.
+    """
 
     command: str
     model: dict
@@ -80,11 +133,38 @@ class Report:
     params: dict
     modules: list[dict]
     findings: list[Finding]
-    snapshot: Any = dataclasses.field(default=None, repr=False)  # the Snapshot it came from (not serialised)
+    snapshot: Any = dataclasses.field(default=None, repr=False, compare=False)  # what it came from (not serialised)
     before: "Report | None" = None
     after: "Report | None" = None
     fixes_applied: list[dict] = dataclasses.field(default_factory=list)
-    extra: dict = dataclasses.field(default_factory=dict)
+    patch: PatchOutcome | None = None  # patch: plan, advice, verification, snippet (top-level keys in the JSON)
+    gc_check: dict | None = None  # --check-gc
+    steps: dict | None = None  # --steps
+    packed_check: dict | None = None  # --packed, and train's packed pre-flight
+    dry_run: DryRunSection | None = None  # probe-backward / inspect --dry-run
+    distributed: DistributedSection | None = None  # under torchrun
+    preflight: PreflightSection | None = None  # train
+    plan: dict | None = None  # train: the memory plan
+    data: DataSection | None = None  # train
+    train: TrainSection | None = None  # train
+    baseline: dict | None = None  # --baseline
+    modules_total: int | None = None  # how many modules the model has, when `modules` lists fewer (read from JSON)
+    trained_model: Any = dataclasses.field(default=None, repr=False, compare=False)  # train: the model in memory
+
+    @property
+    def extra(self) -> Mapping[str, Any]:
+        """The sections as they appear in the JSON, read-only (set the typed fields instead)."""
+        return types.MappingProxyType(self._sections())
+
+    def _sections(self) -> dict[str, Any]:
+        out = dict(self.patch.to_dict()) if self.patch is not None else {}
+        for name in SECTIONS:
+            value = getattr(self, name)
+            if value is not None:
+                if name in out:
+                    raise ValueError(f"a {self.command} report holds {name!r} twice (a patch key and a section)")
+                out[name] = value
+        return out
 
     def worst(self) -> str | None:
         ranks = [severity_rank(f.severity) for f in self.findings]
@@ -139,15 +219,32 @@ class Report:
             "params": params_section(self.params, full=full),
             "modules": module_rows(self.modules, [f.location for f in self.findings if f.location],
                                    depth=None if full else COMPACT_DEPTH),
-            "modules_total": len(self.modules),
+            "modules_total": self.modules_total if self.modules_total is not None else len(self.modules),
             "findings": [f.to_dict(limit=None if full else COMPACT_FINDING_PARAMS) for f in self.findings],
         }
         if self.before is not None or self.after is not None:
             data["before"] = self.before.to_dict(detail) if self.before else None
             data["after"] = self.after.to_dict(detail) if self.after else None
             data["fixes_applied"] = self.fixes_applied
-        data.update(self.extra)
+        data.update(self._sections())
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Report":
+        """A Report from its JSON (`to_dict()`, or a run's report.json): the inverse of to_dict, less the Snapshot
+        and the per-parameter rows that a compact JSON leaves out."""
+        def sub(key):
+            return cls.from_dict(data[key]) if isinstance(data.get(key), dict) else None
+
+        patch_keys = {f.name for f in dataclasses.fields(PatchOutcome)}
+        is_patch = data.get("command") == "patch" and "unsafe_fixes" in data
+        sections = {name: data.get(name) for name in SECTIONS if not (is_patch and name in patch_keys)}
+        return cls(command=data["command"], model=data.get("model") or {}, loss=data.get("loss"),
+                   params=data.get("params") or {}, modules=list(data.get("modules") or []),
+                   modules_total=data.get("modules_total"),
+                   findings=[Finding.from_dict(f) for f in data.get("findings") or []], before=sub("before"),
+                   after=sub("after"), fixes_applied=list(data.get("fixes_applied") or []),
+                   patch=PatchOutcome.from_dict(data) if is_patch else None, **sections)
 
 
 def build_report(snap, findings: list[Finding], command: str) -> Report:
@@ -187,12 +284,12 @@ def build_report(snap, findings: list[Finding], command: str) -> Report:
         for p in trainable
     ] if snap.probed else []
     return Report(command=command, model=model, loss=loss, params=params, modules=modules,
-                  findings=findings, snapshot=snap, extra=_measured(snap))
+                  findings=findings, snapshot=snap, **_measured(snap))
 
 
 def _measured(snap) -> dict:
     """The opt-in measurements (--check-gc, --steps) as JSON: "gc_check" and "steps", when they ran."""
-    extra = {}
+    measured = {}
     gc = getattr(snap, "gc_equivalence", None)
     if gc is not None:
         data = {**dataclasses.asdict(gc), "diffs": [dataclasses.asdict(d) for d in gc.diffs[:50]],
@@ -201,7 +298,7 @@ def _measured(snap) -> dict:
             data[key] = _finite(data[key])
         for d in data["diffs"]:
             d["rel_diff"], d["max_abs_diff"] = _finite(d["rel_diff"]), _finite(d["max_abs_diff"])
-        extra["gc_check"] = data
+        measured["gc_check"] = data
     run = getattr(snap, "steps", None)
     if run is not None:
         data = {k: v for k, v in dataclasses.asdict(run).items() if k != "params"}
@@ -209,8 +306,8 @@ def _measured(snap) -> dict:
         stale = [p for p in run.params if not p.changed]
         data.update(params_tracked=len(run.params), params_changed=len(run.params) - len(stale),
                     not_changed=[dataclasses.asdict(p) for p in stale[:50]], not_changed_count=len(stale))
-        extra["steps"] = data
-    return extra
+        measured["steps"] = data
+    return measured
 
 
 def _finite(value):

@@ -10,6 +10,7 @@ in a collective. In one process each is a no-op. See docs/distributed.md, "Findi
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 
 from gradflow.report import finding_line
@@ -66,17 +67,16 @@ def gather_findings(findings: list, world: tuple[int, str] | None = None) -> tup
 
 def gather_preflight(report, device_type: str = "cpu") -> None:
     """Under torchrun: every rank's pre-flight findings, merged, become `report.findings` on every rank (so every
-    rank refuses when any rank found an error), and `report.extra["distributed"]` says how. One process: no-op."""
+    rank refuses when any rank found an error), and `report.distributed` says how. One process: no-op."""
     world = train_world(device_type)
     if world is None:
         return
 
     merged, partial = gather_findings(report.findings, world)
     report.findings = merged
-    preflight = report.extra.get("preflight")
-    if isinstance(preflight, dict):
-        preflight["errors_after"] = [finding_line(f) for f in merged if f.severity == "error"]
-    report.extra["distributed"] = {
+    if report.preflight is not None:
+        report.preflight["errors_after"] = [finding_line(f) for f in merged if f.severity == "error"]
+    report.distributed = {
         "world_size": world[0], "backend": world[1], "preflight_batch": "each rank its own slice of the data",
         "findings_on_some_ranks": [dict(p, phase="pre-flight") for p in partial],
     }
@@ -84,10 +84,10 @@ def gather_preflight(report, device_type: str = "cpu") -> None:
 
 def gather_watch(report, findings: list) -> list:
     """The live watch's findings from every rank, merged (a collective under torchrun: every rank calls it after
-    training); the ones not every rank saw are added to `report.extra["distributed"]`. Returns the merged list."""
+    training); the ones not every rank saw are added to `report.distributed`. Returns the merged list."""
     merged, partial = gather_findings(findings)
-    info = report.extra.get("distributed")
-    if isinstance(info, dict):
+    info = report.distributed
+    if info is not None:
         info["findings_on_some_ranks"] = list(info.get("findings_on_some_ranks") or []) + \
             [dict(p, phase="training") for p in partial]
     return merged
@@ -104,14 +104,11 @@ def speak_for_ranks(report) -> None:
     world = (dist.get_world_size(), str(dist.get_backend()))
     merged, partial = gather_findings(report.findings, world)
     report.findings = merged
-    report.extra["distributed"] = {"world_size": world[0], "backend": world[1],
-                                   "batch": "each rank its own (the trainer's dataloader on that rank)",
-                                   "findings_on_some_ranks": [dict(p, phase="probe") for p in partial]}
+    report.distributed = {"world_size": world[0], "backend": world[1],
+                          "batch": "each rank its own (the trainer's dataloader on that rank)",
+                          "findings_on_some_ranks": [dict(p, phase="probe") for p in partial]}
     if dist.get_rank() != 0:
         silence_stdout()
-    import atexit
-
-
     # the Trainer's process group is nobody's to close: left to interpreter teardown, gloo could abort rank 0
     # ("terminate called without an active exception", seen once in 4.57's suite)
     atexit.register(finish)

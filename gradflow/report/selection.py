@@ -99,6 +99,6 @@ def apply_selection(report, selection: RuleSelection):
         if rep is None:
             return None
         return dataclasses.replace(rep, findings=[f for f in rep.findings if selection.allows(f.code)],
-                                   before=keep(rep.before), after=keep(rep.after), extra=dict(rep.extra))
+                                   before=keep(rep.before), after=keep(rep.after))
 
     return keep(report)

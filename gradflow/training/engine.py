@@ -9,18 +9,20 @@ options (gradflow.training.options), the data and packing (dataset), the pre-fli
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import os
 import sys
 import time
+import warnings
 from typing import Any
 
 from gradflow.data.audit import write_json_atomic, write_jsonl_atomic
 from gradflow.errors import GradflowError
 from gradflow.forward import model_device
 from gradflow.noise import ignore_known_noise
-from gradflow.report import Finding, Fix, Report, finding_line, ranks as _ranks
+from gradflow.report import Report, finding_line, ranks as _ranks
 from gradflow.setup.build import SetupOptions, apply_lora
 from gradflow.setup.load import build_setup as build_resolved, check_lora_flags, check_seq_len, resolve_setup
 from gradflow.setup.sources import Kind
@@ -81,7 +83,7 @@ def build_setup(model: Any, ropts: SetupOptions, opts: TrainOptions, tokenizer=N
 
 # ----- the run ----------------------------------------------------------------------------------------------
 def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: SetupOptions | None = None,
-          callbacks: list | None = None, progress: bool = True, **options):
+          callbacks: list | None = None, progress: bool = True, **options) -> Report:
     """Fine-tune `model` on a JSONL file with gradient-flow checks before and during the run.
 
     Args:
@@ -97,10 +99,10 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
     Returns:
         A Report: the pre-flight probe's findings plus those raised while training (under torchrun: every
         rank's, merged; see gradflow.report.ranks), with `.before`/`.after` from the pre-flight (this rank's), and
-        `extra["train"]` holding status (completed | refused | stopped | interrupted), losses and the final
-        gradient state. `report.trained_model` is the model in memory. `interrupted`: a
-        SIGINT / SIGTERM stopped the run after a step and saved `extra["train"]["checkpoint"]`. Resuming a run
-        that had ended returns its stored report with `extra["train"]["already_complete"]` and trains nothing.
+        `.train` holding status (completed | refused | stopped | interrupted), losses and the final gradient state.
+        `.trained_model` is the model in memory. `interrupted`: a SIGINT / SIGTERM stopped the run after a step
+        and saved `.train["checkpoint"]`. Resuming a run that had ended returns its stored report with
+        `.train["already_complete"]` and trains nothing.
 
     Raises:
         GradflowError: bad input; `output` is locked by another run; `resume` finds no intact checkpoint, or one
@@ -110,162 +112,208 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
     opts.resume = opts.resume or opts.resume_anyway
     opts.validate()
     ropts = setup_options or SetupOptions()
-
     _fsdp.check(opts, ropts)
     if ropts.seed == 0 and opts.seed:
         ropts.seed = opts.seed
     check_output_path(output)
     # the lock: from the output check to the end, one run per directory; cleanup: undone however the run ends
     with hold(output, enabled=rank() == 0), contextlib.ExitStack() as cleanup:
-        return _run(model, data, output, opts, ropts, tokenizer=tokenizer, callbacks=callbacks, progress=progress,
-                    cleanup=cleanup)
-
-
-def _run(model, data: str, output: str, opts: TrainOptions, ropts: SetupOptions, *, tokenizer, callbacks,
-         progress: bool, cleanup):
-    """The run, --output locked: output and resume checks, data, model, plan, pre-flight, Trainer, outputs."""
-    from rich.console import Console
-
-    intact = check_output(output, opts)
-    console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
-    say = console.print if progress and rank() == 0 else (lambda *a, **k: None)
-
-    read = read_data(data, opts)  # fail fast on bad data, before the model loads
-
-    fingerprint = run_fingerprint(model, data, opts, ropts)
-    # a checkpoint of another run is refused here, before the model loads
-    plan = resume_plan(intact, fingerprint, opts, output) if intact is not None else None
-    if plan is not None:
-        done = _already_complete(plan, output)
+        run = Run(model, data, output, opts, ropts, tokenizer=tokenizer, callbacks=callbacks or [],
+                  progress=progress, cleanup=cleanup)
+        done = run.setup()
         if done is not None:
             return done
-
-    bind_local_gpu()  # torchrun on GPUs: each rank builds and probes on its own device
-    setup, gc_from = build_setup(model, ropts, opts, tokenizer)
-    prepared = prepare_data(data, setup.tokenizer, opts, read)
-    for problem in prepared.problems[:5]:
-        say(f"skipped {problem}")
-    if len(prepared.problems) > 5:
-        say(f"skipped {len(prepared.problems) - 5} more malformed lines")
-    for p in prepared.previews:
-        say(f"sample {p['id']}: {p['preview']}")
-    prepare_output(output, opts)
+        if not run.preflight():
+            return run.refuse()
+        run.fit()
+        return run.finish()
 
 
-    if rank() == 0:
-        write_jsonl_atomic(os.path.join(output, "audit.jsonl"), prepared.audit)
+class Run:
+    """One `gradflow train`, its output locked, as named stages: setup → preflight → fit → finish.
 
-    from rich.markup import escape
+    Each stage reads what the ones before it left on the run and adds its own; the order inside a stage is the
+    order the run needs (bad data fails before the model loads; the probes hook the eager model, so compiling
+    comes after them).
+    """
 
+    def __init__(self, model, data: str, output: str, opts: TrainOptions, ropts: SetupOptions, *, tokenizer,
+                 callbacks: list, progress: bool, cleanup: contextlib.ExitStack):
+        from rich.console import Console
 
-    device = model_device(setup.model)
-    attention = prepare_model(setup.model, opts.attn, device.type)
-    resumed_tokens = (intact.fingerprint or {}).get("tokens_per_batch_planned") if plan is not None else None
-    memory = make_plan(setup, opts, gc_from=gc_from, resumed_tokens=resumed_tokens)
-    for line in memory.lines():
-        say(escape(line))
-    if opts.packing:  # recorded in each checkpoint, so that --resume packs the same batches
-        fingerprint["tokens_per_batch_planned"] = memory.tokens_per_batch
-    pad_id = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else 0
-    batch = probe_batch(prepared, opts, pad_id, device, rank=rank())  # under torchrun: each rank its own samples
-    recipe_changes = None
-    if opts.recipe is not None:
-        recipe_changes = apply_recipe(setup, opts.recipe, batch)
-        for change in recipe_changes:
-            say(f"recipe: {change}")
-    say("pre-flight: probing" + (" a packed batch" if opts.packing else ""))
-    pf = preflight(setup, batch, unsafe=opts.unsafe_fixes, say=say)
-    report = _report(pf, prepared, opts, data, output)
+        self.model, self.data, self.output, self.opts, self.ropts = model, data, output, opts, ropts
+        self.tokenizer, self.callbacks, self.progress, self.cleanup = tokenizer, callbacks, progress, cleanup
+        self.console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+        self.say = self.console.print if progress and rank() == 0 else (lambda *a, **k: None)
+        self.resume = None  # the resume plan (gradflow.training.resume), when --resume finds a checkpoint
+        self.report: Report | None = None
 
-    _ranks.gather_preflight(report, device.type)  # torchrun: every rank's findings, so every rank decides alike
-    report.extra["preflight"]["recipe"] = {"path": opts.recipe, "changes": recipe_changes} if opts.recipe else None
-    report.extra["plan"] = memory.to_dict()
-    ce, ce_why = resolve_ce(opts.ce, device.type, fsdp=opts.fsdp)
-    report.extra["train"].update(packing=opts.packing, attention=attention, ce={"loss": ce, "why": ce_why})
-    errors = [f for f in report.findings if f.severity == "error"]
-    if errors:
-        report.extra["train"]["status"] = "refused"
-        report.extra["train"]["refused_because"] = [finding_line(f) for f in errors]
+    # ----- setup: output and resume checks, data, model, memory plan ------------------------------------------
+    def setup(self) -> Report | None:
+        """Everything before the pre-flight. Returns the stored report when a resumed run had already ended."""
+        intact = check_output(self.output, self.opts)
+        read = read_data(self.data, self.opts)  # fail fast on bad data, before the model loads
+        self.fingerprint = run_fingerprint(self.model, self.data, self.opts, self.ropts)
+        if intact is not None:  # a checkpoint of another run is refused here, before the model loads
+            self.resume = resume_plan(intact, self.fingerprint, self.opts, self.output)
+            done = _already_complete(self.resume, self.output)
+            if done is not None:
+                return done
+        bind_local_gpu()  # torchrun on GPUs: each rank builds and probes on its own device
+        self.setup_, self.gc_from = build_setup(self.model, self.ropts, self.opts, self.tokenizer)
+        self._read_data(read)
+        prepare_output(self.output, self.opts)
         if rank() == 0:
-            write_json_atomic(os.path.join(output, "report.json"), report.to_dict())
-        report.trained_model = setup.model
-        return report
-    if pf["patch"] is not None:
-        for fix in pf["patch"].fixes_applied:
-            say(f"pre-flight: applied {fix.get('title', fix) if isinstance(fix, dict) else fix}")
+            write_jsonl_atomic(os.path.join(self.output, "audit.jsonl"), self.prepared.audit)
+        self._plan_memory(intact)
+        return None
 
+    def _read_data(self, read) -> None:
+        self.prepared = prepare_data(self.data, self.setup_.tokenizer, self.opts, read)
+        for problem in self.prepared.problems[:5]:
+            self.say(f"skipped {problem}")
+        if len(self.prepared.problems) > 5:
+            self.say(f"skipped {len(self.prepared.problems) - 5} more malformed lines")
+        for p in self.prepared.previews:
+            self.say(f"sample {p['id']}: {p['preview']}")
 
-    compiled = apply_compile(setup.model, opts.compile, device.type)  # after the probes: they hook the eager model
-    report.extra["train"]["compile"] = compiled
-    if compiled["compiled"]:
-        say(f"compile: {compiled['layers']} decoder layers ({compiled['why']})")
-    dataset, collator = train_dataset(prepared, opts, pad_id, memory.tokens_per_batch)
-    if opts.packing:
-        report.extra["data"]["packed_batches"] = len(dataset)
-    trainer, watch = make_trainer(setup, dataset, collator, opts, output, console, callbacks or [], progress,
-                                  ce=ce)
-    trainer.gradflow_fingerprint = fingerprint  # recorded in every checkpoint's manifest
+    def _plan_memory(self, intact) -> None:
+        from rich.markup import escape
 
-    signals = StopOnSignal()
-    trainer.add_callback(signals)
-    t0 = time.perf_counter()
-    if plan is not None:
-        _announce_resume(plan, output, say)
-        report.extra["train"]["resume"] = {"from": plan.checkpoint, "step": plan.step, "differences": plan.differences,
-                                           "damaged": [{"checkpoint": p, "why": w} for p, w in plan.damaged]}
-    if plan is not None and plan.reached_end:
-        # it trained to its last step and was stopped before writing its outputs: Trainer would train one step
-        # more, so load the checkpoint and write them
-        say(f"{plan.checkpoint} is the run's last step: writing the outputs it did not get to write")
-        _load_checkpoint(trainer, plan.checkpoint)
-        result = None
-    else:
+        self.device = model_device(self.setup_.model)
+        self.attention = prepare_model(self.setup_.model, self.opts.attn, self.device.type)
+        resumed = (intact.fingerprint or {}).get("tokens_per_batch_planned") if self.resume is not None else None
+        self.memory = make_plan(self.setup_, self.opts, gc_from=self.gc_from, resumed_tokens=resumed)
+        for line in self.memory.lines():
+            self.say(escape(line))
+        if self.opts.packing:  # recorded in each checkpoint, so that --resume packs the same batches
+            self.fingerprint["tokens_per_batch_planned"] = self.memory.tokens_per_batch
+        tok = self.setup_.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+
+    # ----- preflight: probe → patch → probe, every rank's findings gathered ------------------------------------
+    def preflight(self) -> bool:
+        """The pre-flight on a batch shaped as training shapes it. False: an error finding remains (refuse)."""
+        opts = self.opts
+        # under torchrun: each rank its own samples
+        batch = probe_batch(self.prepared, opts, self.pad_id, self.device, rank=rank())
+        changes = apply_recipe(self.setup_, opts.recipe, batch) if opts.recipe is not None else None
+        for change in changes or []:
+            self.say(f"recipe: {change}")
+        self.say("pre-flight: probing" + (" a packed batch" if opts.packing else ""))
+        pf = preflight(self.setup_, batch, unsafe=opts.unsafe_fixes, say=self.say)
+        self.report = report = _report(pf, self.prepared, opts, self.data, self.output)
+        _ranks.gather_preflight(report, self.device.type)  # torchrun: every rank's findings, every rank decides
+        report.preflight["recipe"] = {"path": opts.recipe, "changes": changes} if opts.recipe else None
+        report.plan = self.memory.to_dict()
+        self.ce, ce_why = resolve_ce(opts.ce, self.device.type, fsdp=opts.fsdp)
+        report.train.update(packing=opts.packing, attention=self.attention, ce={"loss": self.ce, "why": ce_why})
+        if any(f.severity == "error" for f in report.findings):
+            return False
+        for fix in pf["patch"].fixes_applied if pf["patch"] is not None else []:
+            self.say(f"pre-flight: applied {fix.get('title', fix) if isinstance(fix, dict) else fix}")
+        return True
+
+    def refuse(self) -> Report:
+        """No step is taken while an error finding remains: the report says which."""
+        self.report.train["status"] = "refused"
+        self.report.train["refused_because"] = [finding_line(f) for f in self.report.findings
+                                                if f.severity == "error"]
+        if rank() == 0:
+            write_json_atomic(os.path.join(self.output, "report.json"), self.report.to_dict())
+        self.report.trained_model = self.setup_.model
+        return self.report
+
+    # ----- fit: Trainer with the watch, until the last step, a watch stop or a signal --------------------------
+    def fit(self) -> None:
+        """Compile, build the Trainer, and train (or, resuming at the last step, only load the checkpoint)."""
+        self._make_trainer()
+        plan, train = self.resume, self.report.train
+        if plan is not None:
+            _announce_resume(plan, self.output, self.say)
+            train["resume"] = _resume_dict(plan)
+        t0 = time.perf_counter()
+        if plan is not None and plan.reached_end:
+            # it trained to its last step and was stopped before writing its outputs: Trainer would train one step
+            # more, so load the checkpoint and write them
+            self.say(f"{plan.checkpoint} is the run's last step: writing the outputs it did not get to write")
+            _load_checkpoint(self.trainer, plan.checkpoint)
+            result = None
+        else:
+            result = self._train(plan.checkpoint if plan is not None else None)
+        self._record(result, time.perf_counter() - t0)
+
+    def _make_trainer(self) -> None:
+        opts, setup, report = self.opts, self.setup_, self.report
+        compiled = apply_compile(setup.model, opts.compile, self.device.type)  # after the probes: they hook eager
+        report.train["compile"] = compiled
+        if compiled["compiled"]:
+            self.say(f"compile: {compiled['layers']} decoder layers ({compiled['why']})")
+        dataset, self.collator = train_dataset(self.prepared, opts, self.pad_id, self.memory.tokens_per_batch)
+        if opts.packing:
+            report.data["packed_batches"] = len(dataset)
+        self.trainer, self.watch = make_trainer(setup, dataset, self.collator, opts, self.output, self.console,
+                                                self.callbacks, self.progress, ce=self.ce)
+        self.trainer.gradflow_fingerprint = self.fingerprint  # recorded in every checkpoint's manifest
+        self.signals = StopOnSignal()
+        self.trainer.add_callback(self.signals)
+
+    def _train(self, checkpoint: str | None):
+        signals = self.signals
         signals.install()
-        cleanup.callback(signals.restore)
+        self.cleanup.callback(signals.restore)
         with _quiet():
-            result = trainer.train(resume_from_checkpoint=plan.checkpoint if plan is not None else None)
+            result = self.trainer.train(resume_from_checkpoint=checkpoint)
         if signals.received is None:  # only the training steps are covered; after a stop the handlers stay
             signals.restore()  # until the run returns, so that a second signal still aborts at once
-    seconds = time.perf_counter() - t0
-    stopped = watch.stopped_at is not None
-    interrupted = not stopped and signals.stopped_at is not None and trainer.state.global_step < trainer.state.max_steps
-    watched = _ranks.gather_watch(report, watch.findings)  # torchrun: every rank's, merged (a collective)
-    report.findings = list(report.findings) + watched
-    state = final_state(trainer, watch, collator, seconds, result)
-    state["findings"] = [f.to_dict() for f in watched]
-    report.extra["train"].update(state)
-    report.extra["train"]["status"] = "stopped" if stopped else "interrupted" if interrupted else "completed"
-    if interrupted:
-        report.extra["train"]["signal"] = signals.name
-        report.extra["train"]["checkpoint"] = os.path.join(output, CHECKPOINT_DIR, f"checkpoint-{signals.stopped_at}")
-    finished = not stopped and not interrupted
+        return result
 
-    is_main = trainer.is_world_process_zero()
-    if finished and opts.fsdp:  # every rank gathers the sharded adapter; rank 0 writes it once
+    def _record(self, result, seconds: float) -> None:
+        """The run's end state into the report: steps, losses, gradients, the watch's findings, and the status."""
+        report, trainer, watch, signals = self.report, self.trainer, self.watch, self.signals
+        self.stopped = watch.stopped_at is not None
+        self.interrupted = (not self.stopped and signals.stopped_at is not None
+                            and trainer.state.global_step < trainer.state.max_steps)
+        watched = _ranks.gather_watch(report, watch.findings)  # torchrun: every rank's, merged (a collective)
+        report.findings = list(report.findings) + watched
+        state = final_state(trainer, watch, self.collator, seconds, result)
+        state["findings"] = [f.to_dict() for f in watched]
+        report.train.update(state)
+        report.train["status"] = "stopped" if self.stopped else "interrupted" if self.interrupted else "completed"
+        if self.interrupted:
+            report.train["signal"] = signals.name
+            report.train["checkpoint"] = os.path.join(self.output, CHECKPOINT_DIR,
+                                                      f"checkpoint-{signals.stopped_at}")
 
-        _fsdp.save_adapter(trainer, setup, model, ropts, opts, os.path.join(output, ADAPTER_DIR), is_main)
-        report.extra["train"]["adapter"] = ADAPTER_DIR
-    if is_main:
-        if plot_grad_norms(watch.history, os.path.join(output, "grad_norms.png")):
-            report.extra["train"]["grad_norms_png"] = "grad_norms.png"
-        if finished and not opts.fsdp:
-            save_adapter(setup, model, ropts, opts, os.path.join(output, ADAPTER_DIR))
-            report.extra["train"]["adapter"] = ADAPTER_DIR
-    if finished and opts.merge and is_main:
-        merge(os.path.join(output, ADAPTER_DIR), os.path.join(output, "merged"),
-              trust_remote_code=ropts.trust_remote_code)
-        report.extra["train"]["merged"] = "merged"
-    if is_main:
-        write_json_atomic(os.path.join(output, "report.json"), report.to_dict())
-    report.trained_model = setup.model
-    return report
+    # ----- finish: adapter, plot, merge, report.json ----------------------------------------------------------
+    def finish(self) -> Report:
+        opts, setup, train, output = self.opts, self.setup_, self.report.train, self.output
+        finished = not self.stopped and not self.interrupted
+        is_main = self.trainer.is_world_process_zero()
+        if finished and opts.fsdp:  # every rank gathers the sharded adapter; rank 0 writes it once
+            _fsdp.save_adapter(self.trainer, setup, self.model, self.ropts, opts, os.path.join(output, ADAPTER_DIR),
+                               is_main)
+            train["adapter"] = ADAPTER_DIR
+        if is_main:
+            if plot_grad_norms(self.watch.history, os.path.join(output, "grad_norms.png")):
+                train["grad_norms_png"] = "grad_norms.png"
+            if finished and not opts.fsdp:
+                save_adapter(setup, self.model, self.ropts, opts, os.path.join(output, ADAPTER_DIR))
+                train["adapter"] = ADAPTER_DIR
+        if finished and opts.merge and is_main:
+            merge(os.path.join(output, ADAPTER_DIR), os.path.join(output, "merged"),
+                  trust_remote_code=self.ropts.trust_remote_code)
+            train["merged"] = "merged"
+        if is_main:
+            write_json_atomic(os.path.join(output, "report.json"), self.report.to_dict())
+        self.report.trained_model = setup.model
+        return self.report
 
 
 # ----- resuming ---------------------------------------------------------------------------------------------
 def _announce_resume(plan, output: str, say) -> None:
     """Say where the run continues from and why; damaged checkpoints are set aside (rank 0), staging cleared."""
     from rich.markup import escape
-
 
     warn = _warn if rank() == 0 else (lambda text: None)
     for path, why in plan.damaged:
@@ -287,32 +335,27 @@ def _warn(text: str) -> None:
     sys.stderr.flush()
 
 
-def _already_complete(plan, output: str):
+def _already_complete(plan, output: str) -> Report | None:
     """The stored Report when the run reached its last step and wrote its outputs; None when there is work left."""
     path = os.path.join(output, "report.json")
     if not plan.reached_end or not os.path.isdir(os.path.join(output, ADAPTER_DIR)) or not os.path.isfile(path):
         return None
     try:
         with open(path) as fh:
-            stored = json.load(fh)
-        train = stored["train"]
+            report = Report.from_dict(json.load(fh))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    if train.get("status") != "completed" or train.get("steps") != plan.step:
+    if report.train is None or report.train.get("status") != "completed" or report.train.get("steps") != plan.step:
         return None
+    report.command = "train"
+    report.train["already_complete"] = True  # this call trained nothing: the run had ended
+    report.train["resume"] = _resume_dict(plan)
+    return report  # trained_model stays None: nothing was loaded
 
-    fields = ("schema_version", "gradflow_version", "command", "model", "loss", "params", "modules", "findings")
-    findings = [Finding(f["code"], f["slug"], f["severity"], f["message"], f.get("location"),
-                        Fix(f["fix"]["title"], f["fix"]["applicability"]) if f.get("fix") else None,
-                        list(f.get("params") or [])) for f in stored.get("findings", [])]
-    report = Report(command="train", model=stored.get("model"), loss=stored.get("loss"), params=stored.get("params"),
-                    modules=stored.get("modules", []), findings=findings,
-                    extra={k: v for k, v in stored.items() if k not in fields})
-    train["already_complete"] = True  # this call trained nothing: the run had ended
-    train["resume"] = {"from": plan.checkpoint, "step": plan.step, "differences": plan.differences,
-                       "damaged": [{"checkpoint": p, "why": w} for p, w in plan.damaged]}
-    report.trained_model = None  # nothing was loaded
-    return report
+
+def _resume_dict(plan) -> dict:
+    return {"from": plan.checkpoint, "step": plan.step, "differences": plan.differences,
+            "damaged": [{"checkpoint": p, "why": w} for p, w in plan.damaged]}
 
 
 def _load_checkpoint(trainer, path: str) -> None:
@@ -323,25 +366,17 @@ def _load_checkpoint(trainer, path: str) -> None:
     trainer.state = TrainerState.load_from_json(os.path.join(path, "trainer_state.json"))
 
 
+@contextlib.contextmanager
 def _quiet():
     """The warnings gradflow's own set-up provokes stay off stderr while Trainer runs; the user's still show."""
-    import contextlib
-    import warnings
+    with warnings.catch_warnings():
+        if os.environ.get("GRADFLOW_DEBUG", "") in ("", "0"):
+            ignore_known_noise()
+        yield
 
 
-    @contextlib.contextmanager
-    def ctx():
-        with warnings.catch_warnings():
-            if os.environ.get("GRADFLOW_DEBUG", "") in ("", "0"):
-                ignore_known_noise()
-            yield
-
-    return ctx()
-
-
-def _report(pf, prepared: Prepared, opts: TrainOptions, data: str, output: str):
-    import copy
-
+def _report(pf, prepared: Prepared, opts: TrainOptions, data: str, output: str) -> Report:
+    """The train report: the pre-flight's last probe, with its own sections for the pre-flight, data and run."""
     after = pf["after"]
     report = copy.copy(after)
     report.command = "train"
@@ -349,15 +384,14 @@ def _report(pf, prepared: Prepared, opts: TrainOptions, data: str, output: str):
     report.after = after
     report.fixes_applied = list(pf["patch"].fixes_applied) if pf["patch"] is not None else []
     report.findings = list(after.findings)
-    report.extra = dict(after.extra)
-    report.extra["preflight"] = {
+    report.preflight = {
         "patch_available": pf["patch_available"],
         "patched": pf["patch"] is not None,
         "patch": pf["patch"].to_dict() if pf["patch"] is not None else None,
         "errors_before": [finding_line(f) for f in pf["before"].findings if f.severity == "error"],
         "errors_after": [finding_line(f) for f in after.findings if f.severity == "error"],
     }
-    report.extra["data"] = {
+    report.data = {
         "file": data, "samples": prepared.samples, "used": len(prepared.rows),
         "skipped": [str(p) for p in prepared.problems],
         "think_samples": sum(1 for a in prepared.audit if a["think_sha256"]),
@@ -365,6 +399,5 @@ def _report(pf, prepared: Prepared, opts: TrainOptions, data: str, output: str):
         "truncated": sum(1 for a in prepared.audit if a["truncated"]),
         "previews": prepared.previews, "audit": "audit.jsonl",
     }
-    report.extra["train"] = {"status": None, "options": {k: v for k, v in dataclasses.asdict(opts).items()},
-                             "output": output}
+    report.train = {"status": None, "options": dataclasses.asdict(opts), "output": output}
     return report

@@ -26,8 +26,8 @@ def renderable(report, *, depth: int | None = 4):
         return train_text(report)
     if report.before is not None or report.after is not None:
         parts = [patch_text(report)]
-        if report.extra.get("snippet"):
-            parts.append(snippet_text(report.extra["snippet"]))
+        if report.patch is not None and report.patch.snippet:
+            parts.append(snippet_text(report.patch.snippet))
         return Group(*parts)
 
     return probe_text(report)

@@ -68,7 +68,8 @@ def params_section(params: dict, *, full: bool) -> dict:
     """The `params` object: counts and the per-layer roll-up; each trainable parameter's row only when `full`."""
     out = {k: v for k, v in params.items() if k != "per_param"}
     rows = params.get("per_param") or []
-    out["per_layer"] = per_layer(rows) if rows else []
+    if rows or "per_layer" not in out:  # a report read back from compact JSON keeps the roll-up it was given
+        out["per_layer"] = per_layer(rows) if rows else []
     if full:  # NaN/Inf are not JSON: a non-finite gradient's norm is null (its grad class says nonfinite)
         out["per_param"] = [{**r, "grad_norm": r["grad_norm"] if _finite(r.get("grad_norm")) else None} for r in rows]
     return out

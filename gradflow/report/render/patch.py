@@ -79,13 +79,13 @@ def _plan_lines(entries, out: Lines, *, changed_key: str, mark: str, style: str)
 
 
 def patch_text(report):
-    extra = report.extra
+    outcome = report.patch
     parts = [summary(report.before), Text("findings before patch", style="bold"),
              findings_table(report.before.findings)]
 
     t = Lines()
-    if extra.get("dry_run"):
-        plan = extra.get("plan") or []
+    if outcome.dry_run:
+        plan = outcome.plan or []
         t.add(Text(f"plan ({len(plan)} fix{'es' if len(plan) != 1 else ''}; dry run: nothing was changed)",
                    style="bold"))
         _plan_lines(plan, t, changed_key="changes", mark="•", style="cyan")
@@ -95,10 +95,10 @@ def patch_text(report):
     else:
         applied = report.fixes_applied
         t.add(Text(f"fixes applied ({len(applied)})", style="bold"))
-        if not applied and not extra.get("rolled_back"):
+        if not applied and not outcome.rolled_back:
             t.add(Text("  none: nothing to change", style="dim"))
         _plan_lines(applied, t, changed_key="changed", mark="✓", style="green")
-        rb = extra.get("rolled_back")
+        rb = outcome.rolled_back
         if rb:
             t.add(Text(f"  rolled back {len(rb['fixes'])} fixes: {rb['reason']}", style="bold red"), indent=4)
     t.add(Text(""))
@@ -109,19 +109,19 @@ def patch_text(report):
     if report.after is not None:
         parts.append(Text("findings after patch", style="bold"))
         parts.append(findings_table(report.after.findings))
-        parts.append(proof_text(extra.get("verification")))
+        parts.append(proof_text(outcome.verification))
 
-    skipped = extra.get("skipped_unsafe") or []
+    skipped = outcome.skipped_unsafe or []
     if skipped:
         t = Lines().add(Text("unsafe fixes not applied (run with --unsafe-fixes)", style="bold yellow"))
         _plan_lines(skipped, t, changed_key="changes", mark="•", style="yellow")
         parts.append(t.add(Text("")))
-    advice = extra.get("advice") or []
+    advice = outcome.advice or []
     if advice:
         t = Lines().add(Text("to fix in your code (display-only)", style="bold"))
         _plan_lines(advice, t, changed_key="changes", mark="→", style="magenta")
         parts.append(t.add(Text("")))
-    saved = extra.get("saved")
+    saved = outcome.saved
     if saved:
         parts.append(Lines(indent=2)
                      .add(Text(f"saved to {saved['dir']}: {', '.join(saved['files'])}", style="bold"))

@@ -242,7 +242,7 @@ def grad_chart(report, width: int = 40) -> GradChart | None:
 
 def measured(report) -> Lines | None:
     """What --check-gc and --steps measured, one line each (the findings say what is wrong)."""
-    gc, run = report.extra.get("gc_check"), report.extra.get("steps")
+    gc, run = report.gc_check, report.steps
     if gc is None and run is None:
         return None
     out = Lines(indent=2)

@@ -12,7 +12,7 @@ def train_text(report):
 
 def train_summary(report) -> str:
     """What the training run did: data used, pre-flight before/after, steps, loss, gradient checks, outputs."""
-    state, data, pre = report.extra["train"], report.extra["data"], report.extra["preflight"]
+    state, data, pre = report.train, report.data, report.preflight
     lines = [f"data      {data['used']} of {data['samples']} samples used, {len(data['skipped'])} skipped, "
              f"{data['think_samples']} /think, {data['supervised_tokens']} supervised tokens"]
     before = pre["errors_before"]
