@@ -19,19 +19,17 @@ import warnings
 from typing import Any
 
 from gradflow.data.audit import write_json_atomic, write_jsonl_atomic
-from gradflow.errors import GradflowError
 from gradflow.forward import model_device
 from gradflow.noise import ignore_known_noise
 from gradflow.report import Report, finding_line, ranks as _ranks
-from gradflow.setup.build import SetupOptions, apply_lora
-from gradflow.setup.load import build_setup as build_resolved, check_lora_flags, check_seq_len, resolve_setup
-from gradflow.setup.sources import Kind
-from gradflow.training import fsdp as _fsdp, so8
+from gradflow.setup.build import SetupOptions
+from gradflow.training import fsdp as _fsdp
 from gradflow.training.checkpoint import clear_staging, set_aside
 from gradflow.training.compiling import apply as apply_compile
 from gradflow.training.dataset import Prepared, prepare_data, probe_batch, read_data, train_dataset  # noqa: F401
 from gradflow.training.lock import hold
 from gradflow.training.merge import merge
+from gradflow.training.model import build_setup
 from gradflow.training.options import TrainOptions
 from gradflow.training.outputs import (ADAPTER_DIR, CHECKPOINT_DIR, check_output, check_output_path, prepare_output,
                                        rank, save_adapter)
@@ -42,43 +40,6 @@ from gradflow.training.resume import fingerprint as run_fingerprint, plan as res
 from gradflow.training.signals import StopOnSignal
 from gradflow.training.trainer import final_state, make_trainer, prepare_model, resolve_ce
 from gradflow.world import bind_local_gpu
-
-
-# ----- the model --------------------------------------------------------------------------------------------
-def build_setup(model: Any, ropts: SetupOptions, opts: TrainOptions, tokenizer=None):
-    """MODEL (spec string, Setup or nn.Module) → (Setup, who sets checkpointing), through the loader every command
-    uses (gradflow.setup.load), with LoRA and SO(8) adapters applied."""
-    setup = resolve_setup(model, ropts)
-    if setup.kind == Kind.TRAINER:
-        raise GradflowError(f"{setup.source} returns a Trainer: gradflow train builds its own",
-                            "Run your trainer with callbacks=[gradflow.GradFlowCallback()], or check it first with "
-                            "gradflow probe-backward")
-    if tokenizer is not None:
-        setup.tokenizer = tokenizer
-    builds_lora = setup.kind in (Kind.PRESET, Kind.DIR, Kind.HUB) and ropts.adapter is None
-    gc_from = "--gc" if ropts.gc is not None else "plan" if builds_lora else "the model"
-    if builds_lora and ropts.gc is None:
-        ropts.gc = "non-reentrant"  # on every layer; the memory plan then turns off what memory allows
-    if opts.so8_layers:
-        if not builds_lora or (setup.kind == Kind.DIR and os.path.isfile(os.path.join(setup.source,
-                                                                                    "adapter_config.json"))):
-            raise GradflowError("--so8-layers needs a base model that gradflow adds LoRA to (a preset, directory "
-                                "or hub id, without --adapter)", "Drop --so8-layers, or start from the base model")
-        rank_ = ropts.lora_r if ropts.lora_r is not None else 8
-        if rank_ == 0:
-            raise GradflowError("--so8-layers rides on a LoRA adapter, and --lora-r is 0",
-                                "Pass --lora-r 8 (or any positive rank)")
-        check_lora_flags(setup, ropts)
-        setup = build_resolved(setup, dataclasses.replace(ropts, lora_r=0), check_flags=False)
-
-        so8.install(setup.model, opts.so8_layers)
-        setup.model = apply_lora(setup.model, rank_, ropts.lora_alpha or 2 * rank_, ropts.lora_targets or "all-linear",
-                                 modules_to_save=[so8.MODULE_NAME])
-        so8.attach_hooks(setup.model)
-    else:
-        setup = build_resolved(setup, ropts)
-    check_seq_len(setup.model, opts.seq_len)  # the same length check as probe-backward, before any tokenising
-    return setup, gc_from
 
 
 # ----- the run ----------------------------------------------------------------------------------------------
