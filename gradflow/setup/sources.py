@@ -56,32 +56,58 @@ class Setup:
 def resolve(spec: str, *, trust_remote_code: bool = False, named_in: str | None = None) -> Setup:
     """Turn a MODEL argument into a Setup, or raise GradflowError saying what to do.
 
-    `named_in` says which file the spec was read from (an adapter config, run metadata), for a spec the user did
-    not type. Such a spec resolves as a preset, directory or hub id only: a factory in it would run code that
-    someone else wrote, so it is refused unless `trust_remote_code` is set.
+    The readers in READERS are tried in order; the first that recognises `spec` answers (a Setup, or an error
+    that says what to pass instead). `named_in` says which file the spec was read from (an adapter config, run
+    metadata), for a spec the user did not type. Such a spec resolves as a preset, directory or hub id only: a
+    factory in it would run code that someone else wrote, so it is refused unless `trust_remote_code` is set.
     """
-    if spec in PRESETS:
-        return Setup(model=None, kind=Kind.PRESET, source=spec, preset=spec)
-    if os.path.isdir(spec):
-        return Setup(model=None, kind=Kind.DIR, source=spec)
+    for reader in READERS:
+        setup = reader(spec, trust_remote_code=trust_remote_code, named_in=named_in)
+        if setup is not None:
+            return setup
+    names = ", ".join(sorted(PRESETS))
+    raise GradflowError(f"unknown preset {spec!r}", f"Use one of: {names}; or a directory, hub id, or FILE.py:FUNCTION")
+
+
+def _preset(spec: str, **_) -> Setup | None:
+    return Setup(model=None, kind=Kind.PRESET, source=spec, preset=spec) if spec in PRESETS else None
+
+
+def _directory(spec: str, **_) -> Setup | None:
+    return Setup(model=None, kind=Kind.DIR, source=spec) if os.path.isdir(spec) else None
+
+
+def _code_named_in_a_file(spec: str, *, trust_remote_code: bool, named_in: str | None) -> None:
     if named_in is not None and names_code(spec) and not trust_remote_code:
         raise GradflowError(f"{named_in} names the Python factory {spec!r} as the base model, and gradflow runs "
                             "code read from a file only when told to",
                             "Read that code, then pass --trust-remote-code to run it; or set the base to a preset, "
                             "model directory or hub id")
-    if _looks_like_factory(spec):
-        return load_factory(spec)
+
+
+def _factory(spec: str, **_) -> Setup | None:
+    return load_factory(spec) if _looks_like_factory(spec) else None
+
+
+def _file(spec: str, **_) -> Setup | None:
     if os.path.isfile(spec) and spec.lower().endswith(".json"):
         return Setup(model=None, kind=Kind.CONFIG, source=spec)  # a config.json: enough for --dry-run, no weights
     if os.path.exists(spec):
         raise GradflowError(f"{spec} is a file, not a model directory or factory",
                             "Pass a directory written by save_pretrained, or FILE.py:FUNCTION")
+    return None
+
+
+def _hub_id(spec: str, **_) -> Setup | None:
     if _HUB_ID.match(spec) and not spec.startswith("."):
         return Setup(model=None, kind=Kind.HUB, source=spec)
     if os.sep in spec or spec.startswith("."):
         raise GradflowError(f"no such directory: {spec}", "Check the path, or pass a preset name")
-    names = ", ".join(sorted(PRESETS))
-    raise GradflowError(f"unknown preset {spec!r}", f"Use one of: {names}; or a directory, hub id, or FILE.py:FUNCTION")
+    return None
+
+
+# MODEL readers, first match wins (PEFT's dispatch-list manner): a new kind of source is one reader and one entry
+READERS = (_preset, _directory, _code_named_in_a_file, _factory, _file, _hub_id)
 
 
 def _looks_like_factory(spec: str) -> bool:
