@@ -12,9 +12,9 @@ __version__ = "0.1.0"
 __all__ = ["inspect", "probe", "patch", "train", "Report", "Finding", "GradFlowCallback", "__version__"]
 
 _LAZY = {
-    "inspect": ("gradflow.api", "inspect"),
-    "probe": ("gradflow.api", "probe"),
-    "patch": ("gradflow.api", "patch"),
+    "inspect": ("gradflow.entries", "inspect"),
+    "probe": ("gradflow.entries", "probe"),
+    "patch": ("gradflow.entries", "patch"),
     "train": ("gradflow.training", "train"),
     "Report": ("gradflow.report", "Report"),
     "Finding": ("gradflow.report", "Finding"),

@@ -76,3 +76,11 @@ def _short(value) -> str:
     if len(text) > 24 and isinstance(value, int):
         return f"{float(value):.3g}" if abs(value) < 1e308 else f"an integer of {len(text)} digits"
     return text[:40]
+
+
+def check_positive(value: int, flag: str, example: int = 2) -> None:
+    """A positive integer, within gradflow.limits' bound for `flag` when it has one."""
+    if flag in INTS:
+        check_int(flag, value)
+    elif value <= 0:
+        raise GradflowError(f"{flag} must be a positive integer, got {value}", f"Pass e.g. {flag} {example}")

@@ -16,14 +16,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "gradflow"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("gradflow.cli", "gradflow.__main__")),
     ("training", ("gradflow.training",)),
-    ("api", ("gradflow", "gradflow.api", "gradflow.dryrun", "gradflow.testing")),
+    ("api", ("gradflow", "gradflow.entries", "gradflow.api", "gradflow.dryrun", "gradflow.distributed",
+             "gradflow.testing")),
     ("fixes", ("gradflow.fixes",)),
     ("probing", ("gradflow.probing",)),
     ("rules, report", ("gradflow.rules", "gradflow.report")),
     ("setup", ("gradflow.setup", "gradflow.demos")),
     ("data", ("gradflow.data",)),
     ("base", ("gradflow.errors", "gradflow.choices", "gradflow.limits", "gradflow.models", "gradflow.forward",
-              "gradflow.snapshot", "gradflow.world", "gradflow.noise", "gradflow._lazy")),
+              "gradflow.snapshot", "gradflow.world", "gradflow.noise", "gradflow._lazy", "gradflow.model_state",
+              "gradflow.files")),
 ]
 # inside the api layer the facade (gradflow/__init__.py, lazy by name) sits above the modules it names
 FACADES = {"gradflow", "gradflow.training"}
@@ -71,7 +73,8 @@ def layer_of(module: str) -> int:
     best, depth = None, -1
     for i, (_, prefixes) in enumerate(LAYERS):
         for prefix in prefixes:
-            if (module == prefix or module.startswith(prefix + ".")) and len(prefix) > depth:
+            inside = module == prefix or (prefix != "gradflow" and module.startswith(prefix + "."))
+            if inside and len(prefix) > depth:
                 best, depth = i, len(prefix)
     assert best is not None, f"{module} is in no layer: add it to LAYERS and docs/architecture.md"
     return best

@@ -10,50 +10,21 @@ from gradflow.errors import ExitCode, GradflowError
 
 
 @contextlib.contextmanager
-def user_code(setup=None):
+def user_code(spec: str):
     """What the user's code prints (a factory, a forward, a Trainer) goes to stderr: stdout carries only data.
 
-    With the factory's `setup`, a SystemExit or KeyboardInterrupt its forward or loss raises is an error naming
-    the factory (exit 2), never a silent exit 0 that passes a CI gate.
+    When MODEL names code (a factory or a Trainer script), a SystemExit or KeyboardInterrupt it raises is an error
+    naming the factory (exit 2), never a silent exit 0 that passes a CI gate.
     """
     with contextlib.redirect_stdout(sys.stderr):
         try:
             yield
         except (SystemExit, KeyboardInterrupt) as exc:
-            from gradflow.setup.sources import Kind, user_exit_error
+            from gradflow.setup.sources import names_code, user_exit_error
 
-            if setup is None or setup.kind not in (Kind.FACTORY, Kind.TRAINER):
+            if not names_code(spec):
                 raise
-
-            raise user_exit_error(exc, setup.source, "running its forward, loss or backward") from exc
-
-
-def prepare(model, opts, *, data, batch_size, seq_len, seed, out, adopt=None):
-    """Resolve, build and batch, with progress on stderr. `adopt(setup)` may adjust the setup before the batch
-    is made (e.g. set a factory's DDP wrapper aside: gradflow.distributed.adopt)."""
-    from gradflow.cli._options import check_positive
-    from gradflow.setup.load import load_setup, make_batch
-
-    check_positive(batch_size, "--batch-size")
-    check_positive(seq_len, "--seq-len", 32)
-    if data is not None:
-        check_data(data)
-    with out.status(f"loading {model}"), user_code():
-        setup = load_setup(model, opts)
-        if adopt is not None:
-            adopt(setup)
-        batch = make_batch(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
-    return setup, batch
-
-
-def check_data(path: str) -> None:
-    """A bad --data file fails before the model loads, not after."""
-    from gradflow.data.jsonl import read_jsonl
-
-    _, problems = read_jsonl(path)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise GradflowError(f"malformed sample at {problems[0]}{more}", "Fix or remove that line")
+            raise user_exit_error(exc, spec, "running its forward, loss or backward") from exc
 
 
 def exit_for(report, fail_on) -> int:
@@ -65,22 +36,18 @@ def check_format(fmt: str, allowed) -> None:
         raise GradflowError(f"--format {fmt!r} is not one of {', '.join(allowed)}", "Pick one of those")
 
 
-def check_fail_on(fail_on) -> None:
-    from gradflow.choices import FailOn
-
-    if fail_on is not None:
-        FailOn.parse(fail_on)
-
-
 class Gate:
     """The CI side of a command: [tool.gradflow] with the flags over it, rule selection, --baseline, exit code.
 
     Built before the model loads, so a bad flag or config key fails fast; `judge` runs on the finished report.
     """
 
-    def __init__(self, *, fail_on=None, select=None, ignore=None, trainable=None, baseline=None,
-                 update_baseline: bool = False, isolated: bool = False):
+    def __init__(self, ci, trainable: str | None = None):
+        """`ci`: the command's CIArgs; `trainable`: its --trainable ([tool.gradflow] may name one too)."""
         from gradflow.report.config import resolve
+
+        fail_on, select, ignore, baseline = ci.fail_on, ci.select, ci.ignore, ci.baseline
+        update_baseline, isolated = ci.update_baseline, ci.isolated
 
         if update_baseline and baseline is None:
             raise GradflowError("--update-baseline has no file to write", "Pass --baseline FILE with it")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
+import typing
 from typing import List, Optional
 
 import typer
@@ -46,25 +50,96 @@ Detail = Annotated[_Detail, typer.Option("--detail", parser=_Detail.parse, help=
 Isolated = Annotated[bool, typer.Option("--isolated", help="Ignore \\[tool.gradflow] in pyproject.toml.", rich_help_panel=_CI)]
 
 
-def setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype, device, trainable,
-                  trust_remote_code, seed=0):
-    """SetupOptions from the shared CLI options (validated)."""
-    from gradflow.setup.build import SetupOptions
+@dataclasses.dataclass
+class SetupArgs:
+    """How to build the setup (every command): the options of gradflow.setup.build.SetupOptions."""
 
-    quant, gc, dtype, device = (c.plain(v) for v in (quant, gc, dtype, device))  # the library stores plain str
-    opts = SetupOptions(lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets, adapter=adapter,
-                         adapter_trainable=adapter_trainable, quant=quant, gc=gc, dtype=dtype, device=device,
-                         trainable=trainable, trust_remote_code=trust_remote_code, seed=seed)
-    opts.validate()
-    return opts
+    lora_r: LoraR = None
+    lora_alpha: LoraAlpha = None
+    lora_targets: LoraTargets = None
+    adapter: Adapter = None
+    adapter_trainable: AdapterTrainable = False
+    quant: Quant = "none"
+    gc: GC = None
+    dtype: DType = None
+    device: Device = "auto"
+    trainable: Trainable = None
+    trust_remote_code: TrustRemoteCode = False
+
+    def options(self, *, seed: int = 0, trainable: str | None = None):
+        """SetupOptions, validated; `trainable` as [tool.gradflow] and the flag resolved it (see Gate)."""
+        from gradflow.setup.build import SetupOptions
+
+        plain = {f.name: c.plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # the library: plain str
+        opts = SetupOptions(**{**plain, "trainable": trainable if trainable is not None else self.trainable},
+                            seed=seed)
+        opts.validate()
+        return opts
 
 
-def check_positive(value: int, flag: str, example: int = 2) -> None:
-    """A positive integer, within gradflow.limits' bound for `flag` when it has one."""
+@dataclasses.dataclass
+class ProbeArgs:
+    """The probe batch (inspect, probe-backward, patch)."""
+
+    data: Data = None
+    batch_size: BatchSize = 2
+    seq_len: SeqLen = 32
+    seed: Seed = 0
+
+
+@dataclasses.dataclass
+class CIArgs:
+    """The CI side (inspect, probe-backward, patch): exit code, rule selection, baseline, quiet, config."""
+
+    fail_on: FailOn = None
+    select: Select = None
+    ignore: Ignore = None
+    baseline: Baseline = None
+    update_baseline: UpdateBaseline = False
+    quiet: Quiet = False
+    isolated: Isolated = False
+
+
+GROUPS = (SetupArgs, ProbeArgs, CIArgs)
+
+
+def wrapper(ddp: bool, fsdp: bool, *, update_baseline: bool = False) -> str | None:
+    """--ddp / --fsdp as the library's `wrapper` ("ddp", "fsdp" or None)."""
     from gradflow.errors import GradflowError
-    from gradflow.limits import INTS, check_int
 
-    if flag in INTS:
-        check_int(flag, value)
-    elif value <= 0:
-        raise GradflowError(f"{flag} must be a positive integer, got {value}", f"Pass e.g. {flag} {example}")
+    if ddp and fsdp:
+        raise GradflowError("--ddp and --fsdp are two ways to wrap one model", "Pass one of them")
+    flag = "--ddp" if ddp else "--fsdp" if fsdp else None
+    if flag and update_baseline:
+        raise GradflowError(f"{flag} cannot be combined with --update-baseline yet",
+                            f"Drop --update-baseline, or probe in one process without {flag}")
+    return flag[2:] if flag else None
+
+
+def command(fn):
+    """Expand each parameter annotated with a group (SetupArgs, ProbeArgs, CIArgs) into the group's options, so
+    that Typer sees every flag, and hand the command one object per group: each shared option is defined once."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    params, groups = [], {}
+    for p in inspect.signature(fn).parameters.values():
+        group = hints.get(p.name)
+        if group not in GROUPS:
+            params.append(p.replace(annotation=hints.get(p.name, p.annotation)))
+            continue
+        fields = typing.get_type_hints(group, include_extras=True)
+        groups[p.name] = group
+        params += [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=f.default,
+                                     annotation=fields[f.name]) for f in dataclasses.fields(group)]
+
+    @functools.wraps(fn)
+    def run(**kwargs):
+        for name, group in groups.items():
+            kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in dataclasses.fields(group)})
+        return fn(**kwargs)
+
+    run.__signature__ = inspect.Signature(params)
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    del run.__wrapped__  # Typer must read the expanded signature, not the command's own
+    return run
+
+

@@ -10,53 +10,58 @@ from gradflow.cli import _options as o
 from gradflow.cli._errors import fail
 
 
+@o.command
 def patch(
     model: o.ModelArg,
-    lora_r: o.LoraR = None, lora_alpha: o.LoraAlpha = None, lora_targets: o.LoraTargets = None,
-    adapter: o.Adapter = None, adapter_trainable: o.AdapterTrainable = False, quant: o.Quant = "none",
-    gc: o.GC = None, dtype: o.DType = None, device: o.Device = "auto", trainable: o.Trainable = None,
-    trust_remote_code: o.TrustRemoteCode = False,
-    data: o.Data = None, batch_size: o.BatchSize = 2, seq_len: o.SeqLen = 32, seed: o.Seed = 0,
+    setup: o.SetupArgs,
+    probe: o.ProbeArgs,
     unsafe_fixes: bool = typer.Option(False, "--unsafe-fixes", help="Also apply fixes that change what the model learns."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show the plan; change nothing."),
+    plan_only: bool = typer.Option(False, "--plan-only", help="Show the plan; change nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", hidden=True, help="The old name of --plan-only."),
     save: Optional[str] = typer.Option(None, "--save", help="Write the patched adapter (save_pretrained) and "
                                                             "gradflow_recipe.json (for train --recipe) to DIR."),
     format: o.Format = "text",
     detail: o.Detail = "compact",
-    fail_on: o.FailOn = None, select: o.Select = None, ignore: o.Ignore = None, baseline: o.Baseline = None,
-    update_baseline: o.UpdateBaseline = False, quiet: o.Quiet = False, isolated: o.Isolated = False,
+    ci: o.CIArgs = None,
 ):
     """Apply the safe fixes (unsafe ones with --unsafe-fixes), re-probe, and print the before/after and the code."""
-    from gradflow.cli._common import Gate, prepare, user_code
+    from gradflow.cli._common import Gate, user_code
     from gradflow.cli._output import Output
     from gradflow.errors import GradflowError
     from gradflow.setup.sources import Kind
 
-    out = Output(format, quiet=quiet)
+    out = Output(format, quiet=ci.quiet)
+    # patch's "change nothing" is --plan-only: --dry-run means "load no weights" on inspect and probe-backward
+    plan_flag = "--dry-run" if dry_run else "--plan-only"
+    plan_only = plan_only or dry_run
     try:
-        gate = Gate(fail_on=fail_on, select=select, ignore=ignore, trainable=trainable, baseline=baseline,
-                    update_baseline=update_baseline, isolated=isolated)
-        if save is not None and dry_run:
-            raise GradflowError("--save writes the patched model, --dry-run changes nothing", "Pass one of them")
+        gate = Gate(ci, setup.trainable)
+        if save is not None and plan_only:
+            raise GradflowError(f"--save writes the patched model, {plan_flag} changes nothing", "Pass one of them")
         from gradflow.fixes.recipe_file import check_save_dir, check_save_target, save_patched
 
         if save is not None:
             check_save_dir(save)
-        opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
-                               device, gate.trainable, trust_remote_code, seed)
-        setup, batch = prepare(model, opts, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, out=out)
-        trained = setup.model.model if setup.kind == Kind.TRAINER else setup.model  # a Trainer's model is saved
-        if save is not None:
-            check_save_target(trained, save)
+        loaded = []
+
+        def check_target(spec_setup) -> None:  # before patching: a bad --save target fails before any work
+            loaded.append(spec_setup)
+            if save is not None:
+                check_save_target(_trained(spec_setup), save)
+
         import gradflow
 
-        with out.status("probing, patching and probing again"), user_code(setup):
-            report = gradflow.patch(setup.model, batch, loss_fn=setup.loss_fn, optimizer=setup.optimizer,
-                                    trainable=setup.trainable, unsafe=unsafe_fixes, dry_run=dry_run)
+        with user_code(model):
+            report = gradflow.patch(model, setup=setup.options(seed=probe.seed, trainable=gate.trainable),
+                                    data=probe.data, batch_size=probe.batch_size, seq_len=probe.seq_len,
+                                    seed=probe.seed, unsafe=unsafe_fixes, dry_run=plan_only, status=out.status,
+                                    loaded=check_target)
         if save is not None:
+            spec_setup = loaded[0]
             with out.status(f"saving to {save}"):
-                report.patch.saved = save_patched(trained, report, save, source=model,
-                                               base_name=setup.preset if setup.kind == Kind.PRESET else None)
+                report.patch.saved = save_patched(_trained(spec_setup), report, save, source=model,
+                                                  base_name=spec_setup.preset if spec_setup.kind == Kind.PRESET
+                                                  else None)
         report, code = gate.judge(report, command="patch", model=model)
     except Exception as exc:
         fail(exc)
@@ -71,3 +76,9 @@ def patch(
     gate.explain(out)
     raise typer.Exit(code)
 
+
+def _trained(spec_setup):
+    """What --save writes: the model, or a Trainer's model."""
+    from gradflow.setup.sources import Kind
+
+    return spec_setup.model.model if spec_setup.kind == Kind.TRAINER else spec_setup.model

@@ -20,14 +20,12 @@ OutputDir = Annotated[str, typer.Option("--output", "-o", help="Run directory: a
                                         show_default=False)]
 
 
+@o.command
 def train(
     model: o.ModelArg,
     data: DataFile,
     output: OutputDir,
-    lora_r: o.LoraR = None, lora_alpha: o.LoraAlpha = None, lora_targets: o.LoraTargets = None,
-    adapter: o.Adapter = None, adapter_trainable: o.AdapterTrainable = False, quant: o.Quant = "none",
-    gc: o.GC = None, dtype: o.DType = None, device: o.Device = "auto", trainable: o.Trainable = None,
-    trust_remote_code: o.TrustRemoteCode = False,
+    setup: o.SetupArgs,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate.", rich_help_panel=_T)] = 2e-4,
     epochs: Annotated[float, typer.Option("--epochs", help="Passes over the data.", rich_help_panel=_T)] = 1.0,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer steps (overrides --epochs).",
@@ -111,9 +109,8 @@ def train(
         check_format(format, ("text", "json"))
         from gradflow.report.config import resolve
 
-        trainable = resolve(trainable=trainable, isolated=isolated).trainable  # else [tool.gradflow] trainable
-        opts = o.setup_options(lora_r, lora_alpha, lora_targets, adapter, adapter_trainable, quant, gc, dtype,
-                               device, trainable, trust_remote_code, seed)
+        trainable = resolve(trainable=setup.trainable, isolated=isolated).trainable  # else [tool.gradflow]'s
+        opts = setup.options(seed=seed, trainable=trainable)
         import gradflow
 
         report = gradflow.train(

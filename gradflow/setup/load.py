@@ -1,15 +1,43 @@
-"""From CLI arguments to a ready setup and batch: the one place the commands share."""
+"""MODEL → a ready setup and its batch: the one loader every command and `gradflow train` use."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, Callable
 
 from gradflow.data.jsonl import encode, probe_batch, read_jsonl
 from gradflow.data.packing import collate_packed
 from gradflow.errors import GradflowError
 from gradflow.forward import model_device, synthetic_batch, vocab_size
+from gradflow.limits import check_positive
 from gradflow.setup.build import SetupOptions, build
 from gradflow.setup.sources import Kind, Setup, resolve, setup_from_factory_result
+
+
+def load_batch(model, opts: SetupOptions, *, data: str | None = None, batch_size: int = 2, seq_len: int = 32,
+               seed: int = 0, packed: bool = False, adopt: Callable[[Setup], None] | None = None) -> tuple[Setup, Any]:
+    """Resolve and build MODEL, then its batch: JSONL samples (`data`) or synthetic ids; `packed`: one packed row.
+
+    Bad numbers and a bad data file fail before the model loads. `adopt(setup)` may adjust the setup before the
+    batch is made (gradflow.distributed.adopt sets a factory's DDP wrapper aside).
+    """
+    check_positive(batch_size, "--batch-size")
+    check_positive(seq_len, "--seq-len", 32)
+    if data is not None:
+        check_data(data)
+    setup = load_setup(model, opts)
+    if adopt is not None:
+        adopt(setup)
+    make = packed_batch if packed else make_batch
+    return setup, make(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
+
+
+def check_data(path: str) -> None:
+    """A bad --data file fails before the model loads, not after."""
+    _, problems = read_jsonl(path)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise GradflowError(f"malformed sample at {problems[0]}{more}", "Fix or remove that line")
 
 
 def load_setup(model, opts: SetupOptions) -> Setup:
@@ -30,7 +58,6 @@ def resolve_setup(model, opts: SetupOptions) -> Setup:
                                 "config and weights")
         return setup
     import torch
-
 
     if isinstance(model, (torch.nn.Module, dict)):
         setup = setup_from_factory_result(model, type(model).__name__)
