@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any, Callable
 
 from gradflow.errors import GradflowError
+from gradflow.fixes import findings_for
 from gradflow.fixes.engine import run_patch, verify
 from gradflow.forward import synthetic_batch
 from gradflow.models import is_trainer
@@ -15,7 +16,6 @@ from gradflow.probing.gc_check import compare
 from gradflow.probing.leak import to_dict
 from gradflow.probing.steps import check_steps, run_steps
 from gradflow.report import Report, build_report
-from gradflow.rules import run_rules
 from gradflow.setup.sources import compile_regex
 from gradflow.setup.trainer_source import prepared
 
@@ -77,7 +77,7 @@ def inspect(model, batch: Any = None, *, static: bool = False, loss_fn: Callable
     with _target(model, batch, loss_fn, None) as (model, batch, loss_fn, _, setup):
         snap = snapshot(model, batch, loss_fn=loss_fn, trainable=trainable, backward=False, static=static,
                         setup=setup)
-    return build_report(snap, run_rules(snap), "inspect")
+    return build_report(snap, findings_for(snap), "inspect")
 
 
 def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimizer=None,
@@ -112,7 +112,7 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
         snap = snapshot(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable, setup=setup)
         _measure(snap, model, batch, loss_fn, optimizer, setup, check_gc=check_gc, steps=steps,
                  lr_scheduler=lr_scheduler)
-    report = build_report(snap, run_rules(snap), "probe-backward")
+    report = build_report(snap, findings_for(snap), "probe-backward")
     if snap.packed_leak is not None:  # the batch was packed: what the leak check measured, as JSON
         report.packed_check = to_dict(snap.packed_leak)
     return report

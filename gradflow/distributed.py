@@ -30,9 +30,10 @@ import math
 
 import gradflow
 from gradflow.errors import GradflowError
+from gradflow.fixes import findings_for
 from gradflow.forward import call_model
+from gradflow.models import decoder_layers, unwrap
 from gradflow.report import SECTIONS, build_report
-from gradflow.rules import run_rules
 from gradflow.setup.sources import Kind
 from gradflow.setup.wrappers import fsdp1_numels, is_fsdp1, unwrap_fsdp1
 from gradflow.world import Launch
@@ -42,17 +43,6 @@ def is_ddp(model) -> bool:
     from torch.nn.parallel import DistributedDataParallel
 
     return isinstance(model, DistributedDataParallel)
-
-
-def unwrap(model):
-    """The module under a DDP or FSDP1 wrapper (and `_orig_mod` under torch.compile); anything else as is."""
-    while True:
-        if is_ddp(model) or is_fsdp1(model):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
 
 
 def adopt(setup, launch: Launch) -> None:
@@ -78,26 +68,10 @@ def wrap(model, launch: Launch):
         return DistributedDataParallel(model, device_ids=ids), model
     from torch.distributed.fsdp import fully_shard
 
-    for module in _layers(model):
+    for module in decoder_layers(model):  # the usual FSDP2 units
         fully_shard(module)
     fully_shard(model)
     return model, model  # FSDP2 shards in place: the module keeps its class and its parameter names
-
-
-def _layers(model):
-    """Decoder layers (any ModuleList of blocks): the usual FSDP2 units."""
-    import torch
-
-    seen = []
-    for _, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) > 1:
-            if not any(_inside(module, outer) for outer in seen):
-                seen.append(module)
-    return [layer for lst in seen for layer in lst if any(True for _ in layer.parameters())]
-
-
-def _inside(module, outer) -> bool:
-    return any(m is module for m in outer.modules())
 
 
 def probe(setup, batch, launch: Launch, *, trainable=None):
@@ -189,7 +163,7 @@ def gather(report, inner, launch: Launch):
             if row.grad_norm is not None and row.grad != "nonfinite":
                 m.grad_norm = ((m.grad_norm or 0.0) ** 2 + row.grad_norm ** 2) ** 0.5
     _unshard_class_names(snap, inner)
-    gathered = build_report(snap, run_rules(snap), report.command)
+    gathered = build_report(snap, findings_for(snap), report.command)
     for name in SECTIONS:  # what this rank's probe measured beyond the gradients (none is gathered)
         if getattr(gathered, name) is None:
             setattr(gathered, name, getattr(report, name))

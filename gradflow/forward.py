@@ -1,5 +1,6 @@
-"""The forward helpers every layer uses: where a model lives, a synthetic batch, calling a model on a batch, its loss,
-and the RNG state to replay a step. torch is imported inside the functions, so importing this module stays cheap."""
+"""The forward helpers every layer uses: where a model lives, a synthetic batch, calling a model on a batch, and its
+loss (the RNG state to replay a step is gradflow.model_state's). torch is imported inside the functions, so importing
+this module stays cheap."""
 
 from __future__ import annotations
 
@@ -65,8 +66,15 @@ def extract_loss(out):
     return loss if loss.dim() == 0 else loss.reshape(())
 
 
-def rng_state():
+def to_device(batch, device):
+    """A batch on `device` (tensors in dicts, lists and tuples; a mapping such as a collator's BatchEncoding
+    becomes a dict, as a forward takes it)."""
     import torch
 
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    return torch.get_rng_state(), cuda
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

@@ -1,5 +1,6 @@
-"""Predicates over models, in one place: is it a PeftModel, is a module a checkpointed layer, which layer a name is
-in, and how gradflow marks the hooks its fixes install. No torch import at module level."""
+"""Predicates over models, in one place: is it a PeftModel, is a module a checkpointed layer, which modules are the
+decoder layers, which layer a name is in, the model under its training wrappers, and how gradflow marks the hooks its
+fixes install. No torch import at module level."""
 
 from __future__ import annotations
 
@@ -36,6 +37,57 @@ def tuner_layer_class():
 def is_gc_layer(module) -> bool:
     """A transformers layer that can checkpoint itself (GradientCheckpointingLayer, either stack)."""
     return any(c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__)
+
+
+def decoder_layers(model, *, checkpointable: bool = False) -> list:
+    """The decoder layers of `model` (its repeated blocks), in model order.
+
+    transformers' layers (GradientCheckpointingLayer, either stack) wherever the model has any. A model without
+    them: with `checkpointable`, none; else the members that hold parameters of each outermost ModuleList of more
+    than one module (any model's block list, not the experts list inside a block).
+
+    `checkpointable` is for checkpointing and compiling, which act on the per-layer switch only transformers' layers
+    read (a block of one's own model has no `gradient_checkpointing` to set); FSDP units and the FSDP layer classes
+    take any model's blocks.
+    """
+    layers = [m for m in model.modules() if is_gc_layer(m)]
+    if layers or checkpointable:
+        return layers
+    import torch
+
+    lists: list = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 1 \
+                and not any(module is m for outer in lists for m in outer.modules()):
+            lists.append(module)
+    return [layer for blocks in lists for layer in blocks if any(True for _ in layer.parameters())]
+
+
+# the classes whose `.module` is the model they train (accelerate's extract_model_from_parallel unwraps the same)
+_WRAPPERS = frozenset({"DistributedDataParallel", "DataParallel", "FullyShardedDataParallel", "DeepSpeedEngine"})
+
+
+def unwrap(model):
+    """The model under its training wrappers, however deep: DDP, DataParallel, FSDP1 and DeepSpeed's engine (and any
+    module whose one child is `.module`, with no parameters or buffers of its own), and torch.compile's `_orig_mod`;
+    anything else as it is."""
+    import torch
+
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if inner is None and _is_wrapper(model):
+            inner = getattr(model, "module", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def _is_wrapper(module) -> bool:
+    if any(c.__name__ in _WRAPPERS for c in type(module).__mro__):
+        return True
+    children = getattr(module, "_modules", None)
+    return (children is not None and list(children) == ["module"] and not getattr(module, "_parameters", None)
+            and not getattr(module, "_buffers", None))
 
 
 def gc_mode_of(module) -> str:

@@ -234,11 +234,19 @@ class Snapshot:
         return [p for p in self.params if p.requires_grad]
 
 
+def ancestors(module: str):
+    """`module` itself, then each module above it up to the root ("")."""
+    while True:
+        yield module
+        if not module:
+            return
+        module = module.rsplit(".", 1)[0] if "." in module else ""
+
+
 def count_into_ancestors(index: dict, p: ParamState) -> None:
     """Add parameter `p`'s numel to its module and every ancestor in `index` (name -> ModuleState; "" is the root),
     as quantized, trainable or frozen."""
-    prefix = p.module
-    while True:
+    for prefix in ancestors(p.module):
         m = index.get(prefix)
         if m is not None:
             if p.quantized:
@@ -247,7 +255,3 @@ def count_into_ancestors(index: dict, p: ParamState) -> None:
                 m.trainable += p.numel
             else:
                 m.frozen += p.numel
-        if not prefix:
-            return
-        prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
-

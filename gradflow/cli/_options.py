@@ -73,7 +73,6 @@ class SetupArgs:
         plain = {f.name: c.plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # the library: plain str
         opts = SetupOptions(**{**plain, "trainable": trainable if trainable is not None else self.trainable},
                             seed=seed)
-        opts.validate()
         return opts
 
 

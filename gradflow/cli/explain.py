@@ -14,6 +14,7 @@ def explain(code: Annotated[Optional[str], typer.Argument(metavar="CODE|SLUG", h
             format: Annotated[str, typer.Option("--format", help="text | json")] = "text"):
     """Print a finding's documentation (What it does / Why is this bad? / Example / Fix safety)."""
     from gradflow.errors import GradflowError
+    from gradflow.fixes import applicability
     from gradflow.rules import load
     from gradflow.rules.codes import CODES, lookup
 
@@ -22,14 +23,15 @@ def explain(code: Annotated[Optional[str], typer.Argument(metavar="CODE|SLUG", h
             raise GradflowError(f"--format {format!r} is not text or json", "Pick one of those")
         if code is None:
             rules = [load(c) for c in CODES]
+            fixes = {r.slug: applicability(r.slug) for r in rules}  # a fix's to say, not a rule's
             if format == "json":
                 import json
 
                 print(json.dumps([{"code": r.code, "slug": r.slug, "severity": r.severity,
-                                   "fix": r.applicability} for r in rules], indent=2))
+                                   "fix": fixes[r.slug]} for r in rules], indent=2))
                 return
             for r in rules:
-                print(f"{r.code}  {r.slug:<36} {r.severity:<8} fix: {r.applicability or '-'}")
+                print(f"{r.code}  {r.slug:<36} {r.severity:<8} fix: {fixes[r.slug] or '-'}")
             return
         found = lookup(code)
         if found is None:
@@ -39,7 +41,7 @@ def explain(code: Annotated[Optional[str], typer.Argument(metavar="CODE|SLUG", h
             import json
 
             print(json.dumps({"code": rule.code, "slug": rule.slug, "severity": rule.severity,
-                              "fix": rule.applicability, "doc": rule.doc.strip()}, indent=2))
+                              "fix": applicability(rule.slug), "doc": rule.doc.strip()}, indent=2))
             return
         _print_doc(f"{rule.code} {rule.slug} ({rule.severity})", rule.doc.strip())
     except GradflowError as exc:

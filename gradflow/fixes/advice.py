@@ -25,7 +25,8 @@ class Advice:
     per_location: bool = True  # one plan per location (else one per finding slug)
 
     def doc(self) -> str:
-        return f"## What it does\n{self.what}\n\n## Why this fix\n{self.why_fix}\n\n## Fix safety\nDisplay-only.\n"
+        safety = Applicability.DISPLAY_ONLY.value.capitalize()  # the applicability every row's Fix declares
+        return f"## What it does\n{self.what}\n\n## Why this fix\n{self.why_fix}\n\n## Fix safety\n{safety}.\n"
 
 
 def _where(ctx, finding) -> str:

@@ -6,12 +6,11 @@ from typing import Any, Callable
 
 from gradflow.fixes import all_fixes
 from gradflow.fixes._base import Context, Env, Fix, Plan
-from gradflow.fixes._state import ModelState
-from gradflow.report import Report
+from gradflow.model_state import ModelState
+from gradflow.report import Applicability, Report
 from gradflow.report.sections import PatchOutcome
 
 MAX_ROUNDS = 3  # a fix can reveal the next finding (unfrozen adapters behind a cut checkpoint): probe again
-_RANK = {"safe": 0, "unsafe": 1, "display-only": 2}
 
 _ADVICE = Fix(id="advice", title="Follow the finding's advice", applicability="display-only", answers=(),
               plan=lambda ctx, finding: None)
@@ -54,7 +53,7 @@ def run_patch(model, batch: Any, run_probe: Callable[[], Report], *, loss_fn: Ca
         if dry_run or not todo:
             break
         if state is None:
-            state = ModelState(model, batch)
+            state = ModelState(model, batch=batch)
         env = Env(batch=batch)
         for p in todo:
             changed = p.fix.apply(model, p.data, env)
@@ -102,7 +101,7 @@ def _one_by_one(model, batch, applied, before, run_probe):
     """Re-apply `applied` in order, probing after each; a fix that makes things worse is undone and dropped."""
     reference, kept, dropped = before, [], []
     for plan, rec in applied:
-        state = ModelState(model, batch)
+        state = ModelState(model, batch=batch)
         changed = plan.fix.apply(model, plan.data, Env(batch=batch))
         if not changed:
             continue
@@ -137,8 +136,8 @@ def make_plans(ctx: Context) -> list[Plan]:
                     plans.append(p)
                     continue
                 same.answers.extend(s for s in p.answers if s not in same.answers)
-                if _RANK[p.applicability] < _RANK[same.applicability]:
-                    same.applicability = p.applicability  # a safe request for the same change makes it safe
+                # a safe request for the same change makes it safe
+                same.applicability = min(same.applicability, p.applicability)
     for finding in ctx.findings:
         if id(finding) in answered or finding.severity == "info" or finding.fix is None:
             continue
@@ -153,7 +152,7 @@ def make_plans(ctx: Context) -> list[Plan]:
 
 
 def _applies(plan: Plan, unsafe: bool) -> bool:
-    return plan.applicability == "safe" or (unsafe and plan.applicability == "unsafe")
+    return plan.applicability.applies(Applicability.UNSAFE if unsafe else Applicability.SAFE)
 
 
 def _record(plan: Plan) -> dict:

@@ -15,6 +15,7 @@ import json
 import os
 
 from gradflow.errors import GradflowError
+from gradflow.files import write_json
 from gradflow.fixes import by_id
 from gradflow.fixes._base import Env
 
@@ -52,11 +53,7 @@ def write_recipe(recipe: Recipe, path: str) -> str:
     """Write `recipe` to `path` (a directory gets gradflow_recipe.json), atomically; return the file path."""
     if os.path.isdir(path):
         path = os.path.join(path, RECIPE_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(recipe.to_dict(), fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, path)
+    write_json(path, recipe.to_dict())
     return path
 
 

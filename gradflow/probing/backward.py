@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any, Callable
 
 from gradflow.data.packing import is_packed
-from gradflow.forward import call_model, extract_loss, rng_state, synthetic_batch
+from gradflow.forward import call_model, extract_loss, synthetic_batch
+from gradflow.model_state import kept, set_rng_state
 from gradflow.probing.describe import describe
 from gradflow.probing.leak import measure
 from gradflow.probing.trace import Tracer, main_output
@@ -30,97 +30,24 @@ def _graph_reaches(root_fn, targets: dict, limit: int = 2_000_000) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def preserved(model, modules=None, params=None):
-    """Leave the model as it was found: train/eval flags, gradients, and the RNG streams."""
-    import torch
-
-    modes = [(m, m.training) for m in (modules if modules is not None else model.modules())]
-    params = list(params) if params is not None else list(model.parameters())
-    grads = [p.grad for p in params]
-    flags = [p.requires_grad for p in params]
-    cpu_rng = torch.get_rng_state()
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    try:
-        for p in params:
-            p.grad = None
-        yield
-    finally:
-        for p, g, f in zip(params, grads, flags):
-            p.grad = g
-            if p.requires_grad != f:
-                p.requires_grad_(f)
-        for m, mode in modes:
-            m.training = mode
-        torch.set_rng_state(cpu_rng)
-        if cuda_rng is not None:
-            torch.cuda.set_rng_state_all(cuda_rng)
-
-
 def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimizer=None,
           trainable: str | None = None, backward: bool = True, static: bool = False) -> Snapshot:
     """Describe `model`, trace one train-mode forward, run backward, and classify every trainable gradient."""
-    import torch
-
-
     snap, live = describe(model, trainable=trainable, optimizer=optimizer)
     if static:
         return snap
     names = live.module_names
     if batch is None and loss_fn is None:
         batch = synthetic_batch(model)
-    if isinstance(batch, Mapping):
-        snap.inputs_embeds_given = batch.get("inputs_embeds") is not None
-        pkv = batch.get("past_key_values")
-        snap.legacy_cache_in_batch = isinstance(pkv, (tuple, list))
-        labels = batch.get("labels")
-        if isinstance(labels, torch.Tensor):
-            supervised = labels[..., 1:] if labels.dim() > 1 and labels.shape[-1] > 1 else labels
-            snap.labels_all_masked = bool((supervised == -100).all())
-
+    _note_batch(snap, batch)
     loss_state = LossState()
-    param_objects = live.params
-    trainable_params = [(n, p) for n, p in param_objects if p.requires_grad]
-    with preserved(model, names, [p for _, p in param_objects]):
+    trainable_params = [(n, p) for n, p in live.params if p.requires_grad]
+    # left as found: flags, gradients, hooks, modes, RNG streams (parameter data is held by reference, not copied)
+    with kept(model, modules=names, params=[p for _, p in live.params], clear_grads=True) as state:
         model.train()
         trainable_modules = {m.name for m in snap.modules if m.trainable}
-        rng = rng_state()
         with Tracer(model, names, trainable_modules=trainable_modules) as tracer:
-            loss = None
-            try:
-                out = loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
-            except Exception as exc:  # the user's forward failing is data, not a crash
-                loss_state.error, loss_state.error_phase = _describe_exc(exc), "forward"
-                out = None
-            if out is not None:
-                try:
-                    loss = extract_loss(out)
-                except TypeError as exc:
-                    loss_state.error, loss_state.error_phase = str(exc), "loss"
-            tracer.phase = "backward"
-            model_out = main_output(tracer.output) if tracer.output is not None else None
-            if model_out is not None:
-                snap.output_requires_grad = bool(model_out.requires_grad)
-            if loss is not None:
-                loss_state.value = float(loss.detach().float())  # one sync, after the forward
-                loss_state.requires_grad = bool(loss.requires_grad)
-                loss_state.grad_fn = type(loss.grad_fn).__name__ if loss.grad_fn is not None else None
-                loss_state.is_leaf = loss.requires_grad and loss.grad_fn is None
-                if tracer.output is None and not tracer.output_fns:
-                    loss_state.reaches_output = False  # the model never ran
-                elif tracer.output_fns:
-                    # does the loss depend on any module's output? (the walk stops at the first hit, which for
-                    # a loss computed by the model is the loss node itself)
-                    loss_state.reaches_output = (loss.grad_fn is not None and
-                                                 _graph_reaches(loss.grad_fn, tracer.output_fns))
-                if backward and loss.requires_grad:
-                    try:
-                        loss.backward()
-                    except Exception as exc:
-                        loss_state.error, loss_state.error_phase = _describe_exc(exc), "backward"
-            del loss, out, model_out
-            tracer.output = None
-            tracer.output_fns.clear()  # release the graph nodes as soon as the walk is done
+            _step(model, batch, loss_fn, snap, loss_state, tracer, backward=backward)
         _fill_trace(snap, tracer)
         if backward:  # inspect runs no backward: it knows nothing about gradients
             _fill_grads(snap, trainable_params)
@@ -129,15 +56,70 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
         tracer.records.clear()  # drop the autograd nodes the records hold
         loss_bad = loss_state.value is not None and not math.isfinite(loss_state.value)
         if loss_bad or any(p.grad == "nonfinite" for p in snap.params):
-            snap.forward_nonfinite_at = _locate_nonfinite(model, batch, loss_fn, names, rng)
-        if backward and isinstance(batch, Mapping):
-            if is_packed(batch):  # several samples per row: check that attention keeps them apart
-
-                snap.packed_leak = measure(model, batch)
+            # the streams the forward started from, to replay it
+            snap.forward_nonfinite_at = _locate_nonfinite(model, batch, loss_fn, names, state.rng)
+        if backward and isinstance(batch, Mapping) and is_packed(batch):
+            snap.packed_leak = measure(model, batch)  # several samples per row: does attention keep them apart?
     snap.loss = loss_state
     snap.traced = True
     snap.probed = backward
     return snap
+
+
+def _note_batch(snap: Snapshot, batch) -> None:
+    """What the batch itself says: embeddings given, a legacy cache, every label masked."""
+    import torch
+
+    if not isinstance(batch, Mapping):
+        return
+    snap.inputs_embeds_given = batch.get("inputs_embeds") is not None
+    snap.legacy_cache_in_batch = isinstance(batch.get("past_key_values"), (tuple, list))
+    labels = batch.get("labels")
+    if isinstance(labels, torch.Tensor):
+        supervised = labels[..., 1:] if labels.dim() > 1 and labels.shape[-1] > 1 else labels
+        snap.labels_all_masked = bool((supervised == -100).all())
+
+
+def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, *, backward: bool) -> None:
+    """The traced forward, the loss, and (unless inspecting) the backward; a failure in any is recorded as data."""
+    loss = None
+    try:
+        out = loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
+    except Exception as exc:  # the user's forward failing is data, not a crash
+        loss_state.error, loss_state.error_phase = _describe_exc(exc), "forward"
+        out = None
+    if out is not None:
+        try:
+            loss = extract_loss(out)
+        except TypeError as exc:
+            loss_state.error, loss_state.error_phase = str(exc), "loss"
+    tracer.phase = "backward"
+    model_out = main_output(tracer.output) if tracer.output is not None else None
+    if model_out is not None:
+        snap.output_requires_grad = bool(model_out.requires_grad)
+    if loss is not None:
+        _note_loss(loss, loss_state, tracer)
+        if backward and loss.requires_grad:
+            try:
+                loss.backward()
+            except Exception as exc:
+                loss_state.error, loss_state.error_phase = _describe_exc(exc), "backward"
+    del loss, out, model_out
+    tracer.output = None
+    tracer.output_fns.clear()  # release the graph nodes as soon as the walk is done
+
+
+def _note_loss(loss, loss_state: LossState, tracer) -> None:
+    loss_state.value = float(loss.detach().float())  # one sync, after the forward
+    loss_state.requires_grad = bool(loss.requires_grad)
+    loss_state.grad_fn = type(loss.grad_fn).__name__ if loss.grad_fn is not None else None
+    loss_state.is_leaf = loss.requires_grad and loss.grad_fn is None
+    if tracer.output is None and not tracer.output_fns:
+        loss_state.reaches_output = False  # the model never ran
+    elif tracer.output_fns:
+        # does the loss depend on any module's output? (the walk stops at the first hit, which for a loss
+        # computed by the model is the loss node itself)
+        loss_state.reaches_output = loss.grad_fn is not None and _graph_reaches(loss.grad_fn, tracer.output_fns)
 
 
 def _locate_nonfinite(model, batch, loss_fn, names, rng) -> str | None:
@@ -147,10 +129,7 @@ def _locate_nonfinite(model, batch, loss_fn, names, rng) -> str | None:
     """
     import torch
 
-
-    torch.set_rng_state(rng[0])
-    if rng[1] is not None:
-        torch.cuda.set_rng_state_all(rng[1])
+    set_rng_state(rng)
     with Tracer(model, names, finite_checks=True) as tracer, torch.no_grad():
         try:
             loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from typing import Any
 
 from gradflow.models import gc_mode_of, has_adapter_config, is_gc_layer, is_input_grad_hook, tuner_layer_class
 from gradflow.setup.wrappers import fsdp_units
-from gradflow.snapshot import ModuleState, ParamState, Snapshot
+from gradflow.snapshot import ModuleState, ParamState, Snapshot, ancestors, count_into_ancestors
 
 _QUANT_PARAM_CLASSES = ("Params4bit", "Int8Params")
 _QUANT_MODULE_CLASSES = {"Linear4bit": "4bit", "Linear8bitLt": "8bit"}
@@ -114,99 +115,31 @@ class Live:
 
 def describe(model, *, trainable: str | None = None, optimizer=None) -> tuple[Snapshot, Live]:
     """Parameters and modules of `model` as plain data (no forward), and the live objects the probe needs."""
-    import torch
-
-    intended_re = re.compile(trainable) if trainable else None
     module_list = list(model.named_modules())
     source, adapters, active, tuner_prefixes = _adapters(model, module_list)
-    is_peft = source is not None
     ddp = _ddp(module_list)
-    in_opt = None
-    if optimizer is not None:
-        in_opt = {id(p) for group in optimizer.param_groups for p in group["params"]}
-
-    embed_ids = set()
-    for getter in ("get_input_embeddings", "get_output_embeddings"):
-        try:
-            emb = getattr(model, getter)() if hasattr(model, getter) else None
-        except (NotImplementedError, AttributeError):
-            emb = None
-        if emb is not None and hasattr(emb, "weight"):
-            embed_ids.add(id(emb.weight))
-
-    names = {}
-    modules: list[ModuleState] = []
-    index: dict[str, ModuleState] = {}
-    quant_kind = "none"
-    gc_modes = []
-    input_hook = False
-    for name, module in module_list:
-        names[module] = name
-        state = ModuleState(name=name, cls=type(module).__name__, depth=0 if not name else name.count(".") + 1,
-                            hooks=hook_names(module), gc=gc_mode_of(module))
-        if state.gc != "off" and is_gc_layer(module):
-            gc_modes.append(state.gc)
-        if type(module).__name__ in _QUANT_MODULE_CLASSES:
-            quant_kind = _QUANT_MODULE_CLASSES[type(module).__name__]
-        if isinstance(module, torch.nn.Embedding) and hasattr(module, "weight"):
-            embed_ids.add(id(module.weight))
-        input_hook = input_hook or any(is_input_grad_hook(h) for h in state.hooks)
-        modules.append(state)
-        index[name] = state
-
-    params: list[ParamState] = []
+    embed_ids = _embedding_ids(model, module_list)
+    modules, names = _module_states(module_list)
+    index = {m.name: m for m in modules}
+    param_objects = _parameters(names)
+    facts = _ParamFacts(adapters, tuner_prefixes, source, embed_ids, trainable, optimizer)
+    params = [facts.state(name, p) for name, p in param_objects]
     dtypes: dict[str, set] = {}
-    # one walk over the modules already listed, rather than a second recursive named_parameters()
-    # (the same order and the same de-duplication of shared parameters)
-    param_objects = []
-    seen = set()
-    for module, mname in names.items():
-        for pname, p in module._parameters.items():
-            if p is None or id(p) in seen:
-                continue
-            seen.add(id(p))
-            param_objects.append((f"{mname}.{pname}" if mname else pname, p))
-    for name, p in param_objects:
-        module_name = name.rsplit(".", 1)[0] if "." in name else ""
-        quantized = type(p).__name__ in _QUANT_PARAM_CLASSES or p.dtype in (torch.uint8, torch.int8)
-        segments = name.split(".")
-        in_adapter = any(a in segments for a in adapters)
-        state = ParamState(
-            name=name, module=module_name, numel=_numel(p), dtype=str(p.dtype).replace("torch.", ""),
-            requires_grad=bool(p.requires_grad), quantized=quantized,
-            adapter=_adapter_of(name, tuner_prefixes) is not None or (in_adapter and "modules_to_save" not in segments),
-            # a PeftModel's and transformers' save_pretrained keep the adapters' weights only; after
-            # inject_adapter_in_model the saving is the user's own code
-            saved=in_adapter if source in ("peft", "transformers") else None,
-            embedding=id(p) in embed_ids,
-            inference=_is_inference(p),
-            # PEFT's frozen original behind a modules_to_save copy is not what anyone trains
-            intended=(bool(intended_re.search(name)) and "original_module" not in segments) if intended_re else None,
-            in_optimizer=(id(p) in in_opt) if in_opt is not None else None,
-        )
-        params.append(state)
-        # roll the counts up to every ancestor module
-        prefix = module_name
-        while True:
-            m = index.get(prefix)
-            if m is not None:
-                if quantized:
-                    m.quantized += state.numel
-                elif p.requires_grad:
-                    m.trainable += state.numel
-                else:
-                    m.frozen += state.numel
+    for state in params:  # the counts and dtypes, rolled up to every ancestor module
+        count_into_ancestors(index, state)
+        for prefix in ancestors(state.module):
+            if prefix in index:
                 dtypes.setdefault(prefix, set()).add(state.dtype)
-            if not prefix:
-                break
-            prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
     for name, ds in dtypes.items():
         index[name].dtypes = tuple(sorted(ds))
-
+    gc_modes = [m.gc for (_, module), m in zip(module_list, modules) if m.gc != "off" and is_gc_layer(module)]
+    quant = [_QUANT_MODULE_CLASSES[m.cls] for m in modules if m.cls in _QUANT_MODULE_CLASSES]
     config = getattr(model, "config", None)
     snap = Snapshot(
-        model_class=type(model).__name__, params=params, modules=modules, is_peft=is_peft,
-        adapter_names=adapters, active_adapters=tuple(active), adapter_source=source, quantized=quant_kind, input_grad_hook=input_hook,
+        model_class=type(model).__name__, params=params, modules=modules, is_peft=source is not None,
+        adapter_names=adapters, active_adapters=tuple(active), adapter_source=source,
+        quantized=quant[-1] if quant else "none",
+        input_grad_hook=any(is_input_grad_hook(h) for m in modules for h in m.hooks),
         gc_mode=gc_modes[0] if gc_modes else "off",
         use_cache=getattr(config, "use_cache", None) if config is not None else None,
         trainable_regex=trainable, optimizer_given=optimizer is not None,
@@ -214,6 +147,85 @@ def describe(model, *, trainable: str | None = None, optimizer=None) -> tuple[Sn
         wrappers=fsdp_units(module_list, [n for n, _ in param_objects]),
     )
     return snap, Live(module_names=names, params=param_objects)
+
+
+def _embedding_ids(model, module_list) -> set[int]:
+    """The ids of the input and output embedding weights, and of every nn.Embedding's."""
+    import torch
+
+    ids = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            emb = getattr(model, getter)() if hasattr(model, getter) else None
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if emb is not None and hasattr(emb, "weight"):
+            ids.add(id(emb.weight))
+    ids.update(id(m.weight) for _, m in module_list if isinstance(m, torch.nn.Embedding) and hasattr(m, "weight"))
+    return ids
+
+
+def _module_states(module_list) -> tuple[list[ModuleState], dict]:
+    """A ModuleState per module, and module object -> its path."""
+    names, modules = {}, []
+    for name, module in module_list:
+        names[module] = name
+        modules.append(ModuleState(name=name, cls=type(module).__name__,
+                                   depth=0 if not name else name.count(".") + 1, hooks=hook_names(module),
+                                   gc=gc_mode_of(module)))
+    return modules, names
+
+
+def _parameters(names: dict) -> list[tuple[str, Any]]:
+    """(name, Parameter) in named_parameters() order, shared parameters once: one walk over the modules already
+    listed, rather than a second recursive named_parameters()."""
+    out, seen = [], set()
+    for module, mname in names.items():
+        for pname, p in module._parameters.items():
+            if p is None or id(p) in seen:
+                continue
+            seen.add(id(p))
+            out.append((f"{mname}.{pname}" if mname else pname, p))
+    return out
+
+
+@dataclasses.dataclass
+class _ParamFacts:
+    """What a parameter's state is judged against: the adapters, the embeddings, the intent and the optimizer."""
+
+    adapters: tuple
+    tuner_prefixes: Any
+    source: str | None
+    embed_ids: set
+    trainable: str | None
+    optimizer: Any
+
+    def __post_init__(self):
+        self.intended_re = re.compile(self.trainable) if self.trainable else None
+        self.in_opt = None if self.optimizer is None else {
+            id(p) for group in self.optimizer.param_groups for p in group["params"]}
+
+    def state(self, name: str, p) -> ParamState:
+        import torch
+
+        segments = name.split(".")
+        in_adapter = any(a in segments for a in self.adapters)
+        return ParamState(
+            name=name, module=name.rsplit(".", 1)[0] if "." in name else "", numel=_numel(p),
+            dtype=str(p.dtype).replace("torch.", ""), requires_grad=bool(p.requires_grad),
+            quantized=type(p).__name__ in _QUANT_PARAM_CLASSES or p.dtype in (torch.uint8, torch.int8),
+            adapter=(_adapter_of(name, self.tuner_prefixes) is not None
+                     or (in_adapter and "modules_to_save" not in segments)),
+            # a PeftModel's and transformers' save_pretrained keep the adapters' weights only; after
+            # inject_adapter_in_model the saving is the user's own code
+            saved=in_adapter if self.source in ("peft", "transformers") else None,
+            embedding=id(p) in self.embed_ids,
+            inference=_is_inference(p),
+            # PEFT's frozen original behind a modules_to_save copy is not what anyone trains
+            intended=((bool(self.intended_re.search(name)) and "original_module" not in segments)
+                      if self.intended_re else None),
+            in_optimizer=(id(p) in self.in_opt) if self.in_opt is not None else None,
+        )
 
 
 def _numel(p) -> int:

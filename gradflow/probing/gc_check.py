@@ -26,9 +26,10 @@ import contextlib
 import math
 from typing import Any, Callable
 
-from gradflow.forward import call_model, extract_loss, rng_state
+from gradflow.forward import call_model, extract_loss
+from gradflow.model_state import kept
 from gradflow.models import base_model
-from gradflow.probing.backward import _describe_exc, preserved
+from gradflow.probing.backward import _describe_exc
 from gradflow.setup.build import set_checkpointing
 from gradflow.snapshot import GcEquivalence, GradDiff
 
@@ -37,10 +38,6 @@ from gradflow.snapshot import GcEquivalence, GradDiff
 RTOL = {"float32": 1e-4, "float64": 1e-7, "bfloat16": 2e-2, "float16": 2e-3}
 ATOL = {"float32": 1e-7, "float64": 1e-12, "bfloat16": 1e-5, "float16": 1e-6}
 _DEFAULT = "float32"
-_KEPT_ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hook", "_require_grads_hooks")
-_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
-_MISSING = object()
 
 
 def compare(model, batch: Any, *, loss_fn: Callable | None = None, snap=None) -> GcEquivalence:
@@ -63,7 +60,7 @@ def compare(model, batch: Any, *, loss_fn: Callable | None = None, snap=None) ->
     with _kept(model) as state:
         off_loss, off_grads, result.error_without_gc = _run(model, batch, loss_fn, trainable,
                                                             plain=own_mode is not None)
-        state.reset_run()
+        state.rewind()
         if own_mode is None:
             try:
                 set_checkpointing(model, "non-reentrant")
@@ -170,62 +167,16 @@ def _inline_checkpoints():
             setattr(tuc, name, value)
 
 
-class _State:
-    """What the comparison may change: checkpointing switches and hooks, dropout p, buffers, RNG, grads, modes."""
-
-    def __init__(self, model):
-        import torch
-
-
-        self.modules = list(model.modules())
-        self.attrs = [{a: m.__dict__.get(a, _MISSING) for a in _KEPT_ATTRS} for m in self.modules]
-        self.hooks = [{d: dict(getattr(m, d)) for d in _HOOK_DICTS if isinstance(getattr(m, d, None), dict)}
-                      for m in self.modules]
-        self.dropout = [(m, m.p) for m in self.modules if isinstance(m, torch.nn.modules.dropout._DropoutNd)]
-        self.buffers = [(b, b.detach().clone()) for b in model.buffers()]
-        self.rng = rng_state()
-
-    def reset_run(self) -> None:
-        """The same starting point for each run: buffers and RNG as found."""
-        import torch
-
-        with torch.no_grad():
-            for b, value in self.buffers:
-                b.copy_(value)
-        torch.set_rng_state(self.rng[0])
-        if self.rng[1] is not None:
-            torch.cuda.set_rng_state_all(self.rng[1])
-
-    def restore(self) -> None:
-        self.reset_run()
-        for m, p in self.dropout:
-            m.p = p
-        for m, attrs, hooks in zip(self.modules, self.attrs, self.hooks):
-            for a, value in attrs.items():
-                if value is _MISSING:
-                    m.__dict__.pop(a, None)
-                else:
-                    m.__dict__[a] = value
-            for d, saved in hooks.items():
-                live = getattr(m, d)
-                if live != saved:
-                    live.clear()
-                    live.update(saved)
-
-
 @contextlib.contextmanager
 def _kept(model):
-    """Train mode with dropout at p=0, RNG and buffers reset before each run; the model left as found."""
-    state = _State(model)
-    with preserved(model):
-        try:
-            model.train()
-            for m, _ in state.dropout:
-                m.p = 0.0
-            state.reset_run()
-            yield state
-        finally:
-            state.restore()
+    """Train mode with dropout at p=0, RNG and buffers reset before each run; the model left as found (its
+    checkpointing switches and hooks, dropout p, buffers, RNG, gradients and modes)."""
+    with kept(model, clear_grads=True, buffers=True) as state:
+        model.train()
+        for m in state.dropouts:
+            m.p = 0.0
+        state.rewind()
+        yield state
 
 
 def compute_dtype(model) -> str:

@@ -22,7 +22,8 @@ from typing import Any, Callable
 
 from gradflow.errors import GradflowError
 from gradflow.forward import call_model, extract_loss
-from gradflow.probing.backward import _describe_exc, preserved
+from gradflow.model_state import ModelState
+from gradflow.probing.backward import _describe_exc
 from gradflow.snapshot import ParamStep, StepsRun
 
 DEFAULT_LR = 1e-3
@@ -62,30 +63,28 @@ def run_steps(model, batch: Any, *, steps: int, loss_fn: Callable | None = None,
     # what the steps can change: parameters the optimizer holds or that get gradients, plus the intended ones
     touched = {id(p): p for _, p in named if p.requires_grad or id(p) in held}
     touched.update((id(p), p) for _, p in intended)
-    params_before = {key: (p, p.detach().clone()) for key, p in touched.items()}
     run = StepsRun(steps=steps, optimizer=type(optimizer).__name__, optimizer_source=source,
                    scheduler=type(lr_scheduler).__name__ if lr_scheduler is not None else None,
                    group_sizes=[sum(1 for p in g["params"] if p.requires_grad) for g in groups])
+    # the model as found afterwards; the values of what the steps can change are copied (they change in place)
+    kept = ModelState(model, values=touched.values())
     saved = _OptimizerState(optimizer, lr_scheduler)
     nonzero = {n: False for n, _ in intended}
     got_grad = {n: False for n, _ in intended}
     try:
-        with preserved(model):
-            model.train()
-            for _ in range(steps):
-                run.lrs.append([float(g.get("lr", 0.0)) for g in groups])
-                loss = _step(model, batch, loss_fn, optimizer, lr_scheduler, intended, got_grad, nonzero)
-                run.losses.append(loss)
-            run.next_lrs = [float(g.get("lr", 0.0)) for g in groups]
-            run.params = [_param_state(n, p, states, held, optimizer, nonzero, got_grad, params_before)
-                          for n, p in intended]
+        kept.clear_grads()
+        model.train()
+        for _ in range(steps):
+            run.lrs.append([float(g.get("lr", 0.0)) for g in groups])
+            loss = _step(model, batch, loss_fn, optimizer, lr_scheduler, intended, got_grad, nonzero)
+            run.losses.append(loss)
+        run.next_lrs = [float(g.get("lr", 0.0)) for g in groups]
+        run.params = [_param_state(n, p, states, held, optimizer, nonzero, got_grad, kept) for n, p in intended]
     except Exception as exc:  # the user's forward, backward or optimizer failing is data
 
         run.error = _describe_exc(exc)
     finally:
-        with torch.no_grad():
-            for p, value in params_before.values():
-                p.copy_(value)
+        kept.restore()
         saved.restore()
         run.restored = True
     if run.error is None:
@@ -123,10 +122,10 @@ def _step(model, batch, loss_fn, optimizer, lr_scheduler, intended, got_grad, no
     return value
 
 
-def _param_state(name, p, states, held, optimizer, nonzero, got_grad, params_before) -> ParamStep:
+def _param_state(name, p, states, held, optimizer, nonzero, got_grad, kept) -> ParamStep:
     import torch
 
-    before = params_before[id(p)][1]
+    before = kept.value(p)
     state = optimizer.state.get(p) if hasattr(optimizer, "state") else None
     st = states.get(name)
     return ParamStep(name=name, module=st.module if st is not None else name.rsplit(".", 1)[0],

@@ -15,9 +15,9 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 
 from gradflow.errors import GradflowError
+from gradflow.files import write_json
 
 FORMAT_VERSION = 1
 
@@ -176,25 +176,10 @@ def load(path: str) -> dict:
 
 
 def write_json_atomic(path: str, data) -> None:
-    """Write JSON so that a reader sees the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
+    """Write the baseline (gradflow.files.write_json, its folder made first); an OS error becomes a GradflowError."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".gradflow-", suffix=".tmp", dir=folder)
-        try:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the file is meant to be committed and shared
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, indent=2)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_json(path, data)
     except OSError as exc:
         raise GradflowError(f"cannot write the baseline {path} ({exc.strerror})",
                             "Check that its folder is writable") from None

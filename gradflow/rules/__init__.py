@@ -32,8 +32,3 @@ def run_rules(snap) -> list:
             kept.append(f)
     kept.sort(key=lambda f: (-severity_rank(f.severity), f.code))
     return kept
-
-
-def doc(code: str) -> str:
-    rule = load(code)
-    return rule.doc

@@ -10,24 +10,29 @@ from gradflow.report import Applicability, Finding, Fix
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
+    """One finding: its code, slug and severity, what it says, and the title of its fix.
+
+    A rule owns whether a fix can exist at all (`fix_title` None: no fix) and what the user is told to do (the
+    imperative `fix_title`, shown as `finding.fix.title`). How a fix may be applied is not the rule's to say: the
+    `Fix` answering the slug (gradflow/fixes) declares its applicability, and gradflow.fixes.stamp copies it onto
+    each finding; the rules sit a layer below the fixes and cannot see them.
+    """
+
     code: str
     slug: str
     severity: str
-    fix_title: str | None
-    applicability: Applicability | None  # given as its value ("safe"); None for findings no fix answers
+    fix_title: str | None  # what to do, in the imperative; None for findings with nothing to fix
     check: Callable | None  # check(snapshot) -> list[Finding]; None for runtime findings
     doc: str = ""
     superseded_by: tuple[str, ...] = ()  # slugs that, when they fire, make this one redundant
     runtime: bool = False  # raised by GradFlowCallback during training, not by a snapshot check
 
-    def __post_init__(self):
-        if self.applicability is not None:  # a typo in a rule file fails at import, not in a report
-            object.__setattr__(self, "applicability", Applicability(self.applicability))
-
     def finding(self, message: str, location: str | None = None, params: Iterable[str] = (),
-                fix_title: str | None = None, applicability: str | None = None) -> Finding:
+                fix_title: str | None = None, advice_only: bool = False) -> Finding:
+        """A Finding of this rule. `fix_title` words this finding's fix (default: the rule's); `advice_only`: no
+        fix can act on this one (the cause is the user's own code), so its fix is display-only, the title advice."""
         title = fix_title or self.fix_title
-        fix = Fix(title, Applicability(applicability or self.applicability)) if title else None
+        fix = Fix(title, Applicability.DISPLAY_ONLY if advice_only else None) if title else None
         return Finding(code=self.code, slug=self.slug, severity=self.severity, message=message,
                        location=location, fix=fix, params=list(params))
 

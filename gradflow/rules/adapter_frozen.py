@@ -49,6 +49,6 @@ _FIX_TITLES = {
 
 RULE = Rule(
     code="GF111", slug="adapter-frozen", severity="error",
-    fix_title="Unfreeze the adapter (PeftModel.from_pretrained(..., is_trainable=True))", applicability="safe",
+    fix_title="Unfreeze the adapter (PeftModel.from_pretrained(..., is_trainable=True))",
     check=check, doc=__doc__,
 )

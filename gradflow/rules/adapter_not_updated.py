@@ -27,5 +27,5 @@ from gradflow.rules._base import Rule
 RULE = Rule(
     code="GF402", slug="adapter-not-updated", severity="error",
     fix_title="Check that the optimizer holds the adapter parameters and that the learning rate is not zero",
-    applicability="display-only", check=None, doc=__doc__, runtime=True,
+    check=None, doc=__doc__, runtime=True,
 )

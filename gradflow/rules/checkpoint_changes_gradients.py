@@ -76,7 +76,7 @@ RULE = Rule(
     code="GF104", slug="checkpoint-changes-gradients", severity="error",
     fix_title="Make the checkpointed forward deterministic: keep preserve_rng_state=True, no state changes or "
               "torch.is_grad_enabled() branches inside the region",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
     # a region without input grad gives None inside it, and a nested region raises: those rules say why
     superseded_by=("reentrant-checkpoint-no-input-grad", "nested-checkpoint"),
 )

@@ -63,5 +63,5 @@ RULE = Rule(
     code="GF103", slug="ddp-reentrant-checkpoint", severity="error",
     fix_title="Use non-reentrant checkpointing (gradient_checkpointing_kwargs={'use_reentrant': False}), "
               "or find_unused_parameters=False",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

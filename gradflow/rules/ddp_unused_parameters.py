@@ -50,5 +50,5 @@ def check(snap):
 RULE = Rule(
     code="GF107", slug="ddp-unused-parameters", severity="error",
     fix_title="Freeze the parameters the forward does not use, or find_unused_parameters=True",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

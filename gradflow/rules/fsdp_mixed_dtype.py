@@ -75,5 +75,5 @@ def check(snap):
 RULE = Rule(
     code="GF106", slug="fsdp-mixed-dtype", severity="error",
     fix_title="Give each FSDP unit one parameter dtype, or put the adapters in units of their own",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

@@ -54,5 +54,5 @@ def check(snap):
 RULE = Rule(
     code="GF105", slug="fsdp-mixed-requires-grad", severity="error",
     fix_title="Wrap with use_orig_params=True, or give the adapters FSDP units of their own",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

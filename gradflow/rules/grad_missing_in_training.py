@@ -29,5 +29,5 @@ from gradflow.rules._base import Rule
 RULE = Rule(
     code="GF401", slug="grad-missing-in-training", severity="error",
     fix_title="Run 'gradflow probe-backward' on this setup to see where the gradient stops",
-    applicability="display-only", check=None, doc=__doc__, runtime=True,
+    check=None, doc=__doc__, runtime=True,
 )

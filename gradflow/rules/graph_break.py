@@ -150,5 +150,5 @@ def _inside(param: str, module: str, snap) -> bool:
 RULE = Rule(
     code="GF120", slug="graph-break", severity="error",
     fix_title="Remove the .detach() / .data / no_grad from the training path in that module",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

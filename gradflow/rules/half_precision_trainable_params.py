@@ -34,5 +34,5 @@ def check(snap):
 
 RULE = Rule(
     code="GF203", slug="half-precision-trainable-params", severity="warning",
-    fix_title="Cast the trainable parameters to float32", applicability="safe", check=check, doc=__doc__,
+    fix_title="Cast the trainable parameters to float32", check=check, doc=__doc__,
 )

@@ -72,5 +72,5 @@ RULE = Rule(
     code="GF113", slug="inference-tensor-params", severity="error",
     fix_title="Build the model and its adapters outside torch.inference_mode(), or replace each inference "
               "parameter with nn.Parameter(p.clone())",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

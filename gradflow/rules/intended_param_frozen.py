@@ -38,6 +38,6 @@ def check(snap):
 
 RULE = Rule(
     code="GF112", slug="intended-param-frozen", severity="error",
-    fix_title="Unfreeze the intended parameters (via modules_to_save on a PEFT model)", applicability="safe",
+    fix_title="Unfreeze the intended parameters (via modules_to_save on a PEFT model)",
     check=check, doc=__doc__,
 )

@@ -58,6 +58,6 @@ def reentrant_checkpointing(snap) -> str | None:
 
 RULE = Rule(
     code="GF205", slug="kbit-not-prepared", severity="warning",
-    fix_title="Call peft.prepare_model_for_kbit_training(model) before get_peft_model", applicability="safe",
+    fix_title="Call peft.prepare_model_for_kbit_training(model) before get_peft_model",
     check=check, doc=__doc__,
 )

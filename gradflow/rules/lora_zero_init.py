@@ -33,5 +33,5 @@ def check(snap):
                          location=expected[0].module, params=[p.name for p in expected])]
 
 
-RULE = Rule(code="GF301", slug="lora-zero-init", severity="info", fix_title=None, applicability=None,
+RULE = Rule(code="GF301", slug="lora-zero-init", severity="info", fix_title=None,
             check=check, doc=__doc__)

@@ -46,5 +46,5 @@ def check(snap):
 RULE = Rule(
     code="GF121", slug="loss-detached", severity="error",
     fix_title="Compute the loss from the model output; do not detach it or set requires_grad on the loss",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

@@ -57,12 +57,13 @@ def check(snap):
             message += f"; {plural(len(lost), 'trainable parameter')} inside get no gradient"
     if inner_is_hf:
         return [RULE.finding(message, location=where)]
+    # the inner checkpoint call is the user's own code: no fix can turn it off, only advice
     return [RULE.finding(message, location=where, fix_title="Checkpoint only once: remove the outer or the inner "
-                         "checkpoint call, or pass the hidden states positionally", applicability="display-only")]
+                         "checkpoint call, or pass the hidden states positionally", advice_only=True)]
 
 
 RULE = Rule(
     code="GF102", slug="nested-checkpoint", severity="error",
-    fix_title="Turn off the inner checkpointing under the outer checkpoint", applicability="safe",
+    fix_title="Turn off the inner checkpointing under the outer checkpoint",
     check=check, doc=__doc__,
 )

@@ -31,5 +31,5 @@ def check(snap):
 RULE = Rule(
     code="GF122", slug="no-supervised-tokens", severity="error",
     fix_title="Keep the completion tokens in the labels (check the mask and the sequence length)",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

@@ -33,6 +33,6 @@ def check(snap):
 RULE = Rule(
     code="GF110", slug="no-trainable-parameters", severity="error",
     fix_title="Add adapters (get_peft_model) or unfreeze what you mean to train (--trainable REGEX)",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
     superseded_by=("adapter-frozen", "intended-param-frozen"),
 )

@@ -45,5 +45,5 @@ def check(snap):
 RULE = Rule(
     code="GF130", slug="nonfinite-grad", severity="error",
     fix_title="Make the named module numerically safe (eps, clamp, fp32) or lower the loss scale",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

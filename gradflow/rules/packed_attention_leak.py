@@ -75,5 +75,5 @@ def _ratio(r: float) -> str:
 RULE = Rule(
     code="GF123", slug="packed-attention-leak", severity="error",
     fix_title="Keep sample boundaries in packed batches: use_cache=False, no attention_mask",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

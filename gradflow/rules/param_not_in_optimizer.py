@@ -35,5 +35,5 @@ def check(snap):
 RULE = Rule(
     code="GF140", slug="param-not-in-optimizer", severity="error",
     fix_title="Build the optimizer after the model is final: AdamW(p for p in model.parameters() if p.requires_grad)",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

@@ -76,5 +76,5 @@ def check(snap):
 RULE = Rule(
     code="GF141", slug="param-not-updated", severity="error",
     fix_title="Unfreeze the parameters you intend to train and step an optimizer that holds them",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

@@ -88,5 +88,5 @@ def _static(snap, trainable):
 RULE = Rule(
     code="GF101", slug="reentrant-checkpoint-no-input-grad", severity="error",
     fix_title="Install the input-grad hook where inputs enter (enable_input_require_grads) or use non-reentrant checkpointing",
-    applicability="safe", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

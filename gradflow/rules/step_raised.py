@@ -34,6 +34,6 @@ def check(snap):
 
 RULE = Rule(
     code="GF150", slug="step-raised", severity="error",
-    fix_title="Fix the error in the forward / loss / backward named in the message", applicability="display-only",
+    fix_title="Fix the error in the forward / loss / backward named in the message",
     check=check, doc=__doc__, superseded_by=("nested-checkpoint", "inference-tensor-params", "ddp-reentrant-checkpoint"),
 )

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 
-from gradflow.report import Fix
 from gradflow.rules._base import Rule, human_bytes
 
 _BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
@@ -78,13 +77,12 @@ def check(snap):
         roles = [role(snap, p) for p in chosen]
         message = (f"{_what(chosen, roles)} trained as a full copy through modules_to_save (deliberate, e.g. for "
                    f"new tokens): {_cost(chosen)}")
-        fix = None
-        if any(r != OUTPUT for r in roles):
-            fix = Fix("To train only new tokens, LoraConfig(trainable_token_indices=[...]) trains just their rows",
-                      "display-only")
-        found.append(dataclasses.replace(RULE.finding(message, location=chosen[0].module,
-                                                      params=[p.name for p in chosen]),
-                                         severity="info", fix=fix))
+        # a deliberate copy: no fix refreezes it; for an input embedding, advice on training only the new rows
+        finding = RULE.finding(message, location=chosen[0].module, params=[p.name for p in chosen],
+                               fix_title="To train only new tokens, LoraConfig(trainable_token_indices=[...]) trains "
+                                         "just their rows", advice_only=True)
+        found.append(dataclasses.replace(finding, severity="info",
+                                         fix=finding.fix if any(r != OUTPUT for r in roles) else None))
     return found
 
 
@@ -120,5 +118,5 @@ def _cost(params) -> str:
 RULE = Rule(
     code="GF202", slug="trainable-embeddings-costly", severity="warning",
     fix_title="Refreeze the embedding matrices; for an input embedding, install the input-grad hook instead",
-    applicability="unsafe", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

@@ -35,6 +35,6 @@ def check(snap):
 
 RULE = Rule(
     code="GF204", slug="trainable-param-not-saved", severity="warning",
-    fix_title="Add the module to modules_to_save so the adapter saves it", applicability="safe",
+    fix_title="Add the module to modules_to_save so the adapter saves it",
     check=check, doc=__doc__,
 )

@@ -76,6 +76,6 @@ def _outermost_idle(name: str, alive: set) -> str:
 
 RULE = Rule(
     code="GF201", slug="trainable-param-unused", severity="warning",
-    fix_title="Freeze or remove modules the forward never calls (or call them)", applicability="display-only",
+    fix_title="Freeze or remove modules the forward never calls (or call them)",
     check=check, doc=__doc__,
 )

@@ -34,5 +34,5 @@ def check(snap):
 
 RULE = Rule(
     code="GF302", slug="use-cache-in-training", severity="info",
-    fix_title="Set model.config.use_cache = False for training", applicability="safe", check=check, doc=__doc__,
+    fix_title="Set model.config.use_cache = False for training", check=check, doc=__doc__,
 )

@@ -43,5 +43,5 @@ def check(snap):
 RULE = Rule(
     code="GF142", slug="zero-learning-rate", severity="error",
     fix_title="Give the optimizer a nonzero learning rate and check the scheduler's step counts",
-    applicability="display-only", check=check, doc=__doc__,
+    check=check, doc=__doc__,
 )

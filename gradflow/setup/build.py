@@ -23,7 +23,8 @@ QUANT_MODES = Quant.values()
 
 @dataclasses.dataclass
 class SetupOptions:
-    """Setup options as the CLI takes them. None means: leave the model as its source built it."""
+    """Setup options as the CLI takes them, checked once, when built. None means: leave the model as its source
+    built it."""
 
     lora_r: int | None = None  # None: 8 for presets/dirs/hub ids, no LoRA for factories; 0: no LoRA
     lora_alpha: int | None = None
@@ -37,6 +38,9 @@ class SetupOptions:
     trainable: str | None = None
     trust_remote_code: bool = False
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> None:
         # the same check (and message) as the CLI's parsing; an Enum member becomes its plain value
@@ -84,7 +88,6 @@ def resolve_dtype(name: str | None):
 
 def build(setup: Setup, opts: SetupOptions) -> Setup:
     """Load or adapt the model in `setup` as `opts` say, in the order careful users follow."""
-    opts.validate()
     if setup.kind == Kind.TRAINER:
         return _trainer_setup(setup, opts)
     device = resolve_device(opts.device)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Callable
 
 from gradflow.data.jsonl import encode, probe_batch, read_jsonl
 from gradflow.data.packing import collate_packed
 from gradflow.errors import GradflowError
-from gradflow.forward import model_device, synthetic_batch, vocab_size
+from gradflow.forward import model_device, synthetic_batch, to_device, vocab_size
 from gradflow.limits import check_positive
 from gradflow.setup.build import SetupOptions, build
 from gradflow.setup.sources import Kind, Setup, resolve, setup_from_factory_result
@@ -47,7 +46,6 @@ def load_setup(model, opts: SetupOptions) -> Setup:
 
 def resolve_setup(model, opts: SetupOptions) -> Setup:
     """MODEL as a Setup, nothing built yet: a spec string, a Setup, or an nn.Module / factory-style dict."""
-    opts.validate()
     if isinstance(model, Setup):
         return model
     if isinstance(model, str):
@@ -180,14 +178,3 @@ def check_seq_len(model, seq_len: int) -> None:
                                     f"learned positions ({name})", f"Pass --seq-len {module.num_embeddings} or less")
 
 
-def to_device(batch, device):
-    """A factory's batch follows the model to --device (tensors in dicts, lists and tuples)."""
-    import torch
-
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch

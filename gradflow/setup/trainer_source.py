@@ -11,10 +11,10 @@ checkpoint or log is changed or written.
 from __future__ import annotations
 
 import contextlib
-import random
 from typing import Iterator
 
 from gradflow.errors import GradflowError
+from gradflow.model_state import ModelState, kept_rng
 from gradflow.models import is_peft_model
 from gradflow.setup.sources import Kind, Setup, _first_line, _where
 from gradflow.setup.wrappers import plan_fsdp1
@@ -38,34 +38,6 @@ class _Capture:
     def on_train_begin(self, args, state, control, **kwargs):
         self.seen = kwargs
         raise _Stop()  # before any other callback (TensorBoard, W&B) opens a log
-
-
-@contextlib.contextmanager
-def kept_rng() -> Iterator[None]:
-    """Leave every RNG stream a Trainer draws from (python, numpy, torch, CUDA) as it was found."""
-    import torch
-
-    py = random.getstate()
-    np_state = None
-    try:
-        import numpy as np
-
-        np_state = np.random.get_state()
-    except ImportError:
-        pass
-    cpu = torch.get_rng_state()
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        if np_state is not None:
-            import numpy as np
-
-            np.random.set_state(np_state)
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
 
 
 def first_batch(dataloader):
@@ -92,49 +64,6 @@ def first_batch(dataloader):
 
 
 _MISSING = object()
-
-
-class _ModelState:
-    """The parts of a model a Trainer's preparation changes: checkpointing, hooks, requires_grad, use_cache."""
-
-    _ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hook")
-
-    def __init__(self, model):
-        self.modules = list(model.modules())
-        self.attrs = [{a: m.__dict__.get(a, _MISSING) for a in self._ATTRS} for m in self.modules]
-        self.hooks = [(set(m._forward_hooks), set(m._forward_pre_hooks)) for m in self.modules]
-        self.flags = [(p, p.requires_grad) for p in model.parameters()]
-        self.modes = [m.training for m in self.modules]
-        self.config = getattr(model, "config", None)
-        self.use_cache = getattr(self.config, "use_cache", None)
-
-    def undo(self, prepared: "_ModelState") -> None:
-        """Undo what happened between this state and `prepared` (the trainer's preparation); keep later changes.
-
-        A value that still equals what the preparation left is put back; one changed since (by a patch: an
-        input-grad hook, an unfrozen adapter) stays, so that it is there when `train()` runs.
-        """
-        for m, (fwd, pre), (pfwd, ppre) in zip(self.modules, self.hooks, prepared.hooks):
-            for k in pfwd - fwd:
-                m._forward_hooks.pop(k, None)
-            for k in ppre - pre:
-                m._forward_pre_hooks.pop(k, None)
-        for m, old, new in zip(self.modules, self.attrs, prepared.attrs):
-            for a in self._ATTRS:
-                if old[a] is new[a] or m.__dict__.get(a, _MISSING) is not new[a]:
-                    continue
-                if old[a] is _MISSING:
-                    m.__dict__.pop(a, None)
-                else:
-                    m.__dict__[a] = old[a]
-        for (p, old), (_, new) in zip(self.flags, prepared.flags):
-            if old != new and p.requires_grad == new:
-                p.requires_grad_(old)
-        for m, mode in zip(self.modules, self.modes):
-            m.training = mode
-        if self.config is not None and self.use_cache != prepared.use_cache \
-                and getattr(self.config, "use_cache", None) == prepared.use_cache:
-            self.config.use_cache = self.use_cache
 
 
 def _optimizer_groups(optimizer):
@@ -272,7 +201,7 @@ def prepared(trainer) -> Iterator[Setup]:
     block (a patch's fixes) stays.
     """
     model = trainer.model
-    before = _ModelState(model)
+    before = ModelState(model)
     saved = dict(trainer.__dict__)
     user_optimizer = getattr(trainer, "optimizer", None)
     groups = _optimizer_groups(user_optimizer)
@@ -298,7 +227,7 @@ def prepared(trainer) -> Iterator[Setup]:
                 raise GradflowError("trainer.train() finished without starting: it reached no on_train_begin",
                                     "Check max_steps / num_train_epochs and the train dataset")
         seen = capture.seen
-        after_prep = _ModelState(model)
+        after_prep = ModelState(model)
         live = trainer.model  # the unwrapped model (PEFT wrapping by SFTTrainer happened in its __init__)
         loader = seen.get("train_dataloader")
         batch = trainer._prepare_inputs(first_batch(loader)) if loader is not None else None
@@ -313,7 +242,8 @@ def prepared(trainer) -> Iterator[Setup]:
     finally:
         with contextlib.suppress(ValueError):
             trainer.callback_handler.callbacks.remove(capture)
-        before.undo(after_prep if after_prep is not None else _ModelState(model))
+        # undo the preparation (train() does it again), keep what changed inside the block
+        before.restore(since=after_prep if after_prep is not None else ModelState(model))
         trainer.__dict__.clear()
         trainer.__dict__.update(saved)
         _trim_metrics(trainer, metrics)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Mapping
 from typing import Callable
 
 import torch
@@ -27,21 +26,13 @@ from transformers import TrainerCallback
 
 from gradflow.api import inspect, probe
 from gradflow.errors import GradflowError
-from gradflow.forward import model_device
-from gradflow.models import layer_key
+from gradflow.models import layer_key, unwrap
 from gradflow.report.ranks import gather_findings
-from gradflow.setup.trainer_source import first_batch, kept_rng
 from gradflow.training.findings import finding
+from gradflow.training.moved import MovedCheck
 from gradflow.training.fsdp import local, sum_over_shards
+from gradflow.training.preflight import trainer_hints, trainer_preflight
 from gradflow.world import agree_min
-
-_SAMPLE = 1024  # elements kept per parameter to tell whether it moved
-
-
-def _unwrap(model):
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), torch.nn.Module):
-        model = model.module  # DDP / accelerate wrappers
-    return model
 
 
 class GradFlowCallback(TrainerCallback):
@@ -103,11 +94,9 @@ class GradFlowCallback(TrainerCallback):
         self.preflight_report = None
         self.history: list[dict] = []
         self.stopped_at: int | None = None
-        self.moved_checked = False
-        self.moved_not_judged: list[str] = []
         self.last_layers: dict[str, float] = {}
         self._params: list[tuple[str, torch.nn.Parameter]] = []
-        self._start: list[torch.Tensor] = []
+        self._moves = MovedCheck()
         self._groups: list[str] = []
         self._group_index: torch.Tensor | None = None
         self._min_supervised: torch.Tensor | None = None
@@ -119,10 +108,6 @@ class GradFlowCallback(TrainerCallback):
         self._fp16_nonfinite_streak = 0
         self._pre_optimizer_seen = False
         self._optimizer_seen = False
-        self._lr_steps = 0  # optimizer steps since training began that updated (lr > 0, not skipped)
-        self._begin_step = 0
-        self._needs: list[int] = []  # per trainable parameter: such steps before it can move
-        self._waiting: list[int] = []  # indices the moved-weights check has yet to judge
         self._model = None
         self._step = 0
         self._pending: list = []  # error findings not yet raised (raise_on_error)
@@ -131,19 +116,17 @@ class GradFlowCallback(TrainerCallback):
     # ----- set-up --------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._main = bool(getattr(state, "is_world_process_zero", True))
-        self._model = _unwrap(model) if model is not None else None
+        self._model = unwrap(model) if model is not None else None
         self._step = state.global_step  # 0, or the step a resumed run starts from
         if self._model is None:
             return
-        self._hint = _trainer_hints(args)
+        self._hint = trainer_hints(args)
         if self.preflight:
             self._preflight(args, state, control, kwargs)
         elif self.trainable is not None:
             self._intended_frozen(control, state)
         self._params = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
-        self._start = [self._sample(p) for _, p in self._params]
-        self._needs = _steps_to_move(self._params)
-        self._lr_steps, self._waiting, self._begin_step = 0, [], state.global_step
+        self._moves = MovedCheck(self._params, state.global_step)
         keys = [layer_key(n) for n, _ in self._params]
         self._groups = list(dict.fromkeys(keys))
         where = {g: i for i, g in enumerate(self._groups)}
@@ -166,32 +149,8 @@ class GradFlowCallback(TrainerCallback):
 
     def _preflight(self, args, state, control, kwargs):
         """Probe the run's first batch with its model and optimizer before any step; report what is broken."""
-        loader = kwargs.get("train_dataloader")
-        if loader is None:
-            return self._note("pre-flight skipped: the Trainer passed no train dataloader")
-        if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
-            return self._note("pre-flight skipped under DeepSpeed / FSDP (sharded parameters); run "
-                              "gradflow.probe(trainer) on one process instead")
-
-        findings = []
-        try:
-            with kept_rng():
-                batch = _to_device(first_batch(loader), model_device(self._model))
-                report = probe(self._model, batch, optimizer=kwargs.get("optimizer"), trainable=self.trainable)
-        except GradflowError:
-            raise  # a trainable regex that names no parameter, an empty dataset: the user's to fix
-        except Exception as exc:  # a probe that fails must not stop a run that may be healthy
-            first = (str(exc).splitlines() or [""])[0]
-            self._note(f"pre-flight probe failed ({type(exc).__name__}: {first}); training goes on without it")
-        else:
-            loss = report.snapshot.loss if report.snapshot is not None else None
-            findings = report.findings
-            if loss is not None and loss.error_phase == "loss":
-                # the model computes no loss from this batch (a Trainer subclass's own compute_loss): not a fault
-                findings = [f for f in findings if f.slug != "step-raised"]
-                self._note("pre-flight: the model returns no loss for the first batch (custom compute_loss?); "
-                           "the checks that need a backward did not run")
-            self.preflight_report = report
+        self.preflight_report, findings = trainer_preflight(self._model, args, kwargs, trainable=self.trainable,
+                                                            note=self._note)
         # under torchrun each rank probed its own first batch: every rank takes every rank's findings (a collective,
         # reached by every rank, a failed probe included), so that all stop or raise together and rank 0 says all
         findings, _ = gather_findings(findings)
@@ -209,12 +168,6 @@ class GradFlowCallback(TrainerCallback):
     def _note(self, text: str) -> None:
         if self._main:
             sys.stderr.write(f"gradflow: {text}\n")
-
-    @staticmethod
-    def _sample(p: torch.Tensor) -> torch.Tensor:
-        flat = p.detach().reshape(-1)
-        stride = max(1, flat.numel() // _SAMPLE)
-        return flat[::stride][:_SAMPLE].clone()
 
     def _see_batch(self, _module, args, kwargs):
         labels = kwargs.get("labels")
@@ -238,17 +191,13 @@ class GradFlowCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # the scheduler has not stepped yet: param_groups still hold the lr this step used
         self._optimizer_seen = True
-        if optimizer is None:
-            self._lr_steps += 1
-        elif not getattr(optimizer, "step_was_skipped", False):  # accelerate: an fp16 overflow skips the update
-            if any(_positive(g.get("lr", 1.0)) for g in optimizer.param_groups):
-                self._lr_steps += 1
+        self._moves.count_step(optimizer)
 
     def on_step_end(self, args, state, control, **kwargs):
         step = self._step = state.global_step
-        judged = step == 1 or step % self.check_every == 0 or step == self.moved_at_step or bool(self._waiting)
+        judged = step == 1 or step % self.check_every == 0 or step == self.moved_at_step or bool(self._moves.waiting)
         if not self._optimizer_seen:
-            self._lr_steps += 1  # no optimizer event (older transformers): count every step
+            self._moves.count_step()  # no optimizer event (older transformers): count every step
         if not self._pre_optimizer_seen and (step == 1 or step % self.check_every == 0):
             # older transformers: no pre-optimizer event; grads may be zeroed by now, so only finite checks count
             if any(p.grad is not None for _, p in self._params):
@@ -257,8 +206,8 @@ class GradFlowCallback(TrainerCallback):
             self._check_supervised(step, state, control)
         if self.moved_at_step is not None and step == self.moved_at_step:
             self._check_moved(step, state, control)
-        elif self._waiting:
-            self._check_moved(step, state, control, self._waiting)
+        elif self._moves.waiting:
+            self._check_moved(step, state, control, self._moves.waiting)
         if judged:  # the only steps at which the watch (or its pre-flight, by step 1) can decide to stop
             self._agree_stop(control)
         self._raise_pending(f"at step {step}")
@@ -377,42 +326,28 @@ class GradFlowCallback(TrainerCallback):
 
     def _check_moved(self, step, state, control, indices: list[int] | None = None):
         """Judge the parameters that can have moved by now; the rest wait for a later step (with a note)."""
-        indices = range(len(self._params)) if indices is None else indices
-        ready = [i for i in indices if self._needs[i] <= self._lr_steps]
-        waiting = [i for i in indices if self._needs[i] > self._lr_steps]
-        self.moved_checked = self.moved_checked or bool(ready)
-        if waiting and not self._waiting:  # once, at moved_at_step
-            self._note_waiting(step, state, waiting)
-        self._waiting = waiting
-        self.moved_not_judged = [self._params[i][0] for i in waiting]
-        still = [self._params[i][0] for i in ready
-                 if torch.equal(self._sample(self._params[i][1]).to(self._start[i].device), self._start[i])]
+        still, note = self._moves.judge(step, getattr(state, "max_steps", 0), indices)
+        if note:
+            self._note(note)
         if still:
             self._raise(control, state, finding(
                 "adapter-not-updated", f"step {step}: {len(still)} of {len(self._params)} trainable parameters "
                                        f"have not changed since training began, first {still[0]}",
                 location=still[0].rsplit(".", 1)[0], params=still))
 
-    def _note_waiting(self, step, state, waiting: list[int]) -> None:
-        why = []
-        if any(self._needs[i] > 1 for i in waiting):
-            why.append("one side of a LoRA pair whose other side starts at zero gets a zero gradient at its first "
-                       "step, so it needs 2 optimizer steps that update")
-        ran = step - self._begin_step
-        if self._lr_steps < ran:
-            why.append(f"{ran - self._lr_steps} of {ran} steps updated nothing (learning rate 0 in warmup, or an "
-                       "fp16 overflow skip)")
-        last = step >= (getattr(state, "max_steps", 0) or 0) > 0
-        then = ("the run ends before they can move, so they are not checked" if last
-                else "they are judged at the first later step they can move")
-        self._note(f"moved-weights check at step {step}: {len(waiting)} of {len(self._params)} trainable parameters "
-                   f"cannot have moved yet and are not judged (first {self._params[waiting[0]][0]}): "
-                   f"{'; '.join(why)}; {then}")
+    @property
+    def moved_checked(self) -> bool:
+        """Whether the moved-weights check has judged any parameter yet."""
+        return self._moves.checked
+
+    @property
+    def moved_not_judged(self) -> list[str]:
+        """The trainable parameters the moved-weights check has not judged yet (they cannot have moved)."""
+        return self._moves.not_judged
 
     def moved(self) -> dict[str, bool]:
         """Per trainable parameter: has it changed since training began?"""
-        return {n: not torch.equal(self._sample(p).to(start.device), start)
-                for (n, p), start in zip(self._params, self._start)}
+        return self._moves.moved()
 
     def _raise(self, control, state, f, phase: str | None = None):
         if any(g.slug == f.slug and g.message == f.message for g in self.findings):
@@ -460,49 +395,3 @@ class GradFlowCallback(TrainerCallback):
                             findings=pending)
 
 
-_LORA_SIDE = re.compile(r"\.lora_(?:embedding_)?([AB])(?=\.|$)")
-
-
-def _steps_to_move(params: list[tuple[str, torch.nn.Parameter]]) -> list[int]:
-    """Per trainable parameter, the optimizer steps that update (lr > 0) it needs before it can move.
-
-    One side of a LoRA pair whose trainable partner is all zero (lora_A under PEFT's default init, lora_B = 0)
-    gets a zero gradient until the partner has moved: 2 steps. Everything else: 1.
-    """
-    by_name = {n: p for n, p in params}
-    needs = []
-    for name, _ in params:
-        side = _LORA_SIDE.search(name)
-        partner = None
-        if side is not None:
-            other = "B" if side.group(1) == "A" else "A"
-            partner = by_name.get(name[: side.start(1)] + other + name[side.end(1):])
-        # one read-back per pair, once, when training begins
-        needs.append(2 if partner is not None and not bool(partner.detach().any()) else 1)
-    return needs
-
-
-def _positive(lr) -> bool:
-    return float(lr) > 0
-
-
-def _trainer_hints(args) -> dict[str, str]:
-    """Fixes that fit a Trainer's own set-up, beyond the finding's generic fix title."""
-    hints = {}
-    gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
-    if getattr(args, "gradient_checkpointing", False) and gc_kwargs.get("use_reentrant", True) is not False:
-        # the Trainer (re-)enables checkpointing inside train(): a call on the model beforehand is overridden
-        hints["reentrant-checkpoint-no-input-grad"] = (
-            'TrainingArguments(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})')
-    return hints
-
-
-def _to_device(batch, device):
-    """The batch as a forward takes it: mappings (a collator's BatchEncoding) as dicts, tensors on `device`."""
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return [_to_device(v, device) for v in batch]
-    return batch

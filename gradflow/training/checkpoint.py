@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 
+from gradflow.files import fsync_dir
+
 MARKER = "gradflow_checkpoint.json"
 MANIFEST_VERSION = 2  # 1: {"step", "files"} only, before manifests
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -184,20 +186,7 @@ def _fsync_tree(path: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(path)
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems cannot fsync a directory
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(path)
 
 
 def publish(staged: str, final: str, step: int, max_steps: int | None = None, fingerprint: dict | None = None) -> None:
@@ -208,7 +197,7 @@ def publish(staged: str, final: str, step: int, max_steps: int | None = None, fi
     if os.path.isdir(final):  # the same step saved again after a resume
         shutil.rmtree(final)
     os.replace(staged, final)
-    _fsync_dir(os.path.dirname(final))
+    fsync_dir(os.path.dirname(final))
 
 
 def rotate(run_dir: str, keep: int | None) -> None:

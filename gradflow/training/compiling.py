@@ -25,7 +25,7 @@ How:
 from __future__ import annotations
 
 import os
-from gradflow.training.plan import checkpoint_layers
+from gradflow.models import decoder_layers
 
 
 def resolve(asked: str, device: str) -> tuple[bool, str]:
@@ -50,7 +50,7 @@ def resolve(asked: str, device: str) -> tuple[bool, str]:
 def compile_layers(model, *, fall_back: bool = False) -> int:
     """Compile each decoder layer in place (dynamic shapes); returns how many were compiled. `fall_back`: a layer
     that fails to compile runs eagerly instead of raising."""
-    layers = checkpoint_layers(model)
+    layers = decoder_layers(model, checkpointable=True)
     if fall_back and layers:
         import torch._dynamo
 

@@ -18,7 +18,7 @@ import time
 import warnings
 from typing import Any
 
-from gradflow.data.audit import write_json_atomic, write_jsonl_atomic
+from gradflow.files import write_json, write_jsonl
 from gradflow.forward import model_device
 from gradflow.noise import ignore_known_noise
 from gradflow.report import Report, finding_line, ranks as _ranks
@@ -125,7 +125,7 @@ class Run:
         self._read_data(read)
         prepare_output(self.output, self.opts)
         if rank() == 0:
-            write_jsonl_atomic(os.path.join(self.output, "audit.jsonl"), self.prepared.audit)
+            write_jsonl(os.path.join(self.output, "audit.jsonl"), self.prepared.audit)
         self._plan_memory(intact)
         return None
 
@@ -181,7 +181,7 @@ class Run:
         self.report.train["refused_because"] = [finding_line(f) for f in self.report.findings
                                                 if f.severity == "error"]
         if rank() == 0:
-            write_json_atomic(os.path.join(self.output, "report.json"), self.report.to_dict())
+            write_json(os.path.join(self.output, "report.json"), self.report.to_dict(), default=str)
         self.report.trained_model = self.setup_.model
         return self.report
 
@@ -266,7 +266,7 @@ class Run:
                   trust_remote_code=self.ropts.trust_remote_code)
             train["merged"] = "merged"
         if is_main:
-            write_json_atomic(os.path.join(output, "report.json"), self.report.to_dict())
+            write_json(os.path.join(output, "report.json"), self.report.to_dict(), default=str)
         self.report.trained_model = setup.model
         return self.report
 

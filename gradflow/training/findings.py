@@ -6,7 +6,8 @@ The two states that exist only during training (GF401, GF402) are runtime rules 
 
 from __future__ import annotations
 
-from gradflow.report import Finding, Fix
+from gradflow.fixes import stamp
+from gradflow.report import Finding
 from gradflow.rules import load
 from gradflow.rules.codes import SLUGS
 
@@ -14,6 +15,4 @@ from gradflow.rules.codes import SLUGS
 def finding(slug: str, message: str, *, location: str | None = None, params: list[str] | None = None) -> Finding:
     """A Finding for a training-time state, with the code and fix the central table gives its slug."""
     rule = load(SLUGS[slug])
-    fix = Fix(title=rule.fix_title, applicability=rule.applicability) if getattr(rule, "fix_title", None) else None
-    return Finding(code=rule.code, slug=slug, severity=rule.severity, message=message, location=location,
-                   fix=fix, params=list(params or []))
+    return stamp([rule.finding(message, location=location, params=params or [])])[0]

@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import os
 
-from gradflow.distributed import _layers
 from gradflow.errors import GradflowError
-from gradflow.models import is_peft_model
+from gradflow.models import decoder_layers, is_peft_model
 from gradflow.training.outputs import replace_dir, save_adapter as write
 
 LAUNCH = "torchrun --nproc-per-node 2 -m gradflow train MODEL --data DATA --output OUT --fsdp"
@@ -43,7 +42,7 @@ def _layer_classes(model) -> list[str]:
     present = {type(m).__name__ for m in base.modules()}
     names = [n for n in names if n in present]
     if not names:
-        layers = _layers(base)
+        layers = decoder_layers(base)
         names = sorted({type(m).__name__ for m in layers}) if layers else []
     return names
 

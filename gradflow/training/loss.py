@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+from gradflow.models import base_model, is_peft_model
+
 IGNORE_INDEX = -100
 # Model types whose *ForCausalLM.forward is `loss_function(lm_head(model(...).last_hidden_state), labels)` in
 # transformers 4.57 and 5.x (read from both): nothing between the decoder's last hidden state and the loss.
@@ -32,10 +34,11 @@ _LOGIT_CHANGERS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "
 _LOSS_KEYS = ("labels", "shift_labels", "num_items_in_batch")
 
 
-def _unwrap(model):
-    """(the PeftModel or None, the *ForCausalLM) of `model`, or (None, None) when it is neither."""
-    peft = model if hasattr(model, "get_base_model") and hasattr(model, "peft_config") else None
-    causal_lm = peft.get_base_model() if peft is not None else model
+def _peft_and_causal_lm(model):
+    """(the PeftModel or None, the *ForCausalLM inside it or `model` itself, or None when that is no causal LM).
+    Not an unwrap: wrappers (DDP) are refused by `unsupported_reason`, not looked through."""
+    peft = model if is_peft_model(model) else None
+    causal_lm = base_model(model)
     if not hasattr(causal_lm, "get_output_embeddings") or not hasattr(causal_lm, "config"):
         return peft, None
     return peft, causal_lm
@@ -49,7 +52,7 @@ def _fsdp_root(model) -> bool:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
         return False
-    peft, causal_lm = _unwrap(model)
+    peft, causal_lm = _peft_and_causal_lm(model)
     return any(isinstance(m, FSDPModule) for m in (model, peft, causal_lm) if m is not None)
 
 
@@ -64,7 +67,7 @@ def unsupported_reason(model, inputs: dict | None = None) -> str | None:
     if _fsdp_root(model):
         # the decoder called directly skips the root unit's pre-forward: its weights stay sharded (DTensor)
         return "FSDP shards the model: the embeddings, final norm and head are gathered only in its own forward"
-    peft, causal_lm = _unwrap(model)
+    peft, causal_lm = _peft_and_causal_lm(model)
     if causal_lm is None:
         return f"{type(model).__name__} is not a transformers causal LM"
     if peft is not None:
@@ -144,7 +147,7 @@ def chunked_causal_lm_loss(model, inputs: dict[str, Any], num_items_in_batch=Non
         raise ValueError(f"chunk_tokens must be positive, not {chunk_tokens}")
     if unsupported_reason(model, inputs) is not None:
         return None
-    peft, causal_lm = _unwrap(model)
+    peft, causal_lm = _peft_and_causal_lm(model)
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
     head = causal_lm.get_output_embeddings()  # LoRA / ModulesToSaveWrapper dispatch to the active adapter
 

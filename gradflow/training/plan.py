@@ -25,32 +25,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+
 from gradflow.errors import GradflowError
 from gradflow.forward import model_device
-from gradflow.models import gc_mode_of
-from gradflow.setup.build import hidden_size
+from gradflow.models import decoder_layers, gc_mode_of
+from gradflow.training.memory import Estimate, measure, set_layer_checkpointing
 from gradflow.training.options import parse_bytes
 
 HEADROOM = 0.9  # plan for 90% of the budget: allocator fragmentation and kernels' workspaces take the rest
-
-
-@dataclasses.dataclass
-class Estimate:
-    """Peak bytes of a training step as a function of tokens and checkpointed layers."""
-
-    how: str  # "cuda peak" | "saved activations"
-    layers: int  # decoder layers that can be checkpointed one by one (0: checkpointing is not the plan's)
-    static: int  # weights, gradients and optimizer moments
-    fixed_off: float  # per-step bytes that do not grow with tokens, checkpointing off
-    per_token_off: float
-    fixed_all: float
-    per_token_all: float
-
-    def peak(self, tokens: int, checkpointed: int) -> int:
-        share = (self.layers - checkpointed) / self.layers if self.layers else 1.0
-        fixed = self.fixed_all + (self.fixed_off - self.fixed_all) * share
-        per_token = self.per_token_all + (self.per_token_off - self.per_token_all) * share
-        return int(self.static + max(fixed, 0.0) + per_token * tokens)
 
 
 @dataclasses.dataclass
@@ -104,175 +86,8 @@ def gib(n: int | float | None) -> str:
     return f"{n / 2 ** 30:.2f} GiB" if n >= 2 ** 28 else f"{n / 2 ** 20:.1f} MiB"
 
 
-# ----- the layers ---------------------------------------------------------------------------------------------
-def checkpoint_layers(model) -> list:
-    """The decoder layers transformers checkpoints one by one (GradientCheckpointingLayer, both stacks)."""
-    try:
-        from transformers.modeling_layers import GradientCheckpointingLayer
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-
-
-def set_layer_checkpointing(layers: list, every: int) -> int:
-    """Checkpoint layers 0, n, 2n, … (every=n; 0: none). The per-layer `gradient_checkpointing` attribute is what
-    GradientCheckpointingLayer reads on each call in 4.57 and 5.x. Returns how many are checkpointed."""
-    count = 0
-    for i, layer in enumerate(layers):
-        on = every > 0 and i % every == 0
-        layer.gradient_checkpointing = on
-        count += on
-    return count
-
-
 def checkpointed_for(layers: int, every: int) -> int:
     return 0 if every == 0 else math.ceil(layers / every)
-
-
-# ----- measuring ----------------------------------------------------------------------------------------------
-def _batch(model, tokens: int, device):
-    import torch
-
-    vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 256
-    ids = torch.randint(3, max(4, vocab), (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
-    return {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(tokens, device=device)[None]}
-
-
-def _autocast(device: str, precision: str):
-    import contextlib
-
-    import torch
-
-    if precision in ("bf16", "fp16"):
-        return torch.autocast(device, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-    return contextlib.nullcontext()
-
-
-def _static_bytes(model) -> int:
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
-    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return weights + 3 * trainable  # gradients + AdamW's exp_avg and exp_avg_sq, in the parameters' dtype
-
-
-def _optimizer_bytes(model) -> int:
-    return 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
-def _cuda_peak(model, tokens: int, device, precision: str) -> int:
-    """Peak bytes one forward+backward adds on CUDA (gradients included)."""
-    import torch
-
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    with _autocast("cuda", precision):
-        loss = model(**_batch(model, tokens, device)).loss
-    loss.backward()
-    torch.cuda.synchronize(device)
-    peak = torch.cuda.max_memory_allocated(device) - base
-    del loss
-    for p in model.parameters():
-        p.grad = None
-    return peak
-
-
-def _saved_bytes(model, tokens: int, device, precision: str, layers: list) -> tuple[int, int, int]:
-    """(bytes saved for backward inside decoder layers, outside them, the largest saved tensor) for one forward."""
-    import torch
-
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: set[int] = set()
-    inside = [0]
-    totals = {"in": 0, "out": 0, "max": 0}
-
-    def pack(t):
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            storage = t.untyped_storage()
-            key = storage.data_ptr()
-            if key not in params and key not in seen and key != 0:
-                seen.add(key)
-                size = storage.nbytes()
-                totals["in" if inside[0] else "out"] += size
-                totals["max"] = max(totals["max"], size)
-        return t.detach()  # not t itself: a saved output returned as is holds its own grad_fn, a cycle gc cannot free
-
-    handles = []
-    for layer in layers:
-        handles.append(layer.register_forward_pre_hook(lambda *a: inside.__setitem__(0, inside[0] + 1)))
-        handles.append(layer.register_forward_hook(lambda *a: inside.__setitem__(0, inside[0] - 1)))
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), _autocast(device.type, precision):
-            out = model(**_batch(model, tokens, device))
-        del out
-    finally:
-        for h in handles:
-            h.remove()
-    return totals["in"], totals["out"], totals["max"]
-
-
-def _line(p1: float, p2: float, t1: int, t2: int) -> tuple[float, float]:
-    slope = max(0.0, (p2 - p1) / (t2 - t1))
-    return p1 - slope * t1, slope
-
-
-def measure(model, *, target: int, precision: str, layers: list, can_toggle: bool,
-            fixed: int | None = None) -> Estimate:
-    """Two small steps (or forwards) per configuration; see the module docstring. `fixed`: the checkpointing is
-    not the plan's to choose (0 off, n every n-th layer): on CUDA only that configuration is measured."""
-    import torch
-
-
-    device = model_device(model)
-    t1 = max(8, min(512 if device.type == "cuda" else 128, target // 4))  # small, yet above CUDA's fixed noise
-    t2 = 2 * t1
-    was_training = model.training
-    states = [layer.gradient_checkpointing for layer in layers]
-    model.train()
-    try:
-        if device.type == "cuda":
-            def line(tokens: int) -> tuple[float, float]:
-                return _line(_cuda_peak(model, tokens, device, precision),
-                             _cuda_peak(model, 2 * tokens, device, precision), tokens, 2 * tokens)
-
-            # the probe steps count in the run's peak (module docstring): only the given checkpointing, or
-            # without checkpointing at 1/32 of the target tokens
-            _cuda_peak(model, 8, device, precision)  # first-use allocations (cuBLAS workspaces) out of the lines
-            if fixed is not None or not can_toggle:
-                if can_toggle:
-                    set_layer_checkpointing(layers, fixed)
-                fixed_at, slope_at = line(t1)
-                static = torch.cuda.memory_allocated(device) + _optimizer_bytes(model)
-                return Estimate("cuda peak", 0, static, fixed_at, slope_at, fixed_at, slope_at)
-            set_layer_checkpointing(layers, 1)
-            fixed_all, slope_all = line(t1)
-            set_layer_checkpointing(layers, 0)
-            fixed_off, slope_off = line(max(8, min(t1, target // 32)))
-            static = torch.cuda.memory_allocated(device) + _optimizer_bytes(model)
-            return Estimate("cuda peak", len(layers), static, fixed_off, slope_off, fixed_all, slope_all)
-        if can_toggle:
-            set_layer_checkpointing(layers, 0)
-        with torch.enable_grad():
-            a = _saved_bytes(model, t1, device, precision, layers)
-            b = _saved_bytes(model, t2, device, precision, layers)
-        fixed_in, slope_in = _line(a[0], b[0], t1, t2)
-        fixed_out, slope_out = _line(a[1], b[1], t1, t2)
-        transient = 2 * b[2] / t2  # the largest saved tensor (the logits) and its gradient, per token
-        n = len(layers)
-        embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        width = embed.weight.element_size() if embed is not None and hasattr(embed, "weight") else 4
-        kept = (hidden_size(model) or 0) * width  # per token, the input a checkpointed layer keeps
-        per_token_off = slope_in + slope_out + transient
-        per_token_all = slope_out + transient + (n * kept + slope_in / n if n else slope_in)
-        return Estimate("saved activations", n if can_toggle else 0, _static_bytes(model), fixed_in + fixed_out,
-                        per_token_off, fixed_out + (fixed_in / n if n else fixed_in), per_token_all)
-    finally:
-        for layer, state in zip(layers, states):
-            layer.gradient_checkpointing = state
-        model.train(was_training)
-        for p in model.parameters():
-            p.grad = None
 
 
 def budget(device: str, max_memory: str | None, model) -> tuple[int | None, str]:
@@ -364,7 +179,7 @@ def make_plan(setup, opts, *, gc_from: str, resumed_tokens: int | None = None) -
     the checkpointing and may change it, "--gc" when the user set it, "the model" when the model's source did."""
     model = setup.model
     device = model_device(model).type
-    layers = checkpoint_layers(model)
+    layers = decoder_layers(model, checkpointable=True)  # those transformers checkpoints one by one
     toggles = bool(layers) and all(getattr(layer, "_gradient_checkpointing_func", None) is not None
                                    for layer in layers)
     on_now = sum(gc_mode_of(layer) != "off" for layer in layers)

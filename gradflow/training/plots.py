@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
+
+from gradflow.files import write_atomic
 from gradflow.report.render.text import fold_runs
 
 
@@ -19,10 +20,10 @@ def plot_grad_norms(history: list[dict], path: str) -> bool:
     fig = grad_norm_figure(history)
     if fig is None:
         return False
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_atomic(path, lambda fh: fig.savefig(fh, format="png"), binary=True)
+    finally:
+        plt.close(fig)
     return True
 
 

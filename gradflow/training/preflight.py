@@ -1,13 +1,19 @@
-"""The pre-flight: probe the setup on a batch shaped as training will shape it (packed when packing is on, so that
-`packed-attention-leak` is checked), patch what it finds, and re-probe."""
+"""The pre-flight, one path for `gradflow train` and GradFlowCallback: probe the setup before any step.
+
+`gradflow train` probes a batch shaped as training will shape it (packed when packing is on, so that
+`packed-attention-leak` is checked), patches what it finds, and re-probes; the callback in a user's own Trainer
+probes the run's first batch with its model and optimizer, and reports (it patches nothing)."""
 
 from __future__ import annotations
 
 import os
 
-import gradflow
+from gradflow import api
 from gradflow.errors import GradflowError
 from gradflow.fixes.recipe_file import apply_recipe as apply_saved, load_recipe
+from gradflow.forward import model_device, to_device
+from gradflow.model_state import kept_rng
+from gradflow.setup.trainer_source import first_batch
 
 
 def apply_recipe(setup, path: str, batch=None) -> list:
@@ -20,14 +26,54 @@ def apply_recipe(setup, path: str, batch=None) -> list:
 def preflight(setup, batch, *, unsafe: bool = False, say=None) -> dict:
     """Probe, patch (patch re-probes). Returns the three reports."""
     say = say or (lambda text: None)
-    before = gradflow.probe(setup.model, batch, loss_fn=setup.loss_fn, optimizer=None, trainable=setup.trainable)
+    before = api.probe(setup.model, batch, loss_fn=setup.loss_fn, optimizer=None, trainable=setup.trainable)
     patched = None
     if any(f.severity in ("error", "warning") for f in before.findings):
         say("pre-flight: patching")
-        patched = gradflow.patch(setup.model, batch, loss_fn=setup.loss_fn, trainable=setup.trainable,
+        patched = api.patch(setup.model, batch, loss_fn=setup.loss_fn, trainable=setup.trainable,
                                  unsafe=unsafe)
     # patch ends with its own re-probe of the patched model: that is the "probe again", no fourth pass
     after = patched.after if patched is not None else before
     return {"before": before, "patch": patched, "after": after, "patch_available": True}
 
 
+def trainer_preflight(model, args, kwargs: dict, *, trainable: str | None, note) -> tuple:
+    """GradFlowCallback's pre-flight at on_train_begin: the run's first batch probed with its model and optimizer.
+    Returns (the probe's Report or None, its findings); a probe that fails is noted, and training goes on."""
+    loader = kwargs.get("train_dataloader")
+    if loader is None:
+        note("pre-flight skipped: the Trainer passed no train dataloader")
+        return None, []
+    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+        note("pre-flight skipped under DeepSpeed / FSDP (sharded parameters); run gradflow.probe(trainer) on one "
+             "process instead")
+        return None, []
+    try:
+        with kept_rng():
+            batch = to_device(first_batch(loader), model_device(model))
+            report = api.probe(model, batch, optimizer=kwargs.get("optimizer"), trainable=trainable)
+    except GradflowError:
+        raise  # a trainable regex that names no parameter, an empty dataset: the user's to fix
+    except Exception as exc:  # a probe that fails must not stop a run that may be healthy
+        first = (str(exc).splitlines() or [""])[0]
+        note(f"pre-flight probe failed ({type(exc).__name__}: {first}); training goes on without it")
+        return None, []
+    loss = report.snapshot.loss if report.snapshot is not None else None
+    findings = report.findings
+    if loss is not None and loss.error_phase == "loss":
+        # the model computes no loss from this batch (a Trainer subclass's own compute_loss): not a fault
+        findings = [f for f in findings if f.slug != "step-raised"]
+        note("pre-flight: the model returns no loss for the first batch (custom compute_loss?); the checks that "
+             "need a backward did not run")
+    return report, findings
+
+
+def trainer_hints(args) -> dict[str, str]:
+    """Fixes that fit a Trainer's own set-up, beyond the finding's generic fix title."""
+    hints = {}
+    gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    if getattr(args, "gradient_checkpointing", False) and gc_kwargs.get("use_reentrant", True) is not False:
+        # the Trainer (re-)enables checkpointing inside train(): a call on the model beforehand is overridden
+        hints["reentrant-checkpoint-no-input-grad"] = (
+            'TrainingArguments(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})')
+    return hints
