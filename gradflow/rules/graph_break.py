@@ -35,6 +35,7 @@ Display-only: the cut is in your code; gradflow names the module and does not re
 from __future__ import annotations
 
 from gradflow.rules._base import Rule, plural, short, under
+from gradflow.snapshot import ancestors
 
 
 def lost_params(snap):
@@ -57,81 +58,105 @@ def check(snap):
     lost = lost_params(snap)
     if not lost:
         return []
-    modules = {m.name: m for m in snap.modules}
-    lost_names = [p.name for p in lost]
-    # the module each lost parameter was cut at (the probe's autograd walk), and the module it sits in
-    cut_at = {n: m.name for m in snap.modules for n in m.cut_params}
-    owner = {p.name: p.module for p in lost}
+    ctx = _Lost(snap, lost)
+    # the most specific explanation first: a forward decorated to turn autograd off, a call under no_grad, the cut
+    # the probe's autograd walk found, and, without that walk, the first module whose output lost requires_grad
+    for explain in (_decorated_forward, _called_without_autograd, _traced_cut, _detached_output):
+        found = explain(ctx)
+        if found is not None:
+            return [found]
+    return []
 
-    def cut_by(name: str) -> list[str]:
+
+class _Lost:
+    """The trainable parameters without a gradient, and where the probe saw each cut."""
+
+    def __init__(self, snap, lost):
+        self.snap, self.lost = snap, lost
+        self.modules = {m.name: m for m in snap.modules}
+        self.names = [p.name for p in lost]
+        # the module each lost parameter was cut at (the probe's autograd walk), and the module it sits in
+        self.cut_at = {n: m.name for m in snap.modules for n in m.cut_params}
+        self.owner = {p.name: p.module for p in lost}
+
+    def cut_by(self, name: str) -> list[str]:
         """Lost parameters inside `name`, or whose gradient path ends in it or in a module run inside it."""
-        return [n for n in lost_names if under(owner[n], name) or (n in cut_at and under(cut_at[n], name))]
+        return [n for n in self.names
+                if under(self.owner[n], name) or (n in self.cut_at and under(self.cut_at[n], name))]
 
-    # a forward that turns autograd off itself (@torch.no_grad()): its hooks saw autograd on, so name it, not the
-    # modules it ran
-    decorated = snap.grad_off_forward
+
+def _decorated_forward(ctx: _Lost):
+    """A forward that turns autograd off itself (@torch.no_grad()): its hooks saw autograd on, so name it, not the
+    modules it ran."""
+    decorated, modules = ctx.snap.grad_off_forward, ctx.modules
     for m in sorted((modules[n] for n in decorated if n in modules and modules[n].order is not None),
                     key=lambda m: m.order):
-        cut = cut_by(m.name)
+        cut = ctx.cut_by(m.name)
         if cut:
             message = (f"the forward of {m.name or 'the model'} ({m.cls}) runs under @torch.{decorated[m.name]}(): "
-                       f"its output does not depend on {_where(cut, m.name, snap)}; "
+                       f"its output does not depend on {_where(cut, m.name, ctx.snap)}; "
                        f"{plural(len(cut), 'trainable parameter')} get no gradient: {short(cut, 2)}")
-            return [RULE.finding(message, location=m.name or None, params=cut)]
-    # a module called with autograd off (torch.no_grad / inference_mode around the call)
-    no_grad = sorted((modules[n] for n in snap.no_grad_modules if n in modules),
-                     key=lambda m: (m.order if m.order is not None else 1 << 30, m.depth))
-    for m in no_grad:
-        cut = cut_by(m.name)
-        if cut:
-            # the nearest ancestor that ran (a ModuleList never does) is the code that switched autograd off
-            parent = next((modules[a] for a in _ancestors(m.name) if a in modules and modules[a].ran), None)
-            caller = (f", switched off inside {parent.name or 'the model'} ({parent.cls})"
-                      if parent is not None and parent.grad_enabled else "")
-            held = "it holds trainable parameters" if any(under(owner[n], m.name) for n in cut) else (
-                "its input carries gradient from trainable parameters before it")
-            message = (f"{m.name or 'the model'} ({m.cls}) ran with autograd off (torch.no_grad / inference mode"
-                       f"{caller}) although {held}; {plural(len(cut), 'trainable parameter')} get no gradient: "
-                       f"{short(cut, 2)}")
-            return [RULE.finding(message, location=m.name or None, params=cut)]
-    # the probe traced each lost parameter's autograd path to the first module whose outputs no longer reach it
-    cuts = sorted((m for m in snap.modules if m.cut_params and m.order is not None), key=lambda m: m.order)
-    lost_set = set(lost_names)
-    for m in cuts:
-        cut = [n for n in m.cut_params if n in lost_set]
+            return RULE.finding(message, location=m.name or None, params=cut)
+    return None
+
+
+def _called_without_autograd(ctx: _Lost):
+    """A module called with autograd off (torch.no_grad / inference_mode around the call)."""
+    modules = ctx.modules
+    for m in sorted((modules[n] for n in ctx.snap.no_grad_modules if n in modules),
+                    key=lambda m: (m.order if m.order is not None else 1 << 30, m.depth)):
+        cut = ctx.cut_by(m.name)
+        if not cut:
+            continue
+        # the nearest ancestor that ran (a ModuleList never does) is the code that switched autograd off
+        parent = next((modules[a] for a in list(ancestors(m.name))[1:] if a in modules and modules[a].ran), None)
+        caller = (f", switched off inside {parent.name or 'the model'} ({parent.cls})"
+                  if parent is not None and parent.grad_enabled else "")
+        held = "it holds trainable parameters" if any(under(ctx.owner[n], m.name) for n in cut) else (
+            "its input carries gradient from trainable parameters before it")
+        message = (f"{m.name or 'the model'} ({m.cls}) ran with autograd off (torch.no_grad / inference mode"
+                   f"{caller}) although {held}; {plural(len(cut), 'trainable parameter')} get no gradient: "
+                   f"{short(cut, 2)}")
+        return RULE.finding(message, location=m.name or None, params=cut)
+    return None
+
+
+def _traced_cut(ctx: _Lost):
+    """The probe traced each lost parameter's autograd path to the first module whose outputs no longer reach it."""
+    lost = set(ctx.names)
+    for m in sorted((m for m in ctx.snap.modules if m.cut_params and m.order is not None), key=lambda m: m.order):
+        cut = [n for n in m.cut_params if n in lost]
         if not cut:
             continue
         if m.out_requires_grad:
             how = (f"its output still requires grad, but not through {plural(len(cut), 'trainable parameter')} "
-                   f"{'inside it' if all(_inside(n, m.name, snap) for n in cut) else 'before it'}")
+                   f"{'inside it' if all(_inside(n, m.name, ctx.snap) for n in cut) else 'before it'}")
             causes = ".detach(), .data, an integer cast, a comparison, or torch.no_grad() around part of it"
         else:
             how = "its output does not require grad"
             causes = ".detach(), .data, torch.no_grad(), an integer cast or a comparison"
         message = (f"the graph is cut in {m.name or 'the model'} ({m.cls}): {how} ({causes}); "
                    f"{plural(len(cut), 'trainable parameter')} get no gradient: {short(cut, 2)}")
-        return [RULE.finding(message, location=m.name or None, params=cut)]
-    # without the autograd walk: children finish before their parents, so forward-completion order puts the
-    # innermost module whose output lost requires_grad first
-    candidates = sorted((m for m in snap.modules if m.detached_output and m.order is not None),
-                        key=lambda m: m.order)
-    for m in candidates:
-        cut = [p for p in lost if (modules.get(p.module) and modules[p.module].order is not None
-                                   and modules[p.module].order <= m.order)]
+        return RULE.finding(message, location=m.name or None, params=cut)
+    return None
+
+
+def _detached_output(ctx: _Lost):
+    """Without the autograd walk: children finish before their parents, so forward-completion order puts the
+    innermost module whose output lost requires_grad first."""
+    modules = ctx.modules
+    for m in sorted((m for m in ctx.snap.modules if m.detached_output and m.order is not None),
+                    key=lambda m: m.order):
+        cut = [p.name for p in ctx.lost if (modules.get(p.module) and modules[p.module].order is not None
+                                            and modules[p.module].order <= m.order)]
         if not cut:
             continue
         message = (f"the output of {m.name} ({m.cls}) does not require grad although its "
                    f"{'input does' if m.in_requires_grad else 'parameters do'}: the graph is cut there "
                    f"(.detach(), .data, torch.no_grad() or a non-differentiable op); "
-                   f"{plural(len(cut), 'trainable parameter')} upstream get no gradient: {short([p.name for p in cut], 2)}")
-        return [RULE.finding(message, location=m.name, params=[p.name for p in cut])]
-    return []
-
-
-def _ancestors(name: str):
-    while name:
-        name = name.rsplit(".", 1)[0] if "." in name else ""
-        yield name
+                   f"{plural(len(cut), 'trainable parameter')} upstream get no gradient: {short(cut, 2)}")
+        return RULE.finding(message, location=m.name, params=cut)
+    return None
 
 
 def _where(cut: list[str], module: str, snap) -> str:
