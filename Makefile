@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   probe gradflow.demos:seed_bug, patch it, and show the proof
 #   make test   the test suite on both supported stacks
+#   make check  the fast tier (tests not marked slow) on the latest stack: the inner loop, under 3 minutes
 #   make train-demo   a short /think fine-tune of a tiny preset on CPU, with the checks built in
 PY ?= python3
 # the seed's stack: transformers 4.57.x + peft 0.18.0; the latest: transformers 5.x + peft 0.21.x
@@ -11,7 +12,7 @@ TORCH := torch==2.13.0
 COMMON := "typer>=0.29,<0.30" "rich>=13" "accelerate>=1.0" safetensors "bitsandbytes==0.50.2" "pytest>=8" "jsonschema>=4.18" "tensorboard>=2.14" "matplotlib>=3.7"
 PIP_FLAGS := -q --disable-pip-version-check
 
-.PHONY: demo train-demo test test-old test-new venvs clean
+.PHONY: demo train-demo test test-old test-new check venvs clean
 
 $(NEW)/.ok:
 	$(PY) -m venv $(NEW)
@@ -46,6 +47,10 @@ test-old: $(OLD)/.ok
 	$(OLD)/bin/python -m pytest --durations=20 tests
 
 test: test-old test-new
+
+# pytest's non-zero exit (5 when nothing was collected) fails the target
+check: $(NEW)/.ok
+	$(NEW)/bin/python -m pytest -m "not slow" -q --durations=15 tests
 
 clean:
 	rm -rf $(OLD) $(NEW) *.egg-info

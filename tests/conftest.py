@@ -7,10 +7,14 @@ import warnings
 
 import pytest
 
+pytest.register_assert_rewrite("tests.helpers")  # the shared assertions (assert_fires, ...) explain their failures
+
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # tiny models gain nothing from intra-op threads, and on a busy 2-core box OpenMP spin-waits make them ~100x slower
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# a hub id must fail fast on a machine without network, in-process CLI runs too (huggingface_hub reads it on import)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")
 
 
@@ -52,12 +56,6 @@ def _own_process_env():
     yield
     os.environ.clear()
     os.environ.update(saved)
-
-
-def stack() -> str:
-    import transformers
-
-    return "new" if int(transformers.__version__.split(".")[0]) >= 5 else "old"
 
 
 @pytest.fixture(scope="session")

@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.utils.checkpoint as tuc
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "rules"))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cli"))
-
-import gradflow  # noqa: E402
-from _builders import base, batch, enable_gc, lora, lora_config, tiny_batch, tiny_lm  # noqa: E402
-from clirun import invoke  # noqa: E402
+import gradflow
+from tests.helpers.builders import base, batch, enable_gc, lora, lora_config, tiny_batch, tiny_lm
+from tests.helpers.cli import invoke
 
 _GC_ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hook", "_require_grads_hooks")
 

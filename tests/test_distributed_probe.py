@@ -7,13 +7,14 @@ them: the report gathered on rank 0 must equal a single-process probe of the sam
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
+
+from tests.helpers.cli import gradflow, invoke_main
+from tests.helpers.dist import process_group, torchrun  # noqa: F401  (process_group: a fixture)
+from tests.helpers.env import child_env
 
 SETUP = ["--format", "json", "--detail", "params", "--seq-len", "16"]
 
@@ -54,30 +55,16 @@ def build():
 '''
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"  # the same kernels in both runs, and 2 processes on a small machine
-    return env
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _single(*args):
-    res = subprocess.run([sys.executable, "-m", "gradflow", "probe-backward", *args, *SETUP],
-                         capture_output=True, text=True, timeout=120, env=_env())
-    assert res.returncode == 0, res.stderr[-3000:]
+    # a process of its own, with one intra-op thread like each torchrun rank: the same kernels in both runs
+    res = gradflow("probe-backward", *args, *SETUP, timeout=120)
+    assert res.code == 0, res.stderr[-3000:]
     return json.loads(res.stdout)
 
 
 def _torchrun(*args):
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), "-m", "gradflow", "probe-backward", *args, *SETUP],
-                         capture_output=True, text=True, timeout=180, env=_env())
+    res = subprocess.run(torchrun("-m", "gradflow", "probe-backward", *args, *SETUP), capture_output=True, text=True,
+                         timeout=180, env=child_env())
     assert res.returncode == 0, res.stderr[-3000:]
     # the whole of stdout is one JSON document: rank 1 printed nothing
     assert res.stdout.count('"schema_version"') == 1
@@ -114,6 +101,7 @@ def single_llama():
     return _single("tiny-llama")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "fsdp1"])
 def test_gathered_report_equals_single_process(wrapper, single_llama, tmp_path):
     if wrapper == "fsdp1":  # a factory that wraps tiny-llama + the same LoRA in FSDP1 (use_orig_params) itself
@@ -130,6 +118,7 @@ def test_gathered_report_equals_single_process(wrapper, single_llama, tmp_path):
     assert {r["grad"] for r in gathered["params"]["per_param"]} == {"ok", "zero"}  # LoRA: B gets a gradient, A zero
 
 
+@pytest.mark.slow
 def test_factory_that_wraps_in_ddp_itself(tmp_path):
     factory = tmp_path / "ddp_factory.py"
     factory.write_text(DDP_FACTORY)
@@ -160,15 +149,14 @@ def build():
 '''
 
 
+@pytest.mark.slow
 def test_a_trainer_factory_under_torchrun_speaks_once_for_every_rank(tmp_path):
     """No --ddp/--fsdp: the Trainer starts the process group itself; each rank probes its own first batch, the
     findings of both are merged and rank 0 alone prints them."""
     factory = tmp_path / "trainer_factory.py"
     factory.write_text(TRAINER_FACTORY.replace("OUT", repr(str(tmp_path / "out"))))
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), "-m", "gradflow", "probe-backward", f"{factory}:build",
-                          "--format", "json", "--fail-on", "never"],
-                         capture_output=True, text=True, timeout=180, env=_env())
+    res = subprocess.run(torchrun("-m", "gradflow", "probe-backward", f"{factory}:build", "--format", "json",
+                                  "--fail-on", "never"), capture_output=True, text=True, timeout=180, env=child_env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count('"schema_version"') == 1  # rank 1 printed nothing
     report = json.loads(res.stdout)
@@ -176,9 +164,8 @@ def test_a_trainer_factory_under_torchrun_speaks_once_for_every_rank(tmp_path):
     assert info["world_size"] == 2 and info["backend"] == "gloo" and info["findings_on_some_ranks"] == []
     slugs = [f["slug"] for f in report["findings"]]
     assert len(slugs) == len(set(slugs)) and slugs  # both ranks' findings, each once
-    single = subprocess.run([sys.executable, "-m", "gradflow", "probe-backward", f"{factory}:build", "--format",
-                             "json", "--fail-on", "never"], capture_output=True, text=True, timeout=120, env=_env())
-    assert single.returncode == 0, single.stderr[-3000:]
+    single = gradflow("probe-backward", f"{factory}:build", "--format", "json", "--fail-on", "never", timeout=120)
+    assert single.code == 0, single.stderr[-3000:]
     assert sorted(slugs) == sorted(f["slug"] for f in json.loads(single.stdout)["findings"])
 
 
@@ -187,9 +174,8 @@ def test_a_trainer_factory_under_torchrun_speaks_once_for_every_rank(tmp_path):
     (["--steps", "2"], "--ddp cannot be combined with --steps"),
 ])
 def test_bad_usage_is_one_line_exit_2(extra, message):
-    res = subprocess.run([sys.executable, "-m", "gradflow", "probe-backward", "tiny-llama", "--ddp", *extra],
-                         capture_output=True, text=True, timeout=60, env=_env())
-    assert res.returncode == 2
+    res = invoke_main("probe-backward", "tiny-llama", "--ddp", *extra)
+    assert res.code == 2
     assert res.stdout == ""
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in res.stderr
@@ -228,15 +214,6 @@ class _Net(torch.nn.Module):
         return self.head(x).pow(2).mean()
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _fsdp1_setup(model, **options):
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
@@ -251,7 +228,7 @@ def _fsdp1_setup(model, **options):
 
 
 @pytest.mark.filterwarnings("ignore:.*FSDP:FutureWarning", "ignore:FSDP is switching to use `NO_SHARD`:UserWarning")
-def test_fsdp1_probe_reads_as_the_unwrapped_model(one_rank):
+def test_fsdp1_probe_reads_as_the_unwrapped_model(process_group):
     import copy
 
     import gradflow
@@ -284,7 +261,7 @@ def test_fsdp1_probe_reads_as_the_unwrapped_model(one_rank):
 
 
 @pytest.mark.filterwarnings("ignore:.*FSDP:FutureWarning", "ignore:FSDP is switching to use `NO_SHARD`:UserWarning")
-def test_fsdp1_without_use_orig_params_is_refused(one_rank):
+def test_fsdp1_without_use_orig_params_is_refused(process_group):
     from gradflow import distributed
     from gradflow.errors import GradflowError
 

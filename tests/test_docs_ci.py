@@ -15,12 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-DOC = (ROOT / "docs" / "ci.md").read_text()
-sys.path.insert(0, str(ROOT / "tests" / "cli"))
-from clirun import cli_env, invoke  # noqa: E402
+from tests.helpers.cli import invoke
+from tests.helpers.env import REPO as ROOT, child_env
 
-sys.path.pop(0)
+DOC = (ROOT / "docs" / "ci.md").read_text()
 
 
 def blocks(lang: str) -> list[str]:
@@ -89,8 +87,8 @@ def _run_action(project: Path, given: dict) -> tuple[subprocess.CompletedProcess
     required = {k for k, v in action["inputs"].items() if v.get("required")}
     assert required <= set(given), required - set(given)
     inputs.update({k: str(v) for k, v in given.items()})
-    env = cli_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
-                  GITHUB_OUTPUT=str(project / "github_output"))
+    env = child_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+                    GITHUB_OUTPUT=str(project / "github_output"))
     for key, value in step["env"].items():
         env[key] = re.sub(r"\$\{\{\s*inputs\.([\w-]+)\s*\}\}", lambda m: inputs[m.group(1)], value)
     proc = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]],
@@ -100,6 +98,7 @@ def _run_action(project: Path, given: dict) -> tuple[subprocess.CompletedProcess
     return proc, outputs
 
 
+@pytest.mark.slow
 def test_the_action_runs_with_the_documented_inputs(project):
     (uses,) = [s for s in steps(workflows()[1]) if "gradflow@" in s.get("uses", "")]
     proc, outputs = _run_action(project, uses["with"])
@@ -116,6 +115,7 @@ def test_the_action_runs_with_the_documented_inputs(project):
         assert done.returncode == code
 
 
+@pytest.mark.slow
 def test_the_action_records_a_failure_without_ending_its_step(project):
     proc, outputs = _run_action(project, {"model": "tiny-llama", "args": "--gc sideways"})
     assert proc.returncode == 0 and outputs["exit-code"] == "2"  # the upload step may still run

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from gradflow.dryrun import UNSEEN, dry_run, shrink_config
+from gradflow.dryrun import UNSEEN, dry_run
+from gradflow.setup.twin import shrink_config
 from gradflow.setup.build import SetupOptions
 
 SETUPS = {

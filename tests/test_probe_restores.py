@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 import torch.utils.checkpoint as tuc
 from torch.nn.modules import module as torch_module
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "rules"))
-
-import gradflow  # noqa: E402
+import gradflow
+from tests.helpers.builders import (KeywordCheckpointed, SqrtGatedBlock, base, batch, disable_input_grad_hook,
+                                    enable_gc, lora, lora_config, tiny_batch, tiny_lm, wrap_layers)
 
 TORCH_CHECKPOINT = (tuc.CheckpointFunction, tuc._checkpoint_without_reentrant_generator, tuc.checkpoint)
-from _builders import (KeywordCheckpointed, SqrtGatedBlock, base, batch, enable_gc, lora, lora_config,  # noqa: E402
-                       remove_input_grad_hook, tiny_batch, tiny_lm, wrap_layers)
 
 
 def _state(model):
@@ -88,7 +83,7 @@ def _nested():
 
 
 def _non_reentrant():
-    model = remove_input_grad_hook(enable_gc(lora(), reentrant=False))
+    model = disable_input_grad_hook(enable_gc(lora(), reentrant=False))
     return model, batch(model), {}
 
 

@@ -7,12 +7,11 @@ report from a one-step run of a tiny preset.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+
+from tests.helpers.cli import invoke, invoke_main
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -22,17 +21,10 @@ SEED_BUG = "gradflow.demos:seed_bug"
 DEMO = str(REPO / "gradflow" / "data" / "think_demo.jsonl")
 
 
-def cli(*args) -> tuple[int, str, str]:
-    from gradflow.cli import app
-
-    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-    return result.exit_code, result.stdout, result.stderr
-
-
 def cli_json(*args, codes=(0, 1)) -> dict:
-    code, out, err = cli(*args, "--format", "json")
-    assert code in codes, (code, err[-2000:])
-    return json.loads(out)
+    run = invoke(*args, "--format", "json")
+    assert run.code in codes, (run.code, run.stderr[-2000:])
+    return run.json()
 
 
 def validate(report: dict) -> None:
@@ -83,16 +75,17 @@ def test_patch_before_after_validate_at_both_levels():
     assert report["before"]["params"]["none_grad"] == 32 and report["after"]["params"]["none_grad"] == 0
 
 
+@pytest.mark.slow
 def test_train_report_json_validates(tmp_path):
     out = tmp_path / "run"
-    code, stdout, err = cli("train", "tiny-llama", "--data", DEMO, "--output", out, "--max-steps", "1", "--seq-len",
-                            "32", "--gc", "off", "--save-steps", "100", "--format", "json")
-    assert code == 0, err[-3000:]
+    run = invoke("train", "tiny-llama", "--data", DEMO, "--output", out, "--max-steps", "1", "--seq-len", "32",
+                 "--gc", "off", "--save-steps", "100", "--format", "json")
+    assert run.code == 0, run.stderr[-3000:]
     written = json.loads((out / "report.json").read_text())
     validate(written)
     assert written["command"] == "train" and written["train"]["status"] == "completed"
     assert written["detail"] == "compact" and "per_param" not in written["params"]
-    validate(json.loads(stdout))  # --format json prints the same document
+    validate(run.json())  # --format json prints the same document
 
 
 def test_the_schema_rejects_what_breaks_the_contract():
@@ -148,9 +141,9 @@ def test_compact_stays_small_on_a_deep_model(tmp_path):
         "    torch.manual_seed(0)\n"
         "    return AutoModelForCausalLM.from_config(config)\n")
     args = (f"{factory}:build", "--lora-r", "8", "--lora-targets", "all-linear", "--seq-len", "8")
-    code, compact, err = cli("probe-backward", *args, "--format", "json")
-    assert code == 0, err[-2000:]
-    code, full, _ = cli("probe-backward", *args, "--format", "json", "--detail", "params")
+    run = invoke("probe-backward", *args, "--format", "json")
+    assert run.code == 0, run.stderr[-2000:]
+    compact, full = run.stdout, invoke("probe-backward", *args, "--format", "json", "--detail", "params").stdout
     data, full_data = json.loads(compact), json.loads(full)
     validate(data)
     validate(full_data)
@@ -169,9 +162,8 @@ def test_detail_from_the_api_and_a_bad_value():
     assert len(report.to_dict("params")["params"]["per_param"]) == report.params["trainable"]
     with pytest.raises(GradflowError, match="--detail 'everything' is not one of compact, params"):
         report.to_dict("everything")
-    # the real entry point: a bad choice is one line on stderr and exit 2, before any model loads
-    run = subprocess.run([sys.executable, "-m", "gradflow.cli", "probe-backward", "tiny-llama", "--format", "json",
-                          "--detail", "everything"], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert run.returncode == 2 and run.stdout == ""
+    # the console script's main(): a bad choice is one line on stderr and exit 2, before any model loads
+    run = invoke_main("probe-backward", "tiny-llama", "--format", "json", "--detail", "everything", cwd=REPO)
+    assert run.code == 2 and run.stdout == ""
     assert run.stderr.splitlines() == ["gradflow: error: --detail 'everything' is not one of compact, params. "
                                        "Pick one of those"], run.stderr

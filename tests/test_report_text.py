@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +17,7 @@ import gradflow
 from gradflow.demos import seed_bug
 from gradflow.report.render.text import fold_runs
 from gradflow.report.render.text import GradChart
+from tests.helpers.cli import invoke_main
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 SLUG = "reentrant-checkpoint-no-input-grad"
@@ -34,14 +31,10 @@ def _no_columns(monkeypatch):
 
 
 def cli_stdout(*args: str, columns: int = 80) -> str:
-    """stdout of the real `gradflow ARGS`, piped, with $COLUMNS set."""
-    env = {k: v for k, v in os.environ.items() if k not in ("GRADFLOW_DEBUG", "FORCE_COLOR", "NO_COLOR")}
-    env.update({"COLUMNS": str(columns), "HF_HUB_OFFLINE": "1",
-                "PYTHONPATH": str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")})
-    proc = subprocess.run([sys.executable, "-m", "gradflow.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode in (0, 1), proc.stderr[-2000:]
-    return proc.stdout
+    """stdout of `gradflow ARGS` through the console script's main(), not a terminal, with $COLUMNS set."""
+    run = invoke_main(*args, env={"COLUMNS": str(columns), "FORCE_COLOR": None, "NO_COLOR": None})
+    assert run.code in (0, 1), run.stderr[-2000:]
+    return run.stdout
 
 
 def lines(text: str) -> list[str]:

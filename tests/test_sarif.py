@@ -8,7 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
+
+from tests.helpers.cli import invoke
 
 jsonschema = pytest.importorskip("jsonschema")
 
@@ -57,11 +58,9 @@ def line_of(path: Path, marker: str) -> int:
 
 
 def sarif(*args) -> dict:
-    from gradflow.cli import app
-
-    result = CliRunner().invoke(app, ["probe-backward", *map(str, args), "--format", "sarif"], catch_exceptions=False)
-    assert result.exit_code in (0, 1), result.stderr[-2000:]
-    log = json.loads(result.stdout)
+    result = invoke("probe-backward", *args, "--format", "sarif")
+    assert result.code in (0, 1), result.stderr[-2000:]
+    log = result.json()
     errors = list(jsonschema.Draft4Validator(OASIS).iter_errors(log))
     assert not errors, [(list(e.absolute_path), e.message[:300]) for e in errors[:5]]
     return log

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import copy
-import os
-import sys
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "rules"))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "cli"))
-
-import gradflow  # noqa: E402
-from _builders import batch, lora, tiny_batch, tiny_lm  # noqa: E402
-from clirun import invoke  # noqa: E402
+import gradflow
+from tests.helpers.builders import batch, lora, tiny_batch, tiny_lm
+from tests.helpers.cli import invoke
 
 
 def _trainable(model):

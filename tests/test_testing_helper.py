@@ -8,25 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 
 from gradflow.errors import GradflowError
 from gradflow.setup.presets import build_preset
 from gradflow.testing import assert_gradient_flow
+from tests.helpers.builders import batch, lora
 
 REALISTIC = Path(__file__).resolve().parent / "realistic"
 LAYER0 = "base_model.model.model.layers.0"
-
-
-def lora(preset="tiny-phi3"):
-    return get_peft_model(build_preset(preset, seed=0),
-                          LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0,
-                                     task_type="CAUSAL_LM"))
-
-
-def batch(vocab=512, seq=16):
-    ids = torch.randint(3, vocab, (2, seq), generator=torch.Generator().manual_seed(1))
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
 def script(name):
@@ -44,7 +34,7 @@ def failure(*args, **kwargs) -> str:
 
 # ----- healthy -------------------------------------------------------------------------------------------------
 def test_passes_on_tiny_phi3_with_lora_and_returns_the_report():
-    model = lora()
+    model = lora("tiny-phi3")
     report = assert_gradient_flow(model, trainable="lora_")
     assert report.command == "probe-backward" and not report.fails("error")
     assert report.params["none_grad"] == 0 and report.params["trainable"] == report.params["with_grad"] > 0
@@ -54,7 +44,7 @@ def test_passes_on_tiny_phi3_with_lora_and_returns_the_report():
 def test_passes_with_non_reentrant_checkpointing_and_a_batch():
     model = lora("tiny-llama")
     model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert_gradient_flow(model, batch(), "lora_", fail_on="warning")
+    assert_gradient_flow(model, batch(seed=1), "lora_", fail_on="warning")
 
 
 def test_passes_on_a_healthy_sft_trainer(tmp_path):
@@ -137,4 +127,4 @@ def test_bad_input_is_a_one_line_gradflow_error():
     with pytest.raises(GradflowError, match="fail_on 'fatal'"):
         assert_gradient_flow(lora("tiny-llama"), fail_on="fatal")
     with pytest.raises(GradflowError, match="'model' is NoneType"):
-        assert_gradient_flow({"batch": batch()})
+        assert_gradient_flow({"batch": batch(seed=1)})

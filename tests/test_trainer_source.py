@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from tests.conftest import stack
+from tests.helpers.env import stack
 
 gradflow = pytest.importorskip("gradflow")
 
@@ -43,6 +43,7 @@ def _files(path):
     return sorted(os.path.relpath(os.path.join(d, f), path) for d, _, fs in os.walk(path) for f in fs)
 
 
+@pytest.mark.slow  # Trainer.train() on 4.57
 def test_trainer_checkpointing_is_judged_as_train_will_run_it(tmp_path):
     trainer = _trainer(tmp_path)
     before = gradflow.probe(trainer.model)  # the model alone: checkpointing is still off
@@ -60,6 +61,7 @@ def test_trainer_checkpointing_is_judged_as_train_will_run_it(tmp_path):
         assert not report.fails("warning"), report.findings
 
 
+@pytest.mark.slow  # Trainer.train()
 def test_probe_leaves_the_trainer_and_its_run_unchanged(tmp_path):
     """probe(trainer), then train(): bit-identical to a run never probed; nothing written, no step taken."""
     plain = _trainer(tmp_path / "plain", gc_kwargs={"use_reentrant": False})
@@ -111,6 +113,7 @@ def test_custom_compute_loss_is_the_loss_probed(tmp_path):
     assert "loss-detached" not in gradflow.probe(trainer.model).slugs()  # the model alone is fine: the loss is not
 
 
+@pytest.mark.slow  # Trainer.train()
 def test_patch_trainer_fix_survives_into_train(tmp_path):
     trainer = _trainer(tmp_path, modules_to_save=["lm_head"])  # the silent variant: lm_head keeps a grad_fn
     lora_b = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n}

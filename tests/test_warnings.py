@@ -1,19 +1,19 @@
 """Warnings: the CLI hides only the noise gradflow's own runs provoke; the user's warnings reach stderr, and the
 Python API installs no warning filter at all.
 
-(pyproject's pytest `filterwarnings` only concern this test session; everything here runs in fresh processes.)
+(pyproject's pytest `filterwarnings` only concern this test session; everything here runs in fresh processes,
+and is marked slow; the two checks of the filters themselves run in this one.)
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.cli import gradflow
+from tests.helpers.env import child_env
 
 FACTORY = '''
 import warnings
@@ -38,37 +38,27 @@ def build():
 '''
 
 
-def env(**extra: str) -> dict:
-    e = {k: v for k, v in os.environ.items() if k not in ("GRADFLOW_DEBUG", "PYTHONWARNINGS")}
-    e.update({"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO) + os.pathsep + e.get("PYTHONPATH", "")})
-    e.update(extra)
-    return e
-
-
-def cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gradflow.cli", *args], env=env(), cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["probe-backward", "inspect", "patch"])
 def test_the_users_own_warnings_reach_stderr(tmp_path, command):
     factory = tmp_path / "noisy.py"
     factory.write_text(FACTORY)
-    run = cli(command, f"{factory}:build")
-    assert run.returncode in (0, 1), run.stderr[-2000:]
+    run = gradflow(command, f"{factory}:build")
+    assert run.code in (0, 1), run.stderr[-2000:]
     assert "UserWarning: user warning XYZ from the factory" in run.stderr
     assert "UserWarning: user warning XYZ from the forward" in run.stderr
     assert "FutureWarning: user deprecation XYZ" in run.stderr
     assert "user warning XYZ" not in run.stdout  # stdout stays data
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["probe-backward", "gradflow.demos:seed_bug"], ["patch", "gradflow.demos:seed_bug"],
                                   ["inspect", "tiny-phi3"], ["probe-backward", "tiny-mixtral"]], ids=" ".join)
 def test_gradflows_own_noise_stays_off_stderr(args):
     """The probe provokes torch's checkpoint warning on purpose, and gradflow's LoRA and demos trip PEFT and
     transformers deprecations: none of it is the user's to act on."""
-    run = cli(*args)
-    assert run.returncode in (0, 1), run.stderr[-2000:]
+    run = gradflow(*args)
+    assert run.code in (0, 1), run.stderr[-2000:]
     assert "Warning" not in run.stderr and "warnings.warn" not in run.stderr, run.stderr
 
 
@@ -97,8 +87,9 @@ print("CATEGORY_WIDE", category_wide)
 '''
 
 
+@pytest.mark.slow
 def test_the_api_installs_no_process_wide_warning_filter():
-    proc = subprocess.run([sys.executable, "-c", _API], env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _API], env=child_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
     assert out["CATCH_ALL"] == "[]", out

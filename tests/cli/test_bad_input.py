@@ -1,16 +1,19 @@
-"""Bad input through the real CLI: exit 2, one actionable line on stderr, no traceback, nothing on stdout."""
+"""Bad input through the CLI's main(): exit 2, one actionable line on stderr, no traceback, nothing on stdout.
+
+In-process (tests.helpers.cli.invoke_main); the installed console script gives the same line in a real process."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from clirun import assert_one_line_error, cli_env, gradflow
+from tests.helpers.cli import assert_one_line_error, gradflow, invoke_main
+from tests.helpers.env import child_env
 
 FACTORIES = '''
 def raises():
@@ -192,17 +195,21 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def outcomes(work):
-    """Every case's process, started up front a few at a time: most of each run is interpreter start-up."""
-    from concurrent.futures import ThreadPoolExecutor
+    """`outcomes(case_id)`: that case's run through main(), in-process in `work`, once per module."""
+    argvs = {case_id: argv for case_id, argv, _ in CASES}
+    done = {}
 
-    with ThreadPoolExecutor(max_workers=min(4, 2 * (os.cpu_count() or 1))) as pool:
-        futures = {case_id: pool.submit(gradflow, *argv, cwd=work) for case_id, argv, _ in CASES}
-        yield futures
+    def get(case_id):
+        if case_id not in done:
+            done[case_id] = invoke_main(*argvs[case_id], cwd=work)
+        return done[case_id]
+
+    return get
 
 
 @pytest.mark.parametrize("case_id,needles", [(c[0], c[2]) for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_is_one_actionable_line(outcomes, case_id, needles):
-    line = assert_one_line_error(outcomes[case_id].result(), *needles)
+    line = assert_one_line_error(outcomes(case_id), *needles)
     # actionable: what is wrong, then a sentence saying what to do
     assert re.search(r"\. [A-Z][a-z]", line), line
 
@@ -210,7 +217,7 @@ def test_bad_input_is_one_actionable_line(outcomes, case_id, needles):
 def test_refused_train_options_make_no_output(outcomes, work):
     for case_id, argv, _ in CASES:
         if argv[:len(TRAIN)] == TRAIN:
-            assert outcomes[case_id].result().code == 2
+            assert outcomes(case_id).code == 2
     assert not (work / "never_made").exists() and not (work / "run_seq").exists()
 
 
@@ -219,7 +226,7 @@ def test_device_cuda_without_gpu(work):
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    assert_one_line_error(gradflow("probe-backward", "tiny-phi3", "--device", "cuda", cwd=work),
+    assert_one_line_error(invoke_main("probe-backward", "tiny-phi3", "--device", "cuda", cwd=work),
                           "--device cuda was asked for, but no CUDA GPU is visible", "--device cpu")
 
 
@@ -229,7 +236,7 @@ def test_case_ids_cover_every_category():
 
 
 def test_debug_variable_shows_the_traceback(work):
-    run = gradflow("probe-backward", "factories.py:raises", cwd=work, env=cli_env(GRADFLOW_DEBUG="1"))
+    run = invoke_main("probe-backward", "factories.py:raises", cwd=work, env={"GRADFLOW_DEBUG": "1"})
     assert run.code == 2
     assert run.stdout == ""
     assert "Traceback (most recent call last)" in run.stderr
@@ -238,25 +245,24 @@ def test_debug_variable_shows_the_traceback(work):
 
 
 def test_debug_variable_shows_usage_error_tracebacks_too(work):
-    run = gradflow("inspect", "tiny-phi3", "--bogus", cwd=work, env=cli_env(GRADFLOW_DEBUG="1"))
+    run = invoke_main("inspect", "tiny-phi3", "--bogus", cwd=work, env={"GRADFLOW_DEBUG": "1"})
     assert run.code == 2 and "Traceback" in run.stderr
     assert run.stderr.splitlines()[-1].startswith("gradflow: error: No such option: --bogus")
 
 
+@pytest.mark.slow
 def test_console_script_gives_the_same_line(work):
     script = Path(sys.executable).with_name("gradflow")
     if not script.exists():
         pytest.skip("the gradflow console script is not installed beside this interpreter")
-    import subprocess
-
-    proc = subprocess.run([str(script), "inspect", "tiny-bogus"], cwd=work, env=cli_env(), capture_output=True,
+    proc = subprocess.run([str(script), "inspect", "tiny-bogus"], cwd=work, env=child_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [gradflow("inspect", "tiny-bogus", cwd=work).stderr.strip()]
 
 
 def test_bare_gradflow_prints_help_and_exits_2(work):
-    run = gradflow(cwd=work)
+    run = invoke_main(cwd=work)
     assert run.code == 2
     assert "probe-backward" in run.stdout + run.stderr
     assert "Traceback" not in run.stderr

@@ -10,11 +10,12 @@ import sys
 
 import pytest
 
-from clirun import REPO, assert_one_line_error, cli_env, gradflow, invoke
 from gradflow.report.baseline import compact_names, expand_names, write_json_atomic
 from gradflow.report.config import find_pyproject, read_config, resolve
 from gradflow.errors import GradflowError
 from gradflow.report.selection import Layer, RuleSelection, parse_selector, parse_selectors
+from tests.helpers.cli import assert_one_line_error, invoke, invoke_main
+from tests.helpers.env import REPO, child_env
 
 SEED_BUG = "gradflow.demos:seed_bug"  # GF101 (error) at layers.0 and GF302 (info)
 
@@ -105,10 +106,10 @@ def test_a_bad_config_is_one_error_naming_file_and_key(tmp_path, body, needles):
 
 def test_a_bad_config_stops_the_real_cli_with_one_line(tmp_path):
     _toml(tmp_path, '[tool.gradflow]\nfail-on = "sometimes"\n')
-    line = assert_one_line_error(gradflow("probe-backward", "tiny-llama", cwd=tmp_path),
+    line = assert_one_line_error(invoke_main("probe-backward", "tiny-llama", cwd=tmp_path),
                                  "pyproject.toml: [tool.gradflow] fail-on 'sometimes'", "Pick one of those")
     assert str(tmp_path) in line
-    assert gradflow("explain", "GF101", cwd=tmp_path).code == 0  # explain reads no config
+    assert invoke_main("explain", "GF101", cwd=tmp_path).code == 0  # explain reads no config
 
 
 # ----- choices, entry points, completion ---------------------------------------------------------------------
@@ -132,7 +133,7 @@ def test_choice_options_are_real_choices_in_help(monkeypatch):
     (["probe-backward", "tiny-phi3", "--select", "GF1,GF9"], ["--select 'GF9' is not a finding code"]),
 ])
 def test_bad_values_are_one_line_through_the_real_cli(tmp_path, args, needles):
-    assert_one_line_error(gradflow(*args, cwd=tmp_path), *needles)
+    assert_one_line_error(invoke_main(*args, cwd=tmp_path), *needles)
     assert not (tmp_path / "o").exists()
 
 
@@ -168,21 +169,23 @@ def test_update_baseline_needs_a_baseline():
     assert run.code == 2 and "--update-baseline has no file to write. Pass --baseline FILE with it" in run.stderr
 
 
+@pytest.mark.slow
 def test_python_dash_m_gradflow_is_the_cli(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "gradflow", "--version"], cwd=tmp_path, env=cli_env(),
+    proc = subprocess.run([sys.executable, "-m", "gradflow", "--version"], cwd=tmp_path, env=child_env(),
                           capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout.strip()) == (0, "gradflow 0.1.0")
     proc = subprocess.run([sys.executable, "-m", "gradflow", "probe-backward", "tiny-phi3", "--gc", "sideways"],
-                          cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("gradflow: error: --gc 'sideways'")
 
 
+@pytest.mark.slow
 def test_shell_completion_script_and_choice_values(tmp_path):
     script = subprocess.run([sys.executable, "-m", "gradflow", "--show-completion", "bash"], cwd=tmp_path,
-                            env=cli_env(), capture_output=True, text=True, timeout=120)
+                            env=child_env(), capture_output=True, text=True, timeout=120)
     assert script.returncode == 0 and "_GRADFLOW_COMPLETE=complete_bash" in script.stdout
-    env = cli_env(_GRADFLOW_COMPLETE="complete_bash", COMP_WORDS="gradflow probe-backward tiny-phi3 --gc ",
-                  COMP_CWORD="4")
+    env = child_env(_GRADFLOW_COMPLETE="complete_bash", COMP_WORDS="gradflow probe-backward tiny-phi3 --gc ",
+                    COMP_CWORD="4")
     done = subprocess.run([sys.executable, "-m", "gradflow"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=120)
     assert done.stdout.split() == ["off", "reentrant", "non-reentrant"]
@@ -275,7 +278,7 @@ def test_baseline_sees_the_trainable_set_change(tmp_path, monkeypatch):
 
 def test_a_broken_baseline_file_is_one_error(tmp_path):
     (tmp_path / "b.json").write_text('{"gradflow_baseline": 1, "findings": "x"}')
-    assert_one_line_error(gradflow("inspect", "tiny-llama", "--static", "--baseline", "b.json", cwd=tmp_path),
+    assert_one_line_error(invoke_main("inspect", "tiny-llama", "--static", "--baseline", "b.json", cwd=tmp_path),
                           "--baseline b.json is not a gradflow baseline", "--update-baseline")
 
 
@@ -285,7 +288,7 @@ def test_quiet_gives_data_only(tmp_path, monkeypatch):
     assert "wrote the baseline a.json" in loud.stderr
     quiet = invoke("inspect", "tiny-llama", "--static", "--baseline", "b.json", "--ignore", "GF3", "-q")
     assert quiet.code == 0 and quiet.stderr == "" and quiet.stdout == loud.stdout
-    assert_one_line_error(gradflow("inspect", "tiny-llama", "-q", "--gc", "x", cwd=tmp_path), "--gc 'x'")
+    assert_one_line_error(invoke_main("inspect", "tiny-llama", "-q", "--gc", "x", cwd=tmp_path), "--gc 'x'")
 
 
 # ----- baseline file (library) -------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.cli.clirun import assert_one_line_error, gradflow, invoke
+from tests.helpers.cli import assert_one_line_error, invoke, invoke_main
 
 SETUP = ["--lora-r", "8", "--lora-targets", "all-linear", "--gc", "reentrant", "--device", "cpu", "--seq-len", "16"]
 
@@ -100,8 +100,8 @@ def test_inspect_dry_run_tree(config_dir):
     assert (root["trainable"], root["frozen"]) == (lora, total)
 
 
-def test_bad_path_is_one_line(tmp_path):  # the real entry point, in a subprocess
-    assert_one_line_error(gradflow("probe-backward", tmp_path / "nowhere" / "config.json", "--dry-run"),
+def test_bad_path_is_one_line(tmp_path):  # the console script's main(), its one line and exit 2
+    assert_one_line_error(invoke_main("probe-backward", tmp_path / "nowhere" / "config.json", "--dry-run"),
                           "no such directory")
 
 

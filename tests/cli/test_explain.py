@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from clirun import cli_env, gradflow, invoke
 from gradflow.rules.codes import CODES
+from tests.helpers.cli import gradflow, invoke, invoke_main
+from tests.helpers.env import child_env
 
 DOC_SECTIONS = ("What it does", "Why is this bad?", "Example", "Fix safety")
 
@@ -45,6 +46,7 @@ def test_explain_json_is_data():
     assert one["code"] == "GF110" and one["severity"] == "error" and "What it does" in one["doc"]
 
 
+@pytest.mark.slow
 def test_explain_through_the_real_entry_point():
     run = gradflow("explain", "reentrant-checkpoint-no-input-grad")
     assert run.code == 0 and run.stderr == ""
@@ -68,9 +70,10 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in {heavy!r}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("terminal", [False, True], ids=["piped", "terminal"])
 def test_help_and_explain_do_not_import_torch(terminal):
-    env = cli_env(FORCE_COLOR="1") if terminal else cli_env()  # a terminal renders the markdown: still no torch
+    env = child_env(FORCE_COLOR="1") if terminal else child_env()  # a terminal renders the markdown: still no torch
     proc = subprocess.run([sys.executable, "-c", _NO_TORCH.format(heavy=set(HEAVY))], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -79,10 +82,11 @@ def test_help_and_explain_do_not_import_torch(terminal):
     assert loaded == "[]", f"--help / explain imported {loaded}"
 
 
+@pytest.mark.slow
 def test_importtime_of_the_entry_point_has_no_torch():
     """The real `python -m gradflow.cli explain GF101`, as -X importtime sees it."""
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "gradflow.cli", "explain", "GF101"],
-                          env=cli_env(), capture_output=True, text=True, timeout=120)
+                          env=child_env(), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
     assert "gradflow" in imported
@@ -94,7 +98,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def test_explain_renders_the_markdown_on_a_terminal():
     """FORCE_COLOR makes rich treat the pipe as a terminal: headings, inline code and fences are rendered."""
-    run = gradflow("explain", "GF113", env=cli_env(FORCE_COLOR="1", COLUMNS="80"))
+    run = invoke_main("explain", "GF113", env={"FORCE_COLOR": "1", "COLUMNS": "80"})
     assert run.code == 0 and run.stderr == "", run.stderr
     assert ANSI.search(run.stdout)
     text = ANSI.sub("", run.stdout)
@@ -120,6 +124,6 @@ def test_explain_on_a_terminal_renders_every_code(monkeypatch):
 
 
 def test_explain_piped_stays_markdown():
-    run = gradflow("explain", "GF113")
+    run = invoke_main("explain", "GF113")
     assert run.code == 0 and not ANSI.search(run.stdout)
     assert "\n## What it does\n" in run.stdout and "```python\n" in run.stdout and "`torch.inference_mode()`" in run.stdout

@@ -1,11 +1,13 @@
-"""Factories behave like user code: prints go to stderr, sibling imports work, module-level objects work."""
+"""Factories behave like user code: prints go to stderr, sibling imports work, module-level objects work.
+
+Through the console script's main(), in-process: the factory's prints are Python-level, redirected the same way."""
 
 from __future__ import annotations
 
 import json
 import textwrap
 
-from tests.cli.clirun import gradflow
+from tests.helpers.cli import invoke_main
 
 _HELPER = '''
 import torch
@@ -60,27 +62,27 @@ def _write(tmp_path):
 
 def test_printing_factory_keeps_json_and_sarif_valid(tmp_path):
     factory, _ = _write(tmp_path)
-    run = gradflow("probe-backward", f"{factory}:build", "--format", "json")
+    run = invoke_main("probe-backward", f"{factory}:build", "--format", "json")
     assert run.code == 0, run.stderr[-2000:]
     data = json.loads(run.stdout)  # nothing but the report on stdout
     assert data["params"]["with_grad"] == data["params"]["trainable"] > 0
     for said in ("importing the factory", "building the model", "build() runs", "forward says hi"):
         assert said in run.stderr and said not in run.stdout
-    run = gradflow("probe-backward", f"{factory}:build", "--format", "sarif")
+    run = invoke_main("probe-backward", f"{factory}:build", "--format", "sarif")
     assert run.code == 0, run.stderr[-2000:]
     assert json.loads(run.stdout)["version"] == "2.1.0"
 
 
 def test_module_level_model_and_dict(tmp_path):
     factory, _ = _write(tmp_path)
-    run = gradflow("inspect", f"{factory}:MODEL", "--static", "--format", "json")
+    run = invoke_main("inspect", f"{factory}:MODEL", "--static", "--format", "json")
     assert run.code == 0, run.stderr[-2000:]
     assert json.loads(run.stdout)["model"]["peft"] is True
-    run = gradflow("probe-backward", f"{factory}:SETUP", "--format", "json")
+    run = invoke_main("probe-backward", f"{factory}:SETUP", "--format", "json")
     assert run.code == 0, run.stderr[-2000:]
     data = json.loads(run.stdout)
     assert data["params"]["trainable"] > 0 and not [f for f in data["findings"] if f["severity"] == "error"]
-    run = gradflow("probe-backward", f"{factory}:NOT_A_SETUP")
+    run = invoke_main("probe-backward", f"{factory}:NOT_A_SETUP")
     assert run.code == 2 and run.stdout == "" and "Traceback" not in run.stderr
     # the factory's own prints come first (on stderr); gradflow's one line is the last
     assert run.stderr.splitlines()[-1].startswith("gradflow: error: ") and "NOT_A_SETUP is a int" in run.stderr
@@ -88,13 +90,13 @@ def test_module_level_model_and_dict(tmp_path):
 
 def test_trainer_factory_dict_with_trainable(tmp_path):
     factory, out = _write(tmp_path)
-    run = gradflow("probe-backward", f"{factory}:trainer", "--format", "json")
+    run = invoke_main("probe-backward", f"{factory}:trainer", "--format", "json")
     assert run.code == 0, run.stderr[-2000:]
     data = json.loads(run.stdout)
     assert data["params"]["with_grad"] == data["params"]["trainable"] > 0
     assert not out.exists() or not any(out.iterdir())  # the probe wrote no log or checkpoint
     # a Trainer sets up its own model: setup flags would be ignored, so they are refused
-    run = gradflow("probe-backward", f"{factory}:trainer", "--gc", "reentrant")
+    run = invoke_main("probe-backward", f"{factory}:trainer", "--gc", "reentrant")
     assert run.code == 2 and run.stdout == "" and "Traceback" not in run.stderr
     last = run.stderr.splitlines()[-1]
     assert last.startswith("gradflow: error: ") and "returns a Trainer" in last and "--gc" in last

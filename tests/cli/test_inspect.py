@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from clirun import cli_env, gradflow, invoke
+from tests.helpers.cli import invoke, invoke_main
 
 FACTORY = '''
 from pathlib import Path
@@ -132,7 +132,7 @@ def test_depth_one_still_leads_down_to_the_cut():
 
 
 def test_json_is_valid_with_schema_and_module_rows():
-    run = gradflow("inspect", "gradflow.demos:seed_bug", "--format", "json")  # the real entry point
+    run = invoke_main("inspect", "gradflow.demos:seed_bug", "--format", "json")  # the console script's main()
     assert run.code == 1, run.stderr
     assert "Traceback" not in run.stderr
     report = json.loads(run.stdout)  # stdout is the JSON document and nothing else
@@ -161,7 +161,7 @@ def test_32_layer_model_fits_on_one_screen(factory):
 @pytest.mark.parametrize("columns", [60, 80, 120])
 def test_tree_fits_the_width_and_keeps_the_cut_marker(columns):
     """Below the width a row needs, details give way and names shorten in the middle; the marker stays whole."""
-    run = gradflow("inspect", "gradflow.demos:seed_bug", "--depth", "3", env=cli_env(COLUMNS=str(columns)))
+    run = invoke_main("inspect", "gradflow.demos:seed_bug", "--depth", "3", env={"COLUMNS": str(columns)})
     assert run.code == 1, run.stderr
     lines = run.stdout.splitlines()
     too_wide = [line for line in lines if len(line) > columns]
@@ -175,7 +175,7 @@ def test_tree_fits_the_width_and_keeps_the_cut_marker(columns):
 
 def test_a_pipe_without_columns_keeps_every_row_whole():
     """CI logs and `| grep`: no $COLUMNS and no terminal means no wrapping, so a row is one grep-able line."""
-    run = gradflow("inspect", "gradflow.demos:seed_bug", "--depth", "3")
+    run = invoke_main("inspect", "gradflow.demos:seed_bug", "--depth", "3")
     assert run.code == 1, run.stderr
     assert re.search(r"── 0 Phi3DecoderLayer  train 7\.2k  frozen 41\.1k  float32  ckpt:reentrant  out:no-grad  "
                      r"◀ GF101 reentrant-checkpoint-no-input-grad$", run.stdout, re.M), run.stdout

@@ -1,5 +1,5 @@
-"""`gradflow patch` end to end: the real CLI, its before/after table, its snippet pasted into a plain script, --dry-run,
---save, --format json, --fail-on and bad input."""
+"""`gradflow patch` end to end: the console script's main(), its before/after table, its snippet pasted into a plain
+script (run in a fresh interpreter), --dry-run, --save, --format json, --fail-on and bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 
-from clirun import assert_one_line_error, cli_env, gradflow, invoke
+from tests.helpers.cli import assert_one_line_error, invoke, invoke_main
+from tests.helpers.env import child_env
 
 SEED_BUG = "gradflow.demos:seed_bug"
 
@@ -79,7 +80,7 @@ def table(stdout: str) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def seed_bug_run():
-    return gradflow("patch", SEED_BUG)
+    return invoke_main("patch", SEED_BUG)
 
 
 def test_patch_seed_bug_shows_before_after_the_proof_and_the_snippet(seed_bug_run):
@@ -101,9 +102,10 @@ def _run_script(tmp_path, code: str):
     path = tmp_path / "train_script.py"
     path.write_text(code)
     return subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=cli_env())
+                          env=child_env())
 
 
+@pytest.mark.slow
 def test_printed_snippet_makes_a_plain_script_train(seed_bug_run, tmp_path):
     broken = _run_script(tmp_path, BROKEN_SCRIPT + TRAIN_TAIL)
     assert broken.returncode != 0 and "does not require grad" in broken.stderr  # the seed's failure
@@ -113,7 +115,7 @@ def test_printed_snippet_makes_a_plain_script_train(seed_bug_run, tmp_path):
 
 
 def test_dry_run_json_shows_the_plan_and_keeps_the_error():
-    run = invoke("patch", SEED_BUG, "--dry-run", "--format", "json")
+    run = invoke("patch", SEED_BUG, "--plan-only", "--format", "json")
     assert run.code == 1, run.stdout[-2000:]
     data = json.loads(run.stdout)
     assert data["command"] == "patch" and data["after"] is None and data["fixes_applied"] == []
@@ -123,7 +125,7 @@ def test_dry_run_json_shows_the_plan_and_keeps_the_error():
 
 
 def test_dry_run_text_says_nothing_changed():
-    run = invoke("patch", SEED_BUG, "--dry-run")
+    run = invoke("patch", SEED_BUG, "--dry-run")  # the old name of --plan-only still works
     assert run.code == 1
     assert "dry run: nothing was changed" in run.stdout
     assert "after (dry run: not patched)" in run.stdout
@@ -211,13 +213,13 @@ def test_save_of_a_plain_module_is_a_usage_error(tmp_path):
 
 
 def test_bad_format_is_a_usage_error():
-    assert_one_line_error(gradflow("patch", SEED_BUG, "--format", "sarif"), "--format")  # the real entry point
+    assert_one_line_error(invoke_main("patch", SEED_BUG, "--format", "sarif"), "--format")  # through main()
 
 
 def test_help_lists_patch_options():
     run = invoke("patch", "--help")
     assert run.code == 0
-    for option in ("--unsafe-fixes", "--dry-run", "--save", "--format", "--fail-on", "--trainable", "--gc"):
+    for option in ("--unsafe-fixes", "--plan-only", "--save", "--format", "--fail-on", "--trainable", "--gc"):
         assert option in run.stdout, option
 
 

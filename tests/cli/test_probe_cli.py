@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import threading
 
 import pytest
 import torch
 
-from clirun import cli_env, invoke
 from gradflow.rules.codes import CODES
+from tests.helpers.cli import CLI, invoke
+from tests.helpers.env import child_env
 
 SEED_BUG = "gradflow.demos:seed_bug"
 LAYER0 = "base_model.model.model.layers.0"
@@ -174,6 +174,7 @@ def test_fail_on_changes_the_exit_code(factory):
     assert invoke("probe-backward", "tiny-phi3", "--fail-on", "warning").code == 0
 
 
+@pytest.mark.slow
 def test_stdout_is_only_data_while_stderr_shows_progress():
     """stderr on a terminal (so the spinner runs), stdout a pipe: the JSON must parse untouched."""
     import pty
@@ -193,8 +194,8 @@ def test_stdout_is_only_data_while_stderr_shows_progress():
 
     reader = threading.Thread(target=drain, daemon=True)
     reader.start()
-    proc = subprocess.run([sys.executable, "-m", "gradflow.cli", "probe-backward", SEED_BUG, "--format", "json"],
-                          env=cli_env(), stdout=subprocess.PIPE, stderr=slave, timeout=300)
+    proc = subprocess.run([*CLI, "probe-backward", SEED_BUG, "--format", "json"], env=child_env(),
+                          stdout=subprocess.PIPE, stderr=slave, timeout=300)
     os.close(slave)
     reader.join(timeout=10)
     os.close(master)

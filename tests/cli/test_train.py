@@ -1,23 +1,17 @@
-"""`gradflow train` / `gradflow merge` through the real CLI: outputs, privacy of /think text, exit codes."""
+"""`gradflow train` / `gradflow merge` through the CLI: outputs, privacy of /think text, exit codes.
+
+Training runs go through a real process (slow); refusals before training through main() in-process."""
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.helpers.cli import gradflow, invoke_main
+
 PLANTED = "PLANTED-THOUGHT-7f3a91"
-
-
-def gradflow(*args, cwd=None, timeout=300):
-    exe = os.path.join(os.path.dirname(sys.executable), "gradflow")
-    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-c", "from gradflow.cli import main; main()"]
-    env = {k: v for k, v in os.environ.items() if k != "GRADFLOW_DEBUG"}
-    env["OMP_NUM_THREADS"] = "1"  # tiny models: one thread beats two fighting over a busy 2-core CPU
-    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
 
 
 def _think_data(path, n=8, planted=PLANTED):
@@ -30,6 +24,7 @@ def _think_data(path, n=8, planted=PLANTED):
     return str(path)
 
 
+@pytest.mark.slow
 def test_train_cli_never_writes_the_thinking_text(tmp_path):
     data = _think_data(tmp_path / "d.jsonl")
     with open(data, "a") as fh:  # a malformed /think line: reported by file:line, its text never quoted
@@ -39,7 +34,7 @@ def test_train_cli_never_writes_the_thinking_text(tmp_path):
     res = gradflow("train", "tiny-llama", "--data", data, "--output", str(out), "--max-steps", "4",
                    "--save-steps", "2", "--seq-len", "128", "--lr", "1e-3", "--gc", "off", "--logging-steps", "1",
                    "--so8-layers", "1", "--merge")
-    assert res.returncode == 0, res.stderr
+    assert res.code == 0, res.stderr
     assert PLANTED not in res.stdout and PLANTED not in res.stderr
     assert "d.jsonl:9" in res.stderr and "answer 0" in res.stderr  # the skipped line, and a <final> preview
     import hashlib
@@ -64,20 +59,21 @@ def test_train_cli_never_writes_the_thinking_text(tmp_path):
     assert "train     completed: 4/4 steps" in res.stdout
 
 
+@pytest.mark.slow
 def test_merge_cli_writes_a_full_model(tmp_path):
     data = _think_data(tmp_path / "d.jsonl", n=4, planted="x")
     run = tmp_path / "run"
     res = gradflow("train", "tiny-phi3", "--data", data, "--output", str(run), "--max-steps", "2",
                    "--seq-len", "96", "--gc", "off", "--so8-layers", "0,1")
-    assert res.returncode == 0, res.stderr
+    assert res.code == 0, res.stderr
     res = gradflow("merge", str(run / "adapter"), "--output", str(tmp_path / "merged"))
-    assert res.returncode == 0, res.stderr
+    assert res.code == 0, res.stderr
     assert "2 SO(8) rotation(s) folded" in res.stdout
     assert os.path.isfile(tmp_path / "merged" / "config.json")
 
 
 def _one_line_exit_2(res):
-    assert res.returncode == 2, (res.stdout, res.stderr)
+    assert res.code == 2, (res.stdout, res.stderr)
     lines = [x for x in res.stderr.strip().splitlines() if x.strip()]
     assert len(lines) == 1 and lines[0].startswith("gradflow: error: "), res.stderr
     assert "Traceback" not in res.stderr
@@ -114,8 +110,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, case):
         args["data"] = _bad(tmp_path, "s.jsonl", [json.dumps({"prompt": "a very long prompt " * 5,
                                                                "completion": "x"}) + "\n"])
         args["extra"], expect = ["--seq-len", "16"], "--seq-len 16 is shorter than the prompt"
-    res = gradflow("train", "tiny-phi3", "--data", args["data"], "--output", args["output"], "--max-steps", "1",
-                   *args["extra"])
+    res = invoke_main("train", "tiny-phi3", "--data", args["data"], "--output", args["output"], "--max-steps", "1",
+                      *args["extra"])
     line = _one_line_exit_2(res)
     assert expect in line, line
 
@@ -124,7 +120,7 @@ def test_strict_fails_on_the_first_bad_line(tmp_path):
     data = _think_data(tmp_path / "d.jsonl", n=2, planted="p")
     with open(data, "a") as fh:
         fh.write('{"messages": [{"role": "wizard", "content": "x"}]}\n')
-    res = gradflow("train", "tiny-phi3", "--data", data, "--output", str(tmp_path / "run"), "--strict")
+    res = invoke_main("train", "tiny-phi3", "--data", data, "--output", str(tmp_path / "run"), "--strict")
     line = _one_line_exit_2(res)
     assert "d.jsonl:3" in line and "--strict" in line
 
@@ -138,9 +134,9 @@ def test_preflight_refuses_an_unfixable_setup_with_exit_1(tmp_path):
         "    model.requires_grad_(False)\n"
         "    return {'model': model, 'tokenizer': build_tokenizer()}\n")
     data = _think_data(tmp_path / "d.jsonl", n=2, planted="p")
-    res = gradflow("train", f"{factory}:build", "--data", data, "--output", str(tmp_path / "run"),
-                   "--max-steps", "2", "--format", "json")
-    assert res.returncode == 1, res.stderr
+    res = invoke_main("train", f"{factory}:build", "--data", data, "--output", str(tmp_path / "run"),
+                      "--max-steps", "2", "--format", "json")
+    assert res.code == 1, res.stderr
     report = json.loads(res.stdout)
     assert report["train"]["status"] == "refused"
     assert "no-trainable-parameters" in report["train"]["refused_because"][0]
@@ -148,18 +144,19 @@ def test_preflight_refuses_an_unfixable_setup_with_exit_1(tmp_path):
     assert not (tmp_path / "run" / "adapter").exists()
 
 
+@pytest.mark.slow
 def test_recipe_from_patch_save_is_applied_before_the_preflight(tmp_path):
     from importlib import resources
 
     pytest.importorskip("gradflow.cli.patch_cmd")
     saved = tmp_path / "patched"
     res = gradflow("patch", "gradflow.demos:seed_bug", "--save", str(saved))
-    assert res.returncode == 0, res.stderr
+    assert res.code == 0, res.stderr
     demo = str(resources.files("gradflow") / "data" / "think_demo.jsonl")
     out = tmp_path / "run"
     res = gradflow("train", "gradflow.demos:seed_bug", "--data", demo, "--output", str(out), "--recipe", str(saved),
                    "--max-steps", "2", "--seq-len", "64", "--format", "json")
-    assert res.returncode == 0, res.stderr
+    assert res.code == 0, res.stderr
     report = json.loads(res.stdout)
     assert report["preflight"]["recipe"]["changes"]  # the recipe changed the fresh model...
     assert report["preflight"]["errors_before"] == []  # ...so the pre-flight found it healthy already

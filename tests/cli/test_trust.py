@@ -1,4 +1,4 @@
-"""The trust rule and the CI gate, through the real CLI.
+"""The trust rule and the CI gate, through the console script's main() (in-process; a training run in a real one).
 
 Only a MODEL the user typed may import Python. A base model named in a file (an adapter config, a run's
 gradflow_train.json) resolves as a preset, directory or hub id; a factory there runs only with
@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from clirun import assert_one_line_error, gradflow
+from tests.helpers.cli import assert_one_line_error, gradflow, invoke_main
 
 # writes a marker at import: the marker existing means gradflow ran this file
 EVIL = '''
@@ -88,14 +87,14 @@ def _marker(work: Path) -> Path:
 
 def test_adapter_config_base_factory_is_refused_then_trusted(work):
     _marker(work).unlink(missing_ok=True)
-    line = assert_one_line_error(gradflow("inspect", "adapter", "--static", cwd=work),
+    line = assert_one_line_error(invoke_main("inspect", "adapter", "--static", cwd=work),
                                  "adapter_config.json (base_model_name_or_path) names the Python factory "
                                  "'evil.py:build'", "--trust-remote-code")
     assert "preset, model directory or hub id" in line
     assert not _marker(work).exists()
 
-    run = gradflow("inspect", "adapter", "--static", "--trust-remote-code", "--format", "json", "--fail-on", "never",
-                   cwd=work)
+    run = invoke_main("inspect", "adapter", "--static", "--trust-remote-code", "--format", "json", "--fail-on",
+                      "never", cwd=work)
     assert run.code == 0, run.stderr
     assert _marker(work).exists()
     assert "lora_A" in run.stdout  # the adapter loaded onto the factory's base
@@ -104,11 +103,11 @@ def test_adapter_config_base_factory_is_refused_then_trusted(work):
 def test_merge_run_metadata_base_factory_is_refused_then_trusted(work):
     _marker(work).unlink(missing_ok=True)
     shutil.rmtree(work / "merged", ignore_errors=True)
-    assert_one_line_error(gradflow("merge", "adapter", "--output", "merged", cwd=work),
+    assert_one_line_error(invoke_main("merge", "adapter", "--output", "merged", cwd=work),
                           "gradflow_train.json (base) names the Python factory 'evil.py:build'", "--trust-remote-code")
     assert not _marker(work).exists() and not (work / "merged").exists()
 
-    run = gradflow("merge", "adapter", "--output", "merged", "--trust-remote-code", cwd=work)
+    run = invoke_main("merge", "adapter", "--output", "merged", "--trust-remote-code", cwd=work)
     assert run.code == 0, run.stderr
     assert _marker(work).exists()
     assert (work / "merged" / "config.json").is_file()
@@ -141,20 +140,13 @@ def test_recipe_files_name_no_code_to_run(work, tmp_path):
     assert not _marker(work).exists()
 
 
-@pytest.fixture(scope="module")
-def exits(work):
-    """The factory-exit cases, run side by side: most of each is interpreter start-up."""
-    cases = {
-        "exit-zero-at-call": ["probe-backward", "factories.py:exits_zero", "--fail-on", "warning"],
-        "sys-exit": ["probe-backward", "sys:exit"],
-        "keyboard-interrupt": ["inspect", "factories.py:interrupts"],
-        "exit-at-import": ["probe-backward", "import_exits.py:build", "--fail-on", "warning"],
-        "exit-in-loss": ["probe-backward", "factories.py:exits_in_loss", "--fail-on", "warning"],
-        "exit-in-train": ["train", "factories.py:exits_in_train", "--data", "data.jsonl", "--output", "run",
-                          "--max-steps", "1"],
-    }
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        yield {name: pool.submit(gradflow, *argv, cwd=work) for name, argv in cases.items()}
+EXITS = {
+    "exit-zero-at-call": ["probe-backward", "factories.py:exits_zero", "--fail-on", "warning"],
+    "sys-exit": ["probe-backward", "sys:exit"],
+    "keyboard-interrupt": ["inspect", "factories.py:interrupts"],
+    "exit-at-import": ["probe-backward", "import_exits.py:build", "--fail-on", "warning"],
+    "exit-in-loss": ["probe-backward", "factories.py:exits_in_loss", "--fail-on", "warning"],
+}
 
 
 @pytest.mark.parametrize("case,needles", [
@@ -167,12 +159,16 @@ def exits(work):
     ("exit-in-loss", ["factory factories.py:exits_in_loss raised SystemExit(0) while running its forward, loss",
                       "factories.py:"]),
 ])
-def test_user_code_cannot_exit_cleanly(exits, case, needles):
-    assert_one_line_error(exits[case].result(), *needles)  # exit 2, never 0 (or 130), one line
+def test_user_code_cannot_exit_cleanly(work, case, needles):
+    assert_one_line_error(invoke_main(*EXITS[case], cwd=work), *needles)  # exit 2, never 0 (or 130), one line
 
 
-def test_user_code_cannot_exit_cleanly_from_a_training_run(exits):
-    run = exits["exit-in-train"].result()  # train's progress lines come first on stderr; the error is the last line
+@pytest.mark.slow
+def test_user_code_cannot_exit_cleanly_from_a_training_run(work):
+    # a real process: the exit comes from the loss inside Trainer.train()
+    run = gradflow("train", "factories.py:exits_in_train", "--data", "data.jsonl", "--output", "run", "--max-steps",
+                   "1", cwd=work)
+    # train's progress lines come first on stderr; the error is the last line
     assert run.code == 2 and run.stdout == "" and "Traceback" not in run.stderr, run.stderr
     last = run.stderr.splitlines()[-1]
     assert last.startswith("gradflow: error: code outside gradflow raised SystemExit(0) (at factories.py:"), last

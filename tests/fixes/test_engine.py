@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import gradflow
-from patchkit import (assert_same, base, batch, fingerprint, gc_on, ids, lora, remove_input_grad_hooks, rotated_base,
-                      seed_order)
+from tests.helpers.builders import base, batch, enable_gc, lora, remove_input_grad_hooks, rotated_base, seed_order
+from tests.helpers.patching import assert_same, fingerprint, ids
 
 REGEX = r"lora_|theta"
 
@@ -19,7 +19,7 @@ def _many_faults():
     """Cut checkpoints, frozen rotations, bf16 adapters and the cache, in one model."""
     model = lora(rotated_base(dtype=torch.bfloat16), target_modules=["qkv_proj", "gate_up_proj"],
                  autocast_adapter_dtype=False)
-    return remove_input_grad_hooks(gc_on(model))
+    return remove_input_grad_hooks(enable_gc(model))
 
 
 def test_dry_run_leaves_the_model_bit_identical_and_shows_the_plan():
@@ -76,7 +76,7 @@ class _Gated(nn.Module):
 
 
 def _gated(dtype=torch.bfloat16):
-    model = base(dtype=dtype)
+    model = base("tiny-phi3", dtype=dtype)
     attn = model.model.layers[0].self_attn
     attn.o_proj = _Gated(attn.o_proj, 64).to(dtype)
     return model
@@ -134,7 +134,7 @@ def _detached_loss(model, data):
 
 
 def _fault(kind):
-    model, data, kwargs = lora(), batch(), {}
+    model, data, kwargs = lora("tiny-phi3"), batch(), {}
     inner = model.get_base_model().model
     if kind == "graph-break":
         inner.layers[1].mlp = _Detach(inner.layers[1].mlp)

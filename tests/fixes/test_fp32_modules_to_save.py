@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import gradflow
-from patchkit import base, batch, ids, lora, patched, train
+from tests.helpers.builders import base, batch, lora
+from tests.helpers.patching import ids, patched, train
 
 ANSWER = "half-precision-trainable-params"
 COPY = "base_model.model.lm_head.modules_to_save.default.weight"
@@ -18,7 +19,7 @@ def _loaded(tmp_path, dtype):
     """A saved fp32 preset loaded back in half precision, as users load a checkpoint."""
     from transformers import AutoModelForCausalLM
 
-    base().save_pretrained(str(tmp_path / "fp32"))
+    base("tiny-phi3").save_pretrained(str(tmp_path / "fp32"))
     return AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp32"), dtype=dtype)
 
 
@@ -31,12 +32,13 @@ def _head_only(model):
 
 # float16 matmuls run on this CPU; bfloat16 is the other half precision users train in
 BUILDS = {
-    "fp16-base+modules_to_save": lambda tmp_path: lora(base(dtype=torch.float16), modules_to_save=["lm_head"]),
+    "fp16-base+modules_to_save": lambda tmp_path: lora(base("tiny-phi3", dtype=torch.float16),
+                                                       modules_to_save=["lm_head"]),
     "fp16-loaded+modules_to_save": lambda tmp_path: lora(_loaded(tmp_path, torch.float16), modules_to_save=["lm_head"]),
-    "modules_to_save-then-half()": lambda tmp_path: lora(modules_to_save=["lm_head"]).half(),
+    "modules_to_save-then-half()": lambda tmp_path: lora("tiny-phi3", modules_to_save=["lm_head"]).half(),
     "bf16-base+modules_to_save-embed-and-head": lambda tmp_path: lora(
-        base(dtype=torch.bfloat16), modules_to_save=["embed_tokens", "lm_head"]),
-    "fp16-head-only": lambda tmp_path: _head_only(base(dtype=torch.float16)),
+        base("tiny-phi3", dtype=torch.bfloat16), modules_to_save=["embed_tokens", "lm_head"]),
+    "fp16-head-only": lambda tmp_path: _head_only(base("tiny-phi3", dtype=torch.float16)),
 }
 
 
@@ -63,7 +65,7 @@ def test_half_precision_full_layers_are_cast_and_keep_their_gradients(build, tmp
 
 
 def test_the_change_names_the_input_cast():
-    model = lora(base(dtype=torch.float16), modules_to_save=["lm_head"])
+    model = lora(base("tiny-phi3", dtype=torch.float16), modules_to_save=["lm_head"])
     report = gradflow.patch(model, batch())
     fix = next(f for f in report.fixes_applied if f["id"] == "fp32-trainable")
     assert fix["changed"] == ["1 trainable parameter cast to float32; output dtype kept by a hook on 1 module, "
@@ -75,7 +77,7 @@ def test_the_change_names_the_input_cast():
 
 
 def test_patching_twice_adds_no_second_hook():
-    model = lora(base(dtype=torch.float16), modules_to_save=["lm_head"])
+    model = lora(base("tiny-phi3", dtype=torch.float16), modules_to_save=["lm_head"])
     gradflow.patch(model, batch())
     report = gradflow.patch(model, batch())
     assert "fp32-trainable" not in ids(report)
@@ -85,7 +87,7 @@ def test_patching_twice_adds_no_second_hook():
 
 # --- stays silent -------------------------------------------------------------------------------------------------
 def test_a_healthy_fp32_model_gets_no_fp32_fix():
-    model = lora(modules_to_save=["lm_head"])
+    model = lora("tiny-phi3", modules_to_save=["lm_head"])
     report = gradflow.patch(model, batch())
     assert ANSWER not in report.before.slugs()
     assert "fp32-trainable" not in ids(report)
@@ -96,6 +98,6 @@ def test_a_healthy_fp32_model_gets_no_fp32_fix():
 
 def test_adapters_autocast_to_fp32_on_a_half_base_need_no_fix():
     """PEFT keeps LoRA weights in fp32 on a half-precision base by default: nothing to cast."""
-    model = lora(base(dtype=torch.float16))
+    model = lora(base("tiny-phi3", dtype=torch.float16))
     report = gradflow.patch(model, batch())
     assert ANSWER not in report.before.slugs() and "fp32-trainable" not in ids(report)

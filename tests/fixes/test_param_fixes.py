@@ -5,20 +5,20 @@ from __future__ import annotations
 import torch
 
 import gradflow
-from patchkit import (base, batch, gc_on, ids, lora, patched, remove_input_grad_hooks, rotated_base, seed_order,
-                      train)
+from tests.helpers.builders import base, batch, enable_gc, lora, remove_input_grad_hooks, rotated_base, seed_order
+from tests.helpers.patching import ids, patched, train
 
 
 def _reload(tmp_path, onto, *, is_trainable=False):
     from peft import PeftModel
 
-    lora().save_pretrained(str(tmp_path / "adapter"))
+    lora("tiny-phi3").save_pretrained(str(tmp_path / "adapter"))
     return PeftModel.from_pretrained(onto, str(tmp_path / "adapter"), is_trainable=is_trainable)
 
 
 # --- adapters ------------------------------------------------------------------------------------------------------
 def test_reloaded_adapter_without_is_trainable_is_unfrozen(tmp_path):
-    model = _reload(tmp_path, base())
+    model = _reload(tmp_path, base("tiny-phi3"))
     report = patched(model, batch(), fixes=["unfreeze-adapter"], answers=["adapter-frozen"])
     assert model.peft_config["default"].inference_mode is False
     assert report.after.params["trainable"] == 32
@@ -27,13 +27,13 @@ def test_reloaded_adapter_without_is_trainable_is_unfrozen(tmp_path):
 
 
 def test_adapter_frozen_by_hand_is_unfrozen():
-    model = lora()
+    model = lora("tiny-phi3")
     model.requires_grad_(False)
     patched(model, batch(), fixes=["unfreeze-adapter"], answers=["adapter-frozen"])
 
 
 def test_unfrozen_adapter_behind_a_cut_checkpoint_gets_the_hook_in_a_second_round(tmp_path):
-    model = remove_input_grad_hooks(_reload(tmp_path, gc_on(base())))
+    model = remove_input_grad_hooks(_reload(tmp_path, enable_gc(base("tiny-phi3"))))
     report = patched(model, batch(), fixes=["unfreeze-adapter", "input-grad-hook"], answers=["adapter-frozen"])
     rounds = {f["id"]: f["round"] for f in report.fixes_applied}
     # the cut only shows once something inside the checkpointed layers is trainable again
@@ -90,7 +90,7 @@ def test_intended_parameters_of_a_plain_model_are_unfrozen_in_place():
 
 # --- dtype -----------------------------------------------------------------------------------------------------------
 def test_bf16_adapters_are_cast_to_fp32():
-    model = lora(base(dtype=torch.bfloat16), autocast_adapter_dtype=False)
+    model = lora(base("tiny-phi3", dtype=torch.bfloat16), autocast_adapter_dtype=False)
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.bfloat16}
     patched(model, batch(), fixes=["fp32-trainable"], answers=["half-precision-trainable-params"])
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
@@ -111,7 +111,7 @@ def test_bf16_norms_cast_to_fp32_keep_the_base_dtype_around_them():
 
 # --- cache -------------------------------------------------------------------------------------------------------------
 def test_use_cache_is_turned_off_for_training():
-    model = gc_on(lora(), reentrant=False)
+    model = enable_gc(lora("tiny-phi3"), reentrant=False)
     assert model.config.use_cache is True
     patched(model, batch(), fixes=["cache-off"], answers=["use-cache-in-training"])
     assert model.config.use_cache is False
@@ -120,11 +120,11 @@ def test_use_cache_is_turned_off_for_training():
 def test_legacy_past_key_values_are_dropped_from_the_batch():
     data = batch()
     with torch.no_grad():
-        cache = base()(input_ids=data["input_ids"], use_cache=True).past_key_values
+        cache = base("tiny-phi3")(input_ids=data["input_ids"], use_cache=True).past_key_values
     legacy = cache.to_legacy_cache() if hasattr(cache, "to_legacy_cache") else tuple(
         (layer.keys, layer.values) for layer in cache.layers)
     data["past_key_values"] = legacy
-    model = lora()
+    model = lora("tiny-phi3")
     report = gradflow.patch(model, data)
     assert report.before.loss["error"] is not None  # a legacy tuple breaks the training forward
     assert "cache-off" in ids(report)
@@ -137,11 +137,11 @@ def test_legacy_past_key_values_are_dropped_from_the_batch():
 def test_unprepared_4bit_base_gets_fp32_norms_and_the_hook(tmp_path):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    base().save_pretrained(str(tmp_path / "fp"))
+    base("tiny-phi3").save_pretrained(str(tmp_path / "fp"))
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     q = AutoModelForCausalLM.from_pretrained(str(tmp_path / "fp"), quantization_config=quant, dtype=torch.bfloat16,
                                              device_map={"": "cpu"})
-    model = remove_input_grad_hooks(lora(remove_input_grad_hooks(gc_on(q))))
+    model = remove_input_grad_hooks(lora(remove_input_grad_hooks(enable_gc(q))))
     report = patched(model, batch(), fixes=["kbit-prepare", "input-grad-hook"],
                      answers=["kbit-not-prepared", "reentrant-checkpoint-no-input-grad"])
     hook = next(f for f in report.fixes_applied if f["id"] == "input-grad-hook")
@@ -187,7 +187,7 @@ def _head_by_hand(model):
 
 def test_a_costly_head_is_refrozen_without_the_input_grad_hook():
     """A trainable head is not the reentrant workaround: freezing it needs no hook (nothing checkpointed after it)."""
-    model = _head_by_hand(lora())
+    model = _head_by_hand(lora("tiny-phi3"))
     report = patched(model, batch(), fixes=["refreeze-embeddings"], answers=["trainable-embeddings-costly"],
                      unsafe=True)
     assert ids(report) == ["refreeze-embeddings"]
@@ -209,7 +209,7 @@ def test_a_costly_head_under_reentrant_checkpointing_gets_no_hook_for_itself():
 
 def test_modules_to_save_copies_are_not_refrozen_under_unsafe():
     """modules_to_save is the user's choice (info): no fix touches it, even with --unsafe-fixes."""
-    model = lora(modules_to_save=["embed_tokens", "lm_head"])
+    model = lora("tiny-phi3", modules_to_save=["embed_tokens", "lm_head"])
     report = gradflow.patch(model, batch(), unsafe=True)
     assert "refreeze-embeddings" not in ids(report)
     copies = [p for n, p in model.named_parameters() if "modules_to_save" in n]

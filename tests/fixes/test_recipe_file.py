@@ -9,7 +9,8 @@ import pytest
 import gradflow
 from gradflow.errors import GradflowError
 from gradflow.fixes.recipe_file import RECIPE_FILE, apply_recipe, load_recipe, recipe_from_report, save_patched
-from patchkit import assert_grads_flow, batch, fingerprint, assert_same, lora, rotated_base, seed_order
+from tests.helpers.builders import batch, lora, rotated_base, seed_order
+from tests.helpers.patching import assert_grads_flow, assert_same, fingerprint
 
 REGEX = r"lora_|theta"
 

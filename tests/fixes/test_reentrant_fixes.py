@@ -7,8 +7,9 @@ import torch
 from torch import nn
 
 import gradflow
-from patchkit import (CustomLM, KeywordCheckpointed, UserCheckpointed, base, batch, custom_batch, custom_lora, gc_on,
-                      ids, lora, patched, remove_input_grad_hooks, seed_order, wrap_layers)
+from tests.helpers.builders import (Checkpointed, CustomLM, KeywordCheckpointed, base, batch, custom_lora, enable_gc,
+                                    lora, remove_input_grad_hooks, seed_order, tiny_batch, wrap_layers)
+from tests.helpers.patching import ids, patched
 
 SLUG = "reentrant-checkpoint-no-input-grad"
 
@@ -26,13 +27,13 @@ def test_seed_order_gets_the_hook_on_the_transformers_embedding():
 
 
 def test_removed_hook_after_correct_order():
-    model = lora(gc_on(base("tiny-llama")))  # checkpointing first, then PEFT: the hook was there
+    model = lora(enable_gc(base("tiny-llama")))  # checkpointing first, then PEFT: the hook was there
     remove_input_grad_hooks(model)
     patched(model, batch(), fixes=["input-grad-hook"], answers=[SLUG])
 
 
 def test_inputs_embeds_gets_a_pre_hook_on_the_decoder():
-    model = gc_on(lora())
+    model = enable_gc(lora("tiny-phi3"))
     model.get_base_model().enable_input_require_grads()  # the embedding hook exists, but inputs_embeds skips it
     ids_ = batch()["input_ids"]
     data = {"inputs_embeds": model.get_input_embeddings()(ids_).detach(), "labels": ids_.clone()}
@@ -45,14 +46,14 @@ def test_inputs_embeds_gets_a_pre_hook_on_the_decoder():
 
 
 def test_user_checkpoint_wrapper_around_transformers_layers():
-    model = wrap_layers(lora(base("tiny-llama")), UserCheckpointed)
+    model = wrap_layers(lora(base("tiny-llama")), Checkpointed)
     report = patched(model, batch(), fixes=["input-grad-hook"], answers=[SLUG])
     assert report.fixes_applied[0]["data"]["via"] == "enable_input_require_grads"
 
 
 def test_custom_model_gets_a_forward_hook_on_its_embedding():
     model = custom_lora(CustomLM())
-    report = patched(model, custom_batch(), fixes=["input-grad-hook"], answers=[SLUG])
+    report = patched(model, tiny_batch(), fixes=["input-grad-hook"], answers=[SLUG])
     fix = report.fixes_applied[0]
     assert fix["data"] == {"where": "embedding", "via": "forward-hook", "module": "base_model.model.embed",
                            "peft": True}
@@ -62,7 +63,7 @@ def test_custom_model_gets_a_forward_hook_on_its_embedding():
 def test_custom_model_fed_floats_gets_a_pre_hook():
     model = custom_lora(CustomLM(embeds=False))
     data = {"features": torch.randn(2, 12, 16, generator=torch.Generator().manual_seed(0)),
-            "labels": custom_batch()["labels"]}
+            "labels": tiny_batch()["labels"]}
     report = patched(model, data, fixes=["input-grad-hook"], answers=[SLUG])
     assert report.fixes_applied[0]["data"]["where"] == "region-inputs"
 
@@ -83,11 +84,11 @@ def _hidden():
 
 
 def test_hidden_embeddings_switch_transformers_checkpointing_to_non_reentrant():
-    model = base()
+    model = base("tiny-phi3")
     model.model.embed_tokens = _OpaqueEmbedding(model.model.embed_tokens)
     model.get_input_embeddings = _hidden
     model.model.get_input_embeddings = _hidden
-    model = remove_input_grad_hooks(gc_on(lora(model)))
+    model = remove_input_grad_hooks(enable_gc(lora(model)))
     report = patched(model, batch(), fixes=["non-reentrant-checkpointing"], answers=[SLUG])
     assert "input-grad-hook" not in ids(report)
     assert report.after.model["gradient_checkpointing"] == "non-reentrant"
@@ -106,17 +107,17 @@ def test_custom_checkpoint_without_an_entry_point_is_display_only():
     inner = Opaque()
     inner.table = nn.Parameter(torch.randn(64, 16), requires_grad=False)
     model = custom_lora(inner)
-    report = gradflow.patch(model, custom_batch())
+    report = gradflow.patch(model, tiny_batch())
     assert report.fixes_applied == []
     assert SLUG in report.after.slugs() and report.fails("error")
     advice = [a for a in report.extra["advice"] if SLUG in a["answers"]]
     assert advice and "use_reentrant=False" in advice[0]["changes"][0]
-    assert "patchkit.py" not in advice[0]["changes"][0] and "test_reentrant_fixes.py:" in advice[0]["changes"][0]
+    assert "builders.py" not in advice[0]["changes"][0] and "test_reentrant_fixes.py:" in advice[0]["changes"][0]
     assert report.extra["verification"]["ok"] is False
 
 
 def test_nested_checkpoint_turns_the_inner_transformers_checkpointing_off():
-    model = gc_on(base())
+    model = enable_gc(base("tiny-phi3"))
     model.enable_input_require_grads()
     model = wrap_layers(lora(model), KeywordCheckpointed)
     report = patched(model, batch(), fixes=["inner-checkpoint-off"], answers=["nested-checkpoint"])
@@ -148,7 +149,7 @@ def test_nested_user_checkpoints_are_display_only_with_the_place():
     inner = Outer()
     inner.inner = Inner(inner.blocks[0])
     inner.embed.weight.requires_grad_(True)
-    report = gradflow.patch(custom_lora(inner), custom_batch())
+    report = gradflow.patch(custom_lora(inner), tiny_batch())
     assert "nested-checkpoint" in report.before.slugs()
     assert "inner-checkpoint-off" not in ids(report)
     advice = [a for a in report.extra["advice"] if "nested-checkpoint" in a["answers"]]
@@ -160,7 +161,7 @@ def test_nested_user_checkpoints_are_display_only_with_the_place():
 def test_snippet_code_alone_fixes_a_fresh_copy(how):
     """The code a patch prints, executed on a fresh broken model, makes gradients flow (no gradflow involved)."""
     def build():
-        model = seed_order() if how == "seed-order" else gc_on(lora())
+        model = seed_order() if how == "seed-order" else enable_gc(lora("tiny-phi3"))
         data = batch()
         if how == "inputs-embeds":
             model.get_base_model().enable_input_require_grads()
@@ -171,6 +172,6 @@ def test_snippet_code_alone_fixes_a_fresh_copy(how):
     report = gradflow.patch(model, data)
     fresh, fresh_data = build()
     exec(compile(report.extra["snippet"], "<snippet>", "exec"), {"model": fresh, "batch": fresh_data, "torch": torch})
-    from patchkit import assert_grads_flow
+    from tests.helpers.patching import assert_grads_flow
 
     assert_grads_flow(fresh, fresh_data)

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import gradflow
-from patchkit import batch, lora, remove_input_grad_hooks, rotated_base, train
+from tests.helpers.builders import batch, lora, remove_input_grad_hooks, rotated_base
+from tests.helpers.patching import train
 
 
 def _assert_trains(model, data, *, regex=None, lr=1e-2):

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli.clirun import invoke
-from tests.conftest import stack
+from tests.helpers.cli import invoke
+from tests.helpers.env import stack
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import transformers
+
+from tests.helpers.env import stack
 
 HERE = Path(__file__).resolve().parent
-STACK = "new" if int(transformers.__version__.split(".")[0]) >= 5 else "old"
+STACK = stack()
 
 # What `build().train()` does without gradflow:
 RAISES = "raises"  # train() raises autograd's raw "element 0 of tensors does not require grad"

@@ -9,6 +9,8 @@ from gradflow import GradFlowCallback
 from gradflow.errors import GradflowError
 from realistic_cases import CASES, params, train_and_watch
 
+pytestmark = pytest.mark.slow  # every test runs the script's own Trainer.train()
+
 
 @pytest.mark.parametrize("case", params(CASES, only=lambda c: c.slug is not None, bugs={}), ids=str)
 def test_broken_script_raises_before_its_first_step(case, tmp_path):

@@ -8,6 +8,8 @@ import pytest
 
 from realistic_cases import CASES, LEARNS, NO_BUILD, RAISES, RAW_ERROR, STACK, STUCK, Case, train_and_watch
 
+pytestmark = pytest.mark.slow  # every case runs the script's own Trainer.train()
+
 
 def _extra(case: Case, outcome) -> None:
     """What the user sees of the silent failures: a run that looks alive."""

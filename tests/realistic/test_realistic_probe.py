@@ -7,16 +7,14 @@ import functools
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "cli"))
-from clirun import REPO, cli_env, invoke  # noqa: E402
-
-import gradflow as gf  # noqa: E402
-from realistic_cases import BY_NAME, CASES, NO_BUILD, STACK, Case, params, train_and_watch  # noqa: E402
+import gradflow as gf
+from realistic_cases import BY_NAME, CASES, NO_BUILD, STACK, Case, params, train_and_watch
+from tests.helpers.cli import CLI, invoke
+from tests.helpers.env import REPO, child_env
 
 APPLICABILITY = {"safe", "unsafe", "display-only"}
 
@@ -89,13 +87,14 @@ def test_api_probe_gives_the_same_findings(case, cli_report, tmp_path):
     assert report["params"] == cli["params"]
 
 
+@pytest.mark.slow
 def test_cli_in_a_real_process(tmp_path):
     """The command a user types, from the repository root, in fresh interpreters (run side by side: the start-up
     is most of the time): the JSON on stdout, the exit code, the script's own chatter kept off stdout."""
     cases = [BY_NAME["adapter_resume_frozen"], BY_NAME["lora_gc_non_reentrant"]]  # broken and healthy on both
-    procs = [subprocess.Popen([sys.executable, "-m", "gradflow.cli", "probe-backward", f"{relpath(case)}:build",
-                               "--format", "json"], cwd=REPO, env=cli_env(OUTPUT_DIR=str(tmp_path / case.script)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for case in cases]
+    procs = [subprocess.Popen([*CLI, "probe-backward", f"{relpath(case)}:build", "--format", "json"], cwd=REPO,
+                              env=child_env(OUTPUT_DIR=str(tmp_path / case.script)), stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for case in cases]
     for case, proc in zip(cases, procs):
         stdout, stderr = proc.communicate(timeout=300)
         assert proc.returncode == (1 if case.slug else 0), stderr[-2000:]
@@ -129,6 +128,7 @@ def _listing(directory):
         if os.path.exists(directory) else None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["lora_gc_non_reentrant", "sft_lora", "lora_head_gc_reentrant"])
 def test_probe_leaves_the_run_bit_identical(script, tmp_path):
     """A run after `gradflow.probe(trainer)` ends exactly where a run without it ends, and the probe writes nothing."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from _builders import STACK, assert_fires, assert_silent, batch, lora, probe, save_adapter_and_reload
+from tests.helpers.builders import STACK, assert_fires, assert_silent, batch, lora, probe, save_adapter_and_reload
 
 SLUG = "adapter-frozen"
 FIRST = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"

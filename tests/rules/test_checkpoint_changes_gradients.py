@@ -8,8 +8,8 @@ from peft import get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from _builders import (Block, assert_fires, assert_silent, base, batch, enable_gc, lora, lora_config, probe,
-                       remove_input_grad_hook, tiny_batch, tiny_lm)
+from tests.helpers.builders import (Block, assert_fires, assert_silent, base, batch, disable_input_grad_hook, enable_gc,
+                                    lora, lora_config, probe, tiny_batch, tiny_lm)
 
 SLUG = "checkpoint-changes-gradients"
 
@@ -200,7 +200,7 @@ def test_reentrant_region_without_input_grad_is_left_to_its_own_rule():
     model = base("tiny-llama")
     model = get_peft_model(model, lora_config())
     enable_gc(model, reentrant=True)
-    remove_input_grad_hook(model)
+    disable_input_grad_hook(model)
     model.config.use_cache = False
     report = _check(wrap_mlps(model, NoisyInput))
     assert "reentrant-checkpoint-no-input-grad" in report.slugs()

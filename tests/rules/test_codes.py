@@ -8,8 +8,8 @@ import pathlib
 import pytest
 
 from gradflow.rules import all_rules
-from _builders import SPEC_SEVERITY
 from gradflow.rules.codes import CODES, SLUGS, lookup
+from tests.helpers.builders import SPEC_SEVERITY
 
 HERE = pathlib.Path(__file__).parent
 

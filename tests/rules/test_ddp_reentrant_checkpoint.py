@@ -11,23 +11,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 import gradflow
-from _builders import (STACK, Checkpointed, assert_fires, assert_silent, base, batch, enable_gc, lora, probe,
-                       tiny_batch, tiny_lm)
 from gradflow.api import snapshot
 from gradflow.rules import run_rules
+from tests.helpers.builders import (STACK, Checkpointed, assert_fires, assert_silent, base, batch, enable_gc, lora,
+                                    probe, tiny_batch, tiny_lm)
+from tests.helpers.dist import process_group  # noqa: F401  (fixture)
 
 SLUG = "ddp-reentrant-checkpoint"
 MARKED_TWICE = "Expected to mark a variable ready only once"
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-
-
-@pytest.fixture
-def process_group(tmp_path):
-    """One gloo rank, torn down after the test."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def _lora_gc(*, reentrant: bool):

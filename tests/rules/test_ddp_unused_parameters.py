@@ -11,8 +11,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from _builders import assert_fires, assert_silent, base, batch, lora, probe, tiny_batch, tiny_lm
-from _dist import process_group  # noqa: F401  (fixture)
+from tests.helpers.builders import assert_fires, assert_silent, base, batch, lora, probe, tiny_batch, tiny_lm
+from tests.helpers.dist import process_group  # noqa: F401  (fixture)
 
 SLUG = "ddp-unused-parameters"
 UNFINISHED = "Expected to have finished reduction in the prior iteration"

@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 
 import gradflow
-from _builders import assert_fires, assert_silent, base, lora, tiny_batch, tiny_lm
-from _dist import process_group  # noqa: F401  (fixture)
 from gradflow.api import snapshot
 from gradflow.rules import run_rules
 from gradflow.setup.wrappers import plan_fsdp1
+from tests.helpers.builders import assert_fires, assert_silent, base, lora, tiny_batch, tiny_lm
+from tests.helpers.dist import process_group  # noqa: F401  (fixture)
 
 SLUG = "fsdp-mixed-dtype"
 CPU = torch.device("cpu")

@@ -12,11 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _builders import assert_fires, assert_silent, lora, tiny_lm
-from _dist import process_group  # noqa: F401  (fixture)
 from gradflow.api import snapshot
-from gradflow.rules import run_rules
+from gradflow.fixes import findings_for
 from gradflow.setup.wrappers import plan_fsdp1
+from tests.helpers.builders import assert_fires, assert_silent, lora, tiny_lm
+from tests.helpers.dist import process_group  # noqa: F401  (fixture)
 
 SLUG = "fsdp-mixed-requires-grad"
 UNIFORM = "requires_grad=True and False|uniform `requires_grad`"  # FSDP1's auto-wrap check, or its flattening's
@@ -35,7 +35,7 @@ def _planned(model, **plan):
 
 
 def _findings(snap):
-    return types.SimpleNamespace(findings=run_rules(snap), snapshot=snap)
+    return types.SimpleNamespace(findings=findings_for(snap), snapshot=snap)
 
 
 def _wrap(model, **options):

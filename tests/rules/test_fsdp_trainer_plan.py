@@ -10,34 +10,23 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch.distributed as dist
 
-from tests.conftest import stack
+from tests.helpers.dist import torchrun
+from tests.helpers.env import child_env, stack
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 SCRIPT = os.path.join(os.path.dirname(__file__), "_fsdp_trainer_run.py")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """{case: result} from one torchrun of _fsdp_trainer_run.py (2 processes): the tests that read it are slow."""
     out = tmp_path_factory.mktemp("fsdp_trainer") / "results.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FSDP_") and k != "ACCELERATE_USE_FSDP"
-           and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                          "--master-port", str(_free_port()), SCRIPT, str(out)],
-                         capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run(torchrun(SCRIPT, out), capture_output=True, text=True, timeout=300, env=child_env())
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -47,6 +36,7 @@ def _slugs(result):
 
 
 # --- fires ------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_fires_for_the_root_unit_of_a_partly_frozen_model(runs):
     got = runs["frozen_embed"]
     assert not got["accelerate_fsdp"]  # on CPU accelerate dropped the plugin: the units are planned, not read
@@ -58,6 +48,7 @@ def test_fires_for_the_root_unit_of_a_partly_frozen_model(runs):
     assert "uniform `requires_grad`" in got["wrap_error"]  # FSDP1 refuses that plan when it wraps
 
 
+@pytest.mark.slow
 def test_fires_for_lora_on_the_embeddings_under_peft_wrap_policy(runs):
     """The Trainer swaps in PEFT's wrap policy (Linear adapters as units of their own, on both stacks); the LoRA
     embedding's own parameters stay in the root unit beside frozen weights."""
@@ -68,12 +59,14 @@ def test_fires_for_lora_on_the_embeddings_under_peft_wrap_policy(runs):
     assert "uniform `requires_grad`" in got["wrap_error"]
 
 
+@pytest.mark.slow
 def test_fires_for_trl_sft_trainer_with_peft_config(runs):
     got = runs["sft_lora_embed"]
     assert _slugs(got) == [("fsdp-mixed-requires-grad", None)]
     assert all("lora_embedding_" in p for p in got["findings"][0]["params"])
 
 
+@pytest.mark.slow
 def test_mixed_dtype_fires_with_use_orig_params(runs):
     got = runs["fp32_head"]
     assert _slugs(got) == [("fsdp-mixed-dtype", None)]
@@ -84,6 +77,7 @@ def test_mixed_dtype_fires_with_use_orig_params(runs):
 
 
 # --- stays silent -----------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["frozen_embed_orig_params", "lora_linear", "sft_lora_linear", "all_bf16",
                                   "version_2"])
 def test_silent(runs, case):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from _builders import (Block, TinyLM, assert_fires, assert_silent, base, batch, custom_lora, enable_gc, lora, lora_config,
-                       probe, tiny_batch, tiny_lm)
+from tests.helpers.builders import (Block, TinyLM, assert_fires, assert_silent, base, batch, custom_lora, enable_gc,
+                                    lora, lora_config, probe, tiny_batch, tiny_lm)
 
 SLUG = "graph-break"
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from peft import get_peft_model
 
-from _builders import assert_fires, assert_silent, base, batch, lora, lora_config, probe, tiny_batch, tiny_lm
+from tests.helpers.builders import (assert_fires, assert_silent, base, batch, lora, lora_config, probe, tiny_batch,
+                                    tiny_lm)
 
 SLUG = "half-precision-trainable-params"
 FIRST = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"

@@ -6,8 +6,8 @@ import pytest
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
 
-from _builders import (STACK, RotatedBlock, assert_healthy, base, batch, custom_lora, enable_gc, lora, lora_config,
-                       probe, quantized, tiny_batch, tiny_lm)
+from tests.helpers.builders import (STACK, RotatedBlock, assert_healthy, base, batch, custom_lora, enable_gc, lora,
+                                    lora_config, probe, quantized, tiny_batch, tiny_lm)
 
 
 def _all_flow(report, *, allow_idle: tuple[str, ...] = ()):

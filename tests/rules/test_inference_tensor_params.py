@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gradflow
-from _builders import STACK, assert_fires, assert_healthy, assert_silent, base, batch, lora, probe
+from tests.helpers.builders import STACK, assert_fires, assert_healthy, assert_silent, base, batch, lora, probe
 
 SLUG = "inference-tensor-params"
 SAVED_FOR_BACKWARD = "Inference tensors cannot be saved for backward"

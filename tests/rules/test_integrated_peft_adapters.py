@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gradflow
-from _builders import STACK, assert_fires, assert_healthy, assert_silent, base, batch, lora_config, probe
+from tests.helpers.builders import STACK, assert_fires, assert_healthy, assert_silent, base, batch, lora_config, probe
 
 FIRST = "model.layers.0.self_attn.q_proj.lora_A.default"
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
 
-from _builders import (STACK, Checkpointed, assert_fires, assert_silent, base, batch, enable_gc, lora_config, probe,
-                       quantized, remove_input_grad_hook, wrap_layers)
+from tests.helpers.builders import (STACK, Checkpointed, assert_fires, assert_silent, base, batch,
+                                    disable_input_grad_hook, enable_gc, lora_config, probe, quantized, wrap_layers)
 
 SLUG = "kbit-not-prepared"
 NORM = "base_model.model.model.layers.0.input_layernorm"
@@ -55,7 +55,7 @@ def test_4bit_with_reentrant_checkpointing_and_no_hook(llama_dir):
 def test_reentrant_checkpointing_with_the_hook_removed(llama_dir, bits):
     """The same fault on both stacks: on 5.x the hook transformers added is taken off again (4.57 never had one)."""
     model = quantized(llama_dir, bits=bits, dtype=torch.float32)
-    model = remove_input_grad_hook(get_peft_model(enable_gc(model, reentrant=True), lora_config()))
+    model = disable_input_grad_hook(get_peft_model(enable_gc(model, reentrant=True), lora_config()))
     report = probe(model, batch(model, seq_len=8))
     finding = assert_fires(report, SLUG, location="base_model.model.model.embed_tokens")
     assert "reentrant checkpointing is on without the input-grad hook" in finding.message
@@ -99,7 +99,7 @@ def test_silent_for_non_reentrant_checkpointing_without_the_hook(llama_dir, how)
         model = wrap_layers(get_peft_model(model, lora_config()), Checkpointed, reentrant=False)
     else:
         model = get_peft_model(enable_gc(model, reentrant=False), lora_config())
-    model = remove_input_grad_hook(model)
+    model = disable_input_grad_hook(model)
     report = probe(model, batch(model, seq_len=8))
     assert not report.snapshot.input_grad_hook and report.snapshot.checkpoints
     assert_silent(report, SLUG)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from peft import get_peft_model
 
-from _builders import assert_fires, assert_silent, base, batch, lora, lora_config, probe, save_adapter_and_reload
+from tests.helpers.builders import (assert_fires, assert_silent, base, batch, lora, lora_config, probe,
+                                    save_adapter_and_reload)
 
 SLUG = "lora-zero-init"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from _builders import assert_fires, assert_silent, batch, lora, probe, tiny_batch, tiny_lm
+from tests.helpers.builders import assert_fires, assert_silent, batch, lora, probe, tiny_batch, tiny_lm
 
 SLUG = "loss-detached"
 

@@ -8,8 +8,8 @@ import torch
 from peft import get_peft_model
 from torch.utils.checkpoint import checkpoint
 
-from _builders import (STACK, Block, Checkpointed, KeywordCheckpointed, assert_fires, assert_silent, base, batch,
-                       custom_lora, enable_gc, lora_config, probe, tiny_batch, tiny_lm, wrap_layers)
+from tests.helpers.builders import (STACK, Block, Checkpointed, KeywordCheckpointed, assert_fires, assert_silent, base,
+                                    batch, custom_lora, enable_gc, lora_config, probe, tiny_batch, tiny_lm, wrap_layers)
 
 SLUG = "nested-checkpoint"
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from _builders import assert_fires, assert_silent, batch, lora, probe
 from gradflow.setup.presets import build_tokenizer
+from tests.helpers.builders import assert_fires, assert_silent, batch, lora, probe
 
 SLUG = "no-supervised-tokens"
 

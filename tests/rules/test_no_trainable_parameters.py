@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from _builders import (assert_fires, assert_silent, base, batch, lora, probe, save_adapter_and_reload, tiny_batch,
-                       tiny_lm)
+from tests.helpers.builders import (assert_fires, assert_silent, base, batch, lora, probe, save_adapter_and_reload,
+                                    tiny_batch, tiny_lm)
 
 SLUG = "no-trainable-parameters"
 

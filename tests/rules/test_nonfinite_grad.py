@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from _builders import SqrtGatedBlock, assert_fires, assert_silent, batch, lora, probe, tiny_batch, tiny_lm
+from tests.helpers.builders import SqrtGatedBlock, assert_fires, assert_silent, batch, lora, probe, tiny_batch, tiny_lm
 
 SLUG = "nonfinite-grad"
 

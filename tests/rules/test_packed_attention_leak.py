@@ -10,8 +10,8 @@ import torch
 from peft import get_peft_model
 from torch import nn
 
-from _builders import assert_fires, assert_silent, base, batch, enable_gc, lora, lora_config, probe
 from gradflow.data.packing import collate_packed
+from tests.helpers.builders import assert_fires, assert_silent, base, batch, enable_gc, lora, lora_config, probe
 
 SLUG = "packed-attention-leak"
 

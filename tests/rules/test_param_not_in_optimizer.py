@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from peft import get_peft_model
 
-from _builders import (RotatedBlock, assert_fires, assert_silent, base, batch, custom_lora, lora, lora_config, probe,
-                       save_adapter_and_reload, tiny_batch, tiny_lm)
+from tests.helpers.builders import (RotatedBlock, assert_fires, assert_silent, base, batch, custom_lora, lora,
+                                    lora_config, probe, save_adapter_and_reload, tiny_batch, tiny_lm)
 
 SLUG = "param-not-in-optimizer"
 FIRST = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from _builders import (RotatedBlock, assert_fires, assert_silent, batch, custom_lora, lora, probe, tiny_batch,
-                       tiny_lm)
+from tests.helpers.builders import (RotatedBlock, assert_fires, assert_silent, batch, custom_lora, lora, probe,
+                                    tiny_batch, tiny_lm)
 
 SLUG = "param-not-updated"
 

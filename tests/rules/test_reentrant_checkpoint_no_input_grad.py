@@ -7,8 +7,9 @@ import torch
 from peft import get_peft_model
 
 import gradflow
-from _builders import (STACK, Checkpointed, assert_fires, assert_silent, base, batch, custom_lora, enable_gc, lora,
-                       lora_config, probe, remove_input_grad_hook, save_adapter_and_reload, tiny_batch, tiny_lm)
+from tests.helpers.builders import (STACK, Checkpointed, assert_fires, assert_silent, base, batch, custom_lora,
+                                    disable_input_grad_hook, enable_gc, lora, lora_config, probe,
+                                    save_adapter_and_reload, tiny_batch, tiny_lm)
 
 SLUG = "reentrant-checkpoint-no-input-grad"
 LAYER0 = "base_model.model.model.layers.0"
@@ -56,7 +57,7 @@ def _hooked_then_unhooked(order: str):
         model = get_peft_model(enable_gc(base(), reentrant=True), lora_config())
     else:
         model = enable_gc(lora(), reentrant=True)
-    return remove_input_grad_hook(model)
+    return disable_input_grad_hook(model)
 
 
 @pytest.mark.parametrize("order", ["gc-first", "peft-first"])
@@ -144,7 +145,7 @@ def test_silent_with_non_reentrant_checkpointing_and_no_hook(order):
         model = get_peft_model(enable_gc(base(), reentrant=False), lora_config())
     else:
         model = enable_gc(lora(), reentrant=False)
-    remove_input_grad_hook(model)
+    disable_input_grad_hook(model)
     report = probe(model, batch(model))
     _assert_flows(report)
     assert report.snapshot.gc_mode == "non-reentrant"

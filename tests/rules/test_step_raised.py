@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import gradflow
-from _builders import lora
 from gradflow.forward import synthetic_batch
+from tests.helpers.builders import lora
 
 
 class Exploding(nn.Module):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from _builders import (assert_fires, assert_silent, base, batch, findings, lora, probe, save_adapter_and_reload)
+from tests.helpers.builders import (assert_fires, assert_silent, base, batch, findings, lora, probe,
+                                    save_adapter_and_reload)
 
 SLUG = "trainable-embeddings-costly"
 EMBED = "base_model.model.model.embed_tokens"

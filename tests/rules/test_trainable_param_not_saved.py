@@ -6,8 +6,8 @@ import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
-from _builders import (RotatedBlock, assert_fires, assert_silent, base, batch, custom_lora, lora, probe,
-                       tiny_batch, tiny_lm)
+from tests.helpers.builders import (RotatedBlock, assert_fires, assert_silent, base, batch, custom_lora, lora, probe,
+                                    tiny_batch, tiny_lm)
 
 SLUG = "trainable-param-not-saved"
 

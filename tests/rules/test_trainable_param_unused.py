@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from _builders import (TinyLM, assert_fires, assert_silent, base, batch, custom_lora, lora, lora_config, probe,
-                       tiny_batch, tiny_lm)
+from tests.helpers.builders import (TinyLM, assert_fires, assert_silent, base, batch, custom_lora, lora, lora_config,
+                                    probe, tiny_batch, tiny_lm)
 
 SLUG = "trainable-param-unused"
 
@@ -78,7 +78,7 @@ def test_silent_for_experts_the_router_did_not_pick():
     report = probe(model, {"input_ids": ids, "labels": ids.clone()})
     assert_silent(report, SLUG)
     idle = [m.name for m in report.snapshot.modules if ".experts." in m.name and m.ran is False]
-    from _builders import STACK
+    from tests.helpers.builders import STACK
 
     if STACK == "old":  # 4.57 has one module per expert; 5.x fuses them into one module
         assert idle, "the batch was meant to leave some experts unrouted"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from peft import get_peft_model
 
-from _builders import assert_fires, assert_silent, base, batch, enable_gc, lora, lora_config, probe
+from tests.helpers.builders import assert_fires, assert_silent, base, batch, enable_gc, lora, lora_config, probe
 
 SLUG = "use-cache-in-training"
 

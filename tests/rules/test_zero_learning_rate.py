@@ -6,7 +6,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import get_linear_schedule_with_warmup
 
-from _builders import assert_fires, assert_silent, batch, lora, probe, tiny_batch, tiny_lm
+from tests.helpers.builders import assert_fires, assert_silent, batch, lora, probe, tiny_batch, tiny_lm
 
 SLUG = "zero-learning-rate"
 

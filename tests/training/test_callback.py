@@ -49,6 +49,7 @@ def _lora(seed=0):
     return apply_lora(build_preset("tiny-phi3", seed=seed), 4, 8, "all-linear")
 
 
+@pytest.mark.slow
 def test_healthy_run_records_per_layer_norms_and_no_finding(tmp_path):
     cb = GradFlowCallback(check_every=2, moved_at_step=3, tensorboard_dir=str(tmp_path / "tb"))
     trainer = _run(tmp_path, _lora(), cb)
@@ -61,6 +62,7 @@ def test_healthy_run_records_per_layer_norms_and_no_finding(tmp_path):
     assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "tb").iterdir())
 
 
+@pytest.mark.slow
 def test_nan_gradient_stops_the_run_at_the_first_check(tmp_path):
     model = _lora()
     target = next(p for n, p in model.named_parameters() if "layers.2" in n and "lora_B" in n)
@@ -80,6 +82,7 @@ def _detach_layer_1(model):
         lambda m, a, out: (out[0].detach(),) + tuple(out[1:]) if isinstance(out, tuple) else out.detach())
 
 
+@pytest.mark.slow
 def test_missing_gradients_stop_the_run_and_the_probe_names_the_cause(tmp_path):
     model = _lora()
     _detach_layer_1(model)
@@ -102,6 +105,7 @@ def _subset_optimizer_trainer(tmp_path, model, cb):
                    optimizers=(torch.optim.AdamW(first, lr=1e-3), None))
 
 
+@pytest.mark.slow
 def test_weights_that_never_move_are_a_finding(tmp_path):
     cb = GradFlowCallback(check_every=10, moved_at_step=3, preflight=False)
     trainer = _subset_optimizer_trainer(tmp_path, _lora(), cb)
@@ -111,6 +115,7 @@ def test_weights_that_never_move_are_a_finding(tmp_path):
     assert trainer.state.global_step == 3
 
 
+@pytest.mark.slow
 def test_raise_on_error_raises_for_weights_that_never_move(tmp_path):
     model = _lora()
     cb = GradFlowCallback(check_every=10, moved_at_step=3, preflight=False, raise_on_error=True)
@@ -123,6 +128,7 @@ def test_raise_on_error_raises_for_weights_that_never_move(tmp_path):
     assert cb._hook is None  # on_train_end never runs after a raise: the batch hook is removed anyway
 
 
+@pytest.mark.slow
 def test_raise_on_error_raises_for_missing_gradients_with_their_cause(tmp_path):
     model = _lora()
     _detach_layer_1(model)
@@ -138,6 +144,7 @@ def test_raise_on_error_raises_for_missing_gradients_with_their_cause(tmp_path):
     assert trainer.state.global_step == 0  # raised in on_pre_optimizer_step: the first update never happened
 
 
+@pytest.mark.slow
 def test_batch_without_supervised_tokens_is_a_finding(tmp_path):
     cb = GradFlowCallback(check_every=2, moved_at_step=None, preflight=False)
     _run(tmp_path, _lora(), cb, steps=4, dataset=_Rows(mask_all=True))

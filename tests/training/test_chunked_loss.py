@@ -17,6 +17,7 @@ from torch.testing import assert_close
 from gradflow.setup.presets import build_preset
 from gradflow.setup.build import apply_lora
 from gradflow.training.loss import chunked_causal_lm_loss, unsupported_reason
+from tests.helpers.dist import process_group  # noqa: F401  (fixture)
 
 LOSS_TOL = dict(rtol=1e-5, atol=1e-6)
 GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
@@ -245,27 +246,22 @@ def test_qlora_equals_standard(tmp_path):
         assert_close(got_grads[name], want_grads[name], **GRAD_TOL, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_a_model_sharded_at_its_root_by_fsdp_takes_the_standard_loss(tmp_path):
+def test_a_model_sharded_at_its_root_by_fsdp_takes_the_standard_loss(process_group):
     """FSDP2 gathers the root unit's weights (embeddings, final norm, head) only in the model's own forward: the
     chunked loss, which calls the decoder and the head itself, would meet sharded DTensors ("mixed torch.Tensor and
     DTensor", seen on an H200). Units on the decoder layers alone gather themselves, so they keep the chunked loss.
     One gloo process, in this process (the group is destroyed at the end)."""
-    import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
-        batch = _packed(build_preset("tiny-llama").config.vocab_size)
-        layers_only = _model("tiny-llama", "lora")
-        for layer in layers_only.get_base_model().model.layers:
-            fully_shard(layer, mesh=mesh)
-        assert unsupported_reason(layers_only, batch) is None
-        assert_close(chunked_causal_lm_loss(layers_only, batch), layers_only(**batch).loss, **LOSS_TOL)
-        root = _model("tiny-llama", "lora")
-        fully_shard(root, mesh=mesh)
-        assert "FSDP" in unsupported_reason(root, batch)
-        assert chunked_causal_lm_loss(root, batch) is None
-    finally:
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (1,))
+    batch = _packed(build_preset("tiny-llama").config.vocab_size)
+    layers_only = _model("tiny-llama", "lora")
+    for layer in layers_only.get_base_model().model.layers:
+        fully_shard(layer, mesh=mesh)
+    assert unsupported_reason(layers_only, batch) is None
+    assert_close(chunked_causal_lm_loss(layers_only, batch), layers_only(**batch).loss, **LOSS_TOL)
+    root = _model("tiny-llama", "lora")
+    fully_shard(root, mesh=mesh)
+    assert "FSDP" in unsupported_reason(root, batch)
+    assert chunked_causal_lm_loss(root, batch) is None

@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from gfrun import DEMO, gradflow
 from torch.testing import assert_close
 
 from gradflow.training.compiling import resolve
+from tests.helpers.cli import invoke_main
+from tests.helpers.train import DEMO
 
 
+@pytest.mark.slow
 def test_compiled_layers_train_the_eager_losses_and_save_the_same_adapter_names(tmp_path):
     import gradflow as gf
     from safetensors.torch import load_file
@@ -54,7 +56,7 @@ def test_auto_compiles_only_a_single_cuda_process(monkeypatch, asked, device, wo
 
 
 def test_a_bad_compile_value_is_one_line_exit_2(tmp_path):
-    res = gradflow("train", "tiny-llama", "--data", DEMO, "--output", str(tmp_path / "x"), "--compile", "maybe")
-    assert res.returncode == 2
+    res = invoke_main("train", "tiny-llama", "--data", DEMO, "--output", str(tmp_path / "x"), "--compile", "maybe")
+    assert res.code == 2
     assert "--compile 'maybe'" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "x").exists()

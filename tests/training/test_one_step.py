@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
 from gradflow import GradFlowCallback
 from gradflow.setup.presets import build_preset
 from gradflow.setup.build import apply_lora
-from tests.cli.clirun import gradflow
+from tests.helpers.cli import gradflow
+
+pytestmark = pytest.mark.slow  # every test runs a real Trainer.train()
 
 
 class _Rows(torch.utils.data.Dataset):

@@ -1,6 +1,6 @@
 """`gradflow train` packs by default: planned, probed on a packed batch, and resumable bit-exact after SIGKILL.
 
-The reference run (gfrun.reference_run, shared with the resume tests) is a default, packed run.
+The reference run (tests.helpers.train.reference_run, shared with the resume tests) is a default, packed run.
 """
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ import json
 import os
 
 import pytest
-from gfrun import DEMO, assert_bit_exact, gradflow, reference_run, start, train_args, wait_for_checkpoint
 from torch.testing import assert_close
+
+from tests.helpers.cli import gradflow
+from tests.helpers.train import DEMO, assert_bit_exact, reference_run, start, train_args, wait_for_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -18,13 +20,14 @@ def reference(tmp_path_factory):
     return reference_run(tmp_path_factory)
 
 
+@pytest.mark.slow
 def test_a_default_run_is_packed_planned_and_probed_packed(reference):
     output, _ = reference
     report = json.load(open(os.path.join(output, "report.json")))
     train = report["train"]
     assert train["packing"] is True and train["attention"]["attn"] == "sdpa" and train["ce"]["loss"] == "standard"
     plan = report["plan"]
-    assert plan["gc"] == "off" and plan["gc_from"] == "--gc"  # gfrun passes --gc off
+    assert plan["gc"] == "off" and plan["gc_from"] == "--gc"  # tests.helpers.train.JOB passes --gc off
     assert plan["tokens_per_batch"] == 4 * 64 and plan["expected_peak"] > 0
     assert 0 < report["data"]["packed_batches"] < report["data"]["used"]
     assert train["tokens"] > 0  # real tokens: a packed row has no padding
@@ -34,6 +37,7 @@ def test_a_default_run_is_packed_planned_and_probed_packed(reference):
     assert marker["fingerprint"]["packing"] is True and marker["fingerprint"]["tokens_per_batch_planned"] == 256
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_is_bit_exact_with_packing(reference, tmp_path):
     output = tmp_path / "run"
     proc = start(*train_args(output))
@@ -41,11 +45,12 @@ def test_sigkill_mid_run_then_resume_is_bit_exact_with_packing(reference, tmp_pa
     proc.kill()  # SIGKILL: no handler runs, no cleanup
     proc.communicate()
     res = gradflow(*train_args(output, "--resume"))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.code == 0, res.stderr[-3000:]
     assert "resuming from" in res.stderr and "plan: " in res.stderr
     assert_bit_exact(output, reference[1])
 
 
+@pytest.mark.slow
 def test_no_packing_pads_and_chunked_loss_matches_standard(tmp_path):
     import gradflow as gf
 

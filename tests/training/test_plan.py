@@ -14,9 +14,10 @@ import torch
 from torch.testing import assert_close
 
 import gradflow
+from gradflow.models import decoder_layers
 from gradflow.setup.build import SetupOptions
 from gradflow.training.options import TrainOptions
-from gradflow.training.plan import HEADROOM, checkpoint_layers, make_plan
+from gradflow.training.plan import HEADROOM, make_plan
 
 DEMO = str(resources.files("gradflow") / "data" / "think_demo.jsonl")
 
@@ -33,7 +34,7 @@ def _mib_for(peak: int) -> str:
 
 
 def _flags(model) -> list[bool]:
-    return [layer.gradient_checkpointing for layer in checkpoint_layers(model)]
+    return [layer.gradient_checkpointing for layer in decoder_layers(model, checkpointable=True)]
 
 
 def test_plenty_of_memory_turns_checkpointing_off_and_less_turns_it_on():
@@ -78,7 +79,7 @@ def test_a_resumed_run_keeps_its_checkpoints_token_budget():
 def test_per_layer_checkpointing_leaves_gradients_unchanged():
     setup = _setup()
     model = setup.model
-    layers = checkpoint_layers(model)
+    layers = decoder_layers(model, checkpointable=True)
     batch = {"input_ids": torch.randint(3, 500, (1, 48), generator=torch.Generator().manual_seed(1))}
     batch["labels"] = batch["input_ids"].clone()
     grads = []
@@ -92,6 +93,7 @@ def test_per_layer_checkpointing_leaves_gradients_unchanged():
     assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_train_records_the_plan_and_a_smaller_budget_changes_it(tmp_path):
     runs = {}
     for name, memory in (("roomy", None), ("tight", "3MiB")):

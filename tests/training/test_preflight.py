@@ -17,7 +17,9 @@ from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArgum
 from gradflow import GradFlowCallback
 from gradflow.errors import GradflowError
 from gradflow.setup.presets import build_preset, build_tokenizer
-from tests.conftest import stack
+from tests.helpers.env import stack
+
+pytestmark = pytest.mark.slow  # every test runs a real Trainer.train()
 
 GF101 = "reentrant-checkpoint-no-input-grad"
 RAW = "does not require grad and does not have a grad_fn"

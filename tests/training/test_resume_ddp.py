@@ -5,15 +5,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from importlib import resources
 
+import pytest
 import torch
 
-DEMO = str(resources.files("gradflow") / "data" / "think_demo.jsonl")
+from tests.helpers.dist import torchrun
+from tests.helpers.env import child_env
+from tests.helpers.train import DEMO
+
+pytestmark = pytest.mark.slow  # a real `gradflow train` killed mid-run, and one under torchrun
 
 
 def _cli():
@@ -53,7 +56,7 @@ def test_sigkill_mid_run_then_resume_finishes(tmp_path):
     out = tmp_path / "run"
     args = [_cli(), "train", "tiny-phi3", "--data", DEMO, "--output", str(out), "--max-steps", "30",
             "--save-steps", "3", "--seq-len", "64", "--gc", "off", "--lr", "1e-3", "--logging-steps", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = child_env()
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     deadline = time.time() + 240
     try:
@@ -84,21 +87,12 @@ def test_sigkill_mid_run_then_resume_finishes(tmp_path):
     PeftModel.from_pretrained(build_preset("tiny-phi3"), str(out / "adapter"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_cpu_processes_with_torchrun(tmp_path):
     out = tmp_path / "ddp"
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", str(_free_port()), _cli(), "train", "tiny-llama", "--data", DEMO,
-                          "--output", str(out), "--max-steps", "3", "--save-steps", "2", "--seq-len", "48",
-                          "--gc", "non-reentrant", "--device", "cpu", "--logging-steps", "1"],
-                         capture_output=True, text=True, timeout=300, env=env)
+    res = subprocess.run(torchrun(_cli(), "train", "tiny-llama", "--data", DEMO, "--output", out, "--max-steps", "3",
+                                  "--save-steps", "2", "--seq-len", "48", "--gc", "non-reentrant", "--device", "cpu",
+                                  "--logging-steps", "1"),
+                         capture_output=True, text=True, timeout=300, env=child_env())
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     assert report["train"]["status"] == "completed" and report["train"]["world_size"] == 2

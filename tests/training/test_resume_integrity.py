@@ -1,7 +1,7 @@
 """--resume checks what it continues: checkpoint manifests, the run's fingerprint, damaged files, finished runs.
 
-Through the real CLI against one uninterrupted reference run (gfrun.reference_run), plus in-process checks of
-each kind of damage on copies of its real checkpoints.
+Through the real CLI against one uninterrupted reference run (tests.helpers.train.reference_run), plus in-process
+checks of each kind of damage on copies of its real checkpoints.
 """
 
 from __future__ import annotations
@@ -11,7 +11,11 @@ import os
 import shutil
 
 import pytest
-from gfrun import STEPS, copy_run, gradflow, reference_run, train_args
+
+from tests.helpers.cli import gradflow
+from tests.helpers.train import STEPS, copy_run, reference_run, train_args
+
+pytestmark = pytest.mark.slow  # every test reads the reference run, a real `gradflow train` process
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +48,7 @@ def test_a_finished_run_resumed_says_complete_and_trains_nothing(reference):
     output, _ = reference
     before = _listing(output)
     res = gradflow(*train_args(output, "--resume"))
-    assert res.returncode == 0, res.stderr
+    assert res.code == 0, res.stderr
     assert res.stdout == ""
     assert res.stderr.splitlines() == [
         f"gradflow: the run in {output} is complete ({STEPS}/{STEPS} steps): nothing to resume. Its adapter is in "
@@ -57,7 +61,7 @@ def test_resume_refuses_a_run_made_with_other_options(reference, tmp_path, optio
     output, _ = reference
     data = None
     if option == "data":
-        from gfrun import DEMO
+        from tests.helpers.train import DEMO
 
         data = tmp_path / "other.jsonl"
         data.write_text("".join(open(DEMO).readlines()[:-1]))  # one sample fewer
@@ -65,7 +69,7 @@ def test_resume_refuses_a_run_made_with_other_options(reference, tmp_path, optio
              "data": []}[option]
     args = train_args(output, "--resume", *extra) if data is None else train_args(output, "--resume", data=str(data))
     res = gradflow(*args)
-    assert res.returncode == 2, res.stderr
+    assert res.code == 2, res.stderr
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
     expect = {"seed": "--seed 0 → 1", "batch-size": "--batch-size 4 → 2", "lora-r": "--lora-r (default) → 4",
@@ -78,9 +82,9 @@ def test_resume_refuses_a_run_made_with_other_options(reference, tmp_path, optio
 def test_resume_anyway_continues_with_other_options(reference, tmp_path):
     output = copy_run(reference[0], tmp_path / "run")
     refused = gradflow(*train_args(output, "--resume", "--max-steps", STEPS + 2))
-    assert refused.returncode == 2 and f"--max-steps {STEPS} → {STEPS + 2}" in refused.stderr
+    assert refused.code == 2 and f"--max-steps {STEPS} → {STEPS + 2}" in refused.stderr
     res = gradflow(*train_args(output, "--resume-anyway", "--max-steps", STEPS + 2))
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.code == 0, res.stderr[-3000:]
     assert f"gradflow: --resume-anyway: continuing with --max-steps {STEPS} → {STEPS + 2}" in res.stderr
     report = json.loads(open(os.path.join(output, "report.json")).read())
     assert report["train"]["status"] == "completed" and report["train"]["steps"] == STEPS + 2
@@ -90,7 +94,7 @@ def test_resume_anyway_continues_with_other_options(reference, tmp_path):
 
 def test_a_run_stopped_after_its_last_checkpoint_gets_its_outputs_without_training(reference, tmp_path):
     import gradflow
-    from gfrun import DEMO, assert_bit_exact
+    from tests.helpers.train import DEMO, assert_bit_exact
     from gradflow.setup.build import SetupOptions
 
     output = copy_run(reference[0], tmp_path / "run")
@@ -99,7 +103,7 @@ def test_a_run_stopped_after_its_last_checkpoint_gets_its_outputs_without_traini
     before = _listing(output)
     report = gradflow.train("tiny-llama", DEMO, output, setup_options=SetupOptions(gc="off"), max_steps=STEPS,
                             seq_len=64, save_steps=1, logging_steps=1, learning_rate=1e-3, resume=True,
-                            progress=False)  # the same job as gfrun.JOB, through the library
+                            progress=False)  # the same job as tests.helpers.train.JOB, through the library
     assert report.extra["train"]["status"] == "completed" and report.extra["train"]["steps"] == STEPS
     assert _listing(output) == before  # no step trained, no checkpoint written
     assert_bit_exact(output, reference[1])
@@ -110,7 +114,7 @@ def test_resume_with_no_intact_checkpoint_is_one_line(reference, tmp_path):
     for name in os.listdir(os.path.join(output, "checkpoints")):
         os.remove(os.path.join(output, "checkpoints", name, "optimizer.pt"))
     res = gradflow(*train_args(output, "--resume"))
-    assert res.returncode == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert res.code == 2 and len(res.stderr.splitlines()) == 1, res.stderr
     assert res.stderr.startswith(f"gradflow: error: --resume: no intact checkpoint in {output} (checkpoint-{STEPS}: "
                                  "optimizer.pt is missing; ")
     assert "--overwrite" in res.stderr

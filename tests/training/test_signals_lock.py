@@ -12,8 +12,13 @@ import subprocess
 import time
 
 import pytest
-from gfrun import CLI, STEPS, assert_bit_exact, env, gradflow, reference_run, resume_command, start, train_args, \
-    wait_for_checkpoint
+
+from tests.helpers.cli import CLI, gradflow
+from tests.helpers.env import child_env
+from tests.helpers.train import (STEPS, assert_bit_exact, reference_run, resume_command, start, train_args,
+                                 wait_for_checkpoint)
+
+pytestmark = pytest.mark.slow  # real `gradflow train` processes, signalled
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +124,7 @@ def test_one_run_per_output_and_sigkill_frees_it_then_resume_skips_a_damaged_che
     proc.send_signal(signal.SIGSTOP)  # frozen where it stands (even mid-save): it holds the lock and does nothing
     try:
         probes = [subprocess.Popen([*CLI, *train_args(output, *extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   text=True, env=env()) for extra in ([], ["--overwrite"], ["--resume"])]
+                                   text=True, env=child_env()) for extra in ([], ["--overwrite"], ["--resume"])]
         results = [(p.wait(timeout=120), p.stdout.read(), p.stderr.read()) for p in probes]
         saved = complete_checkpoints(str(output / "checkpoints"))
     finally:
@@ -136,7 +141,7 @@ def test_one_run_per_output_and_sigkill_frees_it_then_resume_skips_a_damaged_che
     newest, previous = done[-1], done[-2]
     os.truncate(os.path.join(newest, "adapter_model.safetensors"), 100)
     res = gradflow(*train_args(output, "--resume"))  # the lock died with its process
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.code == 0, res.stderr[-3000:]
     name, before = os.path.basename(newest), os.path.basename(previous)
     assert (f"gradflow: {name} is damaged (adapter_model.safetensors is 100 bytes, " in res.stderr
             and f"set aside as {name}.damaged; resuming from {before} instead" in res.stderr), res.stderr[-3000:]

@@ -14,7 +14,7 @@ from gradflow.setup.presets import build_tokenizer
 from gradflow.data.audit import preview as audit_preview
 from gradflow.training.engine import TrainOptions, prepare_data
 from gradflow.data.think import parse, think_hash
-from tests.cli.clirun import gradflow
+from tests.helpers.cli import gradflow
 
 @pytest.fixture(scope="module")
 def tok():
@@ -207,6 +207,7 @@ def test_read_and_prepare_never_carry_the_thinking(tmp_path, tok):
     assert prepared.audit[-1]["think_sha256"] == [CANONICAL_HASH, think_hash("x task", "x safety", "x policy")]
 
 
+@pytest.mark.slow
 def test_train_cli_refuses_near_misses_and_never_prints_the_thinking(tmp_path):
     path, n_good, n_bad = _near_miss_file(tmp_path)
     out = tmp_path / "run"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 
 import pytest
 import torch
@@ -13,8 +12,9 @@ from torch.testing import assert_close
 import gradflow
 from gradflow.setup.presets import build_preset
 from gradflow.setup.build import SetupOptions
+from tests.helpers.train import DEMO
 
-DEMO = str(resources.files("gradflow") / "data" / "think_demo.jsonl")
+pytestmark = pytest.mark.slow  # every test is a gradflow.train run (a real Trainer)
 
 
 def _ids():

@@ -10,32 +10,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import sys
 import time
-from importlib import resources
 
-DEMO = str(resources.files("gradflow") / "data" / "think_demo.jsonl")
+import pytest
+
+from tests.helpers.cli import gradflow, invoke_main
+from tests.helpers.dist import torchrun
+from tests.helpers.env import child_env
+from tests.helpers.train import DEMO
+
 ARGS = ["--seq-len", "48", "--gc", "non-reentrant", "--device", "cpu", "--logging-steps", "1"]
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GRADFLOW_DEBUG")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(out, *extra) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-            "-m", "gradflow", "train", "tiny-llama", "--data", DEMO, "--output", str(out), "--fsdp", *ARGS,
-            *map(str, extra)]
+    return torchrun("-m", "gradflow", "train", "tiny-llama", "--data", DEMO, "--output", out, "--fsdp", *ARGS, *extra)
 
 
 def _sharded(ckpt) -> bool:
@@ -61,12 +50,13 @@ def _loads(adapter) -> None:
         torch.testing.assert_close(params[name].detach(), tensor, rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_fsdp_train_three_steps_two_cpu_processes(tmp_path):
     out = tmp_path / "fsdp"
     # --ce chunked: the chunked loss calls the decoder outside FSDP's root unit (its weights would stay sharded:
     # "mixed torch.Tensor and DTensor", seen on an H200); under --fsdp the standard loss is taken, and said
     res = subprocess.run(_torchrun(out, "--max-steps", 3, "--save-steps", 2, "--ce", "chunked"), capture_output=True,
-                         text=True, timeout=300, env=_env())
+                         text=True, timeout=300, env=child_env())
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())["train"]
     assert report["ce"]["loss"] == "standard" and "not under --fsdp" in report["ce"]["why"]
@@ -92,12 +82,13 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+@pytest.mark.slow
 def test_fsdp_sigkill_one_rank_then_resume(tmp_path):
     from gradflow.training.checkpoint import complete_checkpoints
 
     out = tmp_path / "run"
     args = _torchrun(out, "--max-steps", 8, "--save-steps", 2, "--lr", "1e-3")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=child_env())
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None and not complete_checkpoints(str(out / "checkpoints")):
@@ -115,7 +106,7 @@ def test_fsdp_sigkill_one_rank_then_resume(tmp_path):
     killed_at = max(int(os.path.basename(d).split("-")[1]) for d in done)
     assert killed_at < 8 and not (out / "adapter").exists()
 
-    res = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300, env=_env())
+    res = subprocess.run(args + ["--resume"], capture_output=True, text=True, timeout=300, env=child_env())
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stderr
     first = next(int(x.split()[1].split("/")[0]) for x in res.stderr.splitlines() if x.startswith("step "))
@@ -126,19 +117,18 @@ def test_fsdp_sigkill_one_rank_then_resume(tmp_path):
 
 
 def test_fsdp_without_torchrun_is_one_line_exit_2(tmp_path):
-    res = subprocess.run([sys.executable, "-m", "gradflow", "train", "tiny-llama", "--data", DEMO, "--output",
-                          str(tmp_path / "x"), "--fsdp", "--max-steps", "1"], capture_output=True, text=True,
-                         timeout=120, env=_env())
-    assert res.returncode == 2
+    res = invoke_main("train", "tiny-llama", "--data", DEMO, "--output", tmp_path / "x", "--fsdp", "--max-steps", "1")
+    assert res.code == 2
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("gradflow")]
     assert len(lines) == 1 and "--fsdp needs the process group" in lines[0] and "Traceback" not in res.stderr
 
 
+@pytest.mark.slow
 def test_fsdp_with_quant_is_one_line_exit_2(tmp_path):
-    env = {**_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
-    res = subprocess.run([sys.executable, "-m", "gradflow", "train", "tiny-llama", "--data", DEMO, "--output",
-                          str(tmp_path / "x"), "--fsdp", "--quant", "4bit", "--max-steps", "1"], capture_output=True,
-                         text=True, timeout=120, env=env)
-    assert res.returncode == 2, res.stderr[-2000:]
+    # a real process: it poses as a one-rank torchrun worker (RANK, WORLD_SIZE), which this test process must not
+    env = child_env(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    res = gradflow("train", "tiny-llama", "--data", DEMO, "--output", tmp_path / "x", "--fsdp", "--quant", "4bit",
+                   "--max-steps", "1", env=env, timeout=120)
+    assert res.code == 2, res.stderr[-2000:]
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("gradflow")]
     assert len(lines) == 1 and "--fsdp cannot shard a --quant" in lines[0] and "Traceback" not in res.stderr

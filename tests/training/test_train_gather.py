@@ -13,27 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
+
+import pytest
 
 from gradflow.report.ranks import gather_findings, merge_findings
 from gradflow.world import agree_min
 from gradflow.training.callback import GradFlowCallback
 from gradflow.training.findings import finding
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "GRADFLOW_DEBUG")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    return env
+from tests.helpers.dist import free_port, torchrun
+from tests.helpers.env import child_env
 
 
 # ----- merging, one process ----------------------------------------------------------------------------------
@@ -81,7 +71,7 @@ def _fork_two_ranks(target, tmp_path) -> None:
     import multiprocessing
 
     ctx = multiprocessing.get_context("fork")
-    port = _port()
+    port = free_port()
     procs = [ctx.Process(target=target, args=(r, port, str(tmp_path))) for r in range(2)]
     for p in procs:
         p.start()
@@ -119,6 +109,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         json.dump(result, fh)
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_gather_findings_and_stop_together(tmp_path):
     _fork_two_ranks(_worker, tmp_path)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
@@ -159,6 +150,7 @@ def _callback_worker(rank: int, port: int, out: str) -> None:
         json.dump(result, fh)
 
 
+@pytest.mark.slow
 def test_callback_preflight_in_a_users_trainer_gathers_every_ranks_findings(tmp_path):
     _fork_two_ranks(_callback_worker, tmp_path)
     r0, r1 = (json.loads((tmp_path / f"cb{r}.json").read_text()) for r in range(2))
@@ -189,14 +181,14 @@ def _model_and_data(root) -> tuple[str, str]:
     return str(path), str(data)
 
 
+@pytest.mark.slow
 def test_rank_1_only_preflight_error_is_in_rank_0_report_and_both_refuse(tmp_path):
     model, data = _model_and_data(tmp_path)
     out = tmp_path / "run"
     # --batch-size 2, packed: rank 0 probes samples 1-2, rank 1 samples 3-4 (the 4th has the new token)
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(_port()), "-m", "gradflow", "train", model, "--data", data, "--output", str(out),
-                          "--batch-size", "2", "--max-steps", "2", "--seq-len", "32", "--device", "cpu"],
-                         capture_output=True, text=True, timeout=180, env=_env())
+    res = subprocess.run(torchrun("-m", "gradflow", "train", model, "--data", data, "--output", out, "--batch-size",
+                                  "2", "--max-steps", "2", "--seq-len", "32", "--device", "cpu"),
+                         capture_output=True, text=True, timeout=180, env=child_env())
     assert res.returncode == 1, res.stderr[-3000:]  # refused (exit 1 on the ranks), not a hang or a crash
     report = json.loads((out / "report.json").read_text())
     assert report["train"]["status"] == "refused"

@@ -1,17 +1,18 @@
-"""Shared builders for the rule tests: tiny real models, real PEFT and bitsandbytes, and finding assertions."""
+"""Tiny real models for the tests (random init, fixed seeds, built locally): presets with real PEFT and
+bitsandbytes, users' own nn.Modules and checkpoint wrappers, token batches; and the rule tests' finding assertions."""
 
 from __future__ import annotations
 
 import torch
-import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import gradflow
 from gradflow.setup.presets import build_preset
 from gradflow.forward import synthetic_batch
+from tests.helpers.env import stack
 
-STACK = "new" if int(transformers.__version__.split(".")[0]) >= 5 else "old"
+STACK = stack()
 VOCAB = 512
 
 
@@ -28,24 +29,39 @@ def base(preset: str = "tiny-llama", **kwargs):
     return build_preset(preset, seed=0, **kwargs)
 
 
-def lora(preset: str = "tiny-llama", *, model=None, **kwargs):
-    """get_peft_model over a fresh preset (or `model`), all linear layers targeted."""
+def lora(preset="tiny-llama", *, model=None, autocast_adapter_dtype: bool = True, **kwargs):
+    """get_peft_model over a fresh preset, or over a model (given as `model=` or in the preset's place), all linear
+    layers targeted unless `target_modules` says otherwise."""
     from peft import get_peft_model
 
-    return get_peft_model(model if model is not None else base(preset), lora_config(**kwargs))
+    if model is None and not isinstance(preset, str):
+        model = preset
+    return get_peft_model(model if model is not None else base(preset), lora_config(**kwargs),
+                          autocast_adapter_dtype=autocast_adapter_dtype)
 
 
-def enable_gc(model, *, reentrant: bool):
-    """gradient_checkpointing_enable as users call it (a deprecated alias on transformers 5, same behaviour)."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+def enable_gc(model, *, reentrant: bool = True):
+    """gradient_checkpointing_enable as users call it, on the transformers model under any PEFT wrapper (a
+    deprecated alias on transformers 5, same behaviour)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    target.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     return model
 
 
-def remove_input_grad_hook(model):
+def disable_input_grad_hook(model):
     """disable_input_require_grads on the transformers model under any PEFT wrapper."""
     target = model.get_base_model() if hasattr(model, "get_base_model") else model
     if getattr(target, "_require_grads_hook", None) is not None or getattr(target, "_require_grads_hooks", None):
         target.disable_input_require_grads()
+    return model
+
+
+def remove_input_grad_hooks(model):
+    """Remove every input-grad hook transformers or PEFT installed, on any module (5.x can leave more than one)."""
+    for module in model.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if "require_grad" in getattr(hook, "__name__", ""):
+                del module._forward_hooks[key]
     return model
 
 
@@ -93,7 +109,8 @@ class Block(nn.Module):
 
 
 class Rotation(nn.Module):
-    """SO(8) rotations of the hidden state (SPEC §7): theta starts at zero, so it starts as the identity."""
+    """SO(8) rotations of the hidden state (SPEC §7): theta [d/8, 8, 8] starts at zero, so it starts as the
+    identity; R = exp(theta - theta^T) per block of 8, applied in the input's dtype."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -101,7 +118,7 @@ class Rotation(nn.Module):
 
     def forward(self, x):
         rot = torch.linalg.matrix_exp(self.theta - self.theta.transpose(-1, -2))
-        return torch.einsum("...gi,gij->...gj", x.unflatten(-1, (-1, 8)), rot).flatten(-2)
+        return torch.einsum("...gi,gij->...gj", x.unflatten(-1, (-1, 8)), rot.to(x.dtype)).flatten(-2)
 
 
 class RotatedBlock(Block):
@@ -177,6 +194,38 @@ def tiny_batch(vocab: int = 64, batch_size: int = 2, seq_len: int = 12, seed: in
     return {"input_ids": ids, "labels": ids.clone()}
 
 
+class TanhBlock(nn.Module):
+    """A residual tanh block (CustomLM's)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return x + torch.tanh(self.proj(x))
+
+
+class CustomLM(nn.Module):
+    """A user's own model: embedding -> reentrant-checkpointed blocks -> head (no transformers)."""
+
+    def __init__(self, vocab: int = 64, dim: int = 16, layers: int = 3, embeds: bool = True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(vocab, dim) if embeds else None
+        self.blocks = nn.ModuleList(TanhBlock(dim) for _ in range(layers))
+        self.head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, input_ids=None, labels=None, features=None):
+        h = self.embed(input_ids) if features is None else features
+        for block in self.blocks:
+            h = checkpoint(block, h, use_reentrant=True)
+        logits = self.head(h)
+        loss = None
+        if labels is not None:
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        return {"loss": loss, "logits": logits}
+
+
 class Checkpointed(nn.Module):
     """A user's checkpoint wrapper: runs `inner` under torch.utils.checkpoint, hidden states positional."""
 
@@ -201,6 +250,34 @@ class KeywordCheckpointed(nn.Module):
             return self.inner(hidden_states=h, **kwargs)
 
         return checkpoint(run, hidden_states, use_reentrant=True)
+
+
+class Rotated(nn.Module):
+    """o_proj after a rotation of the attention output (looked up by attribute, as real code does)."""
+
+    def __init__(self, proj: nn.Module, dim: int):
+        super().__init__()
+        self.rot = Rotation(dim)
+        self.proj = proj
+
+    def forward(self, x):
+        return self.proj(self.rot(x))
+
+
+def rotated_base(layers=(1, 2), preset: str = "tiny-phi3", **kwargs):
+    """A preset whose attention outputs in `layers` are rotated before o_proj (SO(8)-style, custom modules)."""
+    model = base(preset, **kwargs)
+    dim = model.config.hidden_size
+    for i in layers:
+        attn = model.model.layers[i].self_attn
+        attn.o_proj = Rotated(attn.o_proj, dim).to(attn.o_proj.weight.dtype)
+    return model
+
+
+def seed_order():
+    """SPEC §1 on tiny-phi3: get_peft_model before reentrant checkpointing; on 5.x the hook it adds is removed (the
+    same state on both stacks)."""
+    return remove_input_grad_hooks(enable_gc(lora("tiny-phi3")))
 
 
 def wrap_layers(model, wrapper, **kwargs):

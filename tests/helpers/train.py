@@ -1,4 +1,5 @@
-"""Helpers for the resume / signal / lock tests: `gradflow train` in subprocesses, and one reference run per session.
+"""`gradflow train` runs for the resume / signal / lock / packing tests: subprocesses (a fresh one per run, as users
+start them), and one uninterrupted reference run per session.
 
 Every run trains the same tiny job, so any resumed run can be compared bit for bit with the uninterrupted one.
 """
@@ -10,36 +11,27 @@ import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from importlib import resources
+
+from tests.helpers.cli import CLI, Run, gradflow
+from tests.helpers.env import child_env
 
 DEMO = str(resources.files("gradflow") / "data" / "think_demo.jsonl")
 STEPS = 16
 # tiny-llama, 16 steps of 4 samples, a checkpoint every step (the last two kept); lr 1e-3 so every step shows
 JOB = ["--max-steps", str(STEPS), "--seq-len", "64", "--save-steps", "1", "--logging-steps", "1", "--gc", "off",
        "--lr", "1e-3"]
-CLI = [sys.executable, "-m", "gradflow.cli"]
-
-
-def env() -> dict:
-    out = {k: v for k, v in os.environ.items() if k not in ("GRADFLOW_DEBUG", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out.update({"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    return out
 
 
 def train_args(output, *extra, data: str = DEMO) -> list[str]:
     return ["train", "tiny-llama", "--data", data, "--output", str(output), *JOB, *map(str, extra)]
 
 
-def gradflow(*args, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(CLI + [str(a) for a in args], capture_output=True, text=True, timeout=timeout, env=env())
-
-
 def start(*args) -> subprocess.Popen:
     """A run in the background; SIGINT at its default, even when this test process ignores it (a background job)."""
-    return subprocess.Popen(CLI + [str(a) for a in args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen([*CLI, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=child_env(), preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_checkpoint(proc: subprocess.Popen, output, count: int = 1, timeout: float = 240) -> list[str]:
@@ -87,8 +79,8 @@ def reference_run(tmp_path_factory) -> tuple[str, dict]:
     """The uninterrupted run (its directory and adapter tensors), trained once per session for every test file."""
     if "dir" not in _REFERENCE:
         output = str(tmp_path_factory.mktemp("reference") / "run")
-        res = gradflow(*train_args(output))
-        assert res.returncode == 0, res.stderr[-3000:]
+        res: Run = gradflow(*train_args(output))
+        assert res.code == 0, res.stderr[-3000:]
         _REFERENCE.update(dir=output, tensors=adapter_tensors(output))
     return _REFERENCE["dir"], _REFERENCE["tensors"]
 
