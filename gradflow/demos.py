@@ -1,6 +1,7 @@
 """Factories that reproduce real gradient-flow failures, for `gradflow probe-backward gradflow.demos:NAME`."""
 
 from __future__ import annotations
+
 from gradflow.setup.presets import build_preset, build_tokenizer, preset_config
 
 

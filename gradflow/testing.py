@@ -14,6 +14,7 @@ fix it. Plain text, no colour: it reads the same in a terminal and in a CI log.
 from __future__ import annotations
 
 from typing import Any, Callable
+
 import gradflow
 from gradflow.choices import FailOn
 from gradflow.report import severity_rank

@@ -25,6 +25,7 @@ How:
 from __future__ import annotations
 
 import os
+
 from gradflow.models import decoder_layers
 
 

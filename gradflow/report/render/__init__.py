@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+
 from gradflow.report.render.patch import patch_text, snippet_text
 from gradflow.report.render.text import probe_text
 from gradflow.report.render.train import train_text

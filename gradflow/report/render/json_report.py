@@ -7,6 +7,7 @@ down to every finding's location. `params` adds every module row and one row per
 """
 
 from __future__ import annotations
+
 from gradflow.report.render.text import layer_groups
 
 # root → model → layers → layers.N; single-child wrappers (PeftModel, LoraModel) cost no depth, as in inspect

@@ -11,6 +11,7 @@ import re
 
 from rich.console import Group
 from rich.text import Text
+
 from gradflow.report.render.text import Lines
 
 _INLINE = re.compile(r"`([^`]+)`|\*\*([^*]+)\*\*|(?<![\w*])\*([^*\s][^*]*)\*(?![\w*])")

@@ -22,6 +22,7 @@ import ast
 import hashlib
 import os
 import re
+
 from gradflow.rules import all_rules
 
 _LEVEL = {"error": "error", "warning": "warning", "info": "note"}

@@ -6,6 +6,7 @@ import re
 
 from rich.cells import cell_len
 from rich.text import Text
+
 from gradflow.report.render.text import findings_table, summary
 
 _NUM = re.compile(r"^\d+$")
