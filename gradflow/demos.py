@@ -35,7 +35,6 @@ def _seed_setup(preset: str, *, quant, device: str, dtype, seq_len: int):
     import torch
     from peft import LoraConfig, get_peft_model
 
-
     torch_dtype = getattr(torch, dtype) if dtype else None
     if quant is None:
         model = build_preset(preset, dtype=torch_dtype, device=device, seed=0)

@@ -82,7 +82,6 @@ def probe(setup, batch, launch: Launch, *, trainable=None):
     def through_wrapper(_model, b):  # the forward goes through DDP / FSDP so their backward hooks run
         return user_loss(wrapped, b) if user_loss is not None else call_model(wrapped, b)
 
-
     numels = fsdp1_numels(wrapped) if is_fsdp1(wrapped) else None  # FSDP1: each rank holds 1-D slices
     report = gradflow.probe(inner, batch, loss_fn=through_wrapper, optimizer=setup.optimizer,
                             trainable=trainable if trainable is not None else setup.trainable)
@@ -143,7 +142,6 @@ def merge(per_rank: list[dict]) -> tuple[dict, list[str]]:
 def gather(report, inner, launch: Launch):
     """All ranks' states -> the gathered Report (rules re-run on it), identical on every rank."""
     import torch.distributed as dist
-
 
     mine = _local_states(report, inner)
     everyone = [None] * launch.world_size

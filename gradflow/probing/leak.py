@@ -25,7 +25,6 @@ def measure(model, batch: Mapping) -> PackedLeak:
     """Measure cross-sample gradient on a packed batch; errors are recorded, never raised."""
     import torch
 
-
     spans = segments(batch["position_ids"])
     rows = len(spans)
     if batch["position_ids"].dim() == 2 and batch["position_ids"].shape[0] == 1 and _batch_rows(batch) > 1:

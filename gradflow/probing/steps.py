@@ -49,7 +49,6 @@ def run_steps(model, batch: Any, *, steps: int, loss_fn: Callable | None = None,
     """Take `steps` optimizer steps on `batch`, record what moved, and put the model and optimizer back."""
     import torch
 
-
     named = list(model.named_parameters())
     states = {p.name: p for p in snap.params} if snap is not None else {}
     if optimizer is None and lr_scheduler is not None:

@@ -126,7 +126,6 @@ def packed_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: in
     """
     import torch
 
-
     if batch_size < 2:
         raise GradflowError(f"--packed needs at least 2 samples to pack, got --batch-size {batch_size}",
                             "Pass --batch-size 2 or more")

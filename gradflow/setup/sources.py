@@ -208,7 +208,6 @@ def setup_from_factory_result(result: Any, source: str) -> Setup:
     """Check a factory's return value: an nn.Module, a Trainer, or a dict with `model` or `trainer`."""
     import torch
 
-
     if isinstance(result, torch.nn.Module):
         return Setup(model=result, kind=Kind.FACTORY, source=source)
     if is_trainer(result):

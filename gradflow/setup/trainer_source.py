@@ -155,7 +155,6 @@ def fsdp1_plan(trainer, model) -> list | None:
     from torch.distributed.fsdp import MixedPrecision
     from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
 
-
     policy = None
     if is_peft_model(model) and _has_peft_config(model):
         from peft.utils.other import fsdp_auto_wrap_policy

@@ -175,7 +175,6 @@ def _load_dtype(config, kind: str, opts):
     import torch
     import transformers
 
-
     chosen = resolve_dtype(opts.dtype)
     if chosen is not None:
         return chosen
@@ -321,7 +320,6 @@ def _meta_adapted_numel(twin: Twin, opts) -> dict[str, int]:
     """Parameter sizes of the full model with the same LoRA, built on the meta device: the slow, general way, for
     adapter weights whose shape the base layer alone does not give (e.g. LoRA on fused MoE expert parameters)."""
     import torch
-
 
     rank = opts.lora_r if opts.lora_r is not None else 8
     if rank <= 0 or opts.adapter is not None:

@@ -112,7 +112,6 @@ def save_adapter(trainer, setup, model_spec, ropts, opts, path: str, is_main: bo
     else:
         import torch
 
-
         tmp = f"{path}.tmp-{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
         torch.save(state, os.path.join(tmp, "trainable_state.pt"))

@@ -122,7 +122,6 @@ def measure(model, *, target: int, precision: str, layers: list, can_toggle: boo
     not the plan's to choose (0 off, n every n-th layer): on CUDA only that configuration is measured."""
     import torch
 
-
     device = model_device(model)
     t1 = max(8, min(512 if device.type == "cuda" else 128, target // 4))  # small, yet above CUDA's fixed noise
     t2 = 2 * t1

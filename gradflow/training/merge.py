@@ -22,7 +22,6 @@ def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
     """
     from peft import PeftModel
 
-
     layers = so8.read_meta(adapter_dir)
     if layers:
         so8.install(base, layers)

@@ -31,7 +31,6 @@ def grad_norm_figure(history: list[dict]):
     """The figure: one line per layer on a log axis; layers that never got a gradient named in one folded note."""
     import matplotlib.pyplot as plt
 
-
     layers = list(dict.fromkeys(k for row in history for k in row["layers"]))
     if not layers:
         return None

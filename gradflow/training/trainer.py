@@ -50,7 +50,6 @@ def make_trainer(setup, dataset, collator, opts, output: str, console, callbacks
     from transformers import Trainer
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-
     device = model_device(setup.model).type
     if opts.precision == "fp16" and device == "cpu":
         raise GradflowError("--precision fp16 needs a GPU (CPU has no fp16 loss scaling)",

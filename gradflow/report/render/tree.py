@@ -274,7 +274,6 @@ def inspect_text(report, *, depth: int | None = 4, static: bool | None = None):
     """What `gradflow inspect` prints: the summary, the module tree, the findings."""
     from rich.console import Group
 
-
     if static is None:
         static = not _traced(report)
     # inspect runs no backward, so an empty list proves less than probe-backward's does
