@@ -263,14 +263,13 @@ def collate(rows: list[dict], pad_id: int, device=None) -> dict:
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
 
-def probe_batch(path: str, tokenizer, *, batch_size: int, seq_len: int, device=None) -> dict:
-    """The first `batch_size` samples of a JSONL file as a batch; any malformed line is an error."""
+def file_rows(path: str, tokenizer, *, count: int, seq_len: int) -> list[dict]:
+    """The first `count` samples of a JSONL file, encoded (at most `seq_len` tokens each); a malformed line is an
+    error, as is a model source without a tokenizer."""
     if tokenizer is None:
         raise GradflowError("--data needs a tokenizer, and this model source has none",
                             "Use a preset or a directory with a tokenizer, or return 'tokenizer' from your factory")
     samples, problems = read_jsonl(path)
     if problems:
         raise GradflowError(f"malformed sample at {problems[0]}", "Fix or remove that line")
-    rows = [encode(s, tokenizer, seq_len) for s in samples[:batch_size]]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return collate(rows, pad, device)
+    return [encode(s, tokenizer, seq_len) for s in samples[:count]]

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import random
 
+from gradflow.data.jsonl import collate
 from gradflow.errors import GradflowError
 
 IGNORE_INDEX = -100
@@ -164,3 +165,8 @@ def supervised_tokens(batch) -> int:
     return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
+def batch_of(rows: list[dict], *, packed: bool, pad_id: int = 0, device=None) -> dict:
+    """Encoded rows as one batch on `device`: packed into one row (position ids restarting per sample, no
+    attention mask), or padded to the longest row with an attention mask."""
+    batch = collate_packed(rows) if packed else collate(rows, pad_id)
+    return {k: v.to(device) for k, v in batch.items()} if device is not None else batch

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from gradflow.data.jsonl import encode, probe_batch, read_jsonl
-from gradflow.data.packing import collate_packed
+from gradflow.data.jsonl import file_rows, read_jsonl
+from gradflow.data.packing import batch_of
 from gradflow.errors import GradflowError
 from gradflow.forward import model_device, synthetic_batch, to_device, vocab_size
 from gradflow.limits import check_positive
@@ -27,8 +27,7 @@ def load_batch(model, opts: SetupOptions, *, data: str | None = None, batch_size
     setup = load_setup(model, opts)
     if adopt is not None:
         adopt(setup)
-    make = packed_batch if packed else make_batch
-    return setup, make(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    return setup, make_batch(setup, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed, packed=packed)
 
 
 def check_data(path: str) -> None:
@@ -96,36 +95,46 @@ def _try_tokenizer(path: str):
         return None
 
 
-def make_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: int, seed: int):
-    """The probe batch: from --data, else the factory's batch, else synthetic token ids."""
+def make_batch(setup: Setup, *, data: str | None = None, batch_size: int = 2, seq_len: int = 32, seed: int = 0,
+          packed: bool = False):
+    """The probe batch: from --data, else the factory's batch, else synthetic token ids; None for a Trainer (its
+    own first batch, drawn when gradflow drives its train() to the first step).
+
+    `packed` (--packed): the --batch-size samples (at least 2; each at most --seq-len tokens) in one row, position
+    ids restarting per sample and no attention_mask (gradflow.data.packing), as a packed training batch has; from
+    --data's first samples, else synthetic token ids of distinct lengths.
+    """
+    if packed:
+        _check_packable(setup, data, batch_size)
     if setup.kind == Kind.TRAINER:
         if data is not None:
             raise GradflowError(f"{setup.source} returns a Trainer, whose dataloader gives the batch; --data would "
                                 "be ignored", "Drop --data (the trainer's train_dataset is probed)")
-        return None  # the trainer's own first batch, drawn when gradflow drives its train() to the first step
-    if data is not None or (setup.batch is None and setup.loss_fn is None):
-        check_seq_len(setup.model, seq_len)
+        return None
+    device = model_device(setup.model)
+    if data is None and (setup.batch is not None or setup.loss_fn is not None):
+        return to_device(setup.batch, device)
+    check_seq_len(setup.model, seq_len)
     if data is not None:
-        return probe_batch(data, setup.tokenizer, batch_size=batch_size, seq_len=seq_len,
-                           device=model_device(setup.model))
-    if setup.batch is not None or setup.loss_fn is not None:
-        return to_device(setup.batch, model_device(setup.model))
+        rows = file_rows(data, setup.tokenizer, count=batch_size, seq_len=seq_len)
+        if packed and len(rows) < 2:
+            raise GradflowError(f"--packed needs at least 2 samples and {data} has {len(rows)}",
+                                "Add samples to the file, or drop --packed")
+        pad = setup.tokenizer.pad_token_id if setup.tokenizer.pad_token_id is not None else 0
+        return batch_of(rows, packed=packed, pad_id=pad, device=device)
+    if vocab_size(setup.model) is None and packed:
+        raise GradflowError(f"{setup.source} has no vocab_size to make token ids for", "Pass --data FILE with --packed")
     if vocab_size(setup.model) is None:
         raise GradflowError(f"{setup.source} gave a {type(setup.model).__name__} without a batch, and it has no "
                             "vocab_size to make token ids for",
                             "Return {'model': ..., 'batch': ...} from the factory (and 'loss_fn' if the model returns "
                             "no loss)")
-    return synthetic_batch(setup.model, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    if not packed:
+        return synthetic_batch(setup.model, batch_size=batch_size, seq_len=seq_len, seed=seed)
+    return batch_of(_synthetic_rows(vocab_size(setup.model), batch_size, seq_len, seed), packed=True, device=device)
 
 
-def packed_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: int, seed: int) -> dict:
-    """`--packed`: the --batch-size samples (at least 2; each at most --seq-len tokens) packed into one row.
-
-    From --data's first samples, else synthetic token ids of distinct lengths; position_ids restart per sample
-    and there is no attention_mask (gradflow.data.packing), as a packed training batch has.
-    """
-    import torch
-
+def _check_packable(setup: Setup, data: str | None, batch_size: int) -> None:
     if batch_size < 2:
         raise GradflowError(f"--packed needs at least 2 samples to pack, got --batch-size {batch_size}",
                             "Pass --batch-size 2 or more")
@@ -136,30 +145,18 @@ def packed_batch(setup: Setup, *, data: str | None, batch_size: int, seq_len: in
         raise GradflowError(f"--packed builds its batch from token ids, and {setup.source} brings its own batch",
                             "Pass --data FILE with --packed, or return a packed batch (position_ids restarting per "
                             "sample) from the factory")
-    check_seq_len(setup.model, seq_len)
-    if data is not None:
-        if setup.tokenizer is None:
-            raise GradflowError("--data needs a tokenizer, and this model source has none",
-                                "Use a preset or a directory with a tokenizer, or return 'tokenizer' from your factory")
-        samples, problems = read_jsonl(data)
-        if problems:
-            raise GradflowError(f"malformed sample at {problems[0]}", "Fix or remove that line")
-        rows = [encode(s, setup.tokenizer, seq_len) for s in samples[:batch_size]]
-        if len(rows) < 2:
-            raise GradflowError(f"--packed needs at least 2 samples and {data} has {len(rows)}",
-                                "Add samples to the file, or drop --packed")
-    else:
-        vocab = vocab_size(setup.model)
-        if vocab is None:
-            raise GradflowError(f"{setup.source} has no vocab_size to make token ids for",
-                                "Pass --data FILE with --packed")
-        gen = torch.Generator().manual_seed(seed)
-        rows = []
-        for i in range(batch_size):  # distinct lengths, so that no boundary falls at a round position
-            n = max(4, seq_len - 3 * i)
-            ids = torch.randint(min(3, vocab - 1), vocab, (n,), generator=gen).tolist()
-            rows.append({"input_ids": ids, "labels": list(ids)})
-    return to_device(collate_packed(rows), model_device(setup.model))
+
+
+def _synthetic_rows(vocab: int, count: int, seq_len: int, seed: int) -> list[dict]:
+    """Token-id rows of distinct lengths, so that no sample boundary falls at a round position."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(count):
+        ids = torch.randint(min(3, vocab - 1), vocab, (max(4, seq_len - 3 * i),), generator=gen).tolist()
+        rows.append({"input_ids": ids, "labels": list(ids)})
+    return rows
 
 
 # learned absolute position tables: a longer sequence indexes past their end (rotary positions have no such limit)

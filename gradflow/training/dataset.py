@@ -14,7 +14,7 @@ from typing import Any
 
 from gradflow.data.audit import preview
 from gradflow.data.jsonl import Problem, collate, encode, read_jsonl, sample_id, supervised_count, think_of
-from gradflow.data.packing import PackedCollator, collate_packed, pack_groups
+from gradflow.data.packing import PackedCollator, batch_of, pack_groups
 from gradflow.errors import GradflowError
 
 
@@ -122,8 +122,4 @@ def probe_batch(prepared: Prepared, opts, pad_id: int, device, rank: int = 0):
     n = max(2, opts.batch_size) if opts.packing else opts.batch_size
     start = (rank * n) % len(prepared.rows)
     rows = (prepared.rows[start:] + prepared.rows[:start])[:n]
-    if not opts.packing:
-        return collate(rows, pad_id, device)
-
-    batch = collate_packed(rows)
-    return {k: v.to(device) for k, v in batch.items()}
+    return batch_of(rows, packed=opts.packing, pad_id=pad_id, device=device)
