@@ -40,11 +40,6 @@ def complete_checkpoints(run_dir: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
-def last_complete_checkpoint(run_dir: str) -> str | None:
-    done = complete_checkpoints(run_dir)
-    return done[-1] if done else None
-
-
 def clear_staging(run_dir: str) -> None:
     """Remove what a killed save left behind: staging directories and unmarked checkpoints."""
     if not os.path.isdir(run_dir):
