@@ -116,9 +116,10 @@ def test_the_kernel_hub_log_lines_bitsandbytes_provokes_are_dropped_and_nothing_
     hub = logging.getLogger("kernels._internals.hf_hub")
     saved = list(hub.filters)
     try:
+        hub.filters[:] = []  # an earlier in-process CLI run may have added gradflow's filter already
         ignore_known_noise()
         ignore_known_noise()  # idempotent: one filter, however often the CLI and train call it
-        assert len(hub.filters) == len(saved) + 1
+        assert len(hub.filters) == 1
         with caplog.at_level(logging.WARNING, logger="kernels._internals.hf_hub"):
             hub.warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because "
                         "Hugging Face Hub is in offline mode.")
