@@ -99,6 +99,8 @@ def build(setup: Setup, opts: SetupOptions) -> Setup:
         # bitsandbytes quantizes while loading; a model the factory already built cannot be quantized here
         raise GradflowError(f"--quant {opts.quant} needs gradflow to load the model, but {setup.source} built it already",
                             "Quantize inside the factory (from_pretrained with a BitsAndBytesConfig), or drop --quant")
+    elif _quantized(setup.model):
+        pass  # quantized while loading (the dry run's twin), on the device and in the dtype asked: it cannot be cast
     elif dtype is not None or device != "cpu":
         setup.model.to(device=device, dtype=dtype) if dtype is not None else setup.model.to(device)
     model = setup.model

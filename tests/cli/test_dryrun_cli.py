@@ -66,6 +66,17 @@ def test_preset(tmp_path):
     assert run.json()["dry_run"]["config_class"] == "LlamaConfig"
 
 
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_quantized_preset_with_a_dtype(quant):
+    # the twin is quantized while it loads, in that dtype: casting it again raised ValueError (seen on an H100)
+    run = invoke("probe-backward", "tiny-phi3", "--dry-run", *SETUP, "--quant", quant, "--dtype", "bfloat16",
+                 "--format", "json")
+    assert run.code == 0, run.stderr
+    data = run.json()
+    assert data["model"]["quantized"] == quant and data["params"]["trainable"] > 0
+    assert "reentrant-checkpoint-no-input-grad" not in [f["slug"] for f in data["findings"]]  # prepared for k-bit
+
+
 def test_directory_with_weights_reads_only_the_config(tmp_path):
     """A save_pretrained directory works too; its weights are never read (here they are not even valid)."""
     from transformers import LlamaConfig
