@@ -10,6 +10,7 @@ under torchrun) it is probed through that wrapper on every rank (gradflow.distri
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any, Callable, ContextManager
 
 from gradflow import api, distributed, world
@@ -127,10 +128,9 @@ def patch(model: Any, batch: Any = None, *, loss_fn: Callable | None = None, opt
 
 
 def _options(setup: SetupOptions | None, seed: int, trainable: str | None) -> SetupOptions:
+    """The caller's options (never changed in place: they may be reused), with `trainable` over theirs."""
     opts = setup if setup is not None else SetupOptions(seed=seed)
-    if trainable is not None:
-        opts.trainable = trainable
-    return opts
+    return dataclasses.replace(opts, trainable=trainable) if trainable is not None else opts
 
 
 def _load(spec: str, opts: SetupOptions, status: Status, **batch_args) -> tuple[Setup, Any]:
