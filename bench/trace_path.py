@@ -5,7 +5,7 @@
 A module is "entered" when one of its functions is called directly by a function of another gradflow module; the
 calls one function makes into another module (a constructor, then its methods) are one entry.
 Not counted: calls within a module, import-time code (a module's body, and what it calls), hooks that torch calls back (the forward trace's), and the
-base modules every layer uses as helpers (errors, choices, limits, models, forward, snapshot, world, noise).
+base modules every layer uses (errors, finding, choices, limits, models, forward, snapshot, world, noise).
 "Climbs" are direct calls from a module into one of a higher layer (tests/test_layers.py's order).
 """
 

@@ -9,7 +9,8 @@ from gradflow._lazy import lazy_getattr
 
 __version__ = "0.1.0"
 
-__all__ = ["inspect", "probe", "patch", "train", "Report", "Finding", "GradFlowCallback", "__version__"]
+__all__ = ["inspect", "probe", "patch", "train", "Report", "Finding", "GradFlowCallback", "SetupOptions",
+           "__version__"]
 
 _LAZY = {
     "inspect": ("gradflow.entries", "inspect"),
@@ -19,6 +20,7 @@ _LAZY = {
     "Report": ("gradflow.report", "Report"),
     "Finding": ("gradflow.report", "Finding"),
     "GradFlowCallback": ("gradflow.training.callback", "GradFlowCallback"),
+    "SetupOptions": ("gradflow.setup.options", "SetupOptions"),
 }
 
 

@@ -19,7 +19,7 @@ from gradflow.errors import GradflowError
 from gradflow.probing.steps import check_steps
 from gradflow.report import Report
 from gradflow.report.ranks import speak_for_ranks
-from gradflow.setup.build import SetupOptions
+from gradflow.setup.options import SetupOptions
 from gradflow.setup.load import load_batch
 from gradflow.setup.sources import Setup
 

@@ -1,12 +1,14 @@
 """Predicates over models, in one place: is it a PeftModel, is a module a checkpointed layer, which modules are the
 decoder layers, which layer a name is in, the model under its training wrappers, and how gradflow marks the hooks its
-fixes install. No torch import at module level."""
+fixes install; and transformers' checkpointing switch. No torch import at module level."""
 
 from __future__ import annotations
 
 import re
 import sys
 from typing import Any
+
+from gradflow.errors import GradflowError
 
 # a numbered block in a name: 'model.layers.3', 'transformer.h.0', 'encoder.layer.11', 'blocks.2'
 LAYER = re.compile(r"^(?P<prefix>.*?(?:^|\.)(?:layers|h|blocks|layer))\.(?P<index>\d+)(?=\.|$)")
@@ -157,3 +159,23 @@ def is_trainer(obj: Any) -> bool:
     from transformers import Trainer
 
     return isinstance(obj, Trainer)
+
+
+def set_checkpointing(model, mode: str) -> None:
+    """Turn transformers' gradient checkpointing off, reentrant or non-reentrant, on either stack."""
+    target = model.get_base_model() if is_peft_model(model) else model
+    if not hasattr(target, "gradient_checkpointing_enable"):
+        if mode == "off":
+            return
+        raise GradflowError(f"--gc {mode}: {type(target).__name__} is not a transformers model with checkpointing",
+                            "Use --gc off, or checkpoint inside your factory")
+    if mode == "off":
+        disable = getattr(target, "activation_checkpointing_disable", None) or target.gradient_checkpointing_disable
+        disable()
+        return
+    kwargs = {"use_reentrant": mode == "reentrant"}
+    enable = getattr(target, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.x; gradient_checkpointing_enable is a deprecated alias there
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

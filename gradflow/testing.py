@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import gradflow
 from gradflow.choices import FailOn
-from gradflow.report import severity_rank
+from gradflow.finding import severity_rank
 from gradflow.setup.sources import setup_from_factory_result
 
 __all__ = ["assert_gradient_flow", "format_findings"]

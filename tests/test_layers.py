@@ -23,8 +23,8 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("rules, report", ("gradflow.rules", "gradflow.report")),
     ("setup", ("gradflow.setup", "gradflow.demos")),
     ("data", ("gradflow.data",)),
-    ("base", ("gradflow.errors", "gradflow.choices", "gradflow.limits", "gradflow.models", "gradflow.forward",
-              "gradflow.snapshot", "gradflow.world", "gradflow.noise", "gradflow._lazy", "gradflow.model_state",
+    ("base", ("gradflow.errors", "gradflow.finding", "gradflow.choices", "gradflow.limits", "gradflow.models",
+              "gradflow.forward", "gradflow.snapshot", "gradflow.world", "gradflow.noise", "gradflow._lazy", "gradflow.model_state",
               "gradflow.files")),
 ]
 # inside the api layer the facade (gradflow/__init__.py, lazy by name) sits above the modules it names

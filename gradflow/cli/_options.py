@@ -66,14 +66,14 @@ class SetupArgs:
     trainable: Trainable = None
     trust_remote_code: TrustRemoteCode = False
 
-    def options(self, *, seed: int = 0, trainable: str | None = None):
-        """SetupOptions, validated; `trainable` as [tool.gradflow] and the flag resolved it (see Gate)."""
-        from gradflow.setup.build import SetupOptions
+    def options(self, *, seed: int = 0, trainable: str | None = None, **more):
+        """SetupOptions, validated; `trainable` as [tool.gradflow] and the flag resolved it (see Gate); `more`:
+        the options of one command (train's so8_layers)."""
+        from gradflow.setup.options import SetupOptions
 
         plain = {f.name: c.plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # the library: plain str
-        opts = SetupOptions(**{**plain, "trainable": trainable if trainable is not None else self.trainable},
-                            seed=seed)
-        return opts
+        return SetupOptions(**{**plain, "trainable": trainable if trainable is not None else self.trainable},
+                            seed=seed, **more)
 
 
 @dataclasses.dataclass

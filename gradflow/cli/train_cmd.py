@@ -110,13 +110,13 @@ def train(
         from gradflow.report.config import resolve
 
         trainable = resolve(trainable=setup.trainable, isolated=isolated).trainable  # else [tool.gradflow]'s
-        opts = setup.options(seed=seed, trainable=trainable)
+        opts = setup.options(seed=seed, trainable=trainable, so8_layers=_so8_layers(so8_layers))
         import gradflow
 
         report = gradflow.train(
             model, data, output, setup_options=opts, learning_rate=lr, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, seed=seed, precision=str(precision),
-            loss_on=str(loss_on), strict=strict, so8_layers=_so8_layers(so8_layers), recipe=recipe,
+            loss_on=str(loss_on), strict=strict, recipe=recipe,
             unsafe_fixes=unsafe_fixes, resume=resume, resume_anyway=resume_anyway, overwrite=overwrite, merge=merge,
             check_every=check_every, moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps,
             packing=packing, tokens_per_batch=tokens_per_batch, gc_every=gc_every, max_memory=max_memory, attn=attn,
@@ -157,9 +157,9 @@ def train(
 
 
 def _so8_layers(text: str | None) -> list[int]:
-    if text is None:  # gradflow.training.so8 imports torch: a refused run should not wait for it
+    if text is None:  # gradflow.setup.so8 imports torch: a refused run should not wait for it
         return []
-    from gradflow.training.so8 import parse_layers
+    from gradflow.setup.so8 import parse_layers
 
     return parse_layers(text)
 

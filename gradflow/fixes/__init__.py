@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 
 from gradflow.fixes.advice import FIXES
-from gradflow.report import Applicability
+from gradflow.finding import Applicability
 from gradflow.rules import load, run_rules
 from gradflow.rules.codes import SLUGS
 

@@ -8,7 +8,7 @@ import os
 from typing import Any, Callable
 
 from gradflow.models import is_peft_model
-from gradflow.report import Applicability
+from gradflow.finding import Applicability
 
 APPLICABILITIES = tuple(a.value for a in Applicability)
 

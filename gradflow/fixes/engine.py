@@ -7,7 +7,8 @@ from typing import Any, Callable
 from gradflow.fixes import all_fixes
 from gradflow.fixes._base import Context, Env, Fix, Plan
 from gradflow.model_state import ModelState
-from gradflow.report import Applicability, Report
+from gradflow.finding import Applicability
+from gradflow.report import Report
 from gradflow.report.sections import PatchOutcome
 
 MAX_ROUNDS = 3  # a fix can reveal the next finding (unfrozen adapters behind a cut checkpoint): probe again

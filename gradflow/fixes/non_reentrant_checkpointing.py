@@ -17,8 +17,7 @@ from __future__ import annotations
 
 from gradflow.fixes import input_grad_hook
 from gradflow.fixes._base import Fix, Plan
-from gradflow.models import gc_mode_of, is_peft_model
-from gradflow.setup.build import set_checkpointing
+from gradflow.models import gc_mode_of, is_peft_model, set_checkpointing
 
 ANSWERS = ("reentrant-checkpoint-no-input-grad",)
 

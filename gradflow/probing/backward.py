@@ -11,7 +11,7 @@ from gradflow.forward import call_model, extract_loss, synthetic_batch
 from gradflow.model_state import kept, set_rng_state
 from gradflow.probing.describe import describe
 from gradflow.probing.leak import measure
-from gradflow.probing.trace import Tracer, main_output
+from gradflow.probing.trace import Tracer
 from gradflow.snapshot import LossState, Snapshot
 
 
@@ -94,7 +94,7 @@ def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, 
         except TypeError as exc:
             loss_state.error, loss_state.error_phase = str(exc), "loss"
     tracer.phase = "backward"
-    model_out = main_output(tracer.output) if tracer.output is not None else None
+    model_out = tracer.main_output
     if model_out is not None:
         snap.output_requires_grad = bool(model_out.requires_grad)
     if loss is not None:
@@ -105,7 +105,7 @@ def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, 
             except Exception as exc:
                 loss_state.error, loss_state.error_phase = _describe_exc(exc), "backward"
     del loss, out, model_out
-    tracer.output = None
+    tracer.output = tracer.main_output = None
     tracer.output_fns.clear()  # release the graph nodes as soon as the walk is done
 
 
@@ -135,7 +135,7 @@ def _locate_nonfinite(model, batch, loss_fn, names, rng) -> str | None:
             loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
         except Exception:  # the first pass already recorded it
             pass
-    tracer.output = None
+    tracer.output = tracer.main_output = None
     flagged = [(rec.order, name) for name, rec in tracer.records.items() if rec.finite is not None]
     if not flagged:
         return None

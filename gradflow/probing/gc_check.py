@@ -28,9 +28,8 @@ from typing import Any, Callable
 
 from gradflow.forward import call_model, extract_loss
 from gradflow.model_state import kept
-from gradflow.models import base_model
+from gradflow.models import base_model, set_checkpointing
 from gradflow.probing.backward import _describe_exc
-from gradflow.setup.build import set_checkpointing
 from gradflow.snapshot import GcEquivalence, GradDiff
 
 # by gradient dtype: ||g_on - g_off|| <= atol * sqrt(numel) + rtol * ||g_off||. Recomputation on the same device

@@ -111,6 +111,7 @@ class Tracer:
         self.checkpoints: list[CheckpointCall] = []
         self.phase = "forward"
         self.output = None  # the last top-level call's output
+        self.main_output = None  # its logits (see main_output)
         self._finite_checks = finite_checks
         self._stack: list[str] = []
         self._stack_gc: list[bool] = []  # whether each module on the stack has transformers checkpointing on
@@ -280,7 +281,7 @@ class Tracer:
         else:
             self._record_output(rec, name, module, inputs, output)
         if not self._stack:
-            self.output = output
+            self.output, self.main_output = output, main_output(output)
         return None
 
     def _late_hook(self, module, args, kwargs, output):

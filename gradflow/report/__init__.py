@@ -9,55 +9,17 @@ import types
 from typing import Any, Mapping
 
 from gradflow.errors import GradflowError
+from gradflow.finding import (SEVERITIES, Applicability, Finding, Fix, finding_line,  # noqa: F401 (the report's API)
+                              severity_rank)
 from gradflow.report.render import renderable, to_text
 from gradflow.report.render.json_report import COMPACT_DEPTH, COMPACT_FINDING_PARAMS, module_rows, params_section
 from gradflow.report.sections import (DataSection, DistributedSection, DryRunSection, PatchOutcome, PreflightSection,
                                       TrainSection)
 
 SCHEMA_VERSION = 1
-SEVERITIES = ("info", "warning", "error")
 # the sections after the probe's fields, in the order the JSON shows them
 SECTIONS = ("gc_check", "steps", "packed_check", "dry_run", "distributed", "preflight", "plan", "data", "train",
             "baseline")
-
-
-class Applicability(str, enum.Enum):
-    """How a fix may be applied: the one definition fixes and reports use (it compares equal to its value).
-
-    Ordered from the most to the least applicable, safe < unsafe < display-only (as declared), so that whether a
-    fix is applied at a threshold is one comparison: `applicability.applies(threshold)`. Each `Fix` in
-    gradflow/fixes declares its own; a finding's is stamped from the fix that answers it (gradflow.fixes.stamp).
-    """
-
-    SAFE = "safe"  # applied by default: it changes no training outcome the user chose
-    UNSAFE = "unsafe"  # applied only with --unsafe-fixes: it can change what the model learns
-    DISPLAY_ONLY = "display-only"  # printed as code to paste: the cause is in the user's own code
-
-    def __str__(self) -> str:
-        return self.value
-
-    @property
-    def rank(self) -> int:
-        """0 for safe, 1 for unsafe, 2 for display-only."""
-        return type(self)._member_names_.index(self.name)
-
-    def applies(self, threshold: "Applicability | str") -> bool:
-        """Whether a fix of this applicability is applied at `threshold` (safe by default, unsafe with
-        --unsafe-fixes); a display-only fix never is."""
-        return self <= threshold
-
-    # str's own ordering is alphabetical: compare by rank instead (a plain value such as "safe" is accepted)
-    def __lt__(self, other):
-        return self.rank < Applicability(other).rank if isinstance(other, str) else NotImplemented
-
-    def __le__(self, other):
-        return self.rank <= Applicability(other).rank if isinstance(other, str) else NotImplemented
-
-    def __gt__(self, other):
-        return self.rank > Applicability(other).rank if isinstance(other, str) else NotImplemented
-
-    def __ge__(self, other):
-        return self.rank >= Applicability(other).rank if isinstance(other, str) else NotImplemented
 
 
 class Detail(str, enum.Enum):
@@ -75,48 +37,6 @@ class Detail(str, enum.Enum):
             return cls(value)
         except ValueError:
             raise GradflowError(f"--detail {value!r} is not one of compact, params", "Pick one of those") from None
-
-
-@dataclasses.dataclass
-class Fix:
-    """A finding's fix: the rule's title for it, and the applicability of the fix that answers it.
-
-    A rule leaves `applicability` None (the fixes sit a layer above the rules); gradflow.fixes.stamp fills it in.
-    """
-
-    title: str
-    applicability: Applicability | None = None
-
-
-@dataclasses.dataclass
-class Finding:
-    code: str
-    slug: str
-    severity: str
-    message: str
-    location: str | None = None
-    fix: Fix | None = None
-    params: list[str] = dataclasses.field(default_factory=list)  # the parameters it concerns
-    params_count: int | None = None  # how many it concerns, when `params` lists fewer (read back from compact JSON)
-
-    def to_dict(self, limit: int | None = 50) -> dict:
-        """The finding as JSON: the first `limit` parameter names it concerns (None: all), and how many there are."""
-        return {"code": self.code, "slug": self.slug, "severity": self.severity, "message": self.message,
-                "location": self.location,
-                "fix": {"title": self.fix.title, "applicability": str(self.fix.applicability)} if self.fix else None,
-                "params": self.params[:limit],
-                "params_count": self.params_count if self.params_count is not None else len(self.params)}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Finding":
-        fix = data.get("fix")
-        return cls(data["code"], data["slug"], data["severity"], data["message"], data.get("location"),
-                   Fix(fix["title"], Applicability(fix["applicability"])) if fix else None,
-                   list(data.get("params") or []), data.get("params_count"))
-
-
-def severity_rank(severity: str) -> int:
-    return SEVERITIES.index(severity)
 
 
 @dataclasses.dataclass
@@ -325,9 +245,3 @@ def _module_row(m) -> dict:
         row["grads"] = dict(m.grads)
         row["grad_norm"] = m.grad_norm
     return row
-
-
-def finding_line(f: Finding) -> str:
-    """One finding as one line: code, slug, where, and the message."""
-    where = f" at {f.location}" if f.location else ""
-    return f"{f.code} {f.slug}{where}: {f.message}"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 
-from gradflow.report import finding_line
+from gradflow.finding import finding_line
 from gradflow.world import finish, is_multi_process, silence_stdout, train_world
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from gradflow.report import severity_rank
+from gradflow.finding import severity_rank
 from gradflow.rules.codes import CODES, lookup
 
 

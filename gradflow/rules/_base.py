@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable, Iterable
 
-from gradflow.report import Applicability, Finding, Fix
+from gradflow.finding import Applicability, Finding, Fix
 
 
 @dataclasses.dataclass(frozen=True)

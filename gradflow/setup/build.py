@@ -1,72 +1,19 @@
-"""The training setup from options: LoRA, adapters, quantization, checkpointing, dtype and device."""
+"""The training setup from options (gradflow.setup.options): LoRA, adapters, SO(8) rotations, quantization,
+checkpointing, dtype and device."""
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import tempfile
 
-from gradflow.choices import DType, Device, GC, Quant, plain
 from gradflow.errors import GradflowError
-from gradflow.limits import check_int
-from gradflow.models import is_peft_model
+from gradflow.models import is_peft_model, set_checkpointing
+from gradflow.setup import so8
+from gradflow.setup.options import DTYPES, SetupOptions
 from gradflow.setup.presets import build_preset, build_tokenizer
-from gradflow.setup.sources import Kind, Setup, _first_line, compile_regex, resolve
-
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}
-GC_MODES = GC.values()  # the values are defined once, in gradflow.choices
-QUANT_MODES = Quant.values()
-
-
-@dataclasses.dataclass
-class SetupOptions:
-    """Setup options as the CLI takes them, checked once, when built. None means: leave the model as its source
-    built it."""
-
-    lora_r: int | None = None  # None: 8 for presets/dirs/hub ids, no LoRA for factories; 0: no LoRA
-    lora_alpha: int | None = None
-    lora_targets: str | None = None  # "all-linear" or "a,b,c"
-    adapter: str | None = None
-    adapter_trainable: bool = False
-    quant: str = "none"
-    gc: str | None = None
-    dtype: str | None = None
-    device: str = "auto"
-    trainable: str | None = None
-    trust_remote_code: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        # the same check (and message) as the CLI's parsing; an Enum member becomes its plain value
-        self.quant = plain(Quant.parse(self.quant))
-        self.gc = None if self.gc is None else plain(GC.parse(self.gc))
-        self.dtype = None if self.dtype is None else plain(DType.parse(self.dtype))
-        self.device = plain(Device.parse(self.device))
-        if self.lora_r is not None:
-            check_int("--lora-r", self.lora_r)
-        if self.lora_alpha is not None:
-            check_int("--lora-alpha", self.lora_alpha)
-        check_int("--seed", self.seed)
-        if self.adapter_trainable and self.adapter is None:
-            raise GradflowError("--adapter-trainable has no adapter to apply to", "Pass --adapter DIR with it")
-        if self.adapter is not None and (self.lora_r or self.lora_targets):
-            raise GradflowError("--adapter loads an existing adapter, so --lora-r / --lora-targets would be ignored",
-                                "Drop --lora-r and --lora-targets, or drop --adapter")
-        if self.adapter is not None and not os.path.isdir(self.adapter):
-            raise GradflowError(f"--adapter {self.adapter}: no such directory",
-                                "Pass a directory written by PeftModel.save_pretrained")
-        if self.adapter is not None and not os.path.isfile(os.path.join(self.adapter, "adapter_config.json")):
-            raise GradflowError(f"--adapter {self.adapter} holds no adapter_config.json",
-                                "Pass a directory written by PeftModel.save_pretrained")
-        if self.trainable is not None:
-            compile_regex(self.trainable)
-
+from gradflow.setup.sources import Kind, Setup, _first_line, resolve
 
 def resolve_device(device: str) -> str:
     import torch
@@ -90,6 +37,9 @@ def build(setup: Setup, opts: SetupOptions) -> Setup:
     """Load or adapt the model in `setup` as `opts` say, in the order careful users follow."""
     if setup.kind == Kind.TRAINER:
         return _trainer_setup(setup, opts)
+    if opts.so8_layers and (setup.kind not in (Kind.PRESET, Kind.DIR, Kind.HUB) or _is_adapter_dir(setup)):
+        raise GradflowError("--so8-layers needs a base model that gradflow adds LoRA to (a preset, directory or hub "
+                            "id, without --adapter)", "Drop --so8-layers, or start from the base model")
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype)
     is_factory = setup.kind == Kind.FACTORY
@@ -116,14 +66,17 @@ def build(setup: Setup, opts: SetupOptions) -> Setup:
         set_checkpointing(model, opts.gc)
 
     adapter = opts.adapter or (setup.source if _is_adapter_dir(setup) else None)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=opts.adapter_trainable)
+    if adapter is not None:  # with the SO(8) rotations it was trained with, if any
+        model = so8.load_adapter(model, adapter, is_trainable=opts.adapter_trainable)
     else:
         rank = opts.lora_r if opts.lora_r is not None else (0 if is_factory or is_peft_model(model) else 8)
+        if opts.so8_layers:
+            so8.install(model, opts.so8_layers)
         if rank > 0:
-            model = apply_lora(model, rank, opts.lora_alpha or 2 * rank, opts.lora_targets or "all-linear")
+            model = apply_lora(model, rank, opts.lora_alpha or 2 * rank, opts.lora_targets or "all-linear",
+                               modules_to_save=[so8.MODULE_NAME] if opts.so8_layers else None)
+        if opts.so8_layers:  # after PEFT wrapped o_proj, so that LoRA on o_proj sees the rotated input
+            so8.attach_hooks(model)
     setup.model = model
     if opts.trainable is not None:
         setup.trainable = opts.trainable
@@ -134,7 +87,8 @@ def _trainer_setup(setup: Setup, opts: SetupOptions) -> Setup:
     """A Trainer brings its own model, checkpointing and adapters: setup flags would silently disagree with it."""
     given = [flag for flag, value in (("--lora-r", opts.lora_r), ("--lora-alpha", opts.lora_alpha),
                                       ("--lora-targets", opts.lora_targets), ("--adapter", opts.adapter),
-                                      ("--gc", opts.gc), ("--dtype", opts.dtype)) if value is not None]
+                                      ("--gc", opts.gc), ("--dtype", opts.dtype),
+                                      ("--so8-layers", opts.so8_layers or None)) if value is not None]
     if opts.quant != "none":
         given.append("--quant")
     if opts.device != "auto":
@@ -264,26 +218,6 @@ def _quant_config(quant: str, compute_dtype):
 
 def _quantized(model) -> bool:
     return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
-
-
-def set_checkpointing(model, mode: str) -> None:
-    """Turn transformers' gradient checkpointing off, reentrant or non-reentrant, on either stack."""
-    target = model.get_base_model() if is_peft_model(model) else model
-    if not hasattr(target, "gradient_checkpointing_enable"):
-        if mode == "off":
-            return
-        raise GradflowError(f"--gc {mode}: {type(target).__name__} is not a transformers model with checkpointing",
-                            "Use --gc off, or checkpoint inside your factory")
-    if mode == "off":
-        disable = getattr(target, "activation_checkpointing_disable", None) or target.gradient_checkpointing_disable
-        disable()
-        return
-    kwargs = {"use_reentrant": mode == "reentrant"}
-    enable = getattr(target, "activation_checkpointing_enable", None)
-    if enable is not None:  # transformers >= 5.x; gradient_checkpointing_enable is a deprecated alias there
-        enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        target.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def hidden_size(model) -> int | None:

@@ -9,7 +9,8 @@ from gradflow.data.packing import batch_of
 from gradflow.errors import GradflowError
 from gradflow.forward import model_device, synthetic_batch, to_device, vocab_size
 from gradflow.limits import check_positive
-from gradflow.setup.build import SetupOptions, build
+from gradflow.setup.build import build
+from gradflow.setup.options import SetupOptions
 from gradflow.setup.sources import Kind, Setup, resolve, setup_from_factory_result
 
 

@@ -13,7 +13,7 @@ _LAZY = {
     "train": ("gradflow.training.engine", "train"),
     "TrainOptions": ("gradflow.training.options", "TrainOptions"),
     "merge": ("gradflow.training.merge", "merge"),
-    "load_adapter": ("gradflow.training.merge", "load_adapter"),
+    "load_adapter": ("gradflow.setup.so8", "load_adapter"),
     "GradFlowCallback": ("gradflow.training.callback", "GradFlowCallback"),
 }
 

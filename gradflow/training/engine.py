@@ -21,8 +21,9 @@ from typing import Any
 from gradflow.files import write_json, write_jsonl
 from gradflow.forward import model_device
 from gradflow.noise import ignore_known_noise
-from gradflow.report import Report, finding_line, ranks as _ranks
-from gradflow.setup.build import SetupOptions
+from gradflow.finding import finding_line
+from gradflow.report import Report, ranks as _ranks
+from gradflow.setup.options import SetupOptions
 from gradflow.training import fsdp as _fsdp
 from gradflow.training.checkpoint import clear_staging, set_aside
 from gradflow.training.compiling import apply as apply_compile
@@ -55,7 +56,8 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
         setup_options: how to build the setup (LoRA, quantization, checkpointing, dtype, device).
         callbacks: extra TrainerCallbacks.
         progress: show progress on stderr.
-        **options: TrainOptions fields (learning_rate, max_steps, batch_size, seq_len, so8_layers, resume, …).
+        **options: TrainOptions fields (learning_rate, max_steps, batch_size, seq_len, resume, …), and
+            `so8_layers`, the one SetupOptions field also taken here.
 
     Returns:
         A Report: the pre-flight probe's findings plus those raised while training (under torchrun: every
@@ -69,13 +71,14 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
         GradflowError: bad input; `output` is locked by another run; `resume` finds no intact checkpoint, or one
             written with other options (unless `resume_anyway`).
     """
+    so8_layers = options.pop("so8_layers", None)  # a setup option, taken here too for train's callers
     opts = TrainOptions(**options)
     opts.resume = opts.resume or opts.resume_anyway
     opts.validate()
     ropts = setup_options or SetupOptions()
+    ropts = dataclasses.replace(ropts, seed=ropts.seed or opts.seed,
+                                so8_layers=ropts.so8_layers if so8_layers is None else so8_layers)
     _fsdp.check(opts, ropts)
-    if ropts.seed == 0 and opts.seed:
-        ropts.seed = opts.seed
     check_output_path(output)
     # the lock: from the output check to the end, one run per directory; cleanup: undone however the run ends
     with hold(output, enabled=rank() == 0), contextlib.ExitStack() as cleanup:
@@ -121,7 +124,7 @@ class Run:
             if done is not None:
                 return done
         bind_local_gpu()  # torchrun on GPUs: each rank builds and probes on its own device
-        self.setup_, self.gc_from = build_setup(self.model, self.ropts, self.opts, self.tokenizer)
+        self.setup_, self.gc_from = build_setup(self.model, self.ropts, self.opts.seq_len, self.tokenizer)
         self._read_data(read)
         prepare_output(self.output, self.opts)
         if rank() == 0:
@@ -162,8 +165,9 @@ class Run:
         for change in changes or []:
             self.say(f"recipe: {change}")
         self.say("pre-flight: probing" + (" a packed batch" if opts.packing else ""))
-        pf = preflight(self.setup_, batch, unsafe=opts.unsafe_fixes, say=self.say)
-        self.report = report = _report(pf, self.prepared, opts, self.data, self.output)
+        pf = preflight(self.setup_.model, batch, loss_fn=self.setup_.loss_fn, trainable=self.setup_.trainable,
+                       patch=True, unsafe=opts.unsafe_fixes, say=self.say)
+        self.report = report = _report(pf, self.prepared, opts, self.ropts.so8_layers, self.data, self.output)
         _ranks.gather_preflight(report, self.device.type)  # torchrun: every rank's findings, every rank decides
         report.preflight["recipe"] = {"path": opts.recipe, "changes": changes} if opts.recipe else None
         report.plan = self.memory.to_dict()
@@ -336,7 +340,8 @@ def _quiet():
         yield
 
 
-def _report(pf, prepared: Prepared, opts: TrainOptions, data: str, output: str) -> Report:
+def _report(pf, prepared: Prepared, opts: TrainOptions, so8_layers: list[int], data: str,
+            output: str) -> Report:
     """The train report: the pre-flight's last probe, with its own sections for the pre-flight, data and run."""
     after = pf["after"]
     report = copy.copy(after)
@@ -360,5 +365,6 @@ def _report(pf, prepared: Prepared, opts: TrainOptions, data: str, output: str) 
         "truncated": sum(1 for a in prepared.audit if a["truncated"]),
         "previews": prepared.previews, "audit": "audit.jsonl",
     }
-    report.train = {"status": None, "options": dataclasses.asdict(opts), "output": output}
+    options = {**dataclasses.asdict(opts), "so8_layers": so8_layers}  # the schema's train options
+    report.train = {"status": None, "options": options, "output": output}
     return report

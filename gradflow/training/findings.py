@@ -7,7 +7,7 @@ The two states that exist only during training (GF401, GF402) are runtime rules 
 from __future__ import annotations
 
 from gradflow.fixes import stamp
-from gradflow.report import Finding
+from gradflow.finding import Finding
 from gradflow.rules import load
 from gradflow.rules.codes import SLUGS
 

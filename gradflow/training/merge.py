@@ -7,28 +7,13 @@ import shutil
 
 from gradflow.errors import GradflowError
 from gradflow.limits import SEED_MAX
-from gradflow.setup.build import SetupOptions, build, read_json
+from gradflow.setup.build import build, read_json
+from gradflow.setup.options import SetupOptions
 from gradflow.setup.load import _try_tokenizer
 from gradflow.setup.sources import resolve
-from gradflow.training import so8
+from gradflow.setup import so8
+from gradflow.setup.so8 import load_adapter
 from gradflow.training.outputs import RUN_META
-
-
-def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
-    """PeftModel.from_pretrained, after installing the SO(8) rotations the adapter was trained with.
-
-    Plain `PeftModel.from_pretrained` loads the LoRA weights of any gradflow adapter; this also restores the
-    SO(8) rotations (saved through modules_to_save) and the hooks that apply them.
-    """
-    from peft import PeftModel
-
-    layers = so8.read_meta(adapter_dir)
-    if layers:
-        so8.install(base, layers)
-    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
-    if layers:
-        so8.attach_hooks(model)
-    return model
 
 
 def _run_meta(adapter_dir: str) -> dict:

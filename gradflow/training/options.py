@@ -30,7 +30,6 @@ class TrainOptions:
     precision: str = "fp32"  # mixed precision: fp32 (off) | bf16 | fp16
     loss_on: str = "completion"
     strict: bool = False
-    so8_layers: list[int] = dataclasses.field(default_factory=list)
     recipe: str | None = None
     resume: bool = False
     resume_anyway: bool = False  # resume although the run's fingerprint differs (implies resume)

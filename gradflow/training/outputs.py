@@ -16,7 +16,7 @@ import shutil
 
 from gradflow.errors import GradflowError
 from gradflow.setup.sources import Kind
-from gradflow.training import so8
+from gradflow.setup import so8
 from gradflow.training.lock import LOCK_NAME
 from gradflow.training.resume import find
 
@@ -92,11 +92,11 @@ def save_adapter(setup, model_spec, ropts, opts, path: str) -> None:
         adapter_config["base_model_name_or_path"] = base
         with open(config_path, "w") as fh:
             json.dump(adapter_config, fh, indent=2)
-    if opts.so8_layers:
-        so8.write_meta(tmp, opts.so8_layers)
+    if ropts.so8_layers:
+        so8.write_meta(tmp, ropts.so8_layers)
     with open(os.path.join(tmp, RUN_META), "w") as fh:
         json.dump({"base": base, "base_kind": setup.kind, "base_seed": ropts.seed, "quant": ropts.quant,
-                   "dtype": ropts.dtype, "so8_layers": opts.so8_layers}, fh, indent=2)
+                   "dtype": ropts.dtype, "so8_layers": ropts.so8_layers}, fh, indent=2)
     if setup.tokenizer is not None:
         try:
             setup.tokenizer.save_pretrained(tmp)

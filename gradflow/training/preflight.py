@@ -23,18 +23,17 @@ def apply_recipe(setup, path: str, batch=None) -> list:
     return list(apply_saved(setup.model, recipe, batch) or [])
 
 
-def preflight(setup, batch, *, unsafe: bool = False, say=None) -> dict:
-    """Probe, patch (patch re-probes). Returns the three reports."""
-    say = say or (lambda text: None)
-    before = api.probe(setup.model, batch, loss_fn=setup.loss_fn, optimizer=None, trainable=setup.trainable)
+def preflight(model, batch, *, loss_fn=None, optimizer=None, trainable: str | None = None, patch: bool = False,
+              unsafe: bool = False, say=None) -> dict:
+    """The one pre-flight: probe `batch`; with `patch` (train), patch what an error or warning names, and patch's
+    own re-probe is the probe after (no fourth pass). Returns the reports: before, patch (or None), after."""
+    before = api.probe(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable)
     patched = None
-    if any(f.severity in ("error", "warning") for f in before.findings):
-        say("pre-flight: patching")
-        patched = api.patch(setup.model, batch, loss_fn=setup.loss_fn, trainable=setup.trainable,
-                                 unsafe=unsafe)
-    # patch ends with its own re-probe of the patched model: that is the "probe again", no fourth pass
+    if patch and any(f.severity in ("error", "warning") for f in before.findings):
+        (say or (lambda text: None))("pre-flight: patching")
+        patched = api.patch(model, batch, loss_fn=loss_fn, trainable=trainable, unsafe=unsafe)
     after = patched.after if patched is not None else before
-    return {"before": before, "patch": patched, "after": after, "patch_available": True}
+    return {"before": before, "patch": patched, "after": after, "patch_available": patch}
 
 
 def trainer_preflight(model, args, kwargs: dict, *, trainable: str | None, note) -> tuple:
@@ -51,7 +50,7 @@ def trainer_preflight(model, args, kwargs: dict, *, trainable: str | None, note)
     try:
         with kept_rng():
             batch = to_device(first_batch(loader), model_device(model))
-            report = api.probe(model, batch, optimizer=kwargs.get("optimizer"), trainable=trainable)
+            report = preflight(model, batch, optimizer=kwargs.get("optimizer"), trainable=trainable)["after"]
     except GradflowError:
         raise  # a trainable regex that names no parameter, an empty dataset: the user's to fix
     except Exception as exc:  # a probe that fails must not stop a run that may be healthy

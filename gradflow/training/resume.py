@@ -43,7 +43,7 @@ def fingerprint(model: Any, data: str, opts, ropts) -> dict:
         "learning_rate": opts.learning_rate, "max_steps": opts.max_steps,
         "epochs": opts.epochs if opts.max_steps is None else None,  # Trainer ignores epochs beside max_steps
         "warmup_steps": opts.warmup_steps, "precision": opts.precision, "loss_on": opts.loss_on,
-        "so8_layers": list(opts.so8_layers), "recipe": _path_or_name(opts.recipe), "unsafe_fixes": opts.unsafe_fixes,
+        "so8_layers": list(ropts.so8_layers), "recipe": _path_or_name(opts.recipe), "unsafe_fixes": opts.unsafe_fixes,
         "lora_r": ropts.lora_r, "lora_alpha": ropts.lora_alpha, "lora_targets": ropts.lora_targets,
         "adapter": _path_or_name(ropts.adapter), "adapter_trainable": ropts.adapter_trainable, "quant": ropts.quant,
         "dtype": ropts.dtype, "trainable": ropts.trainable, "world_size": int(os.environ.get("WORLD_SIZE", "1")),

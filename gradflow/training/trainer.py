@@ -8,7 +8,7 @@ import os
 from gradflow.errors import GradflowError
 from gradflow.forward import model_device
 from gradflow.models import gc_mode_of, is_peft_model
-from gradflow.report import finding_line
+from gradflow.finding import finding_line
 from gradflow.training.callback import GradFlowCallback
 from gradflow.training.checkpoint import atomic_save_mixin
 from gradflow.training.fsdp import enable, training_kwargs

@@ -152,7 +152,7 @@ def test_a_bad_choice_is_the_library_error_raised_while_parsing(args, message):
 
 def test_the_library_validates_with_the_same_choices():
     from gradflow.choices import GC, Precision, LossOn, Quant
-    from gradflow.setup.build import GC_MODES, QUANT_MODES, SetupOptions
+    from gradflow.setup.options import GC_MODES, QUANT_MODES, SetupOptions
     from gradflow.training.options import LOSS_ON, PRECISIONS
 
     assert (GC_MODES, QUANT_MODES, PRECISIONS, LOSS_ON) == (GC.values(), Quant.values(), Precision.values(),

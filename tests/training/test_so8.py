@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 from torch.testing import assert_close
 
 from gradflow.setup.presets import build_preset
 from gradflow.setup.build import apply_lora
-from gradflow.training import so8
-from gradflow.training.merge import load_adapter
+from gradflow.setup import so8
+from gradflow.setup.so8 import load_adapter
 
 LAYERS = [1, 2]
 
@@ -105,3 +107,48 @@ def test_bad_layer_spec_and_layer_out_of_range():
         so8.install(build_preset("tiny-phi3"), [9])
     with pytest.raises(GradflowError, match="no attention module with an o_proj"):
         so8.install(build_preset("tiny-gpt2"), [0])
+
+
+def test_a_build_option_of_every_command_and_restored_with_the_adapter(tmp_path):
+    """SetupOptions(so8_layers=…) builds the rotations for probe and patch as for train; an adapter directory
+    that holds them is probed with them (and the hooks that apply them)."""
+    import gradflow
+    from gradflow.setup.build import SetupOptions
+    from gradflow.setup.load import load_setup
+
+    opts = SetupOptions(so8_layers=[2, 1, 2], lora_r=4)
+    assert opts.so8_layers == [1, 2]
+    with_so8, lora_only = (gradflow.probe("tiny-phi3", setup=o).to_dict()["params"]
+                           for o in (opts, SetupOptions(lora_r=4)))
+    assert (with_so8["trainable"], with_so8["with_grad"]) == (lora_only["trainable"] + 2, lora_only["with_grad"] + 2)
+    ok = {row["layer"]: row["grads"]["ok"] - base["grads"]["ok"]
+          for row, base in zip(with_so8["per_layer"], lora_only["per_layer"])}
+    assert ok == {"layers.0": 0, "layers.1": 1, "layers.2": 1, "layers.3": 0}  # each rotation's theta gets a gradient
+
+    model = load_setup("tiny-phi3", opts).model
+    _perturb(model)
+    model.save_pretrained(tmp_path)
+    so8.write_meta(str(tmp_path), LAYERS)
+    config = tmp_path / "adapter_config.json"  # a preset's adapter names no base: say which (as train does)
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "tiny-phi3"}))
+    reloaded = load_setup(str(tmp_path), SetupOptions()).model
+    for name, r in so8.rotations(model).items():
+        assert_close(so8.rotations(reloaded)[name], r)
+    with torch.no_grad():
+        assert_close(reloaded.eval()(input_ids=_ids()).logits, model.eval()(input_ids=_ids()).logits,
+                     atol=1e-6, rtol=0)
+
+
+def test_refused_where_there_is_no_new_lora_adapter_to_ride_on():
+    import pytest
+
+    from gradflow.errors import GradflowError
+    from gradflow.setup.build import SetupOptions
+    from gradflow.setup.load import load_setup
+
+    with pytest.raises(GradflowError, match="--lora-r is 0"):
+        SetupOptions(so8_layers=[1], lora_r=0)
+    with pytest.raises(GradflowError, match="indices from 0"):
+        SetupOptions(so8_layers=[-1])
+    with pytest.raises(GradflowError, match="a base model that gradflow adds LoRA to"):
+        load_setup("gradflow.demos:seed_bug", SetupOptions(so8_layers=[0]))

@@ -53,7 +53,8 @@ def test_demo_trains_loss_falls_and_adapter_reloads_with_same_logits(tmp_path):
 
 
 def test_so8_layers_train_save_reload_and_merge(tmp_path):
-    from gradflow.training import load_adapter, so8
+    from gradflow.setup import so8
+    from gradflow.training import load_adapter
 
     out = tmp_path / "run"
     report = gradflow.train("tiny-llama", DEMO, str(out), setup_options=SetupOptions(gc="non-reentrant"),

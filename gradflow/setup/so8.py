@@ -190,3 +190,20 @@ def read_meta(directory: str) -> list[int]:
         return []
     with open(path) as fh:
         return [int(i) for i in json.load(fh).get("layers", [])]
+
+
+def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
+    """PeftModel.from_pretrained, after installing the SO(8) rotations the adapter was trained with.
+
+    Plain `PeftModel.from_pretrained` loads the LoRA weights of any gradflow adapter; this also restores the
+    SO(8) rotations (saved through modules_to_save) and the hooks that apply them.
+    """
+    from peft import PeftModel
+
+    layers = read_meta(adapter_dir)
+    if layers:
+        install(base, layers)
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+    if layers:
+        attach_hooks(model)
+    return model
