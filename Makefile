@@ -46,7 +46,12 @@ test-new: $(NEW)/.ok
 test-old: $(OLD)/.ok
 	$(OLD)/bin/python -m pytest --durations=20 tests
 
-test: test-old test-new
+# both stacks at once, one pytest each: the tests run torch on one thread (tests/conftest.py), and about half of
+# the slow tier waits on child processes, so two runs share 2 cores well. Each stack's output is printed whole
+# when it ends. JOBS=1 runs them one after the other.
+JOBS ?= 2
+test:
+	$(MAKE) --no-print-directory -j$(JOBS) --output-sync=target test-old test-new
 
 # pytest's non-zero exit (5 when nothing was collected) fails the target
 check: $(NEW)/.ok
