@@ -6,10 +6,15 @@ longer than `seq_len` is cut to `seq_len * CHARS_PER_TOKEN` characters before it
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import shutil
+import stat
+import tempfile
 
 from gradflow.data.think import canonical, has_think_tags, parse, parse_turns
 from gradflow.errors import GradflowError
@@ -20,6 +25,10 @@ ROLES = ("system", "user", "assistant")
 # past seq_len), and a 50 MB line costs a 32K-character tokenisation at --seq-len 512 instead of minutes. Only text
 # made almost wholly of a tokenizer's longest entries (long runs of spaces) could come out shorter than seq_len.
 CHARS_PER_TOKEN = 64
+# a line nested deeper, or with a longer integer, is a bad line (skipped, or refused with --strict) before anything
+# reads it: no sample format nests past 3, and no field holds a number that long
+MAX_DEPTH = 64
+MAX_DIGITS = 30
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -40,12 +49,43 @@ class Problem:
         return f"{self.path}:{self.line}: {self.what}"
 
 
+_SPOOLED: dict[str, str] = {}  # a stream's path → the private copy it was read into
+_NAMES: dict[str, str] = {}  # and back, for messages
+
+
+def read_once(path: str) -> str:
+    """`path` when it is a regular file; a pipe or other stream (`--data <(cmd)`) is read once, into a private
+    temporary file removed at exit, so that every later read, and a run's data hash, see the same bytes."""
+    if path in _SPOOLED:
+        return _SPOOLED[path]
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return path  # read_jsonl names what is wrong
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return path
+    fd, copy = tempfile.mkstemp(prefix="gradflow-data-", suffix=".jsonl")  # mode 0600: the data may be private
+    atexit.register(_remove, copy)
+    with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    _SPOOLED[path], _NAMES[copy] = copy, path
+    return copy
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
 def read_jsonl(path: str) -> tuple[list[Sample], list[Problem]]:
-    """Parse and validate every line; malformed lines come back as Problems named file:line."""
+    """Parse and validate every line; malformed lines come back as Problems named file:line (by the name given,
+    for a stream read once)."""
+    path = read_once(path)
+    shown = _NAMES.get(path, path)
     if not os.path.exists(path):
-        raise GradflowError(f"data file not found: {path}", "Check the --data path")
+        raise GradflowError(f"data file not found: {shown}", "Check the --data path")
     if os.path.isdir(path):
-        raise GradflowError(f"--data {path} is a directory", "Pass a .jsonl file")
+        raise GradflowError(f"--data {shown} is a directory", "Pass a .jsonl file")
     samples, problems = [], []
     with open(path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
@@ -53,24 +93,52 @@ def read_jsonl(path: str) -> tuple[list[Sample], list[Problem]]:
                 # strict: invalid bytes are a bad line, not U+FFFD that trains as text; a BOM may start the file
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as exc:
-                problems.append(Problem(path, number, f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1})"))
+                problems.append(Problem(shown, number, f"not valid UTF-8 ({exc.reason} at byte {exc.start + 1})"))
                 continue
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, parse_int=_bounded_int)
             except json.JSONDecodeError as exc:
-                problems.append(Problem(path, number, f"not valid JSON ({exc.msg})"))
+                problems.append(Problem(shown, number, f"not valid JSON ({exc.msg})"))
+                continue
+            except (RecursionError, _TooLong) as exc:
+                problems.append(Problem(shown, number, str(exc) if isinstance(exc, _TooLong) else _TOO_DEEP))
+                continue
+            if _deeper_than(record, MAX_DEPTH):
+                problems.append(Problem(shown, number, _TOO_DEEP))
                 continue
             what = _lone_surrogate(record) if _SURROGATE_ESCAPE.search(raw) else None
             what = what or validate(record)
             if what:
-                problems.append(Problem(path, number, what))
+                problems.append(Problem(shown, number, what))
             else:
                 samples.append(Sample(number, _kind(record), record))
     if not samples and not problems:
-        raise GradflowError(f"data file {path} is empty", "Add JSONL lines with text, prompt/completion or messages")
+        raise GradflowError(f"data file {shown} is empty", "Add JSONL lines with text, prompt/completion or messages")
     return samples, problems
+
+
+_TOO_DEEP = f"nested deeper than {MAX_DEPTH} levels"
+
+
+class _TooLong(ValueError):
+    pass
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_DIGITS:
+        raise _TooLong(f"holds an integer longer than {MAX_DIGITS} digits")
+    return int(text)
+
+
+def _deeper_than(value, levels: int) -> bool:
+    """Whether containers nest more than `levels` deep (it stops looking at that depth)."""
+    if not isinstance(value, (dict, list)):
+        return False
+    if levels == 0:
+        return True
+    return any(_deeper_than(v, levels - 1) for v in (value.values() if isinstance(value, dict) else value))
 
 
 def _lone_surrogate(value) -> str | None:
@@ -108,8 +176,8 @@ def validate(record) -> str | None:
         for i, m in enumerate(msgs):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 return f"messages[{i}] needs a string 'content'"
-            if m.get("role") not in ROLES:
-                return f"messages[{i}] has unknown role {repr(m.get('role'))[:40]} (use {', '.join(ROLES)})"
+            if m.get("role") not in ROLES:  # named, never quoted: a role field may hold anything, thinking included
+                return f"messages[{i}] has an unknown role (use {', '.join(ROLES)})"
         if not any(m["role"] == "assistant" for m in msgs):
             return "no assistant message: nothing to learn"
         for i, m in enumerate(msgs):

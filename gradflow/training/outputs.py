@@ -22,6 +22,8 @@ from gradflow.training.resume import find
 
 ADAPTER_DIR, CHECKPOINT_DIR, TB_DIR = "adapter", "checkpoints", "tensorboard"
 RUN_META = "gradflow_train.json"  # how the adapter's base was built: merge and load_base read it
+# what a run writes in OUTPUT, and --overwrite removes
+RUN_FILES = (ADAPTER_DIR, CHECKPOINT_DIR, TB_DIR, "merged", "report.json", "audit.jsonl", "grad_norms.png")
 
 
 def check_output_path(output: str) -> None:
@@ -37,6 +39,10 @@ def check_output_path(output: str) -> None:
 
 def check_output(output: str, opts):
     """With --output locked, before any work: the intact checkpoint to resume from (checkpoint.Intact), if any."""
+    linked = [name for name in RUN_FILES if os.path.islink(os.path.join(output, name))]
+    if linked:  # a run reads, writes and deletes only inside its own directory, never through a link out of it
+        raise GradflowError(f"--output {os.path.join(output, linked[0])} is a symbolic link, and a run writes and "
+                            "deletes only inside its own directory", "Remove the link, or pass another --output")
     if opts.resume:
         return find(output, os.path.join(output, CHECKPOINT_DIR))
     held = [n for n in os.listdir(output) if n != LOCK_NAME] if os.path.isdir(output) else []
@@ -57,7 +63,7 @@ def prepare_output(output: str, opts) -> None:
     if rank() != 0:
         return
     if opts.overwrite and os.path.isdir(output):
-        for name in (ADAPTER_DIR, CHECKPOINT_DIR, TB_DIR, "merged", "report.json", "audit.jsonl", "grad_norms.png"):
+        for name in RUN_FILES:
             path = os.path.join(output, name)
             if os.path.isdir(path):
                 shutil.rmtree(path)

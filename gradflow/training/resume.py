@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
+from gradflow.data.jsonl import read_once
 from gradflow.errors import GradflowError
 from gradflow.training.checkpoint import Intact, complete_checkpoints, newest_intact, sha256_file
 
@@ -38,7 +39,8 @@ def _path_or_name(spec: Any) -> Any:
 def fingerprint(model: Any, data: str, opts, ropts) -> dict:
     """The options of this run that change the weights it ends with (TrainOptions and SetupOptions)."""
     return {
-        "model": _path_or_name(model), "data_sha256": sha256_file(data), "seed": opts.seed,
+        # a pipe's bytes are read once (gradflow.data.jsonl.read_once): the hash is of what trains
+        "model": _path_or_name(model), "data_sha256": sha256_file(read_once(data)), "seed": opts.seed,
         "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "seq_len": opts.seq_len,
         "learning_rate": opts.learning_rate, "max_steps": opts.max_steps,
         "epochs": opts.epochs if opts.max_steps is None else None,  # Trainer ignores epochs beside max_steps

@@ -64,7 +64,10 @@ def work(tmp_path_factory) -> Path:
     (d / "bad.jsonl").write_text(GOOD_LINE + "\n" + '{"text": "unterminated\n' + GOOD_LINE + "\n")
     (d / "no_fields.jsonl").write_text(GOOD_LINE + "\n\n" + json.dumps({"body": "x"}) + "\n")
     (d / "no_assistant.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
-    (d / "bad_role.jsonl").write_text(json.dumps({"messages": [{"role": "bot", "content": "hi"}]}) + "\n")
+    (d / "bad_role.jsonl").write_text(json.dumps({"messages": [{"role": "<think-task>CANARY", "content": "hi"}]})
+                                      + "\n")
+    (d / "deep.jsonl").write_text(GOOD_LINE + "\n" + '{"text": ' + "[" * 5000 + "]" * 5000 + "}\n")
+    (d / "huge_int.jsonl").write_text(GOOD_LINE + "\n" + '{"text": "x", "id": ' + "9" * 5000 + "}\n")
     (d / "empty.jsonl").write_text("")
     (d / "blank.jsonl").write_text("\n  \n\n")
     (d / "good.jsonl").write_text(GOOD_LINE + "\n")
@@ -173,7 +176,12 @@ CASES = [
     ("data-no-fields", ["probe-backward", "tiny-phi3", "--data", "no_fields.jsonl"],
      ["no_fields.jsonl:3: needs 'text', 'prompt'/'completion', or 'messages'"]),
     ("data-no-assistant", ["inspect", "tiny-phi3", "--data", "no_assistant.jsonl"], ["no_assistant.jsonl:1: no assistant"]),
-    ("data-unknown-role", ["probe-backward", "tiny-phi3", "--data", "bad_role.jsonl"], ["bad_role.jsonl:1", "unknown role 'bot'"]),
+    ("data-unknown-role", ["probe-backward", "tiny-phi3", "--data", "bad_role.jsonl"],
+     ["bad_role.jsonl:1: messages[0] has an unknown role (use system, user, assistant)"]),
+    ("data-nested-5000-deep", ["probe-backward", "tiny-phi3", "--data", "deep.jsonl"],
+     ["malformed sample at deep.jsonl:2: nested deeper than 64 levels"]),
+    ("data-5000-digit-int", ["probe-backward", "tiny-phi3", "--data", "huge_int.jsonl"],
+     ["malformed sample at huge_int.jsonl:2: holds an integer longer than 30 digits"]),
     ("data-empty-file", ["probe-backward", "tiny-phi3", "--data", "empty.jsonl"], ["data file empty.jsonl is empty"]),
     ("data-blank-lines", ["probe-backward", "tiny-phi3", "--data", "blank.jsonl"], ["data file blank.jsonl is empty"]),
     ("data-directory", ["probe-backward", "tiny-phi3", "--data", "datadir"], ["--data datadir is a directory"]),
@@ -212,6 +220,7 @@ def test_bad_input_is_one_actionable_line(outcomes, case_id, needles):
     line = assert_one_line_error(outcomes(case_id), *needles)
     # actionable: what is wrong, then a sentence saying what to do
     assert re.search(r"\. [A-Z][a-z]", line), line
+    assert "CANARY" not in line  # a bad line's message names the field, never quotes its value
 
 
 def test_refused_train_options_make_no_output(outcomes, work):

@@ -104,8 +104,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, case):
         args["extra"], expect = ["--resume"], "no complete checkpoint"
     elif case == "unknown-role":
         args["data"] = _bad(tmp_path, "r.jsonl", [json.dumps({"messages": [
-            {"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "ok"}]}) + "\n"])
-        expect = "unknown role 'wizard'"
+            {"role": "wizard CANARY", "content": "hi"}, {"role": "assistant", "content": "ok"}]}) + "\n"])
+        expect = "messages[0] has an unknown role (use system, user, assistant)"  # the value is never quoted
     elif case == "seq-len-below-prompt":
         args["data"] = _bad(tmp_path, "s.jsonl", [json.dumps({"prompt": "a very long prompt " * 5,
                                                                "completion": "x"}) + "\n"])
@@ -113,7 +113,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, case):
     res = invoke_main("train", "tiny-phi3", "--data", args["data"], "--output", args["output"], "--max-steps", "1",
                       *args["extra"])
     line = _one_line_exit_2(res)
-    assert expect in line, line
+    assert expect in line and "CANARY" not in line, line
 
 
 def test_strict_fails_on_the_first_bad_line(tmp_path):

@@ -60,7 +60,8 @@ def test_bad_lines_are_skipped_and_named_file_line(tmp_path, tok):
     prepared = prepare_data(path, tok, TrainOptions(seq_len=64))
     assert len(prepared.rows) == 1
     assert [str(p).split(": ")[0] for p in prepared.problems] == [f"{path}:2", f"{path}:3"]
-    with pytest.raises(GradflowError, match=r"data.jsonl:2: messages\[0\] has unknown role 'robot'"):
+    with pytest.raises(GradflowError, match=r"data.jsonl:2: messages\[0\] has an unknown role \(use system, user, "
+                                            r"assistant\) \(and 1 more\)"):
         prepare_data(path, tok, TrainOptions(seq_len=64, strict=True))
 
 
@@ -143,3 +144,19 @@ def test_cutting_keeps_the_first_seq_len_tokens(tok, record):
     assert cut["cut"] and not whole["cut"]
     assert cut["input_ids"] == whole["input_ids"][:16] and cut["labels"] == whole["labels"][:16]
     assert cut["full_length"] < whole["full_length"]  # a lower bound once cut
+
+
+def test_hostile_lines_are_bad_lines_among_good_ones(tmp_path):
+    """A line nested thousands deep or holding a 5,000-digit integer is skipped like any bad line, named by its
+    number and never quoted; the good lines around it still train (issue 21)."""
+    good = json.dumps({"prompt": "q", "completion": "a"})
+    lines = [good] * 3 + ['{"text": ' + "[" * 5000 + "]" * 5000 + "}", '{"text": "x", "n": -' + "7" * 5000 + "}",
+                          '{"text": ' + "[" * 65 + "]" * 65 + "}", '{"text": ' + "[" * 63 + "]" * 63 + "}", good]
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    samples, problems = read_jsonl(str(path))
+    assert [s.line for s in samples] == [1, 2, 3, 8]
+    assert [str(p) for p in problems] == [f"{path}:4: nested deeper than 64 levels",
+                                          f"{path}:5: holds an integer longer than 30 digits",
+                                          f"{path}:6: nested deeper than 64 levels",
+                                          f"{path}:7: 'text' must be a non-empty string"]

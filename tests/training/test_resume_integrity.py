@@ -79,6 +79,34 @@ def test_resume_refuses_a_run_made_with_other_options(reference, tmp_path, optio
     assert lines[0].count("→") == 1  # only the option that differs is named
 
 
+def _pipe(path, text: str) -> str:
+    """A named pipe that gives `text` to the one reader that opens it, as `--data <(cat FILE)` does."""
+    import threading
+
+    os.mkfifo(path)
+
+    def feed():
+        with open(path, "w") as fh:
+            fh.write(text)
+
+    threading.Thread(target=feed, daemon=True).start()
+    return str(path)
+
+
+def test_data_through_a_pipe_is_read_once_and_resume_checks_its_content(reference, tmp_path):
+    """A pipe is read once, so the run's data hash is of the bytes it trained on: the same content through a
+    pipe resumes the run (here: complete, nothing to do); other content through a pipe is refused (issue 21)."""
+    from tests.helpers.train import DEMO
+
+    output, _ = reference
+    text = open(DEMO).read()
+    same = gradflow(*train_args(output, "--resume", data=_pipe(tmp_path / "same", text)))
+    assert same.code == 0 and "is complete" in same.stderr, same.stderr
+    other = gradflow(*train_args(output, "--resume", data=_pipe(tmp_path / "other", text.split("\n", 1)[1])))
+    assert other.code == 2 and len(other.stderr.splitlines()) == 1, other.stderr
+    assert "--data content sha256" in other.stderr and "e3b0c442" not in other.stderr  # not the empty input's hash
+
+
 def test_resume_anyway_continues_with_other_options(reference, tmp_path):
     output = copy_run(reference[0], tmp_path / "run")
     refused = gradflow(*train_args(output, "--resume", "--max-steps", STEPS + 2))
