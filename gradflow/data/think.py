@@ -4,7 +4,10 @@ The assistant content (or a completion) holds `<think-task>`, `<think-safety>`, 
 each closed, once, in that order. Tags match in any case, with whitespace inside the brackets (`<THINK-TASK>`,
 `<think-task >`, `</ think-task>`). Anything else that looks like a think tag (`<think_task>`, `<thinktask>`,
 `<think>`, an unclosed `<think-task`) makes the content malformed, so that near-misses are refused rather than
-treated, and previewed, as plain text. The thinking text itself never leaves this module: callers get the
+treated, and previewed, as plain text. Look-alikes count too: tag-likeness is judged on the text normalised
+(`_normalise`: `\\u`/`\\x` escapes and HTML entities decoded, NFKC, invisible format characters dropped, angle
+quotes and brackets read as `<`/`>`, Cyrillic and Greek letters that look Latin read as Latin), so
+`&#60;think-task&#62;`, `<\u200bthink-task>`, `<тhink-тask>` or `‹think-task›` are refused like `<think_task>`. The thinking text itself never leaves this module: callers get the
 `<final>` text and the SHA-256 hex of `"\\n".join(stripped task, safety, policy)`, one per assistant turn.
 """
 
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import html
 import re
+import unicodedata
 
 BLOCKS = ("think-task", "think-safety", "think-policy", "final")
 TAGS = tuple(t for b in BLOCKS for t in (f"<{b}>", f"</{b}>"))
@@ -22,6 +27,34 @@ _TAG = re.compile(r"<\s*(/?)\s*(think-task|think-safety|think-policy|final)\s*>"
 # 'final…'. A bare '< final' is left alone: `x < final_count` is ordinary code.
 # (One branch after a shared prefix: an alternation of whole patterns scans a 50 MB line six times slower.)
 _LOOKS = re.compile(r"(?:<|&lt;|＜)\s*/?\s*(?:think|final[^<>]{0,32}(?:>|&gt;|＞))", re.IGNORECASE)
+
+
+# before tag matching: escapes, invisible characters, bracket and letter look-alikes (NFKC already folds fullwidth,
+# small-form and mathematical letters and brackets)
+_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\x([0-9a-fA-F]{2})")
+_INVISIBLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
+                        "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]")
+_LOOK_ALIKES = str.maketrans("‹›⟨⟩〈〉〈〉❬❭❮❯˂˃ᐸᐳ«»"
+                             "аеорсухіјѕкнптАВЕКМНОРСТХІЅαεικνορτυχΑΒΕΗΙΚΜΝΟΡΤΥΧ",
+                             "<><><><><><><><><>"
+                             "aeopcyxijskhntABEKMHOPCTXISaeikvoptuxABEHIKMNOPTYX")
+
+
+_OPENERS = "<‹⟨〈〈❬❮˂ᐸ«"
+_AFTER_OPENER = re.compile(f"[{_OPENERS}]\\s*/?\\s*[^{_OPENERS}]{{0,64}}")
+
+
+def _normalise(text: str) -> str:
+    """`text` as tag matching sees it (the module's docstring says how); ASCII text without escapes is itself."""
+    if text.isascii() and "&" not in text and "\\" not in text:
+        return text
+    if "\\" in text:
+        text = _ESCAPE.sub(lambda m: chr(int(m.group(1) or m.group(2), 16)), text)
+    if "&" in text:
+        text = html.unescape(text)
+    text = _INVISIBLE.sub("", unicodedata.normalize("NFKC", text))
+    # only what follows an opening bracket can make a tag: fold just those stretches (a whole 50 MB line is slow)
+    return _AFTER_OPENER.sub(lambda m: m.group(0).translate(_LOOK_ALIKES), text)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +97,9 @@ def _clip(text: str, width: int) -> str:
 
 
 def has_think_tags(text: str) -> bool:
-    """True when `text` holds a /think tag or anything that looks like one, so it must be a well-formed sample."""
-    return bool(_LOOKS.search(text) or _TAG.search(text))
+    """True when `text` holds a /think tag or anything that looks like one (look-alikes included), so it must be a
+    well-formed sample."""
+    return bool(_LOOKS.search(text) or _TAG.search(text) or _LOOKS.search(_normalise(text)))
 
 
 def think_hash(task: str, safety: str, policy: str) -> str:
@@ -83,6 +117,9 @@ def parse(text: str) -> tuple[Think | None, str | None]:
             # no quote: an unclosed '<think-task secret ...' would carry the thinking into the message
             return None, (f"/think sample has a tag-like string at character {m.start()} that is not a /think tag "
                           f"(misspelled or unclosed? want {', '.join(TAGS[::2])}, each closed)")
+    if sum(1 for _ in _LOOKS.finditer(_normalise(text))) > len(found):
+        return None, ("/think sample has a tag-like string that is not a /think tag (written with look-alike "
+                      f"letters or brackets, invisible characters or escapes? want {', '.join(TAGS[::2])})")
     tags = [(f"<{m.group(1)}{m.group(2).lower()}>", m.start(), m.end()) for m in found]
     for block in BLOCKS:
         for tag in (f"<{block}>", f"</{block}>"):

@@ -109,6 +109,30 @@ REFUSED = {
 }
 
 
+def _every_tag(open_: str, close: str = "", inside=lambda name: name) -> str:
+    """_content() with every tag written another way: `open_`/`close` for the brackets, `inside` for the name."""
+    return re.sub(r"<(/?)([a-z-]+)>", lambda m: f"{open_}{m.group(1)}{inside(m.group(2))}{close}", _content())
+
+
+# issue 21: forms that read as /think tags to a person or a tokenizer, but were taken as plain text
+LOOK_ALIKES = {
+    "decimal entities": _every_tag("&#60;", "&#62;"),
+    "hex entities": _every_tag("&#x3c;", "&#x3e;"),
+    "zero-width space after <": _every_tag("<\u200b", ">"),
+    "zero-width joiner after <": _every_tag("<\u200d", ">"),
+    "word joiner inside the name": _every_tag("<", ">", lambda n: n.replace("k", "\u2060k").replace("l", "\u2060l")),
+    "right-to-left override": _every_tag("<\u202e", ">"),
+    "cyrillic look-alikes": _every_tag("<", ">", lambda n: n.replace("t", "т").replace("a", "а").replace("i", "і")),
+    "small angle brackets": _every_tag("\ufe64", "\ufe65"),
+    "fullwidth angle brackets": _every_tag("\uff1c", "\uff1e"),
+    "single angle quotes": _every_tag("‹", "›"),
+    "math angle brackets": _every_tag("⟨", "⟩"),
+    "backslash-u escapes": _every_tag("\\u003c", "\\u003e"),
+    "one look-alike among real tags": _content(task="<тhink-тask>", end_task="</тhink-тask>"),
+}
+REFUSED.update({name: (content, "not a /think tag") for name, content in LOOK_ALIKES.items()})
+
+
 @pytest.mark.parametrize("content", ACCEPTED.values(), ids=ACCEPTED.keys())
 def test_tags_match_in_any_case_with_spaces_inside_the_brackets(content):
     think, why = parse(content)
