@@ -14,6 +14,9 @@ from typing import Any
 
 from gradflow.data.jsonl import read_once
 from gradflow.errors import GradflowError
+from gradflow.setup.options import DTYPES
+from gradflow.setup.presets import PRESETS
+from gradflow.setup.sources import names_code
 from gradflow.training.checkpoint import Intact, complete_checkpoints, newest_intact, sha256_file
 
 # fingerprint key → how the command line spells it
@@ -54,8 +57,25 @@ def fingerprint(model: Any, data: str, opts, ropts) -> dict:
     }
 
 
+def _resolved(key: str, fp: dict):
+    """`fp[key]` as the build resolves it, so that `--lora-r 8` typed equals it omitted (the rank a preset, directory
+    or hub id gets; alpha 2·r; all-linear) and `--dtype fp32` equals float32 (and, for a preset, no --dtype)."""
+    value, model = fp[key], fp.get("model")
+    if key == "dtype":  # a preset is built in float32 unless told otherwise (a directory: as its stack loads it)
+        return DTYPES.get(value, value) if value is not None else "float32" if model in PRESETS else None
+    if value is not None or key not in ("lora_r", "lora_alpha", "lora_targets") or fp.get("adapter") is not None:
+        return value
+    if isinstance(model, str) and os.path.isfile(os.path.join(model, "adapter_config.json")):
+        return value  # MODEL is an adapter: it brings its own LoRA
+    rank = fp.get("lora_r")
+    if rank is None:
+        rank = 8 if isinstance(model, str) and not model.startswith("<") and not names_code(model) else 0
+    return {"lora_r": rank, "lora_alpha": 2 * rank if rank else None,
+            "lora_targets": "all-linear" if rank else None}[key]
+
+
 def differences(saved: dict, current: dict) -> list[str]:
-    """'--seed 0 → 1' per option that differs (keys only one side knows are not compared)."""
+    """'--seed 0 → 1' per option that differs, compared as resolved (keys only one side knows are not compared)."""
 
     def shown(key, value):
         if value is None:
@@ -69,8 +89,10 @@ def differences(saved: dict, current: dict) -> list[str]:
     out = []
     for key, label in LABELS.items():
         if key in saved and key in current and saved[key] != current[key]:
-            what = f"{label} content" if key == "data_sha256" else label
-            out.append(f"{what} {shown(key, saved[key])} → {shown(key, current[key])}")
+            was, now = _resolved(key, saved), _resolved(key, current)
+            if was != now:
+                what = f"{label} content" if key == "data_sha256" else label
+                out.append(f"{what} {shown(key, was)} → {shown(key, now)}")
     return out
 
 

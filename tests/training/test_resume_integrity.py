@@ -72,11 +72,20 @@ def test_resume_refuses_a_run_made_with_other_options(reference, tmp_path, optio
     assert res.code == 2, res.stderr
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
-    expect = {"seed": "--seed 0 → 1", "batch-size": "--batch-size 4 → 2", "lora-r": "--lora-r (default) → 4",
+    expect = {"seed": "--seed 0 → 1", "batch-size": "--batch-size 4 → 2", "lora-r": "--lora-r 8 → 4",
               "data": "--data content sha256"}[option]
     assert lines[0].startswith(f"gradflow: error: --resume: this command differs from the run in {output}: {expect}")
     assert "--resume-anyway" in lines[0]
     assert lines[0].count("→") == 1  # only the option that differs is named
+
+
+def test_resume_with_the_defaults_typed_out_continues(reference):
+    """`--lora-r 8 --lora-alpha 16 --lora-targets all-linear --dtype fp32` are what the run used without them: the
+    finished run is found complete, not refused as changed (issue 21)."""
+    output, _ = reference
+    res = gradflow(*train_args(output, "--resume", "--lora-r", "8", "--lora-alpha", "16", "--lora-targets",
+                               "all-linear", "--dtype", "fp32"))
+    assert res.code == 0 and "is complete" in res.stderr, res.stderr
 
 
 def _pipe(path, text: str) -> str:
