@@ -9,6 +9,7 @@ difference, naming it, unless `--resume-anyway`. Options that change only how it
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from typing import Any
 
@@ -28,7 +29,11 @@ LABELS = {
     "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "adapter": "--adapter",
     "adapter_trainable": "--adapter-trainable", "quant": "--quant", "dtype": "--dtype", "trainable": "--trainable",
     "world_size": "processes (WORLD_SIZE)", "packing": "--no-packing", "tokens_per_batch": "--tokens-per-batch",
+    "model_files": "MODEL's files",
 }
+# what in a model directory changes the run: config, weights, tokenizer and chat template, custom code
+_MODEL_FILE = (".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".py")
+_WHOLE = 64 << 20  # files up to this size are hashed whole; larger ones by size and three 1 MiB samples
 
 
 def _path_or_name(spec: Any) -> Any:
@@ -53,7 +58,7 @@ def fingerprint(model: Any, data: str, opts, ropts) -> dict:
         "adapter": _path_or_name(ropts.adapter), "adapter_trainable": ropts.adapter_trainable, "quant": ropts.quant,
         "dtype": ropts.dtype, "trainable": ropts.trainable, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         # packing changes the batches; a planned token budget is recorded after planning (tokens_per_batch_planned)
-        "packing": opts.packing, "tokens_per_batch": opts.tokens_per_batch,
+        "packing": opts.packing, "tokens_per_batch": opts.tokens_per_batch, "model_files": model_files(model),
     }
 
 
@@ -74,6 +79,30 @@ def _resolved(key: str, fp: dict):
             "lora_targets": "all-linear" if rank else None}[key]
 
 
+def model_files(model: Any) -> dict[str, str] | None:
+    """A MODEL directory's files by content (`size:sha256`), so that weights replaced between a kill and --resume
+    are a difference, not a silent new base; None for a preset, hub id, factory or object."""
+    if not isinstance(model, str) or not os.path.isdir(model):
+        return None
+    found = {}
+    for name in sorted(os.listdir(model)):
+        path = os.path.join(model, name)
+        if name.endswith(_MODEL_FILE) and os.path.isfile(path):
+            size = os.path.getsize(path)
+            found[name] = f"{size}:{sha256_file(path) if size <= _WHOLE else _sampled_sha256(path, size)}"
+    return found
+
+
+def _sampled_sha256(path: str, size: int) -> str:
+    """SHA-256 of a large file's first, middle and last MiB: a new checkpoint of the same shapes differs in each."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for offset in (0, size // 2, size - (1 << 20)):
+            fh.seek(offset)
+            digest.update(fh.read(1 << 20))
+    return digest.hexdigest()
+
+
 def differences(saved: dict, current: dict) -> list[str]:
     """'--seed 0 → 1' per option that differs, compared as resolved (keys only one side knows are not compared)."""
 
@@ -84,13 +113,18 @@ def differences(saved: dict, current: dict) -> list[str]:
             return f"sha256 {value[:12]}…"
         if isinstance(value, list):
             return ",".join(map(str, value)) or "(none)"
+        if isinstance(value, dict):  # model_files
+            return f"{len(value)} files"
         return str(value)
 
     out = []
     for key, label in LABELS.items():
         if key in saved and key in current and saved[key] != current[key]:
             was, now = _resolved(key, saved), _resolved(key, current)
-            if was != now:
+            if was != now and key == "model_files":
+                changed = sorted(n for n in set(was or {}) | set(now or {}) if (was or {}).get(n) != (now or {}).get(n))
+                out.append(f"{label} changed ({', '.join(changed)})")
+            elif was != now:
                 what = f"{label} content" if key == "data_sha256" else label
                 out.append(f"{what} {shown(key, was)} → {shown(key, now)}")
     return out

@@ -30,3 +30,22 @@ def test_a_factory_s_default_is_no_lora():
     factory = {**OMITTED, "model": "/work/make.py:build"}
     assert differences(factory, {**factory, "lora_r": 0}) == []
     assert differences(factory, {**factory, "lora_r": 8}) == ["--lora-r 0 → 8"]
+
+
+def test_a_model_directory_is_fingerprinted_by_its_files(tmp_path):
+    """Weights replaced in a MODEL directory between a kill and --resume are a difference, named by file; a file
+    written again with the same content is not."""
+    from gradflow.setup.presets import build_preset, build_tokenizer
+    from gradflow.training.resume import model_files
+
+    directory = tmp_path / "base"
+    build_preset("tiny-llama", seed=0).save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    before = {**OMITTED, "model": str(directory), "model_files": model_files(str(directory))}
+    assert "config.json" in before["model_files"] and any(n.endswith(".safetensors") for n in before["model_files"])
+    (directory / "tokenizer_config.json").write_text((directory / "tokenizer_config.json").read_text())
+    assert differences(before, {**before, "model_files": model_files(str(directory))}) == []
+    build_preset("tiny-llama", seed=1).save_pretrained(directory)  # same shapes, other weights
+    after = {**before, "model_files": model_files(str(directory))}
+    assert differences(before, after) == ["MODEL's files changed (model.safetensors)"]
+    assert model_files("tiny-llama") is None and differences({**OMITTED, "model_files": None}, OMITTED) == []

@@ -13,7 +13,7 @@ import shutil
 import pytest
 
 from tests.helpers.cli import gradflow
-from tests.helpers.train import STEPS, copy_run, reference_run, train_args
+from tests.helpers.train import DEMO, STEPS, copy_run, reference_run, train_args
 
 pytestmark = pytest.mark.slow  # every test reads the reference run, a real `gradflow train` process
 
@@ -61,8 +61,6 @@ def test_resume_refuses_a_run_made_with_other_options(reference, tmp_path, optio
     output, _ = reference
     data = None
     if option == "data":
-        from tests.helpers.train import DEMO
-
         data = tmp_path / "other.jsonl"
         data.write_text("".join(open(DEMO).readlines()[:-1]))  # one sample fewer
     extra = {"seed": ["--seed", "1"], "batch-size": ["--batch-size", "2"], "lora-r": ["--lora-r", "4"],
@@ -105,8 +103,6 @@ def _pipe(path, text: str) -> str:
 def test_data_through_a_pipe_is_read_once_and_resume_checks_its_content(reference, tmp_path):
     """A pipe is read once, so the run's data hash is of the bytes it trained on: the same content through a
     pipe resumes the run (here: complete, nothing to do); other content through a pipe is refused (issue 21)."""
-    from tests.helpers.train import DEMO
-
     output, _ = reference
     text = open(DEMO).read()
     same = gradflow(*train_args(output, "--resume", data=_pipe(tmp_path / "same", text)))
@@ -131,7 +127,7 @@ def test_resume_anyway_continues_with_other_options(reference, tmp_path):
 
 def test_a_run_stopped_after_its_last_checkpoint_gets_its_outputs_without_training(reference, tmp_path):
     import gradflow
-    from tests.helpers.train import DEMO, assert_bit_exact
+    from tests.helpers.train import assert_bit_exact
     from gradflow.setup.build import SetupOptions
 
     output = copy_run(reference[0], tmp_path / "run")
@@ -210,3 +206,22 @@ def test_checkpoints_from_before_manifests_are_still_checked(reference, tmp_path
     spoil(str(path / name))
     assert damage(str(path)) == {"truncated": "adapter_model.safetensors is unreadable (SafetensorError)",
                                  "missing-optimizer": "optimizer.pt is missing"}[kind]
+
+
+def test_a_model_directory_whose_weights_changed_is_refused(tmp_path):
+    """Train from a MODEL directory, replace its weights (same shapes, another seed), --resume: refused, one line,
+    naming the file (issue 21). Before, the fingerprint held the directory's path only and the run went on."""
+    from gradflow.setup.presets import build_preset, build_tokenizer
+
+    base = tmp_path / "base"
+    build_preset("tiny-llama", seed=0).save_pretrained(base)
+    build_tokenizer().save_pretrained(base)
+    output = tmp_path / "run"
+    args = ["train", str(base), "--data", DEMO, "--output", str(output), "--max-steps", "2", "--save-steps", "1",
+            "--seq-len", "64", "--gc", "off"]
+    first = gradflow(*args)
+    assert first.code == 0, first.stderr[-3000:]
+    build_preset("tiny-llama", seed=1).save_pretrained(base)
+    res = gradflow(*args, "--resume")
+    assert res.code == 2 and len(res.stderr.splitlines()) == 1, res.stderr
+    assert "MODEL's files changed (model.safetensors)" in res.stderr
