@@ -8,13 +8,16 @@ run's fingerprint (gradflow.training.resume). `--resume` takes the newest checkp
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 
+from gradflow.errors import GradflowError
 from gradflow.files import fsync_dir
 
 MARKER = "gradflow_checkpoint.json"
@@ -202,6 +205,32 @@ def rotate(run_dir: str, keep: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+# how a failed write reads once torch, safetensors or the C++ stream writer has wrapped it
+_WRITE_FAILED = ("No space left", "File too large", "Disk quota", "iostream error", "unexpected pos",
+                 "failed writing file")
+
+
+@contextlib.contextmanager
+def writing(what: str, run_dir: str):
+    """A write that fails while saving `what` (a full device, a quota or a file-size limit) as one line that names the
+    last intact checkpoint. Nothing half-written is marked intact: a checkpoint is published only when whole."""
+    try:
+        yield
+    except GradflowError:
+        raise
+    except Exception as exc:
+        failed = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) or any(
+            text in str(exc) for text in _WRITE_FAILED)
+        if not failed:
+            raise
+        done = complete_checkpoints(run_dir)
+        then = (f"run again with --resume (the last intact checkpoint is {os.path.basename(done[-1])})" if done
+                else "run again with --overwrite (no checkpoint was complete yet)")
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise GradflowError(f"could not write {what} ({first}): the device is full, or a quota or file-size limit "
+                            "was reached", f"Free space, then {then}") from exc
+
+
 def atomic_save_mixin(trainer_cls):
     """A Trainer subclass whose checkpoints are written atomically, each with its manifest.
 
@@ -226,14 +255,16 @@ def atomic_save_mixin(trainer_cls):
             self.accelerator.wait_for_everyone()
             self._gradflow_staging = staging
             try:
-                super()._save_checkpoint(model, trial)
+                with writing(f"checkpoint-{step} in {run_dir}", run_dir):
+                    super()._save_checkpoint(model, trial)
             finally:
                 self._gradflow_staging = None
             # every rank has written its RNG state into the staging directory before it is published
             self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                publish(os.path.join(staging, f"checkpoint-{step}"), os.path.join(run_dir, f"checkpoint-{step}"), step,
-                        self.state.max_steps, self.gradflow_fingerprint)
+                with writing(f"checkpoint-{step} in {run_dir}", run_dir):
+                    publish(os.path.join(staging, f"checkpoint-{step}"), os.path.join(run_dir, f"checkpoint-{step}"),
+                            step, self.state.max_steps, self.gradflow_fingerprint)
                 shutil.rmtree(staging, ignore_errors=True)
                 rotate(run_dir, self.args.save_total_limit)
             self.accelerator.wait_for_everyone()

@@ -25,7 +25,7 @@ from gradflow.finding import finding_line
 from gradflow.report import Report, ranks as _ranks
 from gradflow.setup.options import SetupOptions
 from gradflow.training import fsdp as _fsdp
-from gradflow.training.checkpoint import clear_staging, set_aside
+from gradflow.training.checkpoint import clear_staging, set_aside, writing
 from gradflow.training.compiling import apply as apply_compile
 from gradflow.training.dataset import Prepared, prepare_data, probe_batch, read_data, train_dataset  # noqa: F401
 from gradflow.training.lock import hold
@@ -263,14 +263,16 @@ class Run:
             if plot_grad_norms(self.watch.history, os.path.join(output, "grad_norms.png")):
                 train["grad_norms_png"] = "grad_norms.png"
             if finished and not opts.fsdp:
-                save_adapter(setup, self.model, self.ropts, opts, os.path.join(output, ADAPTER_DIR))
+                with writing(f"the adapter in {output}", os.path.join(output, CHECKPOINT_DIR)):
+                    save_adapter(setup, self.model, self.ropts, opts, os.path.join(output, ADAPTER_DIR))
                 train["adapter"] = ADAPTER_DIR
         if finished and opts.merge and is_main:
             merge(os.path.join(output, ADAPTER_DIR), os.path.join(output, "merged"),
                   trust_remote_code=self.ropts.trust_remote_code)
             train["merged"] = "merged"
         if is_main:
-            write_json(os.path.join(output, "report.json"), self.report.to_dict(), default=str)
+            with writing(f"report.json in {output}", os.path.join(output, CHECKPOINT_DIR)):
+                write_json(os.path.join(output, "report.json"), self.report.to_dict(), default=str)
         self.report.trained_model = setup.model
         return self.report
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -174,3 +175,21 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     fresh.acquire()
     fresh.release()
     assert not (tmp_path / "new").exists()
+
+
+def test_a_full_device_while_saving_is_one_line_and_marks_nothing_intact(tmp_path):
+    """A write that fails while saving a checkpoint (here a file-size limit, `ulimit -f`: the same failed write as a
+    full disk) is one line, exit 2, saying what to do; no checkpoint is published half-written (issue 21)."""
+    from gradflow.training.checkpoint import complete_checkpoints
+
+    output = tmp_path / "run"
+    command = " ".join(map(shlex.quote, [*CLI, *train_args(output)]))
+    proc = subprocess.run(["bash", "-c", f"ulimit -f 300; exec {command}"], capture_output=True, text=True,
+                          env=child_env(), timeout=300)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "internal error" not in proc.stderr
+    last = proc.stderr.splitlines()[-1]  # (torch's own words for the failed write in the brackets)
+    assert last.startswith(f"gradflow: error: could not write checkpoint-1 in {output / 'checkpoints'} (")
+    assert last.endswith("): the device is full, or a quota or file-size limit was reached. Free space, then run "
+                         "again with --overwrite (no checkpoint was complete yet)")
+    assert complete_checkpoints(str(output / "checkpoints")) == []
