@@ -80,10 +80,12 @@ class TrainOptions:
             raise GradflowError(f"--tokens-per-batch {self.tokens_per_batch} is less than --seq-len {self.seq_len}: "
                                 "the longest sample would not fit a batch",
                                 f"Pass --tokens-per-batch {self.seq_len} or more, or a smaller --seq-len")
-        if self.max_memory is not None:
-            parse_bytes(self.max_memory)
+        if self.max_memory is not None and parse_bytes(self.max_memory) < MIN_MEMORY:
+            raise GradflowError(f"--max-memory {self.max_memory} is less than 64 MiB, too little for any model",
+                                "Pass 64MiB or more (the budget for the whole run: weights, optimizer, activations)")
 
 
+MIN_MEMORY = 64 << 20
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000 ** 2, "mb": 1000 ** 2, "mib": 1024 ** 2,
           "g": 1000 ** 3, "gb": 1000 ** 3, "gib": 1024 ** 3, "t": 1000 ** 4, "tb": 1000 ** 4, "tib": 1024 ** 4}
 

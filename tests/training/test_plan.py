@@ -6,6 +6,7 @@ CPU, tiny-llama (4 decoder layers), seq 64: the plan's estimate comes from count
 from __future__ import annotations
 
 import dataclasses
+import re
 import json
 from importlib import resources
 
@@ -14,6 +15,7 @@ import torch
 from torch.testing import assert_close
 
 import gradflow
+from gradflow.errors import GradflowError
 from gradflow.models import decoder_layers
 from gradflow.setup.build import SetupOptions
 from gradflow.training.options import TrainOptions
@@ -96,16 +98,23 @@ def test_per_layer_checkpointing_leaves_gradients_unchanged():
 @pytest.mark.slow
 def test_train_records_the_plan_and_a_smaller_budget_changes_it(tmp_path):
     runs = {}
-    for name, memory in (("roomy", None), ("tight", "3MiB")):
+    for name, memory in (("roomy", None), ("tight", "64MiB")):  # 64 MiB, the least it takes: tight at 2048
         out = tmp_path / name
-        report = gradflow.train("tiny-llama", DEMO, str(out), max_steps=1, seq_len=64, progress=False,
+        report = gradflow.train("tiny-llama", DEMO, str(out), max_steps=1, seq_len=2048, progress=False,
                                 max_memory=memory)
         assert report.extra["train"]["status"] == "completed"
         runs[name] = json.loads((out / "report.json").read_text())["plan"]
     assert runs["roomy"]["gc"] == "off" and runs["roomy"]["gc_from"] == "plan"
-    assert runs["tight"]["budget_from"] == "--max-memory 3MiB"
+    assert runs["tight"]["budget_from"] == "--max-memory 64MiB"
     assert (runs["tight"]["gc_every"], runs["tight"]["tokens_per_batch"]) != \
         (runs["roomy"]["gc_every"], runs["roomy"]["tokens_per_batch"])
+
+
+@pytest.mark.parametrize("size", ["0.1B", "1", "63.9MiB", "0.06GiB"])
+def test_max_memory_below_64_mib_is_refused_whatever_the_unit(size):
+    with pytest.raises(GradflowError, match=rf"--max-memory {re.escape(size)} is less than 64 MiB"):
+        TrainOptions(max_memory=size).validate()
+    TrainOptions(max_memory="64MiB").validate()
 
 
 def test_bad_max_memory_is_a_one_line_error():
