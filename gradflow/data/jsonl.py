@@ -19,7 +19,7 @@ import tempfile
 from gradflow.data.think import canonical, has_think_tags, parse, parse_turns
 from gradflow.errors import GradflowError
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")  # a tool turn is context, like a user turn: not learned
 # Characters per token, as a generous bound: vocabularies average about 4 per token, so a field cut to
 # seq_len * CHARS_PER_TOKEN characters keeps its first seq_len tokens (the cut only moves tokens at its edge, far
 # past seq_len), and a 50 MB line costs a 32K-character tokenisation at --seq-len 512 instead of minutes. Only text
@@ -223,10 +223,13 @@ def think_of(sample: Sample):
 
 
 def sample_id(sample: Sample, path: str) -> str:
-    """The sample's own 'id' when it has one, else file:line."""
+    """The sample's own 'id' when it has one (a number, or up to 128 characters free of anything /think-like: the id
+    is printed, and written to audit.jsonl and report.json), else file:line."""
     given = sample.record.get("id")
-    if isinstance(given, (str, int)) and not isinstance(given, bool):
+    if isinstance(given, int) and not isinstance(given, bool):
         return str(given)
+    if isinstance(given, str) and 0 < len(given) <= 128 and given.isprintable() and not has_think_tags(given):
+        return given
     return f"{os.path.basename(path)}:{sample.line}"
 
 

@@ -177,7 +177,7 @@ CASES = [
      ["no_fields.jsonl:3: needs 'text', 'prompt'/'completion', or 'messages'"]),
     ("data-no-assistant", ["inspect", "tiny-phi3", "--data", "no_assistant.jsonl"], ["no_assistant.jsonl:1: no assistant"]),
     ("data-unknown-role", ["probe-backward", "tiny-phi3", "--data", "bad_role.jsonl"],
-     ["bad_role.jsonl:1: messages[0] has an unknown role (use system, user, assistant)"]),
+     ["bad_role.jsonl:1: messages[0] has an unknown role (use system, user, assistant, tool)"]),
     ("data-nested-5000-deep", ["probe-backward", "tiny-phi3", "--data", "deep.jsonl"],
      ["malformed sample at deep.jsonl:2: nested deeper than 64 levels"]),
     ("data-5000-digit-int", ["probe-backward", "tiny-phi3", "--data", "huge_int.jsonl"],

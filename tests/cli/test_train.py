@@ -105,7 +105,7 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, case):
     elif case == "unknown-role":
         args["data"] = _bad(tmp_path, "r.jsonl", [json.dumps({"messages": [
             {"role": "wizard CANARY", "content": "hi"}, {"role": "assistant", "content": "ok"}]}) + "\n"])
-        expect = "messages[0] has an unknown role (use system, user, assistant)"  # the value is never quoted
+        expect = "messages[0] has an unknown role (use system, user, assistant, tool)"  # the value is never quoted
     elif case == "seq-len-below-prompt":
         args["data"] = _bad(tmp_path, "s.jsonl", [json.dumps({"prompt": "a very long prompt " * 5,
                                                                "completion": "x"}) + "\n"])

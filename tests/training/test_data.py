@@ -61,7 +61,7 @@ def test_bad_lines_are_skipped_and_named_file_line(tmp_path, tok):
     assert len(prepared.rows) == 1
     assert [str(p).split(": ")[0] for p in prepared.problems] == [f"{path}:2", f"{path}:3"]
     with pytest.raises(GradflowError, match=r"data.jsonl:2: messages\[0\] has an unknown role \(use system, user, "
-                                            r"assistant\) \(and 1 more\)"):
+                                            r"assistant, tool\) \(and 1 more\)"):
         prepare_data(path, tok, TrainOptions(seq_len=64, strict=True))
 
 
@@ -160,3 +160,13 @@ def test_hostile_lines_are_bad_lines_among_good_ones(tmp_path):
                                           f"{path}:5: holds an integer longer than 30 digits",
                                           f"{path}:6: nested deeper than 64 levels",
                                           f"{path}:7: 'text' must be a non-empty string"]
+
+
+def test_a_tool_turn_is_context_not_learned(tok):
+    """`tool` is a role (issue 21): its content goes into the prompt like a user turn, and only the assistant's
+    content is supervised."""
+    msgs = [{"role": "user", "content": "what is 2+2"}, {"role": "tool", "content": "calculator says 4"},
+            {"role": "assistant", "content": "four"}]
+    row = encode(Sample(1, "messages", {"messages": msgs}), tok, 256)
+    assert "calculator says 4" in tok.decode(row["input_ids"])
+    assert _supervised_text(tok, row).startswith("four<|end|>") and "calculator" not in _supervised_text(tok, row)

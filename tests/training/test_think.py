@@ -252,3 +252,15 @@ def test_train_cli_refuses_near_misses_and_never_prints_the_thinking(tmp_path):
                                                                      for i in range(n_bad)]
     audit = [json.loads(x) for x in (out / "audit.jsonl").read_text().splitlines()]
     assert [len(a["think_sha256"]) for a in audit] == [1] * (n_good - 1) + [2]
+
+
+def test_an_id_that_holds_thinking_is_not_printed_nor_written(tmp_path, tok):
+    """A sample's own 'id' names it in previews, audit.jsonl and report.json; one that is /think-like (look-alikes
+    included), too long or not printable gives way to file:line (issue 21)."""
+    ids = [f"<think-task>{SECRET}", f"‹think-task›{SECRET}", "x" * 129, f"a\x1b[2J{SECRET}", "ok-7", 12]
+    path = tmp_path / "ids.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "prompt": "q", "completion": "a"}) + "\n" for i in ids))
+    prepared = prepare_data(str(path), tok, TrainOptions(seq_len=64, previews=100))
+    assert [a["id"] for a in prepared.audit] == ["ids.jsonl:1", "ids.jsonl:2", "ids.jsonl:3", "ids.jsonl:4",
+                                                   "ok-7", "12"]
+    assert SECRET not in json.dumps(prepared.previews + prepared.audit)
