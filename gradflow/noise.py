@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import warnings
@@ -52,3 +53,12 @@ def ignore_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) and f.pattern.pattern == message for f in logger.filters):
             logger.addFilter(_DropMessages(message))
+
+
+@contextlib.contextmanager
+def refusing_pickles():
+    """torch's weights-only loader warns about a pickle's protocol just before it refuses the file: the caller turns
+    that refusal (pickle.UnpicklingError) into one line, so the warning would only be a second, confusing one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        yield

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import torch
 
 from gradflow.errors import GradflowError
+from gradflow.noise import refusing_pickles
 from gradflow.models import layer_index
 
 MODULE_NAME = "so8"
@@ -203,7 +205,13 @@ def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
     layers = read_meta(adapter_dir)
     if layers:
         install(base, layers)
-    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+    try:
+        with refusing_pickles():
+            model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+    except pickle.UnpicklingError as exc:  # nothing in it ran: torch's weights-only loader refused it
+        raise GradflowError(f"{adapter_dir} holds an adapter file that is not plain tensors (torch refused to "
+                            "unpickle it)", "Save the adapter again with save_pretrained (safetensors) from code "
+                            "you trust") from exc
     if layers:
         attach_hooks(model)
     return model

@@ -14,11 +14,13 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 
 from gradflow.errors import GradflowError
 from gradflow.files import fsync_dir
+from gradflow.noise import refusing_pickles
 
 MARKER = "gradflow_checkpoint.json"
 MANIFEST_VERSION = 2  # 1: {"step", "files"} only, before manifests
@@ -229,6 +231,22 @@ def writing(what: str, run_dir: str):
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise GradflowError(f"could not write {what} ({first}): the device is full, or a quota or file-size limit "
                             "was reached", f"Free space, then {then}") from exc
+
+
+@contextlib.contextmanager
+def plain_tensors(checkpoint: str | None):
+    """Resuming from `checkpoint`: a file in it that torch will not load as plain tensors (a pickled object, which
+    gradflow never writes, and its manifest cannot vouch for) is one line, not an internal error. Nothing in it runs:
+    torch's weights-only loader refused it."""
+    try:
+        with refusing_pickles():
+            yield
+    except pickle.UnpicklingError as exc:
+        if checkpoint is None:
+            raise
+        raise GradflowError(f"--resume: {checkpoint} holds a file that is not plain tensors (torch refused to unpickle "
+                            "it); a checkpoint gradflow writes never does", "Set that checkpoint aside to resume "
+                            "from the one before, or pass --overwrite to train again") from exc
 
 
 def atomic_save_mixin(trainer_cls):

@@ -25,7 +25,7 @@ from gradflow.finding import finding_line
 from gradflow.report import Report, ranks as _ranks
 from gradflow.setup.options import SetupOptions
 from gradflow.training import fsdp as _fsdp
-from gradflow.training.checkpoint import clear_staging, set_aside, writing
+from gradflow.training.checkpoint import clear_staging, plain_tensors, set_aside, writing
 from gradflow.training.compiling import apply as apply_compile
 from gradflow.training.dataset import Prepared, prepare_data, probe_batch, read_data, train_dataset  # noqa: F401
 from gradflow.training.lock import hold
@@ -202,10 +202,12 @@ class Run:
             # it trained to its last step and was stopped before writing its outputs: Trainer would train one step
             # more, so load the checkpoint and write them
             self.say(f"{plan.checkpoint} is the run's last step: writing the outputs it did not get to write")
-            _load_checkpoint(self.trainer, plan.checkpoint)
+            with plain_tensors(plan.checkpoint):
+                _load_checkpoint(self.trainer, plan.checkpoint)
             result = None
         else:
-            result = self._train(plan.checkpoint if plan is not None else None)
+            with plain_tensors(plan.checkpoint if plan is not None else None):
+                result = self._train(plan.checkpoint if plan is not None else None)
         self._record(result, time.perf_counter() - t0)
 
     def _make_trainer(self) -> None:

@@ -173,3 +173,34 @@ def test_user_code_cannot_exit_cleanly_from_a_training_run(work):
     last = run.stderr.splitlines()[-1]
     assert last.startswith("gradflow: error: code outside gradflow raised SystemExit(0) (at factories.py:"), last
     assert "Remove that exit call" in last
+
+
+class _RunsCode:
+    """A pickle that would run a command when unpickled without torch's weights-only guard."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_pickled_adapter_file_is_refused_in_one_line_and_runs_nothing(tmp_path):
+    """--adapter DIR whose adapter_model.bin is a pickled object: torch's weights-only loader refuses it, and that
+    is one line, exit 2, where it was an internal error; the pickle's command never runs (issue 21)."""
+    import pickle
+
+    from gradflow.setup.build import apply_lora
+    from gradflow.setup.presets import build_preset
+
+    adapter = tmp_path / "adapter"
+    apply_lora(build_preset("tiny-llama"), 2, 4, "all-linear").save_pretrained(str(adapter))
+    (adapter / "adapter_model.safetensors").unlink()
+    marker = tmp_path / "RAN"
+    (adapter / "adapter_model.bin").write_bytes(pickle.dumps(_RunsCode(str(marker))))
+    line = assert_one_line_error(invoke_main("probe-backward", "tiny-llama", "--adapter", str(adapter)),
+                                 f"{adapter} holds an adapter file that is not plain tensors",
+                                 "Save the adapter again with save_pretrained")
+    assert "internal error" not in line and not marker.exists()

@@ -225,3 +225,30 @@ def test_a_model_directory_whose_weights_changed_is_refused(tmp_path):
     res = gradflow(*args, "--resume")
     assert res.code == 2 and len(res.stderr.splitlines()) == 1, res.stderr
     assert "MODEL's files changed (model.safetensors)" in res.stderr
+
+
+def test_a_pickled_file_in_a_checkpoint_is_refused_in_one_line(reference, tmp_path):
+    """A checkpoint whose rng_state.pth is a pickled object, its manifest rewritten to match (so the integrity
+    check passes): --resume refuses it in one line, exit 2, where it was an internal error (issue 21)."""
+    import pickle
+
+    from gradflow.training.checkpoint import MARKER, manifest
+
+    output = copy_run(reference[0], tmp_path / "run")
+    shutil.rmtree(os.path.join(output, "checkpoints", f"checkpoint-{STEPS}"))
+    for name in ("adapter", "report.json"):
+        path = os.path.join(output, name)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    checkpoint = os.path.join(output, "checkpoints", f"checkpoint-{STEPS - 1}")
+    with open(os.path.join(checkpoint, "rng_state.pth"), "wb") as fh:
+        pickle.dump({"state": pickle.PickleError("an object")}, fh)  # an object, not plain tensors
+    marker = json.load(open(os.path.join(checkpoint, MARKER)))
+    with open(os.path.join(checkpoint, MARKER), "w") as fh:
+        json.dump(manifest(checkpoint, marker["step"], marker["max_steps"], marker["fingerprint"]), fh)
+    res = gradflow(*train_args(output, "--resume"))
+    assert res.code == 2, res.stderr[-3000:]
+    assert res.stderr.splitlines()[-1] == (
+        f"gradflow: error: --resume: {checkpoint} holds a file that is not plain tensors (torch refused to unpickle "
+        "it); a checkpoint gradflow writes never does. Set that checkpoint aside to resume from the one before, or "
+        "pass --overwrite to train again")
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr
