@@ -47,6 +47,9 @@ def train(
                                               rich_help_panel=_T)] = "completion",
     strict: Annotated[bool, typer.Option("--strict", help="Fail on malformed lines instead of skipping them.",
                                          rich_help_panel=_T)] = False,
+    think_lenient: Annotated[bool, typer.Option("--think-lenient", help="Train /think samples whose tags are "
+                                                "written with look-alikes as normalised, instead of skipping them.",
+                                                rich_help_panel=_T)] = False,
     so8_layers: Annotated[Optional[str], typer.Option("--so8-layers", help="Layers that get an SO(8) rotation "
                                                                            "adapter before o_proj, e.g. 2,3.",
                                                       rich_help_panel=_T)] = None,
@@ -116,7 +119,7 @@ def train(
         report = gradflow.train(
             model, data, output, setup_options=opts, learning_rate=lr, epochs=epochs, max_steps=max_steps,
             batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, seed=seed, precision=str(precision),
-            loss_on=str(loss_on), strict=strict, recipe=recipe,
+            loss_on=str(loss_on), strict=strict, think_lenient=think_lenient, recipe=recipe,
             unsafe_fixes=unsafe_fixes, resume=resume, resume_anyway=resume_anyway, overwrite=overwrite, merge=merge,
             check_every=check_every, moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps,
             packing=packing, tokens_per_batch=tokens_per_batch, gc_every=gc_every, max_memory=max_memory, attn=attn,

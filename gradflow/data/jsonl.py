@@ -16,7 +16,7 @@ import shutil
 import stat
 import tempfile
 
-from gradflow.data.think import canonical, has_think_tags, parse, parse_turns
+from gradflow.data.think import canonical, has_think_tags, normalise, parse, parse_turns
 from gradflow.errors import GradflowError
 
 ROLES = ("system", "user", "assistant", "tool")  # a tool turn is context, like a user turn: not learned
@@ -49,15 +49,13 @@ class Problem:
         return f"{self.path}:{self.line}: {self.what}"
 
 
-_SPOOLED: dict[str, str] = {}  # a stream's path → the private copy it was read into
-_NAMES: dict[str, str] = {}  # and back, for messages
+_NAMES: dict[str, str] = {}  # a stream's private copy → the path it was read from, for messages
 
 
 def read_once(path: str) -> str:
     """`path` when it is a regular file; a pipe or other stream (`--data <(cmd)`) is read once, into a private
-    temporary file removed at exit, so that every later read, and a run's data hash, see the same bytes."""
-    if path in _SPOOLED:
-        return _SPOOLED[path]
+    temporary file removed at exit, whose path the caller then reads as often as it needs: every read, and a run's
+    data hash, see the same bytes. Messages about the copy name `path` (see `read_jsonl`)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -68,7 +66,7 @@ def read_once(path: str) -> str:
     atexit.register(_remove, copy)
     with open(path, "rb") as src, os.fdopen(fd, "wb") as dst:
         shutil.copyfileobj(src, dst)
-    _SPOOLED[path], _NAMES[copy] = copy, path
+    _NAMES[copy] = path
     return copy
 
 
@@ -77,9 +75,10 @@ def _remove(path: str) -> None:
         os.unlink(path)
 
 
-def read_jsonl(path: str) -> tuple[list[Sample], list[Problem]]:
+def read_jsonl(path: str, *, think_lenient: bool = False) -> tuple[list[Sample], list[Problem]]:
     """Parse and validate every line; malformed lines come back as Problems named file:line (by the name given,
-    for a stream read once)."""
+    for a stream read once). `think_lenient`: a sample whose /think tags are written with look-alikes, and which is
+    well-formed once normalised (gradflow.data.think.normalise), is kept with its assistant content normalised."""
     path = read_once(path)
     shown = _NAMES.get(path, path)
     if not os.path.exists(path):
@@ -110,6 +109,8 @@ def read_jsonl(path: str) -> tuple[list[Sample], list[Problem]]:
                 continue
             what = _lone_surrogate(record) if _SURROGATE_ESCAPE.search(raw) else None
             what = what or validate(record)
+            if what and think_lenient and (lenient := _normalised_think(record)) is not None:
+                record, what = lenient, None
             if what:
                 problems.append(Problem(shown, number, what))
             else:
@@ -197,6 +198,21 @@ def validate(record) -> str | None:
             return "'text' must be a non-empty string"
         return _check_think(record["text"], assistant=False, where="'text'")
     return "needs 'text', 'prompt'/'completion', or 'messages'"
+
+
+def _normalised_think(record) -> dict | None:
+    """The record with its assistant contents (or completion) normalised, when that makes it a valid sample."""
+    if not isinstance(record, dict):
+        return None
+    if isinstance(record.get("messages"), list):
+        fixed = {**record, "messages": [{**m, "content": normalise(m["content"])}
+                                        if isinstance(m, dict) and m.get("role") == "assistant"
+                                        and isinstance(m.get("content"), str) else m for m in record["messages"]]}
+    elif isinstance(record.get("completion"), str):
+        fixed = {**record, "completion": normalise(record["completion"])}
+    else:
+        return None
+    return fixed if validate(fixed) is None else None
 
 
 def _check_think(content: str, *, assistant: bool, where: str) -> str | None:

@@ -5,7 +5,7 @@ each closed, once, in that order. Tags match in any case, with whitespace inside
 `<think-task >`, `</ think-task>`). Anything else that looks like a think tag (`<think_task>`, `<thinktask>`,
 `<think>`, an unclosed `<think-task`) makes the content malformed, so that near-misses are refused rather than
 treated, and previewed, as plain text. Look-alikes count too: tag-likeness is judged on the text normalised
-(`_normalise`: `\\u`/`\\x` escapes and HTML entities decoded, NFKC, invisible format characters dropped, angle
+(`normalise`: `\\u`/`\\x` escapes and HTML entities decoded, NFKC, invisible format characters dropped, angle
 quotes and brackets read as `<`/`>`, Cyrillic and Greek letters that look Latin read as Latin), so
 `&#60;think-task&#62;`, `<\u200bthink-task>`, `<тhink-тask>` or `‹think-task›` are refused like `<think_task>`. The thinking text itself never leaves this module: callers get the
 `<final>` text and the SHA-256 hex of `"\\n".join(stripped task, safety, policy)`, one per assistant turn.
@@ -44,8 +44,9 @@ _OPENERS = "<‹⟨〈〈❬❮˂ᐸ«"
 _AFTER_OPENER = re.compile(f"[{_OPENERS}]\\s*/?\\s*[^{_OPENERS}]{{0,64}}")
 
 
-def _normalise(text: str) -> str:
-    """`text` as tag matching sees it (the module's docstring says how); ASCII text without escapes is itself."""
+def normalise(text: str) -> str:
+    """`text` as tag matching sees it (the module's docstring says how); ASCII text without escapes is itself.
+    `--think-lenient` trains a near-miss sample's assistant content as this."""
     if text.isascii() and "&" not in text and "\\" not in text:
         return text
     if "\\" in text:
@@ -99,7 +100,7 @@ def _clip(text: str, width: int) -> str:
 def has_think_tags(text: str) -> bool:
     """True when `text` holds a /think tag or anything that looks like one (look-alikes included), so it must be a
     well-formed sample."""
-    return bool(_LOOKS.search(text) or _TAG.search(text) or _LOOKS.search(_normalise(text)))
+    return bool(_LOOKS.search(text) or _TAG.search(text) or _LOOKS.search(normalise(text)))
 
 
 def think_hash(task: str, safety: str, policy: str) -> str:
@@ -117,7 +118,7 @@ def parse(text: str) -> tuple[Think | None, str | None]:
             # no quote: an unclosed '<think-task secret ...' would carry the thinking into the message
             return None, (f"/think sample has a tag-like string at character {m.start()} that is not a /think tag "
                           f"(misspelled or unclosed? want {', '.join(TAGS[::2])}, each closed)")
-    if sum(1 for _ in _LOOKS.finditer(_normalise(text))) > len(found):
+    if sum(1 for _ in _LOOKS.finditer(normalise(text))) > len(found):
         return None, ("/think sample has a tag-like string that is not a /think tag (written with look-alike "
                       f"letters or brackets, invisible characters or escapes? want {', '.join(TAGS[::2])})")
     tags = [(f"<{m.group(1)}{m.group(2).lower()}>", m.start(), m.end()) for m in found]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from gradflow.data.jsonl import file_rows, read_jsonl
+from gradflow.data.jsonl import file_rows, read_jsonl, read_once
 from gradflow.data.packing import batch_of
 from gradflow.errors import GradflowError
 from gradflow.forward import model_device, synthetic_batch, to_device, vocab_size
@@ -24,6 +24,7 @@ def load_batch(model, opts: SetupOptions, *, data: str | None = None, batch_size
     check_positive(batch_size, "--batch-size")
     check_positive(seq_len, "--seq-len", 32)
     if data is not None:
+        data = read_once(data)  # a pipe is read once: checked and batched from the same bytes
         check_data(data)
     setup = load_setup(model, opts)
     if adopt is not None:

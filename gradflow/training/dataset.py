@@ -29,7 +29,7 @@ class Prepared:
 
 def read_data(path: str, opts):
     """Read and validate the JSONL file (no tokenizer needed): fails early on --strict or no usable line."""
-    samples, problems = read_jsonl(path)
+    samples, problems = read_jsonl(path, think_lenient=opts.think_lenient)
     if problems and opts.strict:
         raise GradflowError(f"malformed sample at {problems[0]}"
                             f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}",

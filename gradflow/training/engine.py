@@ -18,6 +18,7 @@ import time
 import warnings
 from typing import Any
 
+from gradflow.data.jsonl import read_once
 from gradflow.files import write_json, write_jsonl
 from gradflow.forward import model_device
 from gradflow.noise import ignore_known_noise
@@ -116,8 +117,9 @@ class Run:
     def setup(self) -> Report | None:
         """Everything before the pre-flight. Returns the stored report when a resumed run had already ended."""
         intact = check_output(self.output, self.opts)
-        read = read_data(self.data, self.opts)  # fail fast on bad data, before the model loads
-        self.fingerprint = run_fingerprint(self.model, self.data, self.opts, self.ropts)
+        self.data_path = read_once(self.data)  # a pipe, read once: the data hashed is the data trained on
+        read = read_data(self.data_path, self.opts)  # fail fast on bad data, before the model loads
+        self.fingerprint = run_fingerprint(self.model, self.data_path, self.opts, self.ropts)
         if intact is not None:  # a checkpoint of another run is refused here, before the model loads
             self.resume = resume_plan(intact, self.fingerprint, self.opts, self.output)
             done = _already_complete(self.resume, self.output)

@@ -30,6 +30,7 @@ class TrainOptions:
     precision: str = "fp32"  # mixed precision: fp32 (off) | bf16 | fp16
     loss_on: str = "completion"
     strict: bool = False
+    think_lenient: bool = False  # /think tags written with look-alikes: trained as normalised, not refused
     recipe: str | None = None
     resume: bool = False
     resume_anyway: bool = False  # resume although the run's fingerprint differs (implies resume)

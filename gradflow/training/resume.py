@@ -13,7 +13,6 @@ import hashlib
 import os
 from typing import Any
 
-from gradflow.data.jsonl import read_once
 from gradflow.errors import GradflowError
 from gradflow.setup.options import DTYPES
 from gradflow.setup.presets import PRESETS
@@ -29,7 +28,7 @@ LABELS = {
     "lora_alpha": "--lora-alpha", "lora_targets": "--lora-targets", "adapter": "--adapter",
     "adapter_trainable": "--adapter-trainable", "quant": "--quant", "dtype": "--dtype", "trainable": "--trainable",
     "world_size": "processes (WORLD_SIZE)", "packing": "--no-packing", "tokens_per_batch": "--tokens-per-batch",
-    "model_files": "MODEL's files",
+    "model_files": "MODEL's files", "think_lenient": "--think-lenient",
 }
 # what in a model directory changes the run: config, weights, tokenizer and chat template, custom code
 _MODEL_FILE = (".json", ".safetensors", ".bin", ".pt", ".pth", ".model", ".py")
@@ -47,8 +46,8 @@ def _path_or_name(spec: Any) -> Any:
 def fingerprint(model: Any, data: str, opts, ropts) -> dict:
     """The options of this run that change the weights it ends with (TrainOptions and SetupOptions)."""
     return {
-        # a pipe's bytes are read once (gradflow.data.jsonl.read_once): the hash is of what trains
-        "model": _path_or_name(model), "data_sha256": sha256_file(read_once(data)), "seed": opts.seed,
+        # `data` is a file: a pipe was read once into one (gradflow.data.jsonl.read_once) by the caller
+        "model": _path_or_name(model), "data_sha256": sha256_file(data), "seed": opts.seed,
         "batch_size": opts.batch_size, "grad_accum": opts.grad_accum, "seq_len": opts.seq_len,
         "learning_rate": opts.learning_rate, "max_steps": opts.max_steps,
         "epochs": opts.epochs if opts.max_steps is None else None,  # Trainer ignores epochs beside max_steps
@@ -59,6 +58,7 @@ def fingerprint(model: Any, data: str, opts, ropts) -> dict:
         "dtype": ropts.dtype, "trainable": ropts.trainable, "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         # packing changes the batches; a planned token budget is recorded after planning (tokens_per_batch_planned)
         "packing": opts.packing, "tokens_per_batch": opts.tokens_per_batch, "model_files": model_files(model),
+        "think_lenient": opts.think_lenient,
     }
 
 

@@ -170,3 +170,31 @@ def test_a_tool_turn_is_context_not_learned(tok):
     row = encode(Sample(1, "messages", {"messages": msgs}), tok, 256)
     assert "calculator says 4" in tok.decode(row["input_ids"])
     assert _supervised_text(tok, row).startswith("four<|end|>") and "calculator" not in _supervised_text(tok, row)
+
+
+def test_a_pipe_is_read_once_into_a_private_copy_named_as_given(tmp_path):
+    """--data <(cmd): the stream is read once into a 0600 temporary file; reading the copy again gives the same
+    samples, and a bad line is named by the path the user gave (issue 21)."""
+    import os
+    import stat
+    import threading
+
+    from gradflow.data.jsonl import read_once
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    lines = json.dumps({"prompt": "q", "completion": "a"}) + "\n{broken\n"
+
+    def feed():
+        with open(fifo, "w") as fh:
+            fh.write(lines)
+
+    threading.Thread(target=feed, daemon=True).start()
+    copy = read_once(str(fifo))
+    assert copy != str(fifo) and stat.S_IMODE(os.stat(copy).st_mode) == 0o600
+    for _ in range(2):  # read as often as needed: the same bytes each time
+        samples, problems = read_jsonl(copy)
+        assert [s.line for s in samples] == [1] and [str(p) for p in problems] == [f"{fifo}:2: not valid JSON "
+                                                                                  "(Expecting property name "
+                                                                                  "enclosed in double quotes)"]
+    assert read_once(str(tmp_path)) == str(tmp_path) and read_once(copy) == copy

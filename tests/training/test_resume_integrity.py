@@ -1,7 +1,8 @@
 """--resume checks what it continues: checkpoint manifests, the run's fingerprint, damaged files, finished runs.
 
-Through the real CLI against one uninterrupted reference run (tests.helpers.train.reference_run), plus in-process
-checks of each kind of damage on copies of its real checkpoints.
+Against one uninterrupted reference run (tests.helpers.train.reference_run, a real `gradflow train` process): the
+commands through the CLI's main() in-process (the same one line and exit code, without an interpreter start each),
+and `--resume-anyway`'s continued run in a real process; plus each kind of damage on copies of its checkpoints.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 
 import pytest
 
-from tests.helpers.cli import gradflow
+from tests.helpers.cli import gradflow, invoke_main
 from tests.helpers.train import DEMO, STEPS, copy_run, reference_run, train_args
 
 pytestmark = pytest.mark.slow  # every test reads the reference run, a real `gradflow train` process
@@ -47,7 +48,7 @@ def test_each_checkpoint_records_its_files_step_and_run(reference):
 def test_a_finished_run_resumed_says_complete_and_trains_nothing(reference):
     output, _ = reference
     before = _listing(output)
-    res = gradflow(*train_args(output, "--resume"))
+    res = invoke_main(*train_args(output, "--resume"))
     assert res.code == 0, res.stderr
     assert res.stdout == ""
     assert res.stderr.splitlines() == [
@@ -66,7 +67,7 @@ def test_resume_refuses_a_run_made_with_other_options(reference, tmp_path, optio
     extra = {"seed": ["--seed", "1"], "batch-size": ["--batch-size", "2"], "lora-r": ["--lora-r", "4"],
              "data": []}[option]
     args = train_args(output, "--resume", *extra) if data is None else train_args(output, "--resume", data=str(data))
-    res = gradflow(*args)
+    res = invoke_main(*args)
     assert res.code == 2, res.stderr
     lines = res.stderr.splitlines()
     assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
@@ -81,8 +82,8 @@ def test_resume_with_the_defaults_typed_out_continues(reference):
     """`--lora-r 8 --lora-alpha 16 --lora-targets all-linear --dtype fp32` are what the run used without them: the
     finished run is found complete, not refused as changed (issue 21)."""
     output, _ = reference
-    res = gradflow(*train_args(output, "--resume", "--lora-r", "8", "--lora-alpha", "16", "--lora-targets",
-                               "all-linear", "--dtype", "fp32"))
+    res = invoke_main(*train_args(output, "--resume", "--lora-r", "8", "--lora-alpha", "16", "--lora-targets",
+                                  "all-linear", "--dtype", "fp32"))
     assert res.code == 0 and "is complete" in res.stderr, res.stderr
 
 
@@ -105,9 +106,9 @@ def test_data_through_a_pipe_is_read_once_and_resume_checks_its_content(referenc
     pipe resumes the run (here: complete, nothing to do); other content through a pipe is refused (issue 21)."""
     output, _ = reference
     text = open(DEMO).read()
-    same = gradflow(*train_args(output, "--resume", data=_pipe(tmp_path / "same", text)))
+    same = invoke_main(*train_args(output, "--resume", data=_pipe(tmp_path / "same", text)))
     assert same.code == 0 and "is complete" in same.stderr, same.stderr
-    other = gradflow(*train_args(output, "--resume", data=_pipe(tmp_path / "other", text.split("\n", 1)[1])))
+    other = invoke_main(*train_args(output, "--resume", data=_pipe(tmp_path / "other", text.split("\n", 1)[1])))
     assert other.code == 2 and len(other.stderr.splitlines()) == 1, other.stderr
     assert "--data content sha256" in other.stderr and "e3b0c442" not in other.stderr  # not the empty input's hash
 
@@ -146,7 +147,7 @@ def test_resume_with_no_intact_checkpoint_is_one_line(reference, tmp_path):
     output = copy_run(reference[0], tmp_path / "run")
     for name in os.listdir(os.path.join(output, "checkpoints")):
         os.remove(os.path.join(output, "checkpoints", name, "optimizer.pt"))
-    res = gradflow(*train_args(output, "--resume"))
+    res = invoke_main(*train_args(output, "--resume"))
     assert res.code == 2 and len(res.stderr.splitlines()) == 1, res.stderr
     assert res.stderr.startswith(f"gradflow: error: --resume: no intact checkpoint in {output} (checkpoint-{STEPS}: "
                                  "optimizer.pt is missing; ")
@@ -217,12 +218,12 @@ def test_a_model_directory_whose_weights_changed_is_refused(tmp_path):
     build_preset("tiny-llama", seed=0).save_pretrained(base)
     build_tokenizer().save_pretrained(base)
     output = tmp_path / "run"
-    args = ["train", str(base), "--data", DEMO, "--output", str(output), "--max-steps", "2", "--save-steps", "1",
+    args = ["train", str(base), "--data", DEMO, "--output", str(output), "--max-steps", "1", "--save-steps", "1",
             "--seq-len", "64", "--gc", "off"]
-    first = gradflow(*args)
+    first = invoke_main(*args)
     assert first.code == 0, first.stderr[-3000:]
     build_preset("tiny-llama", seed=1).save_pretrained(base)
-    res = gradflow(*args, "--resume")
+    res = invoke_main(*args, "--resume")
     assert res.code == 2 and len(res.stderr.splitlines()) == 1, res.stderr
     assert "MODEL's files changed (model.safetensors)" in res.stderr
 
@@ -245,7 +246,7 @@ def test_a_pickled_file_in_a_checkpoint_is_refused_in_one_line(reference, tmp_pa
     marker = json.load(open(os.path.join(checkpoint, MARKER)))
     with open(os.path.join(checkpoint, MARKER), "w") as fh:
         json.dump(manifest(checkpoint, marker["step"], marker["max_steps"], marker["fingerprint"]), fh)
-    res = gradflow(*train_args(output, "--resume"))
+    res = invoke_main(*train_args(output, "--resume"))
     assert res.code == 2, res.stderr[-3000:]
     assert res.stderr.splitlines()[-1] == (
         f"gradflow: error: --resume: {checkpoint} holds a file that is not plain tensors (torch refused to unpickle "

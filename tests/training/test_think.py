@@ -10,6 +10,7 @@ import re
 import pytest
 
 from gradflow.data.jsonl import Sample, _kind, encode, read_jsonl, think_of, validate
+from gradflow.errors import GradflowError
 from gradflow.setup.presets import build_tokenizer
 from gradflow.data.audit import preview as audit_preview
 from gradflow.training.engine import TrainOptions, prepare_data
@@ -264,3 +265,29 @@ def test_an_id_that_holds_thinking_is_not_printed_nor_written(tmp_path, tok):
     assert [a["id"] for a in prepared.audit] == ["ids.jsonl:1", "ids.jsonl:2", "ids.jsonl:3", "ids.jsonl:4",
                                                    "ok-7", "12"]
     assert SECRET not in json.dumps(prepared.previews + prepared.audit)
+
+
+def test_think_lenient_trains_look_alike_tags_as_normalised_and_never_prints_them(tmp_path, tok):
+    """--think-lenient: a sample whose tags are look-alikes, well-formed once normalised, is kept as a /think
+    sample (hashed; the preview shows <final> and the hash); one that is malformed even then is still a bad line,
+    and tags outside assistant content are still refused (issue 21)."""
+    lenient = TrainOptions(seq_len=128, previews=100, think_lenient=True)
+    kept = [LOOK_ALIKES["cyrillic look-alikes"], LOOK_ALIKES["zero-width space after <"],
+            LOOK_ALIKES["decimal entities"]]
+    broken = _every_tag("‹", "›").replace("‹/final›", "")  # no </final>, normalised or not
+    lines = [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": c}]} for c in kept]
+    lines += [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": broken}]},
+              {"messages": [{"role": "user", "content": LOOK_ALIKES["cyrillic look-alikes"]},
+                            {"role": "assistant", "content": "ok"}]}]
+    path = tmp_path / "lenient.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(GradflowError, match="every line of .* is malformed"):  # without the flag: all refused
+        prepare_data(str(path), tok, TrainOptions(seq_len=128))
+    prepared = prepare_data(str(path), tok, lenient)
+    assert len(prepared.rows) == len(kept)
+    assert [a["think_sha256"] for a in prepared.audit] == [[CANONICAL_HASH]] * len(kept)
+    assert [p.line for p in prepared.problems] == [4, 5]
+    shown = json.dumps([str(p) for p in prepared.problems] + prepared.previews + prepared.audit)
+    assert SECRET not in shown and "the answer" in shown
+    learned = tok.decode(prepared.rows[0]["input_ids"])
+    assert "<think-task>" in learned and "тhink" not in learned  # trained with the tags written canonically
