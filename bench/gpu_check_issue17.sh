@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's changed commands once on a GPU at a real size (Phi-3.5-mini shape, random init, built on the GPU), 4-bit
-# included: inspect, probe-backward (and --dry-run), patch (and --plan-only), train, and the Python entries that the
+# included: inspect, probe-backward (and --dry-run), patch (and --plan-only), train (SO(8) as a setup option; issue 21:
+# a pipe, --think-lenient, --resume), and the Python entries that the
 # CLI now calls (gradflow.probe / gradflow.patch of a MODEL spec with setup=...).
 # Usage (device machine, repo root, wheels installed): bash bench/gpu_check_issue17.sh
 set -uo pipefail
@@ -28,3 +29,11 @@ PY
 gf train $M --data gradflow/data/think_demo.jsonl --output /tmp/gf_run --quant 4bit --dtype bfloat16 --precision bf16 \
    --lora-r 16 --so8-layers 4,5 --max-steps 4 --batch-size 4 --seq-len 512 --logging-steps 2 --save-steps 2 --compile off
 python3 -c "import json; d=json.load(open('/tmp/gf_run/report.json')); t=d['train']; print('train', t['status'], t['steps'], t.get('loss_first'), t.get('loss_last'), t['options']['so8_layers'], t['gradients'].get('params_moved'), '/', t['gradients'].get('params_trainable'))"
+# issue 21 on the GPU: --data through a pipe with --think-lenient, then --resume of it with the same bytes (complete,
+# nothing to do) and with other bytes (refused, one line)
+gf train $M --data <(cat gradflow/data/think_demo.jsonl) --output /tmp/gf_pipe --quant 4bit --dtype bfloat16 \
+   --precision bf16 --lora-r 16 --max-steps 2 --batch-size 4 --seq-len 512 --save-steps 1 --compile off --think-lenient -q
+gf train $M --data <(cat gradflow/data/think_demo.jsonl) --output /tmp/gf_pipe --quant 4bit --dtype bfloat16 \
+   --precision bf16 --lora-r 16 --max-steps 2 --batch-size 4 --seq-len 512 --save-steps 1 --compile off --think-lenient --resume
+gf train $M --data <(head -5 gradflow/data/think_demo.jsonl) --output /tmp/gf_pipe --quant 4bit --dtype bfloat16 \
+   --precision bf16 --lora-r 16 --max-steps 2 --batch-size 4 --seq-len 512 --save-steps 1 --compile off --think-lenient --resume
