@@ -70,6 +70,11 @@ def read_once(path: str) -> str:
     return copy
 
 
+def given_name(path: str) -> str:
+    """The path a user gave for `path`, which may be the private copy of a stream (`read_once`)."""
+    return _NAMES.get(path, path)
+
+
 def _remove(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
@@ -80,7 +85,7 @@ def read_jsonl(path: str, *, think_lenient: bool = False) -> tuple[list[Sample],
     for a stream read once). `think_lenient`: a sample whose /think tags are written with look-alikes, and which is
     well-formed once normalised (gradflow.data.think.normalise), is kept with its assistant content normalised."""
     path = read_once(path)
-    shown = _NAMES.get(path, path)
+    shown = given_name(path)
     if not os.path.exists(path):
         raise GradflowError(f"data file not found: {shown}", "Check the --data path")
     if os.path.isdir(path):

@@ -40,6 +40,8 @@ _LOOK_ALIKES = str.maketrans("‹›⟨⟩〈〉〈〉❬❭❮❯˂˃ᐸᐳ«»
                              "aeopcyxijskhntABEKMHOPCTXISaeikvoptuxABEHIKMNOPTYX")
 
 
+# how a refusal names the look-alike case (the train hint for --think-lenient looks for it)
+LOOK_ALIKE = "written with look-alike letters or brackets, invisible characters or escapes"
 _OPENERS = "<‹⟨〈〈❬❮˂ᐸ«"
 _AFTER_OPENER = re.compile(f"[{_OPENERS}]\\s*/?\\s*[^{_OPENERS}]{{0,64}}")
 
@@ -119,8 +121,8 @@ def parse(text: str) -> tuple[Think | None, str | None]:
             return None, (f"/think sample has a tag-like string at character {m.start()} that is not a /think tag "
                           f"(misspelled or unclosed? want {', '.join(TAGS[::2])}, each closed)")
     if sum(1 for _ in _LOOKS.finditer(normalise(text))) > len(found):
-        return None, ("/think sample has a tag-like string that is not a /think tag (written with look-alike "
-                      f"letters or brackets, invisible characters or escapes? want {', '.join(TAGS[::2])})")
+        return None, (f"/think sample has a tag-like string that is not a /think tag ({LOOK_ALIKE}? want "
+                      f"{', '.join(TAGS[::2])})")
     tags = [(f"<{m.group(1)}{m.group(2).lower()}>", m.start(), m.end()) for m in found]
     for block in BLOCKS:
         for tag in (f"<{block}>", f"</{block}>"):

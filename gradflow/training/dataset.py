@@ -13,7 +13,9 @@ import dataclasses
 from typing import Any
 
 from gradflow.data.audit import preview
-from gradflow.data.jsonl import Problem, collate, encode, read_jsonl, sample_id, supervised_count, think_of
+from gradflow.data.jsonl import (Problem, collate, encode, given_name, read_jsonl, sample_id, supervised_count,
+                                 think_of)
+from gradflow.data.think import LOOK_ALIKE
 from gradflow.data.packing import PackedCollator, batch_of, pack_groups
 from gradflow.errors import GradflowError
 
@@ -35,8 +37,11 @@ def read_data(path: str, opts):
                             f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}",
                             "Fix or remove those lines, or run without --strict to skip them")
     if not samples:
-        raise GradflowError(f"every line of {path} is malformed ({len(problems)}); first: {problems[0]}",
-                            "Fix the data: each line needs text, prompt/completion, or messages")
+        look_alikes = not opts.think_lenient and any(LOOK_ALIKE in p.what for p in problems)
+        raise GradflowError(f"every line of {given_name(path)} is malformed ({len(problems)}); first: {problems[0]}",
+                            "Fix the data: each line needs text, prompt/completion, or messages" + (
+                                " (or pass --think-lenient to train /think tags written with look-alikes)"
+                                if look_alikes else ""))
     return samples, problems
 
 

@@ -4,12 +4,14 @@ included), --seq-len and the cut before tokenisation."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from gradflow.data.jsonl import CHARS_PER_TOKEN, Sample, _kind, collate, encode, read_jsonl, supervised_count
 from gradflow.errors import GradflowError
 from gradflow.setup.presets import build_tokenizer
+from gradflow.training.dataset import read_data
 from gradflow.training.engine import TrainOptions, prepare_data
 
 
@@ -198,3 +200,8 @@ def test_a_pipe_is_read_once_into_a_private_copy_named_as_given(tmp_path):
                                                                                   "(Expecting property name "
                                                                                   "enclosed in double quotes)"]
     assert read_once(str(tmp_path)) == str(tmp_path) and read_once(copy) == copy
+    # a stream whose every line is bad is named as given, not as its temporary copy
+    with open(copy, "w") as fh:
+        fh.write("{broken\n")
+    with pytest.raises(GradflowError, match=rf"every line of {re.escape(str(fifo))} is malformed"):
+        read_data(copy, TrainOptions())

@@ -281,8 +281,9 @@ def test_think_lenient_trains_look_alike_tags_as_normalised_and_never_prints_the
                             {"role": "assistant", "content": "ok"}]}]
     path = tmp_path / "lenient.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    with pytest.raises(GradflowError, match="every line of .* is malformed"):  # without the flag: all refused
+    with pytest.raises(GradflowError, match="every line of .* is malformed") as refused:  # without the flag
         prepare_data(str(path), tok, TrainOptions(seq_len=128))
+    assert "pass --think-lenient" in str(refused.value) and SECRET not in str(refused.value)
     prepared = prepare_data(str(path), tok, lenient)
     assert len(prepared.rows) == len(kept)
     assert [a["think_sha256"] for a in prepared.audit] == [[CANONICAL_HASH]] * len(kept)
