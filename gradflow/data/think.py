@@ -5,10 +5,12 @@ each closed, once, in that order. Tags match in any case, with whitespace inside
 `<think-task >`, `</ think-task>`). Anything else that looks like a think tag (`<think_task>`, `<thinktask>`,
 `<think>`, an unclosed `<think-task`) makes the content malformed, so that near-misses are refused rather than
 treated, and previewed, as plain text. Look-alikes count too: tag-likeness is judged on the text normalised
-(`normalise`: `\\u`/`\\x` escapes and HTML entities decoded, NFKC, invisible format characters dropped, angle
-quotes and brackets read as `<`/`>`, Cyrillic and Greek letters that look Latin read as Latin), so
-`&#60;think-task&#62;`, `<\u200bthink-task>`, `<тhink-тask>` or `‹think-task›` are refused like `<think_task>`. The thinking text itself never leaves this module: callers get the
-`<final>` text and the SHA-256 hex of `"\\n".join(stripped task, safety, policy)`, one per assistant turn.
+(`normalise`: `\\u`/`\\x` escapes and HTML entities decoded, NFKC, invisible format characters dropped, single
+angle quotes and angle brackets read as `<`/`>` where a name follows them directly, Cyrillic and Greek letters
+that look Latin read as Latin), so `&#60;think-task&#62;`, `<` + U+200B + `think-task>`, `<тhink-тask>` or
+`‹think-task›` are refused like `<think_task>`, while quoted prose (`le « final »`, `‹ final ›`) is not a tag.
+The thinking text itself never leaves this module: callers get the `<final>` text and the SHA-256 hex of
+`"\\n".join(stripped task, safety, policy)`, one per assistant turn.
 """
 
 from __future__ import annotations
@@ -34,16 +36,19 @@ _LOOKS = re.compile(r"(?:<|&lt;|＜)\s*/?\s*(?:think|final[^<>]{0,32}(?:>|&gt;|�
 _ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})|\\x([0-9a-fA-F]{2})")
 _INVISIBLE = re.compile("[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e"
                         "\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0]")
-_LOOK_ALIKES = str.maketrans("‹›⟨⟩〈〉〈〉❬❭❮❯˂˃ᐸᐳ«»"
+# (not the double guillemets « »: quotation marks in French or German prose, never a tag's bracket)
+_LOOK_ALIKES = str.maketrans("‹›⟨⟩〈〉〈〉❬❭❮❯˂˃ᐸᐳ"
                              "аеорсухіјѕкнптАВЕКМНОРСТХІЅαεικνορτυχΑΒΕΗΙΚΜΝΟΡΤΥΧ",
-                             "<><><><><><><><><>"
+                             "<><><><><><><><>"
                              "aeopcyxijskhntABEKMHOPCTXISaeikvoptuxABEHIKMNOPTYX")
 
 
 # how a refusal names the look-alike case (the train hint for --think-lenient looks for it)
 LOOK_ALIKE = "written with look-alike letters or brackets, invisible characters or escapes"
-_OPENERS = "<‹⟨〈〈❬❮˂ᐸ«"
-_AFTER_OPENER = re.compile(f"[{_OPENERS}]\\s*/?\\s*[^{_OPENERS}]{{0,64}}")
+_LOOK_OPENERS = "‹⟨〈〈❬❮˂ᐸ"
+# the stretch a tag could stand in: after '<' (spaces allowed, as in a real tag), or after a look-alike opener that
+# a name (or '/') follows at once: `‹ final ›`, a quotation, is left alone
+_AFTER_OPENER = re.compile(f"(?:<\\s*/?\\s*|[{_LOOK_OPENERS}]/?(?=\\S))[^<{_LOOK_OPENERS}]{{0,64}}")
 
 
 def normalise(text: str) -> str:

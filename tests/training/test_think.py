@@ -160,7 +160,8 @@ def test_tag_like_strings_outside_assistant_content_are_refused(role, content):
 
 
 def test_ordinary_angle_brackets_are_not_tags():
-    for text in ("if x < final_count: stop", "a <b>bold</b> word", "I think <so>", "x<y and y > z"):
+    for text in ("if x < final_count: stop", "a <b>bold</b> word", "I think <so>", "x<y and y > z",
+                 "le mot « final » de la série", "das »finale« Wort", "ein ‹ final › Wort, ‹ think › es"):
         assert validate({"prompt": "q", "completion": text}) is None
 
 
