@@ -11,7 +11,7 @@ import tempfile
 from gradflow.errors import GradflowError
 from gradflow.models import is_peft_model, set_checkpointing
 from gradflow.setup import so8
-from gradflow.setup.options import DTYPES, SetupOptions
+from gradflow.setup.options import DEFAULT_LORA_R, DTYPES, SetupOptions, resolved_lora
 from gradflow.setup.presets import build_preset, build_tokenizer
 from gradflow.setup.sources import Kind, Setup, _first_line, resolve
 
@@ -69,11 +69,12 @@ def build(setup: Setup, opts: SetupOptions) -> Setup:
     if adapter is not None:  # with the SO(8) rotations it was trained with, if any
         model = so8.load_adapter(model, adapter, is_trainable=opts.adapter_trainable)
     else:
-        rank = opts.lora_r if opts.lora_r is not None else (0 if is_factory or is_peft_model(model) else 8)
+        rank, alpha, targets = resolved_lora(opts.lora_r, opts.lora_alpha, opts.lora_targets,
+                                             0 if is_factory or is_peft_model(model) else DEFAULT_LORA_R)
         if opts.so8_layers:
             so8.install(model, opts.so8_layers)
         if rank > 0:
-            model = apply_lora(model, rank, opts.lora_alpha or 2 * rank, opts.lora_targets or "all-linear",
+            model = apply_lora(model, rank, alpha, targets,
                                modules_to_save=[so8.MODULE_NAME] if opts.so8_layers else None)
         if opts.so8_layers:  # after PEFT wrapped o_proj, so that LoRA on o_proj sees the rotated input
             so8.attach_hooks(model)

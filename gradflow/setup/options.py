@@ -13,6 +13,7 @@ from gradflow.setup.sources import compile_regex
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16"}
+DEFAULT_LORA_R = 8  # the rank gradflow gives a preset, directory or hub id when --lora-r is not given
 GC_MODES = GC.values()  # the values are defined once, in gradflow.choices
 QUANT_MODES = Quant.values()
 
@@ -70,3 +71,11 @@ class SetupOptions:
             raise GradflowError("--so8-layers rides on a new LoRA adapter, and "
                                 + ("--adapter loads one" if self.adapter is not None else "--lora-r is 0"),
                                 "Drop --so8-layers, or start from the base model with a positive --lora-r")
+
+
+def resolved_lora(rank: int | None, alpha: int | None, targets: str | None,
+                  default_rank: int = DEFAULT_LORA_R) -> tuple[int, int | None, str | None]:
+    """(rank, alpha, targets) as the build applies them: `default_rank` without --lora-r, alpha 2·r, all linear
+    layers; alpha and targets None when there is no LoRA (rank 0)."""
+    rank = rank if rank is not None else default_rank
+    return rank, (alpha or 2 * rank) if rank else None, (targets or "all-linear") if rank else None

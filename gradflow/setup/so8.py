@@ -19,8 +19,8 @@ import pickle
 import torch
 
 from gradflow.errors import GradflowError
-from gradflow.noise import refusing_pickles
 from gradflow.models import layer_index
+from gradflow.noise import refusing_pickles
 
 MODULE_NAME = "so8"
 META_FILE = "gradflow_so8.json"

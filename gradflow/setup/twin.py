@@ -17,6 +17,7 @@ from typing import Any
 from gradflow.errors import GradflowError
 from gradflow.setup.build import (_from_pretrained, _no_progress_bars, _quant_config, apply_lora, read_json,
                                   resolve_device, resolve_dtype)
+from gradflow.setup.options import resolved_lora
 from gradflow.setup.presets import preset_config
 from gradflow.setup.sources import Kind, _first_line, names_code, resolve
 from gradflow.snapshot import count_into_ancestors
@@ -193,7 +194,7 @@ def build_twin(spec: str, opts) -> tuple[Twin, Any]:
 
     config, kind = load_config(spec, trust_remote_code=opts.trust_remote_code)
     full = full_size(config, trust_remote_code=opts.trust_remote_code)
-    rank = opts.lora_r if opts.lora_r is not None else 8
+    rank = resolved_lora(opts.lora_r, opts.lora_alpha, opts.lora_targets)[0]
     full_hidden = _int_attr(config, "hidden_size")
     if full_hidden is not None and rank > full_hidden:  # the real run's error, before the twin's width hides it
         raise GradflowError(f"--lora-r {rank} is larger than the model's hidden size ({full_hidden}, from its config)",
@@ -321,12 +322,12 @@ def _meta_adapted_numel(twin: Twin, opts) -> dict[str, int]:
     adapter weights whose shape the base layer alone does not give (e.g. LoRA on fused MoE expert parameters)."""
     import torch
 
-    rank = opts.lora_r if opts.lora_r is not None else 8
+    rank, alpha, targets = resolved_lora(opts.lora_r, opts.lora_alpha, opts.lora_targets)
     if rank <= 0 or opts.adapter is not None:
         return {}
     model = full_size(twin.config, trust_remote_code=opts.trust_remote_code)
     with torch.device("meta"):
-        model = apply_lora(model, rank, opts.lora_alpha or 2 * rank, opts.lora_targets or "all-linear")
+        model = apply_lora(model, rank, alpha, targets)
     return {n: p.numel() for n, p in model.named_parameters()}
 
 

@@ -238,12 +238,13 @@ def plain_tensors(checkpoint: str | None):
     """Resuming from `checkpoint`: a file in it that torch will not load as plain tensors (a pickled object, which
     gradflow never writes, and its manifest cannot vouch for) is one line, not an internal error. Nothing in it runs:
     torch's weights-only loader refused it."""
+    if checkpoint is None:  # nothing to resume: nothing of the user's is unpickled
+        yield
+        return
     try:
         with refusing_pickles():
             yield
     except pickle.UnpicklingError as exc:
-        if checkpoint is None:
-            raise
         raise GradflowError(f"--resume: {checkpoint} holds a file that is not plain tensors (torch refused to unpickle "
                             "it); a checkpoint gradflow writes never does", "Set that checkpoint aside to resume "
                             "from the one before, or pass --overwrite to train again") from exc

@@ -14,7 +14,7 @@ import os
 from typing import Any
 
 from gradflow.errors import GradflowError
-from gradflow.setup.options import DTYPES
+from gradflow.setup.options import DEFAULT_LORA_R, DTYPES, resolved_lora
 from gradflow.setup.presets import PRESETS
 from gradflow.setup.sources import names_code
 from gradflow.training.checkpoint import Intact, complete_checkpoints, newest_intact, sha256_file
@@ -72,11 +72,10 @@ def _resolved(key: str, fp: dict):
         return value
     if isinstance(model, str) and os.path.isfile(os.path.join(model, "adapter_config.json")):
         return value  # MODEL is an adapter: it brings its own LoRA
-    rank = fp.get("lora_r")
-    if rank is None:
-        rank = 8 if isinstance(model, str) and not model.startswith("<") and not names_code(model) else 0
-    return {"lora_r": rank, "lora_alpha": 2 * rank if rank else None,
-            "lora_targets": "all-linear" if rank else None}[key]
+    builds = isinstance(model, str) and not model.startswith("<") and not names_code(model)  # not a factory
+    rank, alpha, targets = resolved_lora(fp.get("lora_r"), fp.get("lora_alpha"), fp.get("lora_targets"),
+                                         DEFAULT_LORA_R if builds else 0)
+    return {"lora_r": rank, "lora_alpha": alpha, "lora_targets": targets}[key]
 
 
 def model_files(model: Any) -> dict[str, str] | None:
@@ -113,8 +112,6 @@ def differences(saved: dict, current: dict) -> list[str]:
             return f"sha256 {value[:12]}…"
         if isinstance(value, list):
             return ",".join(map(str, value)) or "(none)"
-        if isinstance(value, dict):  # model_files
-            return f"{len(value)} files"
         return str(value)
 
     out = []
