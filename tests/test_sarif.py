@@ -132,6 +132,12 @@ def test_factory_results_carry_the_line_that_caused_them(factory):
                                                                      line_of(factory, "# GC"))
 
 
+def test_a_factory_whose_name_is_imported_points_at_its_file(factory):
+    (factory.parent / "entry.py").write_text("from train_setup import frozen_adapter  # noqa: F401\n")
+    found = results(sarif("entry.py:frozen_adapter"))
+    assert physical(found["adapter-frozen"]) == ("entry.py", "%SRCROOT%", 1)  # no def there to point at
+
+
 def test_a_healthy_factory_gives_a_valid_log_without_problems(factory):
     found = results(sarif(f"{factory}:healthy"))
     assert set(found) <= {"lora-zero-init"}  # info only

@@ -115,7 +115,9 @@ def test_a_changed_trainable_set_fails_unless_never(here):
 
 
 def test_sarif_marks_new_unchanged_and_absent(here):
-    probe(SEED_BUG, "--baseline", "b.json")
+    first = json.loads(probe(SEED_BUG, "--baseline", "b.json", "--format", "sarif").stdout)
+    before = {r["properties"]["slug"]: r["partialFingerprints"] for r in first["runs"][0]["results"]}
+    assert all("baselineState" not in r for r in first["runs"][0]["results"])  # written: nothing compared
     run = probe(SEED_BUG, "--baseline", "b.json", "--gc", "non-reentrant", "--format", "sarif")
     assert run.code == 0
     log = assert_uploadable(json.loads(run.stdout))
@@ -125,9 +127,9 @@ def test_sarif_marks_new_unchanged_and_absent(here):
     fixed = states["reentrant-checkpoint-no-input-grad"]
     assert (fixed["kind"], fixed["level"], fixed["ruleId"]) == ("pass", "none", "GF101")
     assert fixed["message"]["text"].startswith("Fixed: reentrant-checkpoint-no-input-grad at ")
-    # written (no comparison): no baselineState
-    written = probe(SEED_BUG, "--baseline", "c.json", "--format", "sarif")
-    assert all("baselineState" not in r for r in json.loads(written.stdout)["runs"][0]["results"])
+    # the unchanged finding keeps its identity; the fix has its own, so the finding's alert can close
+    assert states["use-cache-in-training"]["partialFingerprints"] == before["use-cache-in-training"]
+    assert fixed["partialFingerprints"] != before["reentrant-checkpoint-no-input-grad"]
 
 
 def test_the_library_compares_the_same_way(tmp_path):

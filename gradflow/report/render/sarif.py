@@ -5,7 +5,7 @@ relative to the repository root. gradflow's findings are about modules, not line
 the module as a logical location, and one physical location, the first of these that exists:
 
 1. the line of the user's code that set the finding up (a factory inside the repository; see
-   gradflow.report.render.source_lines);
+   gradflow.report.render.source_lines), or line 1 of the factory's file when the name is imported there;
 2. the `config.json` of a MODEL directory (or a config.json MODEL) inside the repository;
 3. the `pyproject.toml` whose `[tool.gradflow]` configured the run, at that table's line;
 4. the nearest `pyproject.toml` from the working directory up to the repository root, at line 1;
@@ -70,7 +70,8 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None, conf
         message = f"Fixed: {f['slug']}" + (f" at {f['location']}" if f.get("location") else "") + \
             f" is in the baseline {report.baseline['file']} but no longer found."
         code = f["code"] if f["code"] in index else None
-        result = _result(code, index.get(code), "none", message, f["slug"], f.get("location"), where, source)
+        result = _result(code, index.get(code), "none", message, f["slug"], f.get("location"), where, source,
+                         identity="absent")
         results.append(dict(result, kind="pass", baselineState="absent"))
     run = {
         "tool": {"driver": {"name": "gradflow", "version": __version__, "rules": rules,
@@ -81,15 +82,16 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None, conf
     return {"$schema": "https://json.schemastore.org/sarif-2.1.0.json", "version": "2.1.0", "runs": [run]}
 
 
-def _result(code, rule_index, level, message, slug, module, where: SourceLines, source) -> dict:
+def _result(code, rule_index, level, message, slug, module, where: SourceLines, source, identity: str = "") -> dict:
     result = {"ruleId": code} if code else {"ruleId": f"gradflow/{slug}"}  # a code retired since the baseline
     if rule_index is not None:
         result["ruleIndex"] = rule_index
     location = {"physicalLocation": where.physical(slug)}
     if module:
         location["logicalLocations"] = [{"fullyQualifiedName": module, "kind": "module"}]
-    # one stable identity per finding and place, so code scanning tracks it across commits
-    key = f"{code or slug}|{module or ''}|{source or ''}"
+    # one stable identity per finding and place, so code scanning tracks it across commits; a fixed finding's
+    # result has its own, so that the finding's alert closes rather than living on as the fix
+    key = f"{code or slug}|{module or ''}|{source or ''}" + (f"|{identity}" if identity else "")
     result.update(level=level, message={"text": message}, locations=[location],
                   partialFingerprints={"gradflowFinding/v1": hashlib.sha256(key.encode()).hexdigest()[:32]},
                   properties={"slug": slug})
@@ -115,6 +117,9 @@ def locate(source: str | None, *, root: str, config: str | None = None,
     where = source_lines(source, root=root) if source else None
     if where is not None and where.uri:
         return where
+    target = source.rpartition(":")[0] if source and ":" in source else None
+    if where is None and target and target.endswith(".py") and os.path.isfile(target) and relative_uri(target, root):
+        return SourceLines(os.path.abspath(target), {}, 1, fallback=(), uri=relative_uri(target, root))  # no def
     if config and relative_uri(config, root):
         line = _line_of(config, re.compile(r"^\s*\[tool\.gradflow[\].]"))
         return SourceLines(os.path.abspath(config), {}, line, fallback=(), uri=relative_uri(config, root))

@@ -122,7 +122,8 @@ def _config_lines(path: str, root: str) -> SourceLines:
                               ('"quantization_config"', "quant"), ('"torch_dtype"', "dtype"), ('"dtype"', "dtype")):
                 if key in text:
                     lines.setdefault(kind, no)
-    return SourceLines(os.path.abspath(path), lines, 1, fallback=(), uri=relative_uri(path, root))  # other findings: the file's first line
+    # other findings: the file's first line
+    return SourceLines(os.path.abspath(path), lines, 1, fallback=(), uri=relative_uri(path, root))
 
 
 def _factory_lines(spec: str, root: str) -> SourceLines | None:
@@ -143,7 +144,8 @@ def _factory_lines(spec: str, root: str) -> SourceLines | None:
                       and not _main_guard(n)]
         return SourceLines(os.path.abspath(path), _scan(statements, defs, set()), assigned[0].lineno,
                            uri=relative_uri(path, root))
-    return SourceLines(os.path.abspath(path), _scan(start.body, defs, {name}), start.lineno, uri=relative_uri(path, root))
+    return SourceLines(os.path.abspath(path), _scan(start.body, defs, {name}), start.lineno,
+                       uri=relative_uri(path, root))
 
 
 def _main_guard(node) -> bool:
