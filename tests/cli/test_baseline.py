@@ -7,6 +7,7 @@ changed trainable set, and --fail-on never, through the CLI in-process, the libr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import textwrap
 
@@ -148,3 +149,12 @@ def test_the_library_compares_the_same_way(tmp_path):
     back = check(healthy, path, fail_on="warning")  # GF101 fixed, GF301 new but info
     assert back.changed and not back.fails and back.failing == []
     assert back.to_dict()["findings"]["removed"][0]["code"] == "GF101"
+
+    # a baseline recorded under an older code: the slug (the stable contract) names the rule
+    from gradflow.report.render.sarif import to_sarif
+
+    old = {"code": "GF999", "slug": "reentrant-checkpoint-no-input-grad", "location": "model.layers.0"}
+    section = {"file": "b.json", "status": "changed", "findings": {"added": [], "removed": [old], "unchanged": []}}
+    log = assert_uploadable(to_sarif(dataclasses.replace(healthy, baseline=section), source=SEED_BUG))
+    (absent,) = [r for r in log["runs"][0]["results"] if r["baselineState"] == "absent"]
+    assert absent["ruleId"] == "GF101" and absent["level"] == "none"

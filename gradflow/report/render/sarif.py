@@ -56,6 +56,7 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None, conf
         "help": {"text": r.doc.strip()},
     } for r in all_rules()]
     index = {r["id"]: i for i, r in enumerate(rules)}
+    by_slug = {r["name"]: r["id"] for r in rules}
     where = locate(source, root=root, config=config, model_class=(report.model or {}).get("class"))
     found_states, fixed = comparison_states(report.findings, report.baseline)
     results = []
@@ -69,7 +70,7 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None, conf
     for f in fixed:  # in the baseline, gone now: reported as fixed, never as a problem
         message = f"Fixed: {f['slug']}" + (f" at {f['location']}" if f.get("location") else "") + \
             f" is in the baseline {report.baseline['file']} but no longer found."
-        code = f["code"] if f["code"] in index else None
+        code = by_slug.get(f["slug"]) or (f["code"] if f["code"] in index else None)  # slugs outlive codes
         result = _result(code, index.get(code), "none", message, f["slug"], f.get("location"), where, source,
                          identity="absent")
         results.append(dict(result, kind="pass", baselineState="absent"))
