@@ -74,10 +74,11 @@ class Gate:
         if self.baseline is not None:
             from gradflow.report.baseline import check
 
-            self.result = check(shown, self.baseline, update=self.update_baseline, command=command, model=model)
+            self.result = check(shown, self.baseline, update=self.update_baseline, command=command, model=model,
+                                fail_on=str(self.settings.fail_on or "error"))
             shown = dataclasses.replace(shown, baseline=self.result.to_dict())
-            if self.result.status != "written":  # a baseline accepts the findings it records
-                code = int(ExitCode.FINDINGS if self.result.changed else ExitCode.OK)
+            if self.result.status != "written":  # only what the baseline does not hold fails (new, at --fail-on)
+                code = int(ExitCode.FINDINGS if self.result.fails else ExitCode.OK)
         return shown, code
 
     def explain(self, out) -> None:
@@ -91,13 +92,24 @@ class Gate:
             hint(f"gradflow: {self.hidden} finding(s) not shown, deselected by {sources}")
         if self.result is None:
             return
-        path = self.result.path
-        if self.result.status == "written":
+        result, path = self.result, self.result.path
+        if result.status == "written":
             hint(f"gradflow: wrote the baseline {path}")
-        elif self.result.changed:
-            out.tell(f"gradflow: the baseline {path} no longer matches (+ added, - removed); "
-                     "pass --update-baseline to accept the new state:")
-            for line in self.result.lines():
+        elif result.fails:  # why the exit code is 1: printed even with --quiet
+            reasons = [f"{len(result.failing)} new finding(s) at or above --fail-on {result.fail_on}"] \
+                if result.failing else []
+            reasons += ["a changed trainable set"] if result.trainable_changed else []
+            out.tell(f"gradflow: not in the baseline {path}: {' and '.join(reasons)} (+ new, - fixed); fix them, "
+                     "or pass --update-baseline to accept this run:")
+            for line in result.lines():
                 out.tell(f"  {line}")
+        elif result.changed:
+            fixed, new = len(result.findings_removed), len(result.findings_added)
+            parts = ([f"{fixed} fixed"] if fixed else []) + ([f"{new} new"] if new else [])
+            parts += ["the trainable set changed"] if result.trainable_changed else []
+            hint(f"gradflow: the baseline {path} is out of date ({', '.join(parts)}); nothing fails; "
+                 "pass --update-baseline to record this run:")
+            for line in result.lines():
+                hint(f"  {line}")
         else:
             hint(f"gradflow: matches the baseline {path}")

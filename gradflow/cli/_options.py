@@ -42,7 +42,7 @@ Format = Annotated[c.Format, typer.Option("--format", parser=c.Format.parse, hel
 ProbeFormat = Annotated[c.ProbeFormat, typer.Option("--format", parser=c.ProbeFormat.parse, help="Report on stdout (SARIF for code scanning).")]
 Select = Annotated[Optional[List[str]], typer.Option("--select", metavar="CODES", show_default=False, help="Only these findings: comma-separated codes, code prefixes (GF1), slugs or ALL. Overrides \\[tool.gradflow] select.", rich_help_panel=_CI)]
 Ignore = Annotated[Optional[List[str]], typer.Option("--ignore", metavar="CODES", show_default=False, help="Drop these findings (codes, prefixes, slugs), after \\[tool.gradflow] select/ignore.", rich_help_panel=_CI)]
-Baseline = Annotated[Optional[str], typer.Option("--baseline", metavar="FILE", show_default=False, help="Expected trainable set and findings (JSON). Missing: written, exit by --fail-on. Present: exit 1 when either changed, 0 otherwise.", rich_help_panel=_CI)]
+Baseline = Annotated[Optional[str], typer.Option("--baseline", metavar="FILE", show_default=False, help="Expected trainable set and findings (JSON). Missing: written, exit by --fail-on. Present: exit 1 only for a new finding at or above --fail-on, or a changed trainable set; fixed ones are listed.", rich_help_panel=_CI)]
 UpdateBaseline = Annotated[bool, typer.Option("--update-baseline", help="Write --baseline FILE anew even when it exists (accept the changes).", rich_help_panel=_CI)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Data only: no progress or hints on stderr (errors still print).", rich_help_panel=_CI)]
 # report JSON size: per-parameter rows and every module row only when asked (gradflow.report.render.json_report)

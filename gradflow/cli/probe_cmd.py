@@ -56,7 +56,7 @@ def probe_backward(
     elif format == "sarif":
         from gradflow.report.render.sarif import to_sarif
 
-        out.data(to_sarif(report, source=model))  # results point at the factory line, where known
+        out.data(to_sarif(report, source=model, config=gate.settings.config.path))  # the factory line, where known
     else:
         from gradflow.report.render.text import probe_text
 

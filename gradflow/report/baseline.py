@@ -5,7 +5,10 @@ parts (`model.layers.{0-31}.self_attn.q_proj.lora_A.default.weight`), findings a
 A finding's identity is its slug and location (slugs are the stable contract; a renamed code is not a change).
 
 - FILE missing, or `update=True`: write it (atomically) and report "written"; the exit code follows --fail-on.
-- FILE present: compare; "changed" when a trainable parameter or a finding was added or removed.
+- FILE present: compare, as linters' baselines do (ruff, detekt, psalm): each finding is new, unchanged, or
+  fixed (in the baseline, gone now). Only a new finding at or above --fail-on fails the run, or a change in the
+  trainable set (what the baseline exists to pin) unless --fail-on is never. A fixed finding, or a new one below
+  the fail level (info never fails), is reported, and `--update-baseline` records the new state.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import re
 
 from gradflow.errors import GradflowError
+from gradflow.finding import severity_rank
 from gradflow.files import write_json
 
 FORMAT_VERSION = 1
@@ -103,7 +107,12 @@ def record(report, *, command: str | None = None, model: str | None = None) -> d
 
 @dataclasses.dataclass
 class BaselineResult:
-    """What --baseline did: `status` is written | unchanged | changed."""
+    """What --baseline did: `status` is written | unchanged | changed.
+
+    Findings are (code, slug, location) dicts: `findings_added` are new (not in the baseline), `findings_removed`
+    fixed (in the baseline, absent now), `findings_unchanged` in both; `failing` are the new ones at or above
+    `fail_on`.
+    """
 
     path: str
     status: str
@@ -111,21 +120,37 @@ class BaselineResult:
     params_removed: list[str] = dataclasses.field(default_factory=list)
     findings_added: list[dict] = dataclasses.field(default_factory=list)
     findings_removed: list[dict] = dataclasses.field(default_factory=list)
+    findings_unchanged: list[dict] = dataclasses.field(default_factory=list)
+    failing: list[dict] = dataclasses.field(default_factory=list)
+    fail_on: str = "error"
 
     @property
     def changed(self) -> bool:
         return self.status == "changed"
 
+    @property
+    def trainable_changed(self) -> bool:
+        return bool(self.params_added or self.params_removed)
+
+    @property
+    def fails(self) -> bool:
+        """Whether the comparison fails the run: a new finding at or above --fail-on, or a changed trainable set
+        (unless --fail-on never). A written baseline never fails by itself: the exit code follows --fail-on."""
+        if self.status == "written" or self.fail_on == "never":
+            return False
+        return bool(self.failing) or self.trainable_changed
+
     def to_dict(self) -> dict:
-        return {"file": self.path, "status": self.status,
+        return {"file": self.path, "status": self.status, "fails": self.fails,
                 "trainable": {"added": self.params_added, "removed": self.params_removed},
-                "findings": {"added": self.findings_added, "removed": self.findings_removed}}
+                "findings": {"added": self.findings_added, "removed": self.findings_removed,
+                             "unchanged": self.findings_unchanged}}
 
     def lines(self) -> list[str]:
-        """What changed, one line each, for stderr."""
+        """What changed, one line each, for stderr: `+ new ...`, `- fixed ...`, `+/- trainable ...`."""
         out = [f"+ trainable {n}" for n in self.params_added] + [f"- trainable {n}" for n in self.params_removed]
-        out += [f"+ finding {_finding_text(f)}" for f in self.findings_added]
-        out += [f"- finding {_finding_text(f)}" for f in self.findings_removed]
+        out += [f"+ new {_finding_text(f)}" for f in self.findings_added]
+        out += [f"- fixed {_finding_text(f)}" for f in self.findings_removed]
         return out
 
 
@@ -133,27 +158,73 @@ def _finding_text(f: dict) -> str:
     return f"{f['code']} {f['slug']}" + (f" at {f['location']}" if f.get("location") else "")
 
 
-def check(report, path: str, *, update: bool = False, command: str | None = None,
-          model: str | None = None) -> BaselineResult:
-    """Write the baseline at `path` when it is missing (or `update`), else compare the report with it."""
+def _key(f: dict) -> tuple:
+    return f["slug"], f.get("location")
+
+
+def check(report, path: str, *, update: bool = False, command: str | None = None, model: str | None = None,
+          fail_on: str = "error") -> BaselineResult:
+    """Write the baseline at `path` when it is missing (or `update`), else compare the report with it.
+
+    Args:
+        report: the Report of this run (its findings as selected).
+        path: the baseline file.
+        update: write it even when it exists (--update-baseline).
+        command, model: recorded in the file.
+        fail_on: error | warning | never: which new findings fail the run (`BaselineResult.fails`).
+    """
     current = record(report, command=command, model=model)
     if update or not os.path.exists(path):
         write_json_atomic(path, current)
-        return BaselineResult(path, "written")
+        return BaselineResult(path, "written", fail_on=fail_on)
     old = load(path)
     old_names, new_names = expand_names(old["trainable"]["names"]), expand_names(current["trainable"]["names"])
-    key = lambda f: (f["slug"], f.get("location"))  # noqa: E731
-    old_f = collections.Counter(key(f) for f in old["findings"])
-    new_f = collections.Counter(key(f) for f in current["findings"])
-    by_key = {key(f): f for f in (*old["findings"], *current["findings"])}
+    old_f = collections.Counter(_key(f) for f in old["findings"])
+    new_f = collections.Counter(_key(f) for f in current["findings"])
+    by_key = {_key(f): f for f in (*old["findings"], *current["findings"])}
+    ordered = lambda counter: [by_key[k] for k in sorted(counter.elements(), key=str)]  # noqa: E731
     result = BaselineResult(
-        path, "unchanged",
+        path, "unchanged", fail_on=fail_on,
         params_added=compact_names(new_names - old_names), params_removed=compact_names(old_names - new_names),
-        findings_added=[by_key[k] for k in sorted((new_f - old_f).elements(), key=str)],
-        findings_removed=[by_key[k] for k in sorted((old_f - new_f).elements(), key=str)])
-    if result.params_added or result.params_removed or result.findings_added or result.findings_removed:
+        findings_added=ordered(new_f - old_f), findings_removed=ordered(old_f - new_f),
+        findings_unchanged=ordered(new_f & old_f))
+    known = old_f.copy()
+    for f, state in zip(report.findings, states(report.findings, known)):
+        if state == "new" and report_fails_on(f.severity, fail_on):
+            result.failing.append({"code": f.code, "slug": f.slug, "location": f.location})
+    if result.trainable_changed or result.findings_added or result.findings_removed:
         result.status = "changed"
     return result
+
+
+def report_fails_on(severity: str, fail_on: str) -> bool:
+    """Whether one finding of `severity` is at or above `fail_on` (info never is; nothing is under never)."""
+    if fail_on == "never" or severity == "info":
+        return False
+    return severity_rank(severity) >= severity_rank(fail_on)
+
+
+def states(findings, known: collections.Counter) -> list[str]:
+    """Each finding's baseline state, in order: "unchanged" while `known` (a Counter of (slug, location), used up
+    as it goes) still holds its key, else "new"."""
+    out = []
+    for f in findings:
+        key = (f.slug, f.location)
+        if known[key] > 0:
+            known[key] -= 1
+            out.append("unchanged")
+        else:
+            out.append("new")
+    return out
+
+
+def comparison_states(findings, baseline: dict | None) -> tuple[list[str] | None, list[dict]]:
+    """From a report's `baseline` section: each finding's state (new / unchanged) and the fixed findings, or
+    (None, []) when no comparison was made (no --baseline, or the file was written by this run)."""
+    if not baseline or baseline.get("status") == "written" or "findings" not in baseline:
+        return None, []
+    known = collections.Counter(_key(f) for f in baseline["findings"].get("unchanged", []))
+    return states(findings, known), list(baseline["findings"].get("removed", []))
 
 
 def load(path: str) -> dict:

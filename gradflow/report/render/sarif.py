@@ -1,87 +1,53 @@
 """Findings as SARIF 2.1.0, for code-scanning dashboards in CI (GitHub code scanning among them).
 
-GitHub shows a result only where it has a physical location: a file in the repository and a line. gradflow's
-findings are about modules, not lines, so each result carries both: the module as a logical location, and the
-line of the user's code that set the finding up, where gradflow can tell it:
+GitHub rejects an upload in which a result has no physical location (a file URI and a line), and it reads URIs
+relative to the repository root. gradflow's findings are about modules, not lines, so each result carries both:
+the module as a logical location, and one physical location, the first of these that exists:
 
-- a factory (`path/file.py:func`, `package.module:func`): a cheap scan of the function's source (no import, no
-  run) and of the same-file functions it calls, for the line that made the model, wrapped it with PEFT, turned
-  checkpointing on, built the optimizer or the Trainer, or froze parameters; the finding picks the kind of line
-  that explains it (`reentrant-checkpoint-no-input-grad` → the `gradient_checkpointing_enable(...)` line). With no
-  such line, the function's `def` line.
-- a model directory or config.json: the config file (line 1, or the line of the key that matters, e.g.
-  `"use_cache"`).
-- a preset or hub id: no file; the logical location only.
+1. the line of the user's code that set the finding up (a factory inside the repository; see
+   gradflow.report.render.source_lines), or line 1 of the factory's file when the name is imported there;
+2. the `config.json` of a MODEL directory (or a config.json MODEL) inside the repository;
+3. the `pyproject.toml` whose `[tool.gradflow]` configured the run, at that table's line;
+4. the nearest `pyproject.toml` from the working directory up to the repository root, at line 1;
+5. a stable artifact that names the MODEL, which need not exist: `gradflow/presets/<name>` for a preset,
+   `gradflow/hub/<org>/<name>` for a hub id, `gradflow/external/<file name>` (with the real line) for a factory or
+   directory outside the repository, `gradflow/model/<class>` when the source is unknown.
 
-URIs are relative to the working directory (the repository root in CI) under `%SRCROOT%`.
+Every URI is relative to `%SRCROOT%` (`originalUriBaseIds`): the repository root, i.e. the git top level of the
+working directory, else the working directory. No absolute path of the machine appears in a location.
+
+With `--baseline`, each result has a `baselineState` (new / unchanged), and each baseline finding that is gone is
+one more result, `absent`, of kind `pass` and level `none` (fixed: nothing to do).
 """
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import os
 import re
+from urllib.parse import quote
 
+from gradflow.report.baseline import comparison_states
+from gradflow.report.render.source_lines import SourceLines, relative_uri, source_lines  # noqa: F401 (re-exported)
 from gradflow.rules import all_rules
+from gradflow.setup.presets import PRESETS
 
 _LEVEL = {"error": "error", "warning": "warning", "info": "note"}
 
-# what a line of factory code does, by the name it calls (the attribute or function name)
-_CALL_KINDS = {
-    "gc": {"gradient_checkpointing_enable", "gradient_checkpointing_disable", "enable_input_require_grads",
-           "disable_input_require_grads", "checkpoint", "checkpoint_sequential"},
-    "peft": {"get_peft_model", "add_adapter", "load_adapter", "inject_adapter_in_model", "PeftModel",
-             "get_peft_model_state_dict"},
-    "quant": {"BitsAndBytesConfig", "prepare_model_for_kbit_training"},
-    "optimizer": {"AdamW", "Adam", "SGD", "Adafactor", "create_optimizer", "AdamW8bit", "PagedAdamW"},
-    "trainer": {"Trainer", "SFTTrainer", "Seq2SeqTrainer", "DPOTrainer"},
-    "args": {"TrainingArguments", "SFTConfig", "Seq2SeqTrainingArguments", "DPOConfig"},
-    "freeze": {"requires_grad_"},
-    "loss": {"cross_entropy", "CrossEntropyLoss", "nll_loss"},
-    "model": {"from_pretrained", "from_config", "build_preset"},
-}
-# keyword arguments that set the same things inside a call (TrainingArguments(gradient_checkpointing=True, ...))
-_KEYWORD_KINDS = {"gradient_checkpointing": "gc", "gradient_checkpointing_kwargs": "gc", "use_cache": "gc",
-                  "peft_config": "peft", "quantization_config": "quant", "load_in_4bit": "quant",
-                  "load_in_8bit": "quant", "optimizers": "optimizer", "is_trainable": "peft", "dtype": "dtype",
-                  "torch_dtype": "dtype"}
-_MODEL_CLASS = re.compile(r"(For[A-Z]\w*|Model|LM)$")  # AutoModelForCausalLM, LlamaForCausalLM(config), MyModel()
 
-# which line explains a finding best, most telling first; the model's line (or the def line) otherwise
-_WHERE = {
-    "reentrant-checkpoint-no-input-grad": ("gc", "args", "peft"),
-    "nested-checkpoint": ("gc", "args"),
-    "use-cache-in-training": ("gc", "args"),
-    "ddp-reentrant-checkpoint": ("gc", "args"),
-    "checkpoint-changes-gradients": ("gc", "args"),
-    "adapter-frozen": ("freeze", "peft"),
-    "half-precision-trainable-params": ("dtype",),
-    "lora-zero-init": ("peft",),
-    "trainable-param-not-saved": ("freeze", "peft"),
-    "intended-param-frozen": ("freeze", "peft"),
-    "no-trainable-parameters": ("freeze", "peft"),
-    "trainable-embeddings-costly": ("freeze", "peft"),
-    "kbit-not-prepared": ("quant", "peft"),
-    "param-not-in-optimizer": ("optimizer", "trainer"),
-    "loss-detached": ("loss",),
-    "no-supervised-tokens": ("loss", "trainer"),
-    "ddp-unused-parameters": ("args", "trainer"),
-}
-
-
-def to_sarif(report, source: str | None = None, *, root: str | None = None) -> dict:
+def to_sarif(report, source: str | None = None, *, root: str | None = None, config: str | None = None) -> dict:
     """The report as a SARIF 2.1.0 log.
 
     Args:
-        report: a Report.
+        report: a Report (with its `baseline` section when --baseline compared it).
         source: the MODEL argument it came from (a factory spec, directory, config.json, preset or hub id): gives
-            results a physical location where it names a file.
-        root: the directory URIs are relative to (default: the working directory).
+            results the physical location of the line or file that set them up.
+        root: the directory URIs are relative to (default: `repository_root()` of the working directory).
+        config: the pyproject.toml whose `[tool.gradflow]` configured the run, if any (a fallback location).
     """
     from gradflow import __version__
 
-    root = os.path.abspath(root or os.getcwd())
+    root = os.path.abspath(root or repository_root())
     rules = [{
         "id": r.code, "name": r.slug,
         "shortDescription": {"text": r.slug.replace("-", " ")},
@@ -90,26 +56,24 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None) -> d
         "help": {"text": r.doc.strip()},
     } for r in all_rules()]
     index = {r["id"]: i for i, r in enumerate(rules)}
-    where = source_lines(source, root=root) if source else None
+    by_slug = {r["name"]: r["id"] for r in rules}
+    where = locate(source, root=root, config=config, model_class=(report.model or {}).get("class"))
+    found_states, fixed = comparison_states(report.findings, report.baseline)
     results = []
-    for f in report.findings:
-        result = {"ruleId": f.code, "ruleIndex": index[f.code], "level": _LEVEL[f.severity],
-                  "message": {"text": f.message}}
-        location = {}
-        physical = where.physical(f.slug) if where else None
-        if physical:
-            location["physicalLocation"] = physical
-        if f.location:
-            location["logicalLocations"] = [{"fullyQualifiedName": f.location, "kind": "module"}]
-        if location:
-            result["locations"] = [location]
-        # one stable identity per finding and place, so code scanning tracks it across commits
-        key = f"{f.code}|{f.location or ''}|{source or ''}"
-        result["partialFingerprints"] = {"gradflowFinding/v1": hashlib.sha256(key.encode()).hexdigest()[:32]}
-        result["properties"] = {"slug": f.slug}
+    for i, f in enumerate(report.findings):
+        result = _result(f.code, index[f.code], _LEVEL[f.severity], f.message, f.slug, f.location, where, source)
         if f.fix:
             result["properties"].update(fix=f.fix.title, applicability=str(f.fix.applicability))
+        if found_states is not None:
+            result["baselineState"] = found_states[i]
         results.append(result)
+    for f in fixed:  # in the baseline, gone now: reported as fixed, never as a problem
+        message = f"Fixed: {f['slug']}" + (f" at {f['location']}" if f.get("location") else "") + \
+            f" is in the baseline {report.baseline['file']} but no longer found."
+        code = by_slug.get(f["slug"]) or (f["code"] if f["code"] in index else None)  # slugs outlive codes
+        result = _result(code, index.get(code), "none", message, f["slug"], f.get("location"), where, source,
+                         identity="absent")
+        results.append(dict(result, kind="pass", baselineState="absent"))
     run = {
         "tool": {"driver": {"name": "gradflow", "version": __version__, "rules": rules,
                             "informationUri": "https://pypi.org/project/gradflow/"}},
@@ -119,162 +83,96 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None) -> d
     return {"$schema": "https://json.schemastore.org/sarif-2.1.0.json", "version": "2.1.0", "runs": [run]}
 
 
+def _result(code, rule_index, level, message, slug, module, where: SourceLines, source, identity: str = "") -> dict:
+    result = {"ruleId": code} if code else {"ruleId": f"gradflow/{slug}"}  # a code retired since the baseline
+    if rule_index is not None:
+        result["ruleIndex"] = rule_index
+    location = {"physicalLocation": where.physical(slug)}
+    if module:
+        location["logicalLocations"] = [{"fullyQualifiedName": module, "kind": "module"}]
+    # one stable identity per finding and place, so code scanning tracks it across commits; a fixed finding's
+    # result has its own, so that the finding's alert closes rather than living on as the fix
+    key = f"{code or slug}|{module or ''}|{source or ''}" + (f"|{identity}" if identity else "")
+    result.update(level=level, message={"text": message}, locations=[location],
+                  partialFingerprints={"gradflowFinding/v1": hashlib.sha256(key.encode()).hexdigest()[:32]},
+                  properties={"slug": slug})
+    return result
+
+
+def repository_root(start: str | None = None) -> str:
+    """The git top level holding `start` (default: the working directory), else `start` itself."""
+    folder = os.path.abspath(start or os.getcwd())
+    probe = folder
+    while True:
+        if os.path.exists(os.path.join(probe, ".git")):  # a folder, or a file in a worktree or submodule
+            return probe
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return folder
+        probe = parent
+
+
+def locate(source: str | None, *, root: str, config: str | None = None,
+           model_class: str | None = None) -> SourceLines:
+    """Where a result of MODEL `source` points (see the module docstring for the order); always a relative URI."""
+    where = source_lines(source, root=root) if source else None
+    if where is not None and where.uri:
+        return where
+    target = source.rpartition(":")[0] if source and ":" in source else None
+    if where is None and target and target.endswith(".py") and os.path.isfile(target) and relative_uri(target, root):
+        return SourceLines(os.path.abspath(target), {}, 1, fallback=(), uri=relative_uri(target, root))  # no def
+    if config and relative_uri(config, root):
+        line = _line_of(config, re.compile(r"^\s*\[tool\.gradflow[\].]"))
+        return SourceLines(os.path.abspath(config), {}, line, fallback=(), uri=relative_uri(config, root))
+    nearest = _nearest_pyproject(root)
+    if nearest is not None:
+        return SourceLines(nearest, {}, 1, fallback=(), uri=relative_uri(nearest, root))
+    if where is not None:  # a file outside the repository: its name and real lines, not the machine's path
+        name = os.path.basename(where.path)
+        if name == "config.json":
+            name = f"{os.path.basename(os.path.dirname(where.path))}/{name}"
+        return SourceLines(where.path, where.lines, where.default, where.fallback, uri=f"gradflow/external/{name}")
+    return SourceLines("", {}, 1, fallback=(), uri=_virtual_uri(source, model_class))
+
+
+def _virtual_uri(source: str | None, model_class: str | None) -> str:
+    if not source:
+        folder, name = "model", model_class or "unknown"
+    elif source in PRESETS:
+        folder, name = "presets", source
+    elif ":" not in source and not os.path.exists(source):
+        folder, name = "hub", source
+    else:  # a factory or file that cannot be read (outside the repository, or gone)
+        folder, name = "external", os.path.basename(source.rpartition(":")[0] or source)
+    parts = [p for p in re.split(r"[/\\]+", name) if p not in ("", ".", "..")] or ["unknown"]
+    return f"gradflow/{folder}/" + "/".join(quote(p) for p in parts)
+
+
+def _nearest_pyproject(root: str) -> str | None:
+    folder = os.path.abspath(os.getcwd())
+    while relative_uri(folder, root) is not None or folder == root:
+        candidate = os.path.join(folder, "pyproject.toml")
+        if os.path.isfile(candidate):
+            return candidate
+        if folder == root:
+            return None
+        folder = os.path.dirname(folder)
+    return None
+
+
+def _line_of(path: str, pattern: re.Pattern) -> int:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for no, text in enumerate(fh, 1):
+                if pattern.match(text):
+                    return no
+    except (OSError, UnicodeDecodeError):
+        pass
+    return 1
+
+
 def _dir_uri(path: str) -> str:
     from pathlib import Path
 
     uri = Path(path).as_uri()
     return uri if uri.endswith("/") else uri + "/"
-
-
-class SourceLines:
-    """The file a MODEL came from and, by kind, the first line in it that does that kind of thing."""
-
-    def __init__(self, path: str, root: str, lines: dict[str, int], default: int,
-                 fallback: tuple[str, ...] = ("model", "trainer", "peft")):
-        self.path, self.root, self.lines, self.default, self.fallback = path, root, lines, default, fallback
-
-    def line_for(self, slug: str) -> int:
-        for kind in _WHERE.get(slug, ()) + self.fallback:
-            if kind in self.lines:
-                return self.lines[kind]
-        return self.default
-
-    def physical(self, slug: str) -> dict:
-        rel = os.path.relpath(self.path, self.root)
-        if rel.startswith(".."):  # outside the repository: an absolute file URI (code scanning cannot show it)
-            artifact = {"uri": _file_uri(self.path)}
-        else:
-            artifact = {"uri": rel.replace(os.sep, "/"), "uriBaseId": "%SRCROOT%"}
-        return {"artifactLocation": artifact, "region": {"startLine": self.line_for(slug)}}
-
-
-def _file_uri(path: str) -> str:
-    from pathlib import Path
-
-    return Path(path).as_uri()
-
-
-def source_lines(source: str, *, root: str | None = None) -> SourceLines | None:
-    """Where MODEL `source` is written down, or None (a preset, a hub id, or source that cannot be read)."""
-    root = os.path.abspath(root or os.getcwd())
-    try:
-        if os.path.isdir(source):
-            config = os.path.join(source, "config.json")
-            return _config_lines(config, root) if os.path.isfile(config) else None
-        if os.path.isfile(source) and source.lower().endswith(".json"):
-            return _config_lines(source, root)
-        if ":" in source:
-            return _factory_lines(source, root)
-    except (OSError, SyntaxError, ValueError, UnicodeDecodeError):
-        return None  # a location is a courtesy: never fail a report over it
-    return None
-
-
-def _config_lines(path: str, root: str) -> SourceLines:
-    lines = {}
-    with open(path, encoding="utf-8") as fh:
-        for no, text in enumerate(fh, 1):
-            for key, kind in (('"use_cache"', "gc"), ('"gradient_checkpointing"', "gc"),
-                              ('"quantization_config"', "quant"), ('"torch_dtype"', "dtype"), ('"dtype"', "dtype")):
-                if key in text:
-                    lines.setdefault(kind, no)
-    return SourceLines(os.path.abspath(path), root, lines, 1, fallback=())  # other findings: the file's first line
-
-
-def _factory_lines(spec: str, root: str) -> SourceLines | None:
-    target, _, name = spec.rpartition(":")
-    path = target if target.endswith(".py") else _module_file(target)
-    if not path or not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as fh:
-        tree = ast.parse(fh.read(), filename=path)
-    defs = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    start = defs.get(name)
-    if start is None:  # a module-level object (MODEL = ..., SETUP = {...}): the module's own statements
-        assigned = [n for n in tree.body if isinstance(n, (ast.Assign, ast.AnnAssign))
-                    and any(isinstance(t, ast.Name) and t.id == name for t in _targets(n))]
-        if not assigned:
-            return None  # imported from elsewhere, or not there: no line to show
-        statements = [n for n in tree.body if not isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                      and not _main_guard(n)]
-        return SourceLines(os.path.abspath(path), root, _scan(statements, defs, set()), assigned[0].lineno)
-    return SourceLines(os.path.abspath(path), root, _scan(start.body, defs, {name}), start.lineno)
-
-
-def _main_guard(node) -> bool:
-    """`if __name__ == "__main__":` runs only as a script, never when gradflow imports the factory."""
-    test = getattr(node, "test", None) if isinstance(node, ast.If) else None
-    return (isinstance(test, ast.Compare) and isinstance(test.left, ast.Name) and test.left.id == "__name__")
-
-
-def _targets(node):
-    return node.targets if isinstance(node, ast.Assign) else [node.target]
-
-
-def _module_file(module: str) -> str | None:
-    import importlib.util
-    import sys
-
-    loaded = sys.modules.get(module)
-    if loaded is not None and getattr(loaded, "__file__", None):
-        return loaded.__file__
-    try:
-        found = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None
-    return found.origin if found is not None and found.has_location else None
-
-
-def _scan(body, defs: dict, seen: set) -> dict[str, int]:
-    """The first line of each kind in `body`, in execution order: a call into another function of the same file
-    is scanned where it is called (seed_bug → _seed_setup), each function once."""
-    found: dict[str, int] = {}
-
-    def note(kind: str, line: int) -> None:
-        found.setdefault(kind, line)
-
-    def visit(node) -> None:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-            if not isinstance(node, ast.Lambda) and node.name not in defs:  # a nested helper: scan it in place
-                for child in node.body:
-                    visit(child)
-            return
-        if isinstance(node, ast.Call):
-            for child in ast.iter_child_nodes(node):  # arguments run first: from_pretrained(...) inside a wrap
-                visit(child)
-            called = _name(node.func)
-            for kind, names in _CALL_KINDS.items():
-                if called in names:
-                    note(kind, node.lineno)
-            if called and called not in _CALL_KINDS["model"] and _MODEL_CLASS.search(called) and called[0].isupper():
-                note("model", node.lineno)
-            if called == "from_pretrained" and _name(getattr(node.func, "value", None)) in ("PeftModel",
-                                                                                           "AutoPeftModelForCausalLM"):
-                note("peft", node.lineno)
-            for kw in node.keywords:
-                if kw.arg in _KEYWORD_KINDS:
-                    note(_KEYWORD_KINDS[kw.arg], kw.value.lineno)
-            if called in defs and called not in seen:  # a helper in the same file: its lines are the factory's
-                seen.add(called)
-                sub = _scan(defs[called].body, defs, seen)
-                for kind, line in sub.items():
-                    note(kind, line)
-            return
-        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
-            for target in _targets(node) if not isinstance(node, ast.AugAssign) else [node.target]:
-                if isinstance(target, ast.Attribute) and target.attr == "requires_grad":
-                    note("freeze", node.lineno)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    for stmt in body:
-        visit(stmt)
-    return found
-
-
-def _name(func) -> str | None:
-    if isinstance(func, ast.Name):
-        return func.id
-    if isinstance(func, ast.Attribute):
-        return func.attr
-    return None
