@@ -115,6 +115,9 @@ def summary(report) -> Lines:
     head.append(Text(f"checkpointing: {m['gradient_checkpointing']}"))
     head.append(Text(f"input-grad hook: {'yes' if m['input_grad_hook'] else 'no'}"))
     out.add(*head, indent=2)
+    world = distributed_line(report.distributed)
+    if world is not None:
+        out.add(*world, indent=2)
     if loss is not None:
         if loss.get("error"):
             out.add(Text(f"{loss.get('error_phase')} raised: {loss['error']}", style="red"), indent=2)
@@ -133,6 +136,28 @@ def summary(report) -> Lines:
         out.add(t, indent=2)
     out.add(Text(""))  # a blank line before what follows
     return out
+
+
+_WRAPPERS = {"ddp": "DDP", "fsdp": "FSDP2", "fsdp1": "FSDP1"}
+
+
+def distributed_line(info: dict | None) -> list[Text] | None:
+    """Under torchrun: how the report was gathered (wrapper, world size, backend, batch, disagreements), as chunks."""
+    if not info:
+        return None
+    wrapper = info.get("wrapper")
+    how = f"{_WRAPPERS.get(wrapper, wrapper)} on " if wrapper else ""  # no wrapper: the user code's own group
+    chunks = [Text(f"distributed: {how}{info['world_size']} ranks ({info['backend']})", style="bold")]
+    batch = info.get("batch") or info.get("preflight_batch")
+    if batch:
+        chunks.append(Text(f"batch: {batch}"))
+    differ = info.get("ranks_disagree_count") or 0
+    partial = len(info.get("findings_on_some_ranks") or [])
+    if differ:
+        chunks.append(Text(f"{differ} parameter(s) differ between ranks", style="yellow"))
+    if partial:
+        chunks.append(Text(f"{partial} finding(s) on some ranks only", style="yellow"))
+    return chunks
 
 
 def findings_table(findings, empty: str = "no findings: gradients reach every trainable parameter"):
