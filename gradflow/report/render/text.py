@@ -80,17 +80,33 @@ class Lines:
 
 
 def _wrap(line: Text, console, width: int | None, indent: int) -> list[Text]:
-    """`line` wrapped at spaces to `width`, continuation lines indented by `indent`."""
+    """`line` wrapped at spaces and commas to `width`, continuation lines indented by `indent`. Never inside a
+    word: a module path longer than the width stays whole on a line of its own."""
     if width is None or line.cell_len <= width:
         return [_rstrip(line)]
     lead = len(line.plain) - len(line.plain.lstrip(" "))
     body = line[lead:]
     pad = max(lead, indent)
-    wrapped = body.wrap(console, max(width - pad, 20), overflow="fold")
     out = []
-    for i, piece in enumerate(wrapped):
+    for i, piece in enumerate(body.divide(_breaks(body.plain, max(width - pad, 20)))):
         out.append(_rstrip(Text(" " * (lead if i == 0 else pad)) + piece))
     return out
+
+
+_WORD = re.compile(r"[^\s,]*(?:,\s*|\s+|$)")  # a word with the comma or spaces after it: a line may end there
+
+
+def _breaks(plain: str, room: int) -> list[int]:
+    """Offsets where the lines of `plain` start, greedily filling `room` cells (trailing spaces not counted)."""
+    offsets, start, end = [], 0, 0
+    for word in _WORD.finditer(plain):
+        if not word.group():
+            continue
+        if end > start and cell_len(plain[start:word.end()].rstrip()) > room:
+            offsets.append(word.start())
+            start = word.start()
+        end = word.end()
+    return offsets
 
 
 def _rstrip(t: Text) -> Text:
