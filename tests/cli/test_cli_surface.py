@@ -32,6 +32,13 @@ def test_show_completion_without_a_shell_still_detects_one_and_a_bad_shell_is_on
                                   "powershell, pwsh. Pick one of those")
 
 
+def test_install_completion_installs_for_the_shell_named(tmp_path):
+    run = invoke_main("--install-completion", "zsh", env={"HOME": str(tmp_path)})
+    assert run.code == 0, run.stderr
+    assert "#compdef gradflow" in (tmp_path / ".zfunc" / "_gradflow").read_text()
+    assert "zsh completion installed in" in run.stderr and run.stdout == ""  # talk on stderr
+
+
 def _complete(words: str, shell: str = "bash") -> list[str]:
     args = words.split()
     cword = len(args) - (0 if words.endswith(" ") else 1)
