@@ -43,12 +43,15 @@ def assert_gradient_flow(model_or_trainer: Any, batch: Any = None, trainable: st
 
     Raises:
         AssertionError: findings at or above `fail_on`, rendered one block each.
-        gradflow.errors.GradflowError: unusable input (a bad `fail_on`, an invalid `trainable` regex, a dict
-            without a model).
+        ValueError: `fail_on` is not one of "error", "warning", "never".
+        gradflow.errors.GradflowError: unusable input (an invalid `trainable` regex, a dict without a model).
     """
     __tracebackhide__ = True  # pytest shows the caller's line, not this helper's
 
-    threshold = FailOn.parse(fail_on, where="fail_on").value
+    if fail_on not in FailOn.values():  # raised here, at the call: the test log shows the caller's line alone
+        raise ValueError(f"assert_gradient_flow(fail_on={fail_on!r}): fail_on must be one of "
+                         f"{', '.join(map(repr, FailOn.values()))}")
+    threshold = str(fail_on)
     target, batch, trainable, loss_fn, optimizer = _unpack(model_or_trainer, batch, trainable, loss_fn, optimizer)
     report = gradflow.probe(target, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable)
     if report.fails(threshold):

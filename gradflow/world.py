@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 
+from gradflow import stdio
 from gradflow.errors import GradflowError
 
 WRAPPERS = ("ddp", "fsdp")
@@ -85,13 +86,9 @@ def finish() -> None:
 
 
 def silence_stdout() -> None:
-    """This process's stdout (fd 1) goes to /dev/null: rank 0 alone prints data."""
-    import sys
-
-    sys.stdout.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 1)
-    os.close(devnull)
+    """This process's stdout (fd 1) goes to /dev/null: rank 0 alone prints data (the real stdout, also while user
+    code runs with fd 1 sent to stderr: gradflow.stdio)."""
+    stdio.silence_stdout()
 
 
 def bind_local_gpu() -> None:

@@ -269,3 +269,12 @@ def test_fsdp1_without_use_orig_params_is_refused(process_group):
     with pytest.raises(GradflowError, match="use_orig_params=False") as err:
         distributed.adopt(setup, launch)
     assert "use_orig_params=True" in err.value.todo
+
+
+@pytest.mark.slow
+def test_the_text_report_says_it_ran_distributed():
+    res = subprocess.run(torchrun("-m", "gradflow", "probe-backward", "tiny-llama", "--fsdp", "--seq-len", "16"),
+                         capture_output=True, text=True, timeout=180, env=child_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "distributed: FSDP2 on 2 ranks (gloo)  batch: the same on every rank" in res.stdout.splitlines()
+    assert res.stdout.count(" trainable / ") == 1  # rank 0's report alone

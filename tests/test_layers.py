@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("gradflow.data",)),
     ("base", ("gradflow.errors", "gradflow.finding", "gradflow.choices", "gradflow.limits", "gradflow.models",
               "gradflow.forward", "gradflow.snapshot", "gradflow.world", "gradflow.noise", "gradflow._lazy", "gradflow.model_state",
-              "gradflow.files")),
+              "gradflow.files", "gradflow.stdio")),
 ]
 # inside the api layer the facade (gradflow/__init__.py, lazy by name) sits above the modules it names
 FACADES = {"gradflow", "gradflow.training"}

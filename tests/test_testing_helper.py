@@ -123,8 +123,12 @@ def test_fail_on_thresholds():
     assert assert_gradient_flow(frozen, fail_on="never").fails("error")  # only reports
 
 
-def test_bad_input_is_a_one_line_gradflow_error():
-    with pytest.raises(GradflowError, match="fail_on 'fatal'"):
+def test_bad_input_is_one_clear_error_at_the_call():
+    with pytest.raises(ValueError) as err:
         assert_gradient_flow(lora("tiny-llama"), fail_on="fatal")
+    assert str(err.value) == ("assert_gradient_flow(fail_on='fatal'): fail_on must be one of 'error', 'warning', "
+                              "'never'")
+    # pytest's report of it: the caller's line alone, no frame inside gradflow
+    assert [entry.path for entry in err.traceback.filter(err)] == [Path(__file__)]
     with pytest.raises(GradflowError, match="'model' is NoneType"):
         assert_gradient_flow({"batch": batch(seed=1)})

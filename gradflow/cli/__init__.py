@@ -7,10 +7,13 @@ import sys
 import typer
 
 from gradflow import __version__
+from gradflow.cli._completion import InstallCompletion, ShowCompletion
+from gradflow.cli._typer import Command, Group
 
-# add_completion: --install-completion and --show-completion SHELL (commands, options and choice values)
+# completion (commands, options, choice values, explain's codes): --install-completion and --show-completion
+# [SHELL] are ours (gradflow.cli._completion), not Typer's, so that the shell named wins over the detected one
 app = typer.Typer(
-    name="gradflow", no_args_is_help=True, add_completion=True, pretty_exceptions_enable=False,
+    name="gradflow", cls=Group, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
     help="Find, explain and fix broken gradient flow in PyTorch / transformers / PEFT fine-tuning.\n\n"
          "Exit codes: 0 no finding at or above --fail-on, 1 findings, 2 usage/input/tool error.",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -25,16 +28,17 @@ def _version(value: bool):
 
 @app.callback()
 def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")):
+                                       help="Print the version and exit."),
+          install_completion: str = InstallCompletion, show_completion: str = ShowCompletion):
     """gradflow"""
 
 
 def _register():
     from gradflow.cli import explain, inspect_cmd, probe_cmd
 
-    app.command("inspect")(inspect_cmd.inspect)
-    app.command("probe-backward")(probe_cmd.probe_backward)
-    app.command("explain")(explain.explain)
+    app.command("inspect", cls=Command)(inspect_cmd.inspect)
+    app.command("probe-backward", cls=Command)(probe_cmd.probe_backward)
+    app.command("explain", cls=Command)(explain.explain)
     for module, names in (("gradflow.cli.patch_cmd", ("patch",)), ("gradflow.cli.train_cmd", ("train", "merge"))):
         try:
             mod = __import__(module, fromlist=["_"])
@@ -44,7 +48,7 @@ def _register():
             continue
         for name in names:
             if hasattr(mod, name):
-                app.command(name)(getattr(mod, name))
+                app.command(name, cls=Command)(getattr(mod, name))
 
 
 _register()

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 
 from gradflow.errors import ExitCode, GradflowError
+from gradflow.stdio import stdout_to_stderr
 
 
 @contextlib.contextmanager
 def user_code(spec: str):
-    """What the user's code prints (a factory, a forward, a Trainer) goes to stderr: stdout carries only data.
+    """What the user's code prints (a factory, a forward, a Trainer) goes to stderr: stdout carries only data, even
+    what it writes below Python (os.write(1, …), os.system, an extension): gradflow.stdio moves file descriptor 1.
 
     When MODEL names code (a factory or a Trainer script), a SystemExit or KeyboardInterrupt it raises is an error
     naming the factory (exit 2), never a silent exit 0 that passes a CI gate.
     """
-    with contextlib.redirect_stdout(sys.stderr):
+    with stdout_to_stderr():
         try:
             yield
         except (SystemExit, KeyboardInterrupt) as exc:

@@ -7,10 +7,11 @@ from typing import Optional
 import typer
 from typing_extensions import Annotated
 
+from gradflow.cli._completion import finding_names
 from gradflow.cli._errors import fail
 
 
-def explain(code: Annotated[Optional[str], typer.Argument(metavar="CODE|SLUG", help="A finding code (GF101) or slug.")] = None,
+def explain(code: Annotated[Optional[str], typer.Argument(metavar="CODE|SLUG", help="A finding code (GF101) or slug.", autocompletion=finding_names)] = None,
             format: Annotated[str, typer.Option("--format", help="text | json")] = "text"):
     """Print a finding's documentation (What it does / Why is this bad? / Example / Fix safety)."""
     from gradflow.errors import GradflowError

@@ -115,15 +115,17 @@ def train(
         trainable = resolve(trainable=setup.trainable, isolated=isolated).trainable  # else [tool.gradflow]'s
         opts = setup.options(seed=seed, trainable=trainable, so8_layers=_so8_layers(so8_layers))
         import gradflow
+        from gradflow.stdio import stdout_to_stderr
 
-        report = gradflow.train(
-            model, data, output, setup_options=opts, learning_rate=lr, epochs=epochs, max_steps=max_steps,
-            batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, seed=seed, precision=str(precision),
-            loss_on=str(loss_on), strict=strict, think_lenient=think_lenient, recipe=recipe,
-            unsafe_fixes=unsafe_fixes, resume=resume, resume_anyway=resume_anyway, overwrite=overwrite, merge=merge,
-            check_every=check_every, moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps,
-            packing=packing, tokens_per_batch=tokens_per_batch, gc_every=gc_every, max_memory=max_memory, attn=attn,
-            ce=ce, compile=compile_mode, fsdp=fsdp, progress=not quiet)
+        with stdout_to_stderr():  # the factory's and libraries' writes, even below Python: stdout is the report's
+            report = gradflow.train(
+                model, data, output, setup_options=opts, learning_rate=lr, epochs=epochs, max_steps=max_steps,
+                batch_size=batch_size, grad_accum=grad_accum, seq_len=seq_len, seed=seed, precision=str(precision),
+                loss_on=str(loss_on), strict=strict, think_lenient=think_lenient, recipe=recipe,
+                unsafe_fixes=unsafe_fixes, resume=resume, resume_anyway=resume_anyway, overwrite=overwrite, merge=merge,
+                check_every=check_every, moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps,
+                packing=packing, tokens_per_batch=tokens_per_batch, gc_every=gc_every, max_memory=max_memory, attn=attn,
+                ce=ce, compile=compile_mode, fsdp=fsdp, progress=not quiet)
     except KeyboardInterrupt:  # Ctrl-C while loading or writing: inside the training steps it saves a checkpoint
         import sys
 

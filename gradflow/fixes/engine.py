@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 from gradflow.fixes import all_fixes
 from gradflow.fixes._base import Context, Env, Fix, Plan
+from gradflow.fixes._code import WIDTH, fit_code
 from gradflow.model_state import ModelState
 from gradflow.finding import Applicability
 from gradflow.report import Report
@@ -210,7 +211,7 @@ def build_snippet(applied: list[Plan], advice: list[Plan], skipped: list[Plan]) 
             body.extend(code)
     for p in skipped:
         body.append(f"# unsafe, not applied (gradflow patch --unsafe-fixes): {p.fix.title}")
-        body.extend("# " + line for line in p.code())
+        body.extend("# " + line for line in fit_code(p.code(), WIDTH - 2))  # fitted first: uncommented, it runs
     for p in advice:
         body.extend(p.code())
     if not body:
@@ -220,4 +221,4 @@ def build_snippet(applied: list[Plan], advice: list[Plan], skipped: list[Plan]) 
                                                 else "") + "."]
     if any("torch." in ln for ln in body if not ln.lstrip().startswith("#")):
         head.append("import torch")
-    return "\n".join(head + body) + "\n"
+    return "\n".join(fit_code(head + body)) + "\n"  # 80 columns, the same Python

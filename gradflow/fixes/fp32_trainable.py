@@ -132,23 +132,28 @@ def _lineage(name: str):
 
 def snippet(data) -> list[str]:
     return ["def keep_output_dtype(dtype):",
-            "    return lambda module, args, out: out.to(dtype) if torch.is_tensor(out) and out.is_floating_point() "
-            "else None",
-            "def cast_inputs_float32(module, args):  # F.linear refuses a float16 input with float32 weights",
-            "    return tuple(a.float() if torch.is_tensor(a) and a.dtype in (torch.float16, torch.bfloat16) else a "
-            "for a in args)",
+            "    def hook(module, args, out):",
+            "        if torch.is_tensor(out) and out.is_floating_point():",
+            "            return out.to(dtype)",
+            "    return hook",
+            "def cast_inputs_float32(module, args):",
+            "    # F.linear refuses a float16 input with float32 weights",
+            "    half = (torch.float16, torch.bfloat16)",
+            "    return tuple(a.float() if torch.is_tensor(a) and a.dtype in half else a",
+            "                 for a in args)",
             "for mname, module in model.named_modules():",
-            "    own = [p for p in module.parameters(recurse=False) if p.requires_grad and p.dtype in "
-            "(torch.float16, torch.bfloat16)]",
+            "    own = [p for p in module.parameters(recurse=False)",
+            "           if p.requires_grad and p.dtype in (torch.float16, torch.bfloat16)]",
             "    if own:",
             "        dtype = own[0].dtype",
             "        for p in own:",
             "            p.data = p.data.float()",
-            "        if '.lora_' not in f'.{mname}':  # LoRA layers cast to the adapter dtype and back themselves",
-            "            if next(module.children(), None) is None:  # a leaf computes only with its inputs",
+            "        # LoRA layers cast to the adapter dtype and back themselves",
+            "        if '.lora_' not in f'.{mname}':",
+            "            if next(module.children(), None) is None:",
+            "                # a leaf computes only with its inputs",
             "                module.register_forward_pre_hook(cast_inputs_float32)",
             "            module.register_forward_hook(keep_output_dtype(dtype))"]
-
 
 FIX = Fix(id="fp32-trainable", title="Cast the trainable parameters to float32", applicability="safe",
           answers=ANSWERS, plan=plan, apply=apply, snippet=snippet, doc=__doc__)

@@ -123,11 +123,10 @@ def snippet(data) -> list[str]:
 def snippet_lines(adapter: str, modules: list[str]) -> list[str]:
     return [f"# or pass LoraConfig(..., modules_to_save={modules!r}) to get_peft_model",
             "from peft.utils.other import _set_trainable",
-            f"model.peft_config[{adapter!r}].modules_to_save = "
-            f"list(model.peft_config[{adapter!r}].modules_to_save or []) + {modules!r}",
+            f"peft_config = model.peft_config[{adapter!r}]",
+            f"peft_config.modules_to_save = list(peft_config.modules_to_save or []) + {modules!r}",
             f"for name in {modules!r}:",
             f"    _set_trainable(model, {adapter!r}, module_names=[name], inference_mode=False)"]
-
 
 FIX = Fix(id="modules-to-save", title="Add the module to modules_to_save so the adapter saves it", applicability="safe",
           answers=ANSWERS, plan=plan, apply=apply, snippet=snippet, doc=__doc__)

@@ -89,8 +89,9 @@ def snippet(data) -> list[str]:
         lines = snippet_lines(data["adapter"], data["modules_to_save"])
     return lines + ["import re",
                     "for name, param in model.named_parameters():",
-                    f"    if re.search({data['regex']!r}, name) and 'original_module' not in name and "
-                    "param.is_floating_point():",
+                    "    if 'original_module' in name or not param.is_floating_point():",
+                    "        continue",
+                    f"    if re.search({data['regex']!r}, name):",
                     "        param.requires_grad_(True)"]
 
 

@@ -320,6 +320,8 @@ class GradFlowCallback(TrainerCallback):
         self._min_supervised = None
         if int(value) == 0 and not self._empty_seen:
             self._empty_seen = True
+            if any(f.slug == "no-supervised-tokens" for f in self.findings):
+                return  # the pre-flight named it already, on this same first batch: said once
             self._raise(control, state, finding(
                 "no-supervised-tokens", f"by step {step}: a batch had no supervised token (every label -100); "
                                         "its loss is NaN or zero and teaches nothing"))

@@ -152,6 +152,14 @@ def test_batch_without_supervised_tokens_is_a_finding(tmp_path):
     assert cb.stopped_at is not None
 
 
+@pytest.mark.slow
+def test_a_batch_without_supervised_tokens_is_said_once_with_the_preflight(tmp_path, capfd):
+    cb = GradFlowCallback(check_every=1, moved_at_step=None)  # the pre-flight probes the same first batch
+    _run(tmp_path, _lora(), cb, steps=4, dataset=_Rows(mask_all=True))
+    assert [f.slug for f in cb.findings] == ["no-supervised-tokens"]
+    assert capfd.readouterr().err.count("no-supervised-tokens") == 1
+
+
 @pytest.mark.parametrize("bad", [0, -1])
 def test_check_every_must_be_positive(bad):
     with pytest.raises(ValueError):

@@ -73,7 +73,7 @@ def _plan_lines(entries, out: Lines, *, changed_key: str, mark: str, style: str)
             chunks.append(Text(f"at {f['location']}", style="magenta"))
         out.add(*chunks, indent=6)
         for line in f.get(changed_key) or f.get("changes") or []:
-            out.add(Text(f"      {line}"), wrap=False)  # code and edits: whole lines, so they paste as they are
+            out.add(Text(f"      {line}"), indent=8)  # what changed, wrapped at spaces (the code is the snippet)
         if f.get("why"):
             out.add(Text(f"      why: {f['why']}", style="dim"), indent=11)
 

@@ -80,17 +80,33 @@ class Lines:
 
 
 def _wrap(line: Text, console, width: int | None, indent: int) -> list[Text]:
-    """`line` wrapped at spaces to `width`, continuation lines indented by `indent`."""
+    """`line` wrapped at spaces and commas to `width`, continuation lines indented by `indent`. Never inside a
+    word: a module path longer than the width stays whole on a line of its own."""
     if width is None or line.cell_len <= width:
         return [_rstrip(line)]
     lead = len(line.plain) - len(line.plain.lstrip(" "))
     body = line[lead:]
     pad = max(lead, indent)
-    wrapped = body.wrap(console, max(width - pad, 20), overflow="fold")
     out = []
-    for i, piece in enumerate(wrapped):
+    for i, piece in enumerate(body.divide(_breaks(body.plain, max(width - pad, 20)))):
         out.append(_rstrip(Text(" " * (lead if i == 0 else pad)) + piece))
     return out
+
+
+_WORD = re.compile(r"[^\s,]*(?:,\s*|\s+|$)")  # a word with the comma or spaces after it: a line may end there
+
+
+def _breaks(plain: str, room: int) -> list[int]:
+    """Offsets where the lines of `plain` start, greedily filling `room` cells (trailing spaces not counted)."""
+    offsets, start, end = [], 0, 0
+    for word in _WORD.finditer(plain):
+        if not word.group():
+            continue
+        if end > start and cell_len(plain[start:word.end()].rstrip()) > room:
+            offsets.append(word.start())
+            start = word.start()
+        end = word.end()
+    return offsets
 
 
 def _rstrip(t: Text) -> Text:
@@ -115,6 +131,9 @@ def summary(report) -> Lines:
     head.append(Text(f"checkpointing: {m['gradient_checkpointing']}"))
     head.append(Text(f"input-grad hook: {'yes' if m['input_grad_hook'] else 'no'}"))
     out.add(*head, indent=2)
+    world = distributed_line(report.distributed)
+    if world is not None:
+        out.add(*world, indent=2)
     if loss is not None:
         if loss.get("error"):
             out.add(Text(f"{loss.get('error_phase')} raised: {loss['error']}", style="red"), indent=2)
@@ -133,6 +152,28 @@ def summary(report) -> Lines:
         out.add(t, indent=2)
     out.add(Text(""))  # a blank line before what follows
     return out
+
+
+_WRAPPERS = {"ddp": "DDP", "fsdp": "FSDP2", "fsdp1": "FSDP1"}
+
+
+def distributed_line(info: dict | None) -> list[Text] | None:
+    """Under torchrun: how the report was gathered (wrapper, world size, backend, batch, disagreements), as chunks."""
+    if not info:
+        return None
+    wrapper = info.get("wrapper")
+    how = f"{_WRAPPERS.get(wrapper, wrapper)} on " if wrapper else ""  # no wrapper: the user code's own group
+    chunks = [Text(f"distributed: {how}{info['world_size']} ranks ({info['backend']})", style="bold")]
+    batch = info.get("batch") or info.get("preflight_batch")
+    if batch:
+        chunks.append(Text(f"batch: {batch}"))
+    differ = info.get("ranks_disagree_count") or 0
+    partial = len(info.get("findings_on_some_ranks") or [])
+    if differ:
+        chunks.append(Text(f"{differ} parameter(s) differ between ranks", style="yellow"))
+    if partial:
+        chunks.append(Text(f"{partial} finding(s) on some ranks only", style="yellow"))
+    return chunks
 
 
 def findings_table(findings, empty: str = "no findings: gradients reach every trainable parameter"):

@@ -15,6 +15,11 @@ def train_summary(report) -> str:
     state, data, pre = report.train, report.data, report.preflight
     lines = [f"data      {data['used']} of {data['samples']} samples used, {len(data['skipped'])} skipped, "
              f"{data['think_samples']} /think, {data['supervised_tokens']} supervised tokens"]
+    world = report.distributed
+    if world:  # under torchrun / accelerate launch
+        partial = len(world.get("findings_on_some_ranks") or [])
+        lines.append(f"world     {world['world_size']} ranks ({world['backend']})"
+                     + (f", {partial} finding(s) on some ranks only" if partial else ""))
     before = pre["errors_before"]
     if before:
         lines.append(f"pre-flight errors before patch: {len(before)}")
