@@ -19,7 +19,8 @@ from gradflow.report import Report, build_report
 from gradflow.setup.build import build
 from gradflow.setup.load import check_lora_flags, make_batch
 from gradflow.setup.sources import Kind, Setup
-from gradflow.setup.twin import build_twin, to_full_size, twin_shape
+from gradflow.setup.twin import build_twin, twin_shape
+from gradflow.setup.twin_size import to_full_size
 
 # What a dry run cannot see, and why: they depend on the real weights' values or on real data.
 UNSEEN: dict[str, str] = {
@@ -94,7 +95,7 @@ def _dry_run(spec, opts, *, command, static, batch_size, seq_len, seed, data) ->
     with contextlib.redirect_stdout(_Stderr()):
         snap = snapshot(model, batch, trainable=setup.trainable, backward=command == "probe-backward",
                         static=static)
-    size = to_full_size(snap, twin, shapes, opts)
+    size = to_full_size(snap, twin.size, shapes, opts)
     findings = [f for f in findings_for(snap) if f.slug not in UNSEEN]
     report = build_report(snap, findings, command)
     if report.loss is not None:
@@ -106,10 +107,11 @@ def _dry_run(spec, opts, *, command, static, batch_size, seq_len, seed, data) ->
     report.dry_run = {
         "weights_loaded": False,
         "method": "toy-width twin: the same architecture class, module tree, parameter names and layer count at toy "
-                  "width, random init; the setup and probe as usual on a synthetic batch; sizes from the full "
-                  "config on the meta device",
+                  "width (a mixture of experts keeps 2 experts per layer, each standing for every real expert of its "
+                  "index modulo 2), random init; the setup and probe as usual on a synthetic batch; sizes from the "
+                  "full config on the meta device, extrapolated to the real expert count",
         "config_class": type(twin.config).__name__,
-        "config": twin_shape(twin.config) | {"num_hidden_layers": getattr(twin.config, "num_hidden_layers", None)},
+        "config": twin_shape(twin.config),
         "twin": twin_shape(twin.twin_config),
         "full_size": {k: v for k, v in size.items() if not k.startswith("unmapped")},
         "unmapped_params": size["unmapped_params"], "unmapped_count": size["unmapped_count"],
