@@ -101,66 +101,67 @@ def expand(items: list, name_of, renamed, emap: ExpertMap | None) -> list:
     expert it stands for, in the real model's order (expert 0's block, then 1's, ...)."""
     if emap is None or not emap.containers or emap.real <= emap.twin:
         return items
-    out, done = [], set()
-    for pos, item in enumerate(items):
-        hit = emap.real_indices(name_of(item))
+    out, pos = [], 0
+    while pos < len(items):
+        name = name_of(items[pos])
+        hit = emap.real_indices(name)
         if hit is None:
-            out.append(item)
+            out.append(items[pos])
+            pos += 1
             continue
-        i, _, _ = hit
-        container = ".".join(name_of(item).split(".")[:i])
-        if container in done:
-            continue
-        done.add(container)
-        block = [(it, emap.real_indices(name_of(it))) for it in items[pos:]
-                 if name_of(it).startswith(container + ".")]
+        # the container's contiguous block: every twin expert's entries, each as (item, the name after the index)
+        container = ".".join(name.split(".")[:hit[0]]) + "."
+        groups: dict[int, list] = {}
+        while pos < len(items) and name_of(items[pos]).startswith(container):
+            index, _, rest = name_of(items[pos])[len(container):].partition(".")
+            groups.setdefault(int(index), []).append((items[pos], "." + rest if rest else ""))
+            pos += 1
         for k in range(emap.real):
-            out.extend(renamed(it, _with_index(name_of(it), h[0], k))
-                       for it, h in block if h is not None and h[1] == k % emap.twin)
+            prefix = container + str(k)
+            out.extend(renamed(item, prefix + rest, prefix) for item, rest in groups.get(k % emap.twin, ()))
     return out
-
-
-def _with_index(name: str, i: int, k: int) -> str:
-    segs = name.split(".")
-    segs[i] = str(k)
-    return ".".join(segs)
 
 
 def expand_snapshot(snap, emap: ExpertMap | None) -> None:
     """Put the real model's expert entries into `snap`'s parameters and modules (counts are the caller's to redo)."""
     if emap is None or not emap.containers or emap.real <= emap.twin:
         return
-    snap.params = expand(snap.params, lambda p: p.name, lambda p, n: _param_copy(p, n, emap), emap)
-    snap.modules = expand(snap.modules, lambda m: m.name, lambda m, n: _module_copy(m, n, emap), emap)
+    snap.params = expand(snap.params, _name, _param_copy, emap)
+    snap.modules = expand(snap.modules, _name, _module_copy, emap)
     for call in snap.checkpoints:
         call.modules = [n for m in call.modules for n in _names(m, emap)]
 
 
+def _name(item) -> str:
+    return item.name
+
+
 def _names(name: str, emap: ExpertMap) -> list[str]:
     hit = emap.real_indices(name)
-    return [name] if hit is None else [_with_index(name, hit[0], k) for k in hit[2]]
+    if hit is None:
+        return [name]
+    segs = name.split(".")
+    return [".".join([*segs[:hit[0]], str(k), *segs[hit[0] + 1:]]) for k in hit[2]]
 
 
-def _param_copy(p, name: str, emap: ExpertMap):
-    q = copy.copy(p)
-    q.name = name
-    q.module = _same_index(p.module, p.name, name)
+def _param_copy(p, name: str, prefix: str):
+    """A copy of `p` named `name`; `prefix` is the real expert's path (container.k)."""
+    q = object.__new__(type(p))
+    q.__dict__ = {**p.__dict__, "name": name, "module": _moved(p.module, prefix)}
     return q
 
 
-def _module_copy(m, name: str, emap: ExpertMap):
-    q = copy.copy(m)
-    q.name = name
-    q.grads = dict(m.grads)
-    q.cut_params = [_same_index(c, m.name, name) for c in m.cut_params]
+def _module_copy(m, name: str, prefix: str):
+    q = object.__new__(type(m))
+    q.__dict__ = {**m.__dict__, "name": name, "grads": dict(m.grads),
+                  "cut_params": [_moved(c, prefix) for c in m.cut_params] if m.cut_params else []}
     return q
 
 
-def _same_index(other: str, old: str, new: str) -> str:
-    """`other` (a name under the same expert as `old`) moved to the expert index `new` has."""
-    a, b, o = old.split("."), new.split("."), other.split(".")
-    diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-    if diff is None or len(o) <= diff or o[:diff + 1] != a[:diff + 1]:
-        return other
-    o[diff] = b[diff]
-    return ".".join(o)
+def _moved(name: str, prefix: str) -> str:
+    """`name`, under the twin's expert at the same container as `prefix` (container.j...), moved to container.k."""
+    container = prefix[:prefix.rindex(".") + 1]
+    if not name.startswith(container):
+        return name
+    _, dot, rest = name[len(container):].partition(".")
+    return prefix + dot + rest
