@@ -160,7 +160,7 @@ def note_text(report: Report) -> str:
     lines = [
         f"dry run: no weights loaded; judged on a toy-width twin of {info.get('config_class', '?')} "
         f"({cfg.get('num_hidden_layers', '?')} layers, hidden {twin.get('hidden_size', '?')} instead of "
-        f"{cfg.get('hidden_size', '?')}, same module tree and parameter names)",
+        f"{cfg.get('hidden_size', '?')}{_experts_text(cfg, twin)}, same module tree and parameter names)",
         f"full size: {size.get('params_total', 0):,} parameters ({_human(size.get('weights_bytes', 0))} of weights), "
         f"{size.get('params_trainable', 0):,} trainable",
         "not seen by a dry run: " + "; ".join(f"{slug} ({why})" for slug, why in info.get("not_seen", {}).items())
@@ -170,6 +170,12 @@ def note_text(report: Report) -> str:
         lines.append(f"{info['unmapped_count']} parameter(s) counted at the twin's size (no full-size match), "
                      f"e.g. {info['unmapped_params'][0]}")
     return "\n".join(lines)
+
+
+def _experts_text(cfg: dict, twin: dict) -> str:
+    if "experts" not in cfg or cfg["experts"] == twin.get("experts"):
+        return ""
+    return f", {twin.get('experts')} experts per layer standing for {cfg['experts']}"
 
 
 def _human(n: float) -> str:
