@@ -121,7 +121,8 @@ def test_twin_shrinks_the_vision_tower_and_keeps_its_depth():
     config = _gemma3_vlm()
     twin = shrink_config(config, min_hidden=4)
     assert twin.vision_config.num_hidden_layers == config.vision_config.num_hidden_layers
-    assert twin.vision_config.hidden_size < config.vision_config.hidden_size or config.vision_config.hidden_size <= 16
+    assert twin.vision_config.hidden_size < config.vision_config.hidden_size
+    assert twin.vision_config.intermediate_size < config.vision_config.intermediate_size
     assert twin.text_config.vocab_size <= 256 and twin.image_token_index < twin.text_config.vocab_size
 
 
