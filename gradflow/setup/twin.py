@@ -1,7 +1,9 @@
 """A toy-width twin of a real config, for the dry run: the same architecture class built from the same config, with
 the same module tree, parameter names and layer count, at toy width (few heads of a few dimensions, the same
-query/key-value grouping, a small MLP and vocab), random init. Parameter counts and bytes come from the full-size
-config, built on the meta device (no memory, no weights). gradflow.dryrun probes the twin and judges the result.
+query/key-value grouping, a small MLP and vocab, 2 experts per MoE layer, toy-width vision towers), random init.
+Parameter counts and bytes come from the full-size config, built on the meta device (no memory, no weights), with
+the real expert count and names restored (gradflow.setup.twin_size, twin_experts). gradflow.dryrun probes the twin
+and judges the result.
 """
 
 from __future__ import annotations
