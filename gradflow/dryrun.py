@@ -19,7 +19,8 @@ from gradflow.report import Report, build_report
 from gradflow.setup.build import build
 from gradflow.setup.load import check_lora_flags, make_batch
 from gradflow.setup.sources import Kind, Setup
-from gradflow.setup.twin import build_twin, to_full_size, twin_shape
+from gradflow.setup.twin import build_twin, twin_shape
+from gradflow.setup.twin_size import to_full_size
 
 # What a dry run cannot see, and why: they depend on the real weights' values or on real data.
 UNSEEN: dict[str, str] = {
@@ -55,7 +56,7 @@ def dry_run(spec: str, opts, *, command: str = "probe-backward", static: bool = 
         raise ValueError(f"dry_run command {command!r}")
     check_int("--batch-size", batch_size)
     check_int("--seq-len", seq_len)
-    with _one_thread():
+    with _one_thread(), _no_cyclic_gc():
         return _dry_run(spec, opts, command=command, static=static, batch_size=batch_size, seq_len=seq_len, seed=seed,
                         data=data)
 
@@ -72,6 +73,22 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc():
+    """No cyclic garbage collection while the dry run runs: a many-expert report makes ~10^5-10^6 small objects (every
+    real expert's parameter and module entries), and each collection would walk the whole heap (4x the CPU time on a
+    128-expert config). Reference counting still frees what is dropped; collection resumes after."""
+    import gc
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def _dry_run(spec, opts, *, command, static, batch_size, seq_len, seed, data) -> Report:
@@ -94,7 +111,7 @@ def _dry_run(spec, opts, *, command, static, batch_size, seq_len, seed, data) ->
     with contextlib.redirect_stdout(_Stderr()):
         snap = snapshot(model, batch, trainable=setup.trainable, backward=command == "probe-backward",
                         static=static)
-    size = to_full_size(snap, twin, shapes, opts)
+    size = to_full_size(snap, twin.size, shapes, opts)
     findings = [f for f in findings_for(snap) if f.slug not in UNSEEN]
     report = build_report(snap, findings, command)
     if report.loss is not None:
@@ -106,10 +123,11 @@ def _dry_run(spec, opts, *, command, static, batch_size, seq_len, seed, data) ->
     report.dry_run = {
         "weights_loaded": False,
         "method": "toy-width twin: the same architecture class, module tree, parameter names and layer count at toy "
-                  "width, random init; the setup and probe as usual on a synthetic batch; sizes from the full "
-                  "config on the meta device",
+                  "width (a mixture of experts keeps 2 experts per layer, each standing for every real expert of its "
+                  "index modulo 2), random init; the setup and probe as usual on a synthetic batch; sizes from the "
+                  "full config on the meta device, extrapolated to the real expert count",
         "config_class": type(twin.config).__name__,
-        "config": twin_shape(twin.config) | {"num_hidden_layers": getattr(twin.config, "num_hidden_layers", None)},
+        "config": twin_shape(twin.config),
         "twin": twin_shape(twin.twin_config),
         "full_size": {k: v for k, v in size.items() if not k.startswith("unmapped")},
         "unmapped_params": size["unmapped_params"], "unmapped_count": size["unmapped_count"],
@@ -142,7 +160,7 @@ def note_text(report: Report) -> str:
     lines = [
         f"dry run: no weights loaded; judged on a toy-width twin of {info.get('config_class', '?')} "
         f"({cfg.get('num_hidden_layers', '?')} layers, hidden {twin.get('hidden_size', '?')} instead of "
-        f"{cfg.get('hidden_size', '?')}, same module tree and parameter names)",
+        f"{cfg.get('hidden_size', '?')}{_experts_text(cfg, twin)}, same module tree and parameter names)",
         f"full size: {size.get('params_total', 0):,} parameters ({_human(size.get('weights_bytes', 0))} of weights), "
         f"{size.get('params_trainable', 0):,} trainable",
         "not seen by a dry run: " + "; ".join(f"{slug} ({why})" for slug, why in info.get("not_seen", {}).items())
@@ -152,6 +170,12 @@ def note_text(report: Report) -> str:
         lines.append(f"{info['unmapped_count']} parameter(s) counted at the twin's size (no full-size match), "
                      f"e.g. {info['unmapped_params'][0]}")
     return "\n".join(lines)
+
+
+def _experts_text(cfg: dict, twin: dict) -> str:
+    if "experts" not in cfg or cfg["experts"] == twin.get("experts"):
+        return ""
+    return f", {twin.get('experts')} experts per layer standing for {cfg['experts']}"
 
 
 def _human(n: float) -> str:

@@ -1,7 +1,9 @@
 """A toy-width twin of a real config, for the dry run: the same architecture class built from the same config, with
 the same module tree, parameter names and layer count, at toy width (few heads of a few dimensions, the same
-query/key-value grouping, a small MLP and vocab), random init. Parameter counts and bytes come from the full-size
-config, built on the meta device (no memory, no weights). gradflow.dryrun probes the twin and judges the result.
+query/key-value grouping, a small MLP and vocab, 2 experts per MoE layer, toy-width vision towers), random init.
+Parameter counts and bytes come from the full-size config, built on the meta device (no memory, no weights), with
+the real expert count and names restored (gradflow.setup.twin_size, twin_experts). gradflow.dryrun probes the twin
+and judges the result.
 """
 
 from __future__ import annotations
@@ -15,19 +17,20 @@ import tempfile
 from typing import Any
 
 from gradflow.errors import GradflowError
-from gradflow.setup.build import (_from_pretrained, _no_progress_bars, _quant_config, apply_lora, read_json,
-                                  resolve_device, resolve_dtype)
+from gradflow.setup.build import (_from_pretrained, _no_progress_bars, _quant_config, read_json, resolve_device,
+                                  resolve_dtype)
 from gradflow.setup.options import resolved_lora
 from gradflow.setup.presets import preset_config
 from gradflow.setup.sources import Kind, _first_line, names_code, resolve
-from gradflow.snapshot import count_into_ancestors
+from gradflow.setup.twin_experts import TWIN_EXPERTS, expert_count, with_experts
+from gradflow.setup.twin_size import FullSize, causal_lm, measure
 
 TWIN_VOCAB = 256
+_TOWERS = ("vision_config", "audio_config")  # a multimodal config's encoders, shrunk like the text model
 _HEAD_DIMS = range(4, 130, 2)
 # per-layer widths that scale with the hidden size: set to a small multiple of the twin's hidden size
 _FFN_FIELDS = ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "ffn_dim",
                "n_inner", "decoder_ffn_dim", "encoder_ffn_dim")
-_LORA_SEGMENTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 @dataclasses.dataclass
@@ -38,8 +41,7 @@ class Twin:
     twin_config: Any
     kind: Kind  # PRESET, DIR, CONFIG or HUB
     source: str
-    full_numel: dict[str, int]  # full-size parameter name -> numel (meta device)
-    full_modules: dict[str, Any]  # full-size module name -> module (meta device), for adapter shapes
+    size: FullSize  # the real model's parameter counts and LoRA shapes, keyed by the twin's names
 
 
 def load_config(spec: str, *, trust_remote_code: bool = False):
@@ -80,11 +82,34 @@ def load_config(spec: str, *, trust_remote_code: bool = False):
 
 
 def shrink_config(config, *, min_hidden: int = 0):
-    """The toy-width twin's config: same class and layer count; few heads of a few dims, small MLP and vocab."""
-    cfg = copy.deepcopy(config)
+    """The toy-width twin's config: same class and layer count; few heads of a few dims, small MLP and vocab, at most
+    TWIN_EXPERTS experts per layer; a multimodal config's text and vision towers both at toy width."""
+    many = (expert_count(config) or 0) > TWIN_EXPERTS
+    cfg = with_experts(config, TWIN_EXPERTS) if many else copy.deepcopy(config)
+    text = _text(cfg)
+    _shrink_widths(text, min_hidden, type(config).__name__)
+    for name in _TOWERS:
+        tower = getattr(cfg, name, None)
+        if tower is not None and tower is not text and _int_attr(tower, "hidden_size"):
+            _shrink_widths(tower, min_hidden, type(config).__name__)
+    vocab = _int_attr(text, "vocab_size")
+    if vocab is not None and vocab > TWIN_VOCAB:
+        text.vocab_size = TWIN_VOCAB
+        for c in {id(cfg): cfg, id(text): text}.values():
+            _remap_token_ids(c, TWIN_VOCAB)
+    return cfg
+
+
+def _text(cfg):
+    """The config that holds the language model's widths: `cfg`, or a multimodal config's text_config."""
+    text = getattr(cfg, "text_config", None)
+    return text if _int_attr(cfg, "hidden_size") is None and text is not None else cfg
+
+
+def _shrink_widths(cfg, min_hidden: int, what: str) -> None:
     n_q = _int_attr(cfg, "num_attention_heads")
     if n_q is None or _int_attr(cfg, "hidden_size") is None:
-        raise GradflowError(f"{type(config).__name__} has no hidden_size / num_attention_heads to shrink",
+        raise GradflowError(f"{what} has no hidden_size / num_attention_heads to shrink",
                             "A dry run supports transformer decoder configs; drop --dry-run")
     n_kv = _int_attr(cfg, "num_key_value_heads") or n_q
     group = n_q // n_kv if n_kv and n_q % n_kv == 0 else None
@@ -104,12 +129,15 @@ def shrink_config(config, *, min_hidden: int = 0):
     for name in _FFN_FIELDS:
         if _int_attr(cfg, name) is not None:
             setattr(cfg, name, 2 * hidden)
+    if _int_attr(cfg, "kv_lora_rank") is not None:  # DeepSeek's multi-head latent attention
+        for name in ("q_lora_rank", "kv_lora_rank"):
+            if _int_attr(cfg, name) is not None:
+                setattr(cfg, name, hidden)
+        for name in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            setattr(cfg, name, head_dim)
+        if _int_attr(cfg, "qk_head_dim") is not None:
+            cfg.qk_head_dim = 2 * head_dim
     _shrink_rope_factors(cfg, int(head_dim * factor) // 2)
-    vocab = _int_attr(cfg, "vocab_size")
-    if vocab is not None and vocab > TWIN_VOCAB:
-        cfg.vocab_size = TWIN_VOCAB
-        _remap_token_ids(cfg, TWIN_VOCAB)
-    return cfg
 
 
 def _shrink_rope_factors(cfg, half_rotary: int) -> None:
@@ -132,7 +160,7 @@ def _int_attr(cfg, name: str) -> int | None:
 
 def _remap_token_ids(cfg, vocab: int) -> None:
     """Special token ids past the twin's vocab move to the lowest ids (a synthetic batch never uses those)."""
-    names = [k for k in cfg.to_dict() if k.endswith("_token_id") or k.endswith("_token_ids")]
+    names = [k for k in cfg.to_dict() if k.endswith(("_token_id", "_token_ids", "_token_index"))]
     mapping: dict[int, int] = {}
 
     def new(i):
@@ -146,29 +174,6 @@ def _remap_token_ids(cfg, vocab: int) -> None:
             setattr(cfg, name, [new(i) for i in value])
         elif isinstance(value, int):
             setattr(cfg, name, new(value))
-
-
-def _causal_lm(config, *, trust_remote_code: bool, dtype=None):
-    from transformers import AutoModelForCausalLM
-
-    kwargs = {"trust_remote_code": trust_remote_code}
-    if dtype is not None:
-        kwargs["dtype"] = dtype
-    # from_config writes the dtype it used into the config: keep the caller's as the file had it
-    return AutoModelForCausalLM.from_config(copy.deepcopy(config), **kwargs)
-
-
-def full_size(config, *, trust_remote_code: bool = False):
-    """The full-size model on the meta device: its parameter names, shapes and modules, without memory."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            model = _causal_lm(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
-    except Exception as exc:
-        raise GradflowError(f"cannot build a causal LM from {type(config).__name__}: {_first_line(exc)}",
-                            "A dry run supports configs that AutoModelForCausalLM.from_config accepts") from exc
-    return model
 
 
 def _load_dtype(config, kind: str, opts):
@@ -193,9 +198,9 @@ def build_twin(spec: str, opts) -> tuple[Twin, Any]:
     import torch
 
     config, kind = load_config(spec, trust_remote_code=opts.trust_remote_code)
-    full = full_size(config, trust_remote_code=opts.trust_remote_code)
+    size = measure(config, trust_remote_code=opts.trust_remote_code)
     rank = resolved_lora(opts.lora_r, opts.lora_alpha, opts.lora_targets)[0]
-    full_hidden = _int_attr(config, "hidden_size")
+    full_hidden = _int_attr(_text(config), "hidden_size")
     if full_hidden is not None and rank > full_hidden:  # the real run's error, before the twin's width hides it
         raise GradflowError(f"--lora-r {rank} is larger than the model's hidden size ({full_hidden}, from its config)",
                             f"Pass --lora-r {full_hidden} or less")
@@ -207,9 +212,9 @@ def build_twin(spec: str, opts) -> tuple[Twin, Any]:
     try:
         if opts.quant == "none":
             with torch.device(device):
-                model = _causal_lm(twin_config, trust_remote_code=opts.trust_remote_code, dtype=dtype)
+                model = causal_lm(twin_config, trust_remote_code=opts.trust_remote_code, dtype=dtype)
         else:  # bitsandbytes quantizes while loading: the twin takes the real load path through a temp dir
-            base = _causal_lm(twin_config, trust_remote_code=opts.trust_remote_code, dtype=torch.float32)
+            base = causal_lm(twin_config, trust_remote_code=opts.trust_remote_code, dtype=torch.float32)
             with tempfile.TemporaryDirectory(prefix="gradflow-dryrun-") as tmp, _no_progress_bars():
                 base.save_pretrained(tmp)
                 del base
@@ -223,10 +228,9 @@ def build_twin(spec: str, opts) -> tuple[Twin, Any]:
                             f"{_first_line(exc)}", "Run without --dry-run on a machine that holds the weights") from exc
     if model.generation_config is not None and getattr(twin_config, "pad_token_id", None) is not None:
         model.generation_config.pad_token_id = twin_config.pad_token_id
-    _check_same_tree(full, model)
-    twin = Twin(config=config, twin_config=twin_config, kind=kind, source=spec,
-                full_numel={n: p.numel() for n, p in full.named_parameters()},
-                full_modules=dict(full.named_modules()))
+    _check_same_tree(size.model, model)
+    size.model = None  # the names are checked; the sizes are kept
+    twin = Twin(config=config, twin_config=twin_config, kind=kind, source=spec, size=size)
     return twin, model
 
 
@@ -260,110 +264,15 @@ def _check_same_tree(full, twin) -> None:
                             "weights")
 
 
-def full_numel(name: str, twin_shape, twin: Twin) -> int | None:
-    """The numel of twin parameter `name` in the full-size model, or None when it cannot be mapped."""
-    segments = name.split(".")
-    if segments[:2] == ["base_model", "model"]:  # a PeftModel's prefix
-        segments = segments[2:]
-    for i, seg in enumerate(segments):
-        if seg in _LORA_SEGMENTS:
-            return _adapter_numel(".".join(segments[:i]), seg, twin_shape, twin)
-    out, skip = [], 0
-    for seg in segments:
-        if skip:
-            skip -= 1
-            continue
-        if seg in ("base_layer", "original_module"):
-            continue
-        if seg == "modules_to_save":
-            skip = 1  # the adapter name after it
-            continue
-        out.append(seg)
-    return twin.full_numel.get(".".join(out))
-
-
-def _adapter_numel(owner: str, kind: str, twin_shape, twin: Twin) -> int | None:
-    """A LoRA weight's full size: its rank (the twin's) times the full base layer's in or out features."""
-    owner = ".".join(s for s in owner.split(".") if s != "base_layer")
-    base = twin.full_modules.get(owner)
-    if base is None:
-        return None
-    dims = _in_out(base)
-    if dims is None:
-        return None
-    n_in, n_out = dims
-    shape = list(twin_shape)
-    if kind == "lora_A":
-        return shape[0] * n_in if len(shape) == 2 else None
-    if kind == "lora_B":
-        return n_out * shape[1] if len(shape) == 2 else n_out
-    if kind == "lora_embedding_A":
-        return shape[0] * n_in
-    if kind == "lora_embedding_B":
-        return n_out * shape[1]
-    return n_out  # lora_magnitude_vector
-
-
-def _in_out(module) -> tuple[int, int] | None:
-    if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(module.in_features), int(module.out_features)
-    if hasattr(module, "num_embeddings"):
-        return int(module.num_embeddings), int(module.embedding_dim)
-    if type(module).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
-    return None
-
-
-_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1, "uint8": 1}
-
-
-def _meta_adapted_numel(twin: Twin, opts) -> dict[str, int]:
-    """Parameter sizes of the full model with the same LoRA, built on the meta device: the slow, general way, for
-    adapter weights whose shape the base layer alone does not give (e.g. LoRA on fused MoE expert parameters)."""
-    import torch
-
-    rank, alpha, targets = resolved_lora(opts.lora_r, opts.lora_alpha, opts.lora_targets)
-    if rank <= 0 or opts.adapter is not None:
-        return {}
-    model = full_size(twin.config, trust_remote_code=opts.trust_remote_code)
-    with torch.device("meta"):
-        model = apply_lora(model, rank, alpha, targets)
-    return {n: p.numel() for n, p in model.named_parameters()}
-
-
-def to_full_size(snap, twin: Twin, shapes: dict[str, tuple], opts) -> dict:
-    """Put the full model's parameter counts into `snap` (params and module roll-ups); returns the size summary."""
-    unmapped = []
-    weight_bytes = 0.0
-    full = {p.name: full_numel(p.name, shapes.get(p.name, ()), twin) for p in snap.params}
-    if any(n is None for n in full.values()):
-        adapted = _meta_adapted_numel(twin, opts)
-        full = {name: adapted.get(name) if n is None else n for name, n in full.items()}
-    for p in snap.params:
-        n = full[p.name]
-        if n is None:
-            unmapped.append(p.name)
-        else:
-            p.numel = n
-        if p.quantized:
-            weight_bytes += p.numel * (0.5 if snap.quantized == "4bit" else 1)
-        else:
-            weight_bytes += p.numel * _BYTES.get(p.dtype, 4)
-    index = {m.name: m for m in snap.modules}
-    for m in snap.modules:
-        m.trainable = m.frozen = m.quantized = 0
-    for p in snap.params:
-        count_into_ancestors(index, p)
-    trainable = [p for p in snap.params if p.requires_grad]
-    return {"params_total": sum(p.numel for p in snap.params),
-            "params_trainable": sum(p.numel for p in trainable),
-            "weights_bytes": int(weight_bytes),
-            # weights, gradients and two fp32 Adam states of what trains
-            "trainable_train_bytes": int(sum(p.numel * (2 * _BYTES.get(p.dtype, 4) + 8) for p in trainable)),
-            "unmapped_params": unmapped[:20], "unmapped_count": len(unmapped)}
-
-
 def twin_shape(cfg) -> dict:
     keys = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-            "intermediate_size", "vocab_size")
-    return {k: getattr(cfg, k) for k in keys if _int_attr(cfg, k) is not None}
+            "intermediate_size", "moe_intermediate_size", "vocab_size")
+    text = _text(cfg)
+    shape = {k: getattr(text, k) for k in keys if _int_attr(text, k) is not None}
+    if expert_count(cfg):
+        shape["experts"] = expert_count(cfg)
+    for name in _TOWERS:
+        tower = getattr(cfg, name, None)
+        if tower is not None and _int_attr(tower, "hidden_size"):
+            shape[name.replace("_config", "_hidden_size")] = tower.hidden_size
+    return shape
