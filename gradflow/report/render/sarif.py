@@ -112,7 +112,7 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None) -> d
         results.append(result)
     run = {
         "tool": {"driver": {"name": "gradflow", "version": __version__, "rules": rules,
-                            "informationUri": "https://pypi.org/project/gradflow/"}},
+                            "informationUri": "https://github.com/gradflow/gradflow"}},
         "originalUriBaseIds": {"%SRCROOT%": {"uri": _dir_uri(root)}},
         "results": results,
     }
