@@ -48,9 +48,10 @@ def test_the_install_lines_install_this_repository():
     name, repo, version = meta["name"], meta["urls"]["Repository"], meta["version"]
     assert name != "gradflow"  # taken on PyPI by an unrelated project
     line = f'pip install "{name} @ git+{repo}@v{version}"'  # pip builds the tagged source tree, as from a clone
-    assert line in DOC
+    cpu = " --extra-index-url https://download.pytorch.org/whl/cpu"  # torch's CPU build, within the tested range
+    assert line + cpu in DOC
     plain = [s for s in steps(workflows()[0]) if "uses" not in s]
-    assert line in [s["run"] for s in plain]
+    assert line + cpu in [s["run"] for s in plain]
     (uses,) = [s["uses"] for s in steps(workflows()[1]) if "gradflow@" in s.get("uses", "")]
     assert f"https://github.com/{uses}" == f"{repo}@v{version}"
     action = yaml.safe_load((ROOT / "action.yml").read_text())
@@ -102,6 +103,22 @@ def _run_action(project: Path, given: dict) -> tuple[subprocess.CompletedProcess
                           timeout=600)
     outputs = dict(line.split("=", 1) for line in (project / "github_output").read_text().splitlines())
     return proc, outputs
+
+
+def test_the_action_installs_its_own_checkout_with_cpu_torch(tmp_path):
+    """The install step's command line, with a stand-in `python` on PATH that prints the arguments pip would get."""
+    action, step = _action_step("Install gradflow")
+    (tmp_path / "python").write_text('#!/bin/sh\necho "$@"\n')
+    (tmp_path / "python").chmod(0o755)
+    defaults = {"package": action["inputs"]["package"]["default"],
+                "torch-index-url": action["inputs"]["torch-index-url"]["default"]}
+    env = {key: re.sub(r"\$\{\{\s*inputs\.([\w-]+)\s*\}\}", lambda m: defaults[m.group(1)], value)
+           for key, value in step["env"].items()}
+    env.update(PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}", GITHUB_ACTION_PATH="/actions/gradflow")
+    done = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], env=env,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["-m", "pip", "install", "--quiet", "--extra-index-url",
+                                   "https://download.pytorch.org/whl/cpu", "/actions/gradflow"]
 
 
 @pytest.mark.slow

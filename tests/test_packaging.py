@@ -61,7 +61,8 @@ def test_the_stack_satisfies_every_dependency():
     for line in PROJECT["dependencies"]:
         req = Requirement(line)
         if req.marker is None or req.marker.evaluate():
-            assert req.specifier.contains(metadata.version(req.name), prereleases=True), (line, metadata.version(req.name))
+            installed = metadata.version(req.name)
+            assert req.specifier.contains(installed, prereleases=True), (line, installed)
 
 
 def test_one_project_address():

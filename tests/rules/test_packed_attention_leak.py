@@ -188,8 +188,10 @@ def test_cli_packed_probe(tmp_path):
     assert res.exit_code == 0, res.output
     assert "packed: 2 samples in 1 row, attention sdpa: boundaries hold" in res.stdout
     factory = tmp_path / "cached.py"
-    factory.write_text("from gradflow.setup.build import apply_lora\nfrom gradflow.setup.presets import build_preset\n\n"
-                       "def build():\n    return apply_lora(build_preset('tiny-llama'), 8, 16, 'all-linear')\n")
+    factory.write_text("from gradflow.setup.build import apply_lora\n"
+                       "from gradflow.setup.presets import build_preset\n\n\n"
+                       "def build():  # transformers' default config: use_cache on\n"
+                       "    return apply_lora(build_preset('tiny-llama'), 8, 16, 'all-linear')\n")
     res = runner.invoke(app, ["probe-backward", f"{factory}:build", "--packed", "--seq-len", "16", "--format", "json"])
     assert res.exit_code == 1, res.output
     data = json.loads(res.stdout)
