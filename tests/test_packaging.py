@@ -35,11 +35,11 @@ CLONE_IGNORES = shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg
 
 
 def readme_install() -> list[str]:
-    """The README's install command: the `pip install` line (not torch's) of the Install section's shell block."""
+    """The README's install command: the `pip install` line of the Install section's shell block."""
     section = (REPO / "README.md").read_text().split("\n## Install\n", 1)[1].split("\n## ", 1)[0]
     (block,) = re.findall(r"^```bash\n(.*?)^```", section, flags=re.S | re.M)
     lines = [line.partition(" #")[0].strip() for line in block.splitlines()]
-    (line,) = [line for line in lines if line.startswith("pip install") and "torch" not in line]
+    (line,) = [line for line in lines if line.startswith("pip install")]
     return shlex.split(line)
 
 
