@@ -57,7 +57,7 @@ def test_the_pages_have_commands_and_the_skip_list_is_current():
     assert all(reason for reason in SKIPPED.values())
 
 
-@pytest.mark.slow
+# in the fast tier: in-process, the six commands take about 1.3 s together once torch and transformers are imported
 @pytest.mark.parametrize("page, command, code", [c for c in COMMANDS if c[1] not in SKIPPED],
                          ids=[c[1] for c in COMMANDS if c[1] not in SKIPPED])
 def test_the_command_runs_as_written(page, command, code):
