@@ -3,16 +3,17 @@
 #   make test   the test suite on both supported stacks
 #   make check  the fast tier (tests not marked slow) on the latest stack: the inner loop, under 3 minutes
 #   make train-demo   a short /think fine-tune of a tiny preset on CPU, with the checks built in
+#   make wheel-check  build the wheel and the sdist into dist/ and run the wheel outside the source tree
 PY ?= python3
 # the seed's stack: transformers 4.57.x + peft 0.18.0; the latest: transformers 5.x + peft 0.21.x
 # (no comment after a value: make would keep the spaces before it)
 OLD := .venv-old
 NEW := .venv
 TORCH := torch==2.13.0
-COMMON := "typer>=0.29,<0.30" "rich>=13" "accelerate>=1.0" safetensors "bitsandbytes==0.50.2" "pytest>=8" "jsonschema>=4.18" "tensorboard>=2.14" "matplotlib>=3.7"
+COMMON := "typer>=0.29,<0.30" "rich>=13" "accelerate>=1.0" safetensors "bitsandbytes==0.50.2" "pytest>=8" "jsonschema>=4.18" "tensorboard>=2.14" "matplotlib>=3.7" "pre-commit>=3"
 PIP_FLAGS := -q --disable-pip-version-check
 
-.PHONY: demo train-demo test test-old test-new check venvs clean
+.PHONY: demo train-demo test test-old test-new check venvs clean wheel-check
 
 $(NEW)/.ok:
 	$(PY) -m venv $(NEW)
@@ -57,5 +58,9 @@ test:
 check: $(NEW)/.ok
 	$(NEW)/bin/python -m pytest -m "not slow" -q --durations=15 tests
 
+# the wheel installed into a fresh venv on top of the latest stack's packages (no download): --help, a probe, schema()
+wheel-check: $(NEW)/.ok
+	bash .ci/wheel_check $(NEW)
+
 clean:
-	rm -rf $(OLD) $(NEW) *.egg-info
+	rm -rf $(OLD) $(NEW) *.egg-info build dist

@@ -10,7 +10,7 @@ from gradflow._lazy import lazy_getattr
 __version__ = "0.1.0"
 
 __all__ = ["inspect", "probe", "patch", "train", "Report", "Finding", "GradFlowCallback", "SetupOptions",
-           "__version__"]
+           "schema", "__version__"]
 
 _LAZY = {
     "inspect": ("gradflow.entries", "inspect"),
@@ -21,6 +21,7 @@ _LAZY = {
     "Finding": ("gradflow.report", "Finding"),
     "GradFlowCallback": ("gradflow.training.callback", "GradFlowCallback"),
     "SetupOptions": ("gradflow.setup.options", "SetupOptions"),
+    "schema": ("gradflow.report.schema", "schema"),
 }
 
 

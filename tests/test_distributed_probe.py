@@ -43,7 +43,7 @@ from gradflow.setup.build import apply_lora
 
 
 def build():
-    model = apply_lora(build_preset("tiny-llama"), 8, 16, "all-linear")  # what probe-backward tiny-llama builds
+    model = apply_lora(build_preset("tiny-llama", training=True), 8, 16, "all-linear")  # = probe-backward tiny-llama
     if dist.is_available() and dist.is_initialized():  # under torchrun: the user wraps it in FSDP1 themselves
         from torch.distributed.fsdp import FullyShardedDataParallel
         from torch.distributed.fsdp.wrap import ModuleWrapPolicy

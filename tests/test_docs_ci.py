@@ -43,12 +43,19 @@ def project(tmp_path, monkeypatch) -> Path:
     return tmp_path
 
 
-def test_the_install_line_names_the_distribution():
-    name = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["name"]
+def test_the_install_lines_install_this_repository():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    name, repo, version = meta["name"], meta["urls"]["Repository"], meta["version"]
     assert name != "gradflow"  # taken on PyPI by an unrelated project
-    assert f"pip install {name}" in DOC and f"pip install {name}" in (ROOT / "README.md").read_text()
+    line = f'pip install "{name} @ git+{repo}@v{version}"'  # pip builds the tagged source tree, as from a clone
+    cpu = " --extra-index-url https://download.pytorch.org/whl/cpu"  # torch's CPU build, within the tested range
+    assert line + cpu in DOC
     plain = [s for s in steps(workflows()[0]) if "uses" not in s]
-    assert f"pip install {name}" in [s["run"] for s in plain]
+    assert line + cpu in [s["run"] for s in plain]
+    (uses,) = [s["uses"] for s in steps(workflows()[1]) if "gradflow@" in s.get("uses", "")]
+    assert f"https://github.com/{uses}" == f"{repo}@v{version}"
+    action = yaml.safe_load((ROOT / "action.yml").read_text())
+    assert action["inputs"]["package"]["default"] == "."  # the action installs its own checkout
 
 
 def test_the_workflow_commands_run_as_written(project):
@@ -98,6 +105,22 @@ def _run_action(project: Path, given: dict) -> tuple[subprocess.CompletedProcess
     return proc, outputs
 
 
+def test_the_action_installs_its_own_checkout_with_cpu_torch(tmp_path):
+    """The install step's command line, with a stand-in `python` on PATH that prints the arguments pip would get."""
+    action, step = _action_step("Install gradflow")
+    (tmp_path / "python").write_text('#!/bin/sh\necho "$@"\n')
+    (tmp_path / "python").chmod(0o755)
+    defaults = {"package": action["inputs"]["package"]["default"],
+                "torch-index-url": action["inputs"]["torch-index-url"]["default"]}
+    env = {key: re.sub(r"\$\{\{\s*inputs\.([\w-]+)\s*\}\}", lambda m: defaults[m.group(1)], value)
+           for key, value in step["env"].items()}
+    env.update(PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}", GITHUB_ACTION_PATH="/actions/gradflow")
+    done = subprocess.run(["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", step["run"]], env=env,
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["-m", "pip", "install", "--quiet", "--extra-index-url",
+                                   "https://download.pytorch.org/whl/cpu", "/actions/gradflow"]
+
+
 @pytest.mark.slow
 def test_the_action_runs_with_the_documented_inputs(project):
     (uses,) = [s for s in steps(workflows()[1]) if "gradflow@" in s.get("uses", "")]
@@ -122,13 +145,17 @@ def test_the_action_records_a_failure_without_ending_its_step(project):
     assert "gradflow: error: --gc 'sideways'" in proc.stderr and "::error title=gradflow::" in proc.stdout
 
 
-def test_the_pre_commit_hook_runs_with_the_documented_args(project):
-    (hook,) = yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())
-    assert (hook["id"], hook["language"], hook["pass_filenames"]) == ("gradflow", "python", False)
+def test_the_pre_commit_hooks_run_with_the_documented_args(project):
+    hooks = {h["id"]: h for h in yaml.safe_load((ROOT / ".pre-commit-hooks.yaml").read_text())}
+    assert {h: hooks[h]["language"] for h in hooks} == {"gradflow": "system", "gradflow-isolated": "python"}
+    assert "--extra-index-url=https://download.pytorch.org/whl/cpu" in hooks["gradflow-isolated"][
+        "additional_dependencies"]  # the isolated environment's torch is the CPU build
+    for hook in hooks.values():
+        assert hook["pass_filenames"] is False and f"`{hook['id']}`" in DOC
     (config,) = [doc for doc in map(yaml.safe_load, blocks("yaml")) if isinstance(doc, dict) and "repos" in doc]
-    (used,) = [h for repo in config["repos"] for h in repo["hooks"] if h["id"] == hook["id"]]
-    argv = shlex.split(hook["entry"]) + [str(a) for a in used["args"]]
+    (used,) = [h for repo in config["repos"] for h in repo["hooks"] if h["id"] in hooks]
+    argv = shlex.split(hooks[used["id"]]["entry"]) + [str(a) for a in used["args"]]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert argv[0] in scripts  # the console script pre-commit's python environment installs
+    assert argv[0] in scripts  # the console script, on PATH (system) or in the environment pre-commit builds
     run = invoke(*argv[1:])
     assert run.code == 0, run.stderr[-2000:]

@@ -1,4 +1,5 @@
-"""docs/report.schema.json: every command's JSON validates against it, and the default report stays small.
+"""gradflow.schema() (gradflow/report/report.schema.json): every command's JSON validates against it, and the default
+report stays small.
 
 Every report comes from the real CLI (Typer's runner, in process) on tiny presets and the seed factory; the train
 report from a one-step run of a tiny preset.
@@ -11,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
+import gradflow
 from tests.helpers.cli import invoke, invoke_main
 
 jsonschema = pytest.importorskip("jsonschema")
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = json.loads((REPO / "docs" / "report.schema.json").read_text())
+SCHEMA = gradflow.schema()
 SEED_BUG = "gradflow.demos:seed_bug"
 DEMO = str(REPO / "gradflow" / "data" / "think_demo.jsonl")
 

@@ -41,7 +41,7 @@ class Detail(str, enum.Enum):
 
 @dataclasses.dataclass
 class Report:
-    """The outcome of inspect / probe / patch / train. `to_dict()` is the CLI's JSON (docs/report.schema.json).
+    """The outcome of inspect / probe / patch / train. `to_dict()` is the CLI's JSON (gradflow.schema()).
 
     Beyond the probe's own fields, each command fills its own sections (gradflow.report.sections); a section left
     None is not in the JSON.
@@ -122,7 +122,7 @@ class Report:
         return renderable(self)
 
     def to_dict(self, detail: "Detail | str" = "compact") -> dict:
-        """The CLI's JSON (docs/report.schema.json).
+        """The CLI's JSON (gradflow.schema(): gradflow/report/report.schema.json).
 
         Args:
             detail: "compact" (default): counts, findings, a per-layer gradient roll-up, and the module rows down to

@@ -1,4 +1,4 @@
-"""The typed sections of a Report, one per part of docs/report.schema.json beyond the probe's own fields.
+"""The typed sections of a Report, one per part of the schema (gradflow.schema()) beyond the probe's own fields.
 
 Each is a TypedDict: a plain dict at run time (so the JSON is the dict as it is), with its keys declared here, in
 one place, for readers and type checkers. `PatchOutcome` is a dataclass: patch's keys sit at the top level of its

@@ -110,9 +110,10 @@ def _load(setup: Setup, opts: SetupOptions, device: str, dtype):
     if setup.kind == Kind.PRESET:
         setup.tokenizer = build_tokenizer()
         if quant_config is None:
-            return build_preset(setup.preset, dtype=dtype, device=device, seed=opts.seed)
+            return build_preset(setup.preset, dtype=dtype, device=device, seed=opts.seed, training=True)
         # bitsandbytes quantizes while loading, so the preset goes through a real save/load round-trip.
-        base = build_preset(setup.preset, dtype=dtype or torch.float32, device=device, seed=opts.seed)
+        base = build_preset(setup.preset, dtype=dtype or torch.float32, device=device, seed=opts.seed,
+                            training=True)
         with tempfile.TemporaryDirectory(prefix="gradflow-preset-") as tmp, _no_progress_bars():
             base.save_pretrained(tmp)
             del base

@@ -78,18 +78,28 @@ PRESETS: dict[str, tuple[Callable[[str], object], str, str]] = {
 }
 
 
-def preset_config(name: str):
-    """The transformers config of preset `name`."""
+def preset_config(name: str, *, training: bool = False):
+    """The transformers config of preset `name`.
+
+    `training=True` is the preset as a MODEL argument gives it, a healthy set-up ready to train: use_cache off, so a
+    training forward builds no KV cache (one that would also skip the packed-sequence mask). Without it, the config
+    keeps transformers' defaults (use_cache on), as `from_pretrained` gives a user's model: demos and tests build
+    their faults on that.
+    """
     build, size, _ = PRESETS[name]
-    return build(size)
+    config = build(size)
+    if training:
+        config.use_cache = False
+    return config
 
 
-def build_preset(name: str, *, dtype=None, device=None, seed: int = 0):
-    """A random-init causal LM for preset `name`, built directly on `device` in `dtype`."""
+def build_preset(name: str, *, dtype=None, device=None, seed: int = 0, training: bool = False):
+    """A random-init causal LM for preset `name`, built directly on `device` in `dtype` (`training`: see
+    preset_config)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    config = preset_config(name)
+    config = preset_config(name, training=training)
     torch.manual_seed(seed)
     with torch.device(device or "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or torch.float32)

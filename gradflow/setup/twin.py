@@ -51,7 +51,7 @@ def load_config(spec: str, *, trust_remote_code: bool = False):
                             "Pass the config.json (or its directory) of the model the factory loads, or drop --dry-run")
     setup = resolve(spec, trust_remote_code=trust_remote_code)
     if setup.kind == Kind.PRESET:
-        return preset_config(spec), "preset"
+        return preset_config(spec, training=True), "preset"  # as the real preset MODEL is built
     path = spec
     if setup.kind == Kind.DIR:
         if os.path.isfile(os.path.join(spec, "adapter_config.json")) and not os.path.isfile(

@@ -175,7 +175,8 @@ def test_measurement_leaves_the_model_as_found():
 
 
 def test_cli_packed_probe(tmp_path):
-    """probe-backward --packed: the default config leaks (exit 1, GF123); --gc non-reentrant keeps boundaries."""
+    """probe-backward --packed: a preset is built ready to train and keeps boundaries (the README's example); a
+    model with transformers' default use_cache leaks (exit 1, GF123); --gc non-reentrant keeps boundaries."""
     import json
 
     from typer.testing import CliRunner
@@ -183,13 +184,21 @@ def test_cli_packed_probe(tmp_path):
     from gradflow.cli import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["probe-backward", "tiny-llama", "--packed", "--seq-len", "16", "--format", "json"])
+    res = runner.invoke(app, ["probe-backward", "tiny-llama", "--packed", "--seq-len", "16"])
+    assert res.exit_code == 0, res.output
+    assert "packed: 2 samples in 1 row, attention sdpa: boundaries hold" in res.stdout
+    factory = tmp_path / "cached.py"
+    factory.write_text("from gradflow.setup.build import apply_lora\n"
+                       "from gradflow.setup.presets import build_preset\n\n\n"
+                       "def build():  # transformers' default config: use_cache on\n"
+                       "    return apply_lora(build_preset('tiny-llama'), 8, 16, 'all-linear')\n")
+    res = runner.invoke(app, ["probe-backward", f"{factory}:build", "--packed", "--seq-len", "16", "--format", "json"])
     assert res.exit_code == 1, res.output
     data = json.loads(res.stdout)
     assert [f["code"] for f in data["findings"] if f["slug"] == SLUG] == ["GF123"]
     check = data["packed_check"]
     assert check["causes"] == ["cache"] and check["samples"] == 2 and check["attn_implementation"] == "sdpa"
-    res = runner.invoke(app, ["probe-backward", "tiny-llama", "--packed", "--seq-len", "16", "--batch-size", "3",
+    res = runner.invoke(app, ["probe-backward", f"{factory}:build", "--packed", "--seq-len", "16", "--batch-size", "3",
                               "--gc", "non-reentrant"])
     assert res.exit_code == 0, res.output
     assert "packed: 3 samples in 1 row, attention sdpa: boundaries hold" in res.stdout

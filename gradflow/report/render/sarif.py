@@ -76,7 +76,7 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None, conf
         results.append(dict(result, kind="pass", baselineState="absent"))
     run = {
         "tool": {"driver": {"name": "gradflow", "version": __version__, "rules": rules,
-                            "informationUri": "https://pypi.org/project/gradflow/"}},
+                            "informationUri": "https://github.com/gradflow/gradflow"}},
         "originalUriBaseIds": {"%SRCROOT%": {"uri": _dir_uri(root)}},
         "results": results,
     }
