@@ -1,4 +1,4 @@
-"""The report as JSON at a chosen detail (docs/report.schema.json describes it).
+"""The report as JSON at a chosen detail (gradflow/report/report.schema.json describes it).
 
 `compact` (the default) keeps what a CI job or a dashboard reads: the summary counts, the findings, a per-layer
 gradient roll-up, and the module rows the inspect tree shows at depth 3 (down to each decoder layer) plus the way
