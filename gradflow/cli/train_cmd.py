@@ -111,9 +111,7 @@ def train(
     from gradflow.cli._common import check_format
     from gradflow.cli._output import Output
     from gradflow.errors import ExitCode
-    from gradflow.training.startup import process_started
 
-    started = process_started()  # the startup profile counts from here: the imports before train() included
     out = Output(format, quiet=quiet)
     try:
         check_format(format, ("text", "json"))
@@ -130,7 +128,7 @@ def train(
             unsafe_fixes=unsafe_fixes, resume=resume, resume_anyway=resume_anyway, overwrite=overwrite, merge=merge,
             check_every=check_every, moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps,
             packing=packing, tokens_per_batch=tokens_per_batch, gc_every=gc_every, max_memory=max_memory, attn=attn,
-            ce=ce, compile=compile_mode, fsdp=fsdp, cache=cache, progress=not quiet, started=started)
+            ce=ce, compile=compile_mode, fsdp=fsdp, cache=cache, progress=not quiet, started=_started())
     except KeyboardInterrupt:  # Ctrl-C while loading or writing: inside the training steps it saves a checkpoint
         import sys
 
@@ -150,8 +148,7 @@ def train(
         raise typer.Exit(int(ExitCode.OK if state["status"] == "completed" else ExitCode.FINDINGS))
     if state.get("already_complete"):
         _already_complete(state, output, report, out)
-    if verbose and not quiet:
-        _startup_line(state)
+    _startup_line(state, verbose and not quiet)
     if format == "json":
         out.data(report.to_dict())
     else:
@@ -168,13 +165,20 @@ def train(
     raise typer.Exit(int(ExitCode.OK if state["status"] == "completed" else ExitCode.FINDINGS))
 
 
-def _startup_line(state: dict) -> None:
+def _started() -> float | None:
+    """When this process started: the startup profile counts from there, the imports before train() included."""
+    from gradflow.training.startup import process_started
+
+    return process_started()
+
+
+def _startup_line(state: dict, verbose: bool) -> None:
     """--verbose: how long each stage took before the first step, one line on stderr."""
     import sys
 
     from gradflow.training.startup import startup_line
 
-    if state.get("startup"):
+    if verbose and state.get("startup"):
         sys.stderr.write(startup_line(state["startup"]) + "\n")
 
 
