@@ -388,7 +388,8 @@ def startup_table(results: dict) -> list[str]:
         detail = " / ".join(_secs(own.get(f"{s}_s")) for s in GRADFLOW_STAGES[1:]) if own else ""
         if own and (own.get("compile") or {}).get("graphs"):
             c = own["compile"]
-            detail += (f" ({c['graphs']} graphs, {c.get('recompiles', 0)} recompiles, FX cache "
+            detail += (f" ({c['graphs']} graphs, {c.get('recompiles', 0)} recompiles, {c.get('graph_breaks', 0)} "
+                       f"graph breaks, FX cache "
                        f"{c.get('fx_cache_hits', 0)} hits / {c.get('fx_cache_misses', 0)} misses)")
         if own and ((own.get("cache") or {}).get("data") or {}).get("status"):
             detail += f" (data cache {own['cache']['data']['status']})"

@@ -106,17 +106,20 @@ def startup_line(startup: dict) -> str:
 
 # ----- what the stages measure from the libraries ----------------------------------------------------------------
 def compile_clock() -> dict:
-    """torch._dynamo's running totals: seconds compiling frames, graphs, recompiles, inductor/AOT cache hits."""
+    """torch._dynamo's running totals: seconds compiling frames, graphs, recompiles, graph breaks, inductor/AOT
+    cache hits."""
     import sys
 
     if "torch._dynamo" not in sys.modules:  # nothing compiled yet, and importing dynamo costs seconds
-        return {"seconds": 0.0, "graphs": 0, "recompiles": 0, "fx_cache_hits": 0, "fx_cache_misses": 0,
+        return {"seconds": 0.0, "graphs": 0, "recompiles": 0, "graph_breaks": 0, "fx_cache_hits": 0, "fx_cache_misses": 0,
                 "aot_cache_hits": 0, "aot_cache_misses": 0}
     from torch._dynamo.utils import compilation_time_metrics, counters
 
     return {"seconds": float(sum(compilation_time_metrics.get("_compile.compile_inner", []))),
             "graphs": int(counters["stats"].get("unique_graphs", 0)),
             "recompiles": int(sum(counters["recompiles"].values())),
+            # a break inside a checkpointed layer leaves that layer eager (e.g. a side effect under checkpoint)
+            "graph_breaks": int(sum(counters["graph_break"].values())),
             "fx_cache_hits": int(counters["inductor"].get("fxgraph_cache_hit", 0)),
             "fx_cache_misses": int(counters["inductor"].get("fxgraph_cache_miss", 0)),
             "aot_cache_hits": int(counters["aot_autograd"].get("autograd_cache_hit", 0)),
