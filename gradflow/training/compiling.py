@@ -16,8 +16,8 @@ How:
   flow they prove does not change with compilation (tests/training/test_compile.py compares the losses).
 - Regional: every decoder layer of a model runs the same code, and dynamo guards on that code and the inputs' shapes
   and flags, not on which layer instance it is (torch 2.5+ inlines nn.Module calls: parameters are graph inputs), so
-  one compiled graph serves every identical layer; the count does not grow with the layers (tests/training/
-  test_compile.py counts them, 2 and 6 layers). The plan and the pre-flight run eagerly before it, so nothing
+  the same few compiled graphs serve every identical layer; the count does not grow with the layers
+  (tests/training/test_startup.py counts them for 2 and 6 layers: 2 on 5.x, 4 on 4.57). The plan and the pre-flight run eagerly before it, so nothing
   compiled for their shapes is thrown away, and `dynamic=True` means no recompile when training's lengths vary.
 - Cached across runs: inductor's FX graph cache and AOTAutograd's cache (on by default in torch 2.5+) live in
   $TORCHINDUCTOR_CACHE_DIR, which gradflow points at ~/.cache/gradflow/inductor (gradflow.data.cache.compile_dir)

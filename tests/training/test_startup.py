@@ -182,4 +182,6 @@ def test_one_compiled_graph_serves_every_identical_layer_and_lengths_do_not_reco
         graphs[layers] = counters["stats"]["unique_graphs"]
         assert sum(counters["recompiles"].values()) == 0
     torch._dynamo.reset()
-    assert graphs[6] == graphs[2] <= 2, graphs  # not one per layer
+    # not one per layer: the same few graphs for 2 and 6 layers (2 on 5.x, 4 on 4.57: the first layer, whose input
+    # needs no gradient, and checkpointed or not)
+    assert graphs[6] == graphs[2] > 0, graphs
