@@ -9,6 +9,7 @@ no dropout. The tokenizer is gradflow's local byte-level one with the chat templ
 
 from __future__ import annotations
 
+import gc
 import tempfile
 
 LORA_R, LORA_ALPHA = 16, 32
@@ -43,6 +44,7 @@ def base_model(preset: str, *, device: str, dtype: str = "bfloat16", attn: str =
     with tempfile.TemporaryDirectory(prefix="gradflow-bench-") as tmp:
         model.save_pretrained(tmp)
         del model
+        gc.collect()  # the model sits in reference cycles: without it the bf16 weights may outlive `del` (gradflow too)
         model = AutoModelForCausalLM.from_pretrained(
             tmp, device_map={"": device}, dtype=torch_dtype, attn_implementation=attn,
             quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

@@ -14,6 +14,15 @@ Runs (each in its own subprocess, so that each peak is its own; the same data, m
     b     seed-style Trainer: every sample padded to --seq-len, reentrant checkpointing + enable_input_require_grads
     c     TRL SFTTrainer with its defaults (pad to the longest row, checkpointing on)
     d     TRL SFTTrainer packing=True (packing_strategy "bfd", padding-free), the model on flex_attention
+    d-liger  run d with use_liger_kernel=True (liger-kernel's fused kernels and linear cross-entropy; bench/peers.py)
+    unsloth  Unsloth's own recipe (FastLanguageModel, its checkpointing, adamw_8bit) on the same weights and LoRA
+Where a peer cannot run (not installed, an unsupported model), its row says why (the exception as raised), and the
+other runs go on.
+
+Startup: every run also records the time from its process start to the end of its first optimizer step, split into
+stages (imports; model; data and trainer set-up; Trainer.train() to step 1), and gradflow's runs add their own
+report's breakdown (train.startup: data, model, quantization, plan, pre-flight, compile, ...). The whole run
+(`worker_wall_s`) is the process's wall time.
 
 Every run is timed by the same instrumentation: transformers.Trainer is patched in the subprocess so that its data
 collator counts the real (non-pad) tokens of every batch it builds and a callback stamps the clock (after a CUDA
@@ -29,6 +38,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -53,7 +63,10 @@ RUNS = {
     "b": "seed-style Trainer (pad to max, reentrant GC + input-grad hook)",
     "c": "TRL SFTTrainer, defaults (pad to longest)",
     "d": "TRL SFTTrainer, packing=True (bfd, padding-free), flex_attention",
+    "d-liger": "TRL SFTTrainer as d, use_liger_kernel=True",
+    "unsloth": "Unsloth FastLanguageModel + SFTTrainer (its recommended settings)",
 }
+PEERS = ("d-liger", "unsloth")  # their own packages are checked by the run itself: a missing one fails that run only
 DEFAULT_RUNS = ("a", "a-gc", "b", "c", "d")
 NEEDS = {  # module -> what it is for; torch/transformers/peft/accelerate are gradflow's own requirements
     "torch": "everything", "transformers": "every run", "peft": "LoRA", "accelerate": "transformers.Trainer",
@@ -88,7 +101,7 @@ def check_requirements(runs, qlora: bool, smoke: bool) -> dict:
     need = ["torch", "transformers", "peft", "accelerate"]
     if any(r.startswith("a") for r in runs):
         need += ["typer", "rich"]
-    if any(r in ("c", "d") for r in runs):
+    if any(r in ("c", "d", *PEERS) for r in runs):
         need += ["trl", "datasets"]
     if qlora:
         need.append("bitsandbytes")
@@ -108,6 +121,11 @@ def check_requirements(runs, qlora: bool, smoke: bool) -> dict:
             versions[m] = getattr(importlib.import_module(m), "__version__", "?")
         except Exception as exc:  # an optional package that is absent or broken is reported, not fatal
             versions[m] = f"unavailable ({type(exc).__name__})"
+    for dist in ("liger-kernel", "unsloth", "unsloth_zoo", "triton"):  # not imported here: unsloth patches on import
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "unavailable (not installed)"
     versions["cuda"] = torch.version.cuda
     return versions
 
@@ -168,6 +186,15 @@ def _env(threads: int | None = None) -> dict:
     return env
 
 
+def _cache_env(cfg) -> dict:
+    """--cache cold: every run (TRL's flex_attention compiles too) starts without compiled kernels or cached data."""
+    if cfg.cache != "cold":
+        return {}
+    where = os.path.join(cfg.workdir, f"caches-{cfg.run}")
+    return {"GRADFLOW_CACHE_DIR": os.path.join(where, "gradflow"), "TORCHINDUCTOR_CACHE_DIR":
+            os.path.join(where, "inductor"), "TRITON_CACHE_DIR": os.path.join(where, "triton")}
+
+
 @dataclasses.dataclass
 class Config:
     """What every worker gets (as JSON): the shared setup, and where to write its result."""
@@ -193,6 +220,7 @@ class Config:
     profile_out: str = ""
     memory_trace: bool = False  # one more step, recorded by the CUDA allocator (bench/memory_trace.py)
     memory_trace_out: str = ""
+    cache: str = "cold"  # cold: each run its own empty compile and data caches; warm: the user's (~/.cache/gradflow)
 
 
 def run_worker(cfg: Config, timeout: int, log_path: str, threads: int | None = None) -> dict:
@@ -203,7 +231,8 @@ def run_worker(cfg: Config, timeout: int, log_path: str, threads: int | None = N
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", cfg_path], cwd=ROOT,
-                                  env=_env(threads), stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+                                  env=_env(threads) | _cache_env(cfg), stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
@@ -289,23 +318,25 @@ def summarize(results: dict, n_params: int, peak_tflops: float | None) -> None:
 def markdown(doc: dict, mode: str) -> str:
     m = doc["modes"][mode]
     when = {k: m.get(k, doc.get(k)) for k in ("commit", "date", "versions")}  # per mode: two commands, two commits
-    title = {"lora": "LoRA", "qlora": "QLoRA", "lora-vs-seed": "LoRA against the seed-style Trainer"}.get(mode, mode)
+    base = mode.removesuffix("-warm")
+    title = {"lora": "LoRA", "qlora": "QLoRA", "lora-vs-seed": "LoRA against the seed-style Trainer"}.get(base, base)
+    title += ", warm caches (a second run)" if mode.endswith("-warm") else ""
     lines = [f"### {title} on {doc['device']} ({when['commit'][:12]}, {when['date']})", "",
              f"{m['model']} (N = {_count(m['n_params'])}), {m['dtype']}, LoRA r16/α32 all linear"
-             f"{', 4-bit nf4 base' if mode == 'qlora' else ''}; {m['samples']} /think samples "
+             f"{', 4-bit nf4 base' if base == 'qlora' else ''}; {m['samples']} /think samples "
              f"(bench/think_data.py, seed 0), --seq-len {m['seq_len']}, batch {m['batch_size']} "
              f"(packed: {m['batch_size'] * m['seq_len']} tokens); steps {m['warmup'] + 1}–"
              f"{m['warmup'] + m['steps']} counted. Versions: "
              + ", ".join(f"{k} {v}" for k, v in when["versions"].items() if not str(v).startswith("unavail")) + ".",
              "", "| run | real tok/s | vs b | peak alloc GiB | peak reserved GiB | checkpointed | attention (CE) | MFU "
-                 "| loss agrees |", "|---|---|---|---|---|---|---|---|---|"]
+                 "| loss agrees | to step 1 s | whole run s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     base = m["results"].get("b", {}).get("tokens_per_second")
     agreement = m.get("loss", {}).get("runs", {})
     for name, r in m["results"].items():
         if not r.get("tokens_per_second"):
             lines.append(f"| {name}: {r['title']} | failed (rc {r.get('worker_rc')}): "
-                         f"{(r.get('error') or '').splitlines()[0][:80] if r.get('error') else 'see JSON'} "
-                         "| | | | | | | |")
+                         f"{(r.get('error') or '').splitlines()[0][:120] if r.get('error') else 'see JSON'} "
+                         "| | | | | | | | | |")
             continue
         gc, mfu = r.get("checkpointed_share"), r.get("mfu")
         agree = agreement.get(name, {}).get("agree")
@@ -315,13 +346,56 @@ def markdown(doc: dict, mode: str) -> str:
                  str(r.get("attention", "?")) + (f", CE {r['ce']}" + (" (fell back)" if r.get("ce_fallback") else "")
                                                  if r.get("ce") else "") + (", compiled" if r.get("compiled") else ""),
                  "–" if mfu is None else f"{mfu:.1%}",
-                 "–" if agree is None else "yes" if agree else "NO"]
+                 "–" if agree is None else "yes" if agree else "NO", _secs(_first_step(r)),
+                 _secs(r.get("worker_wall_s"))]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += startup_table(m["results"])
     loss = m.get("loss", {})
     if loss.get("tolerance"):
         lines += ["", f"Loss vs real tokens seen, against run {loss['reference']} over the first "
                       f"{loss['common_tokens']:,} tokens in {loss['windows']} windows; tolerance: {loss['tolerance']}."]
     return "\n".join(lines) + "\n"
+
+
+def _first_step(r: dict):
+    return (r.get("startup") or {}).get("time_to_first_step_s")
+
+
+def _secs(x) -> str:
+    return "–" if x is None else f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+
+
+GRADFLOW_STAGES = ("imports", "data", "model", "quantization", "plan", "preflight", "compile", "trainer",
+                   "first_step")
+
+
+def startup_table(results: dict) -> list[str]:
+    """The startup breakdown, side by side: every run's stages on the bench's clock (from its process start), and for
+    gradflow's runs the stages its own report records (train.startup)."""
+    lines = ["", "Before the first optimizer step, in seconds from the process start (the bench's clock, every run "
+                 "alike; gradflow's own report splits its set-up further, and its compile happens inside step 1):", "",
+             "| run | to step 1 | imports | set-up before Trainer.train() | of it: model / data + trainer | "
+             "Trainer.train() → step 1 | gradflow: " + " / ".join(GRADFLOW_STAGES[1:]) + " |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        stages = (r.get("startup") or {}).get("stages") or {}
+        if _first_step(r) is None:  # no step taken: the run's failure is in the table above
+            continue
+        setup = sum(stages.get(k) or 0 for k in ("model", "data_and_trainer", "trainer_setup"))
+        split = " / ".join(_secs(stages.get(k)) for k in ("model", "data_and_trainer")) \
+            if "model" in stages else "–"
+        own = r.get("gradflow_startup") or {}
+        detail = " / ".join(_secs(own.get(f"{s}_s")) for s in GRADFLOW_STAGES[1:]) if own else ""
+        if own and (own.get("compile") or {}).get("graphs"):
+            c = own["compile"]
+            detail += (f" ({c['graphs']} graphs, {c.get('recompiles', 0)} recompiles, {c.get('graph_breaks', 0)} "
+                       f"graph breaks, FX cache "
+                       f"{c.get('fx_cache_hits', 0)} hits / {c.get('fx_cache_misses', 0)} misses)")
+        if own and ((own.get("cache") or {}).get("data") or {}).get("status"):
+            detail += f" (data cache {own['cache']['data']['status']})"
+        lines.append(f"| {name} | {_secs(_first_step(r))} | {_secs(stages.get('imports'))} | {_secs(setup)} | "
+                     f"{split} | {_secs(stages.get('train_to_first_step'))} | {detail} |")
+    return lines
 
 
 def _count(n: int) -> str:
@@ -363,7 +437,11 @@ def main(argv=None) -> int:
                     help="one more step after the others, for these runs (comma-separated), recorded by the CUDA "
                          "allocator: what is alive at its peak, by where it was allocated (bench/memory_trace.py)")
     ap.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: from its name)")
-    ap.add_argument("--timeout", type=int, default=600, help="seconds per run")
+    ap.add_argument("--timeout", type=int, default=600, help="seconds per run (a QLoRA run on an H100 takes ~2-4 "
+                                                              "minutes with its start-up)")
+    ap.add_argument("--cache", choices=("cold", "warm"), default="cold",
+                    help="cold: each run starts with empty compile and data caches (a first run); warm: the "
+                         "user's caches, as a second run of the same job finds them (run the command twice)")
     ap.add_argument("--jobs", type=int, help="runs at once (default 1; --smoke: all)")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     ap.add_argument("--results-dir", help="where the JSON, tables and profiles go (default bench/results; --smoke: "
@@ -399,7 +477,7 @@ def main(argv=None) -> int:
     memory_trace = set(args.memory_trace.split(",")) - {""}
     if memory_trace and smoke:
         ap.error("--memory-trace reads the CUDA allocator: not with --smoke")
-    mode = "qlora" if args.qlora else "lora"
+    mode = ("qlora" if args.qlora else "lora") + ("-warm" if args.cache == "warm" else "")
     peak = args.peak_tflops or PEAK_TFLOPS.get(slug)
 
     sys.path.insert(0, HERE)
@@ -421,7 +499,7 @@ def main(argv=None) -> int:
                       attn_packed="sdpa" if smoke else "flex_attention", gradflow_flags=flags,
                       profile_out=os.path.join(out_dir,
                                                f"train_compare_profile_{mode}_{run}_{slug}.txt"),
-                      memory_trace=run in memory_trace,
+                      memory_trace=run in memory_trace, cache=args.cache,
                       memory_trace_out=os.path.join(out_dir, f"train_compare_memory_{mode}_{run}_{slug}.txt"))
                for run in runs]
     # on the GPU one run at a time (each peak and each timing its own); --smoke on CPU measures neither: in parallel
@@ -439,7 +517,7 @@ def main(argv=None) -> int:
             print(f"  {run:5s} {r['title']}: " + (
                 f"{tps:,.0f} real tok/s, peak {_gib(r.get('peak_allocated'))} GiB (training "
                 f"{_gib((r.get('peak_train') or [None])[0])}, before it {_gib((r.get('peak_setup') or [None])[0])}) "
-                f"({r['worker_wall_s']} s)" if tps
+                f"(step 1 at {_secs(_first_step(r))} s, whole run {r['worker_wall_s']} s)" if tps
                 else f"FAILED rc={r['worker_rc']}: {(r.get('error') or '')[:200]} (log {workdir}/log-{run}.txt)"),
                 flush=True)
     n_params = model_params(preset)
@@ -458,6 +536,7 @@ def main(argv=None) -> int:
     doc.setdefault("modes", {})[mode] = {
         "model": preset, "n_params": n_params, "dtype": "float32" if smoke else "bfloat16", "samples": samples,
         "seq_len": seq_len, "batch_size": batch, "warmup": warmup, "steps": steps, "loss_on": args.loss_on,
+        "cache": args.cache,
         "results": results, "loss": loss, "commit": doc["commit"], "date": doc["date"], "versions": versions,
         "mfu_definition": "tokens/s x (4 + 2 x checkpointed share) x N / peak (SPEC §9; attention FLOPs not "
                           "counted)"}
@@ -489,6 +568,25 @@ class Meter:
         self.setup_peak = None  # [allocated, reserved] before the first step: model build, pre-flight, plan
         self.trace_baseline = None
         self.memory_trace = None
+        self.process_start = None  # time.time() of the worker process's start (gradflow.training.startup)
+        self.marks: list = []  # (stage, time.time() when it ended), in order: the startup breakdown
+        self.train_called = self.first_step_at = None
+
+    def mark(self, stage: str) -> None:
+        self.marks.append((stage, time.time()))
+
+    def startup(self) -> dict:
+        """Seconds from the process start to the end of step 1, and each stage's share (consecutive marks)."""
+        if self.process_start is None:
+            return {}
+        points = [("start", self.process_start), *self.marks]
+        if self.train_called is not None:
+            points.append(("trainer_setup", self.train_called))
+        if self.first_step_at is not None:
+            points.append(("train_to_first_step", self.first_step_at))
+        stages = {name: round(t - prev, 2) for (_, prev), (name, t) in zip(points, points[1:])}
+        total = round(self.first_step_at - self.process_start, 2) if self.first_step_at is not None else None
+        return {"time_to_first_step_s": total, "stages": stages}
 
     def count(self, batch):
         ids = batch["input_ids"]
@@ -547,6 +645,9 @@ def instrument(meter: Meter) -> None:
                 meter.prof.start()
 
         def on_step_end(self, args, state, control, **kw):
+            if meter.first_step_at is None:  # the first optimizer step: the startup ends here
+                _sync(cfg.device)
+                meter.first_step_at = time.time()
             if state.global_step == first:
                 _sync(cfg.device)
                 meter.t0 = time.perf_counter()
@@ -576,6 +677,8 @@ def instrument(meter: Meter) -> None:
     train = Trainer.train
 
     def train_(self, *a, **k):
+        if meter.train_called is None:
+            meter.train_called = time.time()
         self.add_callback(Clock())
         out = train(self, *a, **k)
         if hasattr(self, "gradflow_ce"):  # gradflow's Trainer: which cross-entropy it asked for, and whether it applied
@@ -613,10 +716,23 @@ def worker(cfg_path: str) -> int:
         cfg = Config(**json.load(fh))
     sys.path.insert(0, ROOT)
     sys.path.insert(0, HERE)
+    from gradflow.training.startup import process_started  # imports nothing heavy: unsloth must come first
+
+    started = process_started()
+    import peers
+
+    try:
+        peers.import_first(cfg.run)  # unsloth patches transformers: before anything imports it
+    except BaseException as exc:  # the peer cannot run here: why, exactly, beside the other runs
+        traceback.print_exc()
+        with open(cfg.result, "w") as fh:
+            json.dump({"error": f"{type(exc).__name__}: {exc}", "note": peers.wheels_note()}, fh)
+        return 1
     import compare_factory
 
     tok = compare_factory.tokenizer()
     meter = Meter(cfg, tok.pad_token_id)
+    meter.process_start = started
     result: dict = {}
     try:
         import torch
@@ -627,12 +743,15 @@ def worker(cfg_path: str) -> int:
             _keep_peaks_across_resets(meter)
         instrument(meter)
         t_start = time.perf_counter()
+        meter.mark("imports")  # torch, transformers, the tokenizer, this script
         if cfg.run.startswith("a"):
             result.update(_run_gradflow(cfg))
         elif cfg.run == "b":
-            _run_seed_style(cfg, tok, compare_factory)
+            _run_seed_style(cfg, tok, compare_factory, meter.mark)
+        elif cfg.run in peers.RUNNERS:
+            peers.RUNNERS[cfg.run](cfg, tok, compare_factory, _common_args(cfg), meter.mark)
         else:
-            _run_trl(cfg, tok, compare_factory, packed=cfg.run == "d")
+            _run_trl(cfg, tok, compare_factory, meter.mark, packed=cfg.run == "d")
         result["total_s"] = round(time.perf_counter() - t_start, 1)
         result.update(_measure(cfg, meter))
     except BaseException as exc:  # the parent reports it beside the other runs
@@ -652,7 +771,8 @@ def _measure(cfg: Config, meter: Meter, partial: bool = False) -> dict:
 
     first, last = cfg.warmup, cfg.warmup + cfg.steps
     out = {"tokens_per_step": meter.tokens[: len(meter.losses)], "supervised_per_step":
-           meter.supervised[: len(meter.losses)], "losses": [float(x) for x in meter.losses], **meter.model_info}
+           meter.supervised[: len(meter.losses)], "losses": [float(x) for x in meter.losses], **meter.model_info,
+           "startup": meter.startup()}
     if meter.t0 is not None and meter.t1 is not None and len(meter.tokens) >= last:
         counted = sum(meter.tokens[first:last])
         seconds = meter.t1 - meter.t0
@@ -763,6 +883,7 @@ def _run_gradflow(cfg: Config) -> dict:
         info["gradflow_tokens"] = (report.get("train") or {}).get("tokens")
         info["gradflow_status"] = (report.get("train") or {}).get("status")
         info["compiled"] = bool(((report.get("train") or {}).get("compile") or {}).get("compiled"))
+        info["gradflow_startup"] = (report.get("train") or {}).get("startup")
     except (OSError, ValueError):
         pass
     return info
@@ -794,18 +915,21 @@ def _common_args(cfg: Config) -> dict:
                 dataloader_num_workers=0, disable_tqdm=True)
 
 
-def _run_seed_style(cfg: Config, tok, factory) -> None:
+def _run_seed_style(cfg: Config, tok, factory, mark) -> None:
     from transformers import Trainer, TrainingArguments, default_data_collator
 
     model = factory.lora(factory.base_model(cfg.preset, device=cfg.device, dtype=cfg.dtype, quant=cfg.quant))
     model.enable_input_require_grads()  # the hook reentrant checkpointing needs with frozen embeddings
+    mark("model")
     args = TrainingArguments(**_common_args(cfg), gradient_checkpointing=True,
                              gradient_checkpointing_kwargs={"use_reentrant": True}, remove_unused_columns=False)
-    Trainer(model=model, args=args, train_dataset=_rows_seed_style(cfg, tok),
-            data_collator=default_data_collator).train()
+    trainer = Trainer(model=model, args=args, train_dataset=_rows_seed_style(cfg, tok),
+                      data_collator=default_data_collator)
+    mark("data_and_trainer")
+    trainer.train()
 
 
-def _run_trl(cfg: Config, tok, factory, *, packed: bool) -> None:
+def _run_trl(cfg: Config, tok, factory, mark, *, packed: bool) -> None:
     import dataclasses as dc
 
     from datasets import Dataset
@@ -814,6 +938,7 @@ def _run_trl(cfg: Config, tok, factory, *, packed: bool) -> None:
     attn = cfg.attn_packed if packed else "sdpa"
     model = factory.lora(factory.base_model(cfg.preset, device=cfg.device, dtype=cfg.dtype, quant=cfg.quant,
                                             attn=attn))
+    mark("model")
     with open(cfg.data) as fh:
         data = Dataset.from_list([{"messages": json.loads(line)["messages"]} for line in fh])
     fields = {f.name for f in dc.fields(SFTConfig)}
@@ -823,8 +948,10 @@ def _run_trl(cfg: Config, tok, factory, *, packed: bool) -> None:
     dropped = sorted(k for k in kwargs if k not in fields)
     if dropped:
         print(f"train_compare: this TRL has no {', '.join(dropped)}", flush=True)
-    SFTTrainer(model=model, args=SFTConfig(**{k: v for k, v in kwargs.items() if k in fields}), train_dataset=data,
-               processing_class=tok).train()
+    trainer = SFTTrainer(model=model, args=SFTConfig(**{k: v for k, v in kwargs.items() if k in fields}),
+                         train_dataset=data, processing_class=tok)
+    mark("data_and_trainer")  # SFTTrainer tokenises (and packs) the dataset in its constructor
+    trainer.train()
 
 
 if __name__ == "__main__":

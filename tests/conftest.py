@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import warnings
 
 import pytest
@@ -15,6 +16,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 # a hub id must fail fast on a machine without network, in-process CLI runs too (huggingface_hub reads it on import)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# gradflow's caches across runs (tokenised data, compiled kernels) in a directory of this session, not ~/.cache
+os.environ.setdefault("GRADFLOW_CACHE_DIR", tempfile.mkdtemp(prefix="gradflow-test-cache-"))
 warnings.filterwarnings("ignore", message="None of the inputs have requires_grad")
 
 

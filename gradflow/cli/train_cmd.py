@@ -95,6 +95,11 @@ def train(
                                                "layer (auto: on CUDA with Triton, one process).",
                                                rich_help_panel=_T)] = "auto",
     fsdp: Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard with FSDP2 (accelerate's plugin, one unit per decoder layer); sharded checkpoints, one consolidated adapter.", rich_help_panel="Distributed")] = False,
+    cache: Annotated[bool, typer.Option("--cache/--no-cache", help="Keep the tokenised data and the compiled kernels "
+                                        "in ~/.cache/gradflow for the next run (GRADFLOW_NO_CACHE=1 turns it off "
+                                        "too).", rich_help_panel=_T)] = True,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Also print how long each stage took before the "
+                                          "first step (stderr).", rich_help_panel=_T)] = False,
     format: o.Format = "text",
     quiet: o.Quiet = False, isolated: o.Isolated = False,
 ):
@@ -125,7 +130,7 @@ def train(
                 unsafe_fixes=unsafe_fixes, resume=resume, resume_anyway=resume_anyway, overwrite=overwrite, merge=merge,
                 check_every=check_every, moved_at_step=moved_at, save_steps=save_steps, logging_steps=logging_steps,
                 packing=packing, tokens_per_batch=tokens_per_batch, gc_every=gc_every, max_memory=max_memory, attn=attn,
-                ce=ce, compile=compile_mode, fsdp=fsdp, progress=not quiet)
+                ce=ce, compile=compile_mode, fsdp=fsdp, cache=cache, progress=not quiet, started=_started())
     except KeyboardInterrupt:  # Ctrl-C while loading or writing: inside the training steps it saves a checkpoint
         import sys
 
@@ -145,6 +150,7 @@ def train(
         raise typer.Exit(int(ExitCode.OK if state["status"] == "completed" else ExitCode.FINDINGS))
     if state.get("already_complete"):
         _already_complete(state, output, report, out)
+    _startup_line(state, verbose and not quiet)
     if format == "json":
         out.data(report.to_dict())
     else:
@@ -159,6 +165,23 @@ def train(
         sys.stderr.write(f"gradflow: the pre-flight refused to start: {why[0]}{more}. "
                          f"Run 'gradflow patch {model}' to see the fixes, or fix the setup\n")
     raise typer.Exit(int(ExitCode.OK if state["status"] == "completed" else ExitCode.FINDINGS))
+
+
+def _started() -> float | None:
+    """When this process started: the startup profile counts from there, the imports before train() included."""
+    from gradflow.training.startup import process_started
+
+    return process_started()
+
+
+def _startup_line(state: dict, verbose: bool) -> None:
+    """--verbose: how long each stage took before the first step, one line on stderr."""
+    import sys
+
+    from gradflow.training.startup import startup_line
+
+    if verbose and state.get("startup"):
+        sys.stderr.write(startup_line(state["startup"]) + "\n")
 
 
 def _so8_layers(text: str | None) -> list[int]:

@@ -10,8 +10,10 @@ block-diagonal causal mask from the restarting position ids (a model with a cach
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
+from gradflow.data import cache
 from gradflow.data.audit import preview
 from gradflow.data.jsonl import (Problem, collate, encode, given_name, read_jsonl, sample_id, supervised_count,
                                  think_of)
@@ -78,6 +80,39 @@ def prepare_data(path: str, tokenizer, opts, read=None) -> Prepared:
                             f"no supervised token is left (longest sample {size} tokens)",
                             f"Raise --seq-len (e.g. --seq-len {min(longest, cap)})")
     return Prepared(rows=rows, audit=audit, previews=previews, problems=problems + too_short, samples=len(samples))
+
+
+def cached_prepare(path: str, tokenizer, opts, read, *, data_sha256: str, use_cache: bool = True
+                   ) -> tuple[Prepared, dict]:
+    """prepare_data through the tokenised-data cache (gradflow.data.cache): (prepared, {"status": hit | miss | off}).
+    `data_sha256`: the bytes `read` came from (the run's fingerprint hashes them once for both)."""
+    if not use_cache or not cache.enabled() or tokenizer is None:
+        return prepare_data(path, tokenizer, opts, read), {"status": "off"}
+    options = {"seq_len": opts.seq_len, "loss_on": opts.loss_on, "think_lenient": opts.think_lenient,
+               "strict": opts.strict, "previews": opts.previews}
+    key = cache.data_key(data_sha256, path, tokenizer, options, code=(os.path.abspath(__file__),))
+    entry = cache.load(key)
+    if entry is not None:
+        try:
+            return _from_entry(entry), {"status": "hit"}
+        except (KeyError, TypeError, ValueError):
+            pass  # a damaged entry: encode again, and overwrite it
+    prepared = prepare_data(path, tokenizer, opts, read)
+    stored = cache.store(key, _to_entry(prepared))
+    return prepared, {"status": "miss" if stored else "miss (not stored: the cache directory is not writable)"}
+
+
+def _to_entry(prepared: Prepared) -> dict:
+    problems = [dataclasses.asdict(p) for p in prepared.problems]
+    return {"rows": prepared.rows, "audit": prepared.audit, "previews": prepared.previews, "problems": problems,
+            "samples": prepared.samples}
+
+
+def _from_entry(entry: dict) -> Prepared:
+    rows = [{"input_ids": list(r["input_ids"]), "labels": list(r["labels"])} for r in entry["rows"]]
+    problems = [Problem(p["path"], int(p["line"]), p["what"]) for p in entry["problems"]]
+    return Prepared(rows=rows, audit=list(entry["audit"]), previews=list(entry["previews"]), problems=problems,
+                    samples=int(entry["samples"]))
 
 
 class Collator:

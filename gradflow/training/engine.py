@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -28,7 +27,8 @@ from gradflow.setup.options import SetupOptions
 from gradflow.training import fsdp as _fsdp
 from gradflow.training.checkpoint import clear_staging, plain_tensors, set_aside, writing
 from gradflow.training.compiling import apply as apply_compile
-from gradflow.training.dataset import Prepared, prepare_data, probe_batch, read_data, train_dataset  # noqa: F401
+from gradflow.training.dataset import (Prepared, cached_prepare, prepare_data, probe_batch, read_data,  # noqa: F401
+                                       train_dataset)
 from gradflow.training.lock import hold
 from gradflow.training.merge import merge
 from gradflow.training.model import build_setup
@@ -38,15 +38,17 @@ from gradflow.training.outputs import (ADAPTER_DIR, CHECKPOINT_DIR, check_output
 from gradflow.training.plan import make_plan
 from gradflow.training.plots import plot_grad_norms
 from gradflow.training.preflight import apply_recipe, preflight
-from gradflow.training.resume import fingerprint as run_fingerprint, plan as resume_plan
+from gradflow.training.resume import already_complete as _already_complete, as_dict as _resume_dict, \
+    fingerprint as run_fingerprint, plan as resume_plan
 from gradflow.training.signals import StopOnSignal
+from gradflow.training.startup import Startup, first_step_callback, release_memory, timing_quantization
 from gradflow.training.trainer import final_state, make_trainer, prepare_model, resolve_ce
 from gradflow.world import bind_local_gpu
 
 
 # ----- the run ----------------------------------------------------------------------------------------------
 def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: SetupOptions | None = None,
-          callbacks: list | None = None, progress: bool = True, **options) -> Report:
+          callbacks: list | None = None, progress: bool = True, started: float | None = None, **options) -> Report:
     """Fine-tune `model` on a JSONL file with gradient-flow checks before and during the run.
 
     Args:
@@ -57,6 +59,8 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
         setup_options: how to build the setup (LoRA, quantization, checkpointing, dtype, device).
         callbacks: extra TrainerCallbacks.
         progress: show progress on stderr.
+        started: time.time() when the caller's process started (the CLI passes it): the startup profile then
+            counts the imports before train() and the time to the first step from there.
         **options: TrainOptions fields (learning_rate, max_steps, batch_size, seq_len, resume, …), and
             `so8_layers`, the one SetupOptions field also taken here.
 
@@ -72,6 +76,7 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
         GradflowError: bad input; `output` is locked by another run; `resume` finds no intact checkpoint, or one
             written with other options (unless `resume_anyway`).
     """
+    startup = Startup(started)
     so8_layers = options.pop("so8_layers", None)  # a setup option, taken here too for train's callers
     opts = TrainOptions(**options)
     opts.resume = opts.resume or opts.resume_anyway
@@ -84,7 +89,7 @@ def train(model: Any, data: str, output: str, *, tokenizer=None, setup_options: 
     # the lock: from the output check to the end, one run per directory; cleanup: undone however the run ends
     with hold(output, enabled=rank() == 0), contextlib.ExitStack() as cleanup:
         run = Run(model, data, output, opts, ropts, tokenizer=tokenizer, callbacks=callbacks or [],
-                  progress=progress, cleanup=cleanup)
+                  progress=progress, cleanup=cleanup, startup=startup)
         done = run.setup()
         if done is not None:
             return done
@@ -103,7 +108,7 @@ class Run:
     """
 
     def __init__(self, model, data: str, output: str, opts: TrainOptions, ropts: SetupOptions, *, tokenizer,
-                 callbacks: list, progress: bool, cleanup: contextlib.ExitStack):
+                 callbacks: list, progress: bool, cleanup: contextlib.ExitStack, startup: Startup | None = None):
         from rich.console import Console
 
         self.model, self.data, self.output, self.opts, self.ropts = model, data, output, opts, ropts
@@ -112,30 +117,40 @@ class Run:
         self.say = self.console.print if progress and rank() == 0 else (lambda *a, **k: None)
         self.resume = None  # the resume plan (gradflow.training.resume), when --resume finds a checkpoint
         self.report: Report | None = None
+        self.startup = startup or Startup()  # seconds per stage before the first step (gradflow.training.startup)
 
     # ----- setup: output and resume checks, data, model, memory plan ------------------------------------------
     def setup(self) -> Report | None:
         """Everything before the pre-flight. Returns the stored report when a resumed run had already ended."""
         intact = check_output(self.output, self.opts)
-        self.data_path = read_once(self.data)  # a pipe, read once: the data hashed is the data trained on
-        read = read_data(self.data_path, self.opts)  # fail fast on bad data, before the model loads
-        self.fingerprint = run_fingerprint(self.model, self.data_path, self.opts, self.ropts)
+        with self.startup.stage("data"):
+            self.data_path = read_once(self.data)  # a pipe, read once: the data hashed is the data trained on
+            read = read_data(self.data_path, self.opts)  # fail fast on bad data, before the model loads
+            self.fingerprint = run_fingerprint(self.model, self.data_path, self.opts, self.ropts)
         if intact is not None:  # a checkpoint of another run is refused here, before the model loads
             self.resume = resume_plan(intact, self.fingerprint, self.opts, self.output)
-            done = _already_complete(self.resume, self.output)
+            done = _already_complete(self.resume, self.output, ADAPTER_DIR)
             if done is not None:
                 return done
         bind_local_gpu()  # torchrun on GPUs: each rank builds and probes on its own device
-        self.setup_, self.gc_from = build_setup(self.model, self.ropts, self.opts.seq_len, self.tokenizer)
-        self._read_data(read)
+        with self.startup.stage("model"), timing_quantization(self.startup, self.ropts.quant):
+            self.setup_, self.gc_from = build_setup(self.model, self.ropts, self.opts.seq_len, self.tokenizer)
+        with self.startup.stage("data"):
+            self._read_data(read)
         prepare_output(self.output, self.opts)
         if rank() == 0:
             write_jsonl(os.path.join(self.output, "audit.jsonl"), self.prepared.audit)
-        self._plan_memory(intact)
+        with self.startup.stage("plan"):
+            self._plan_memory(intact)
+            release_memory(self.device.type)  # the measuring passes' blocks back before the pre-flight's
         return None
 
     def _read_data(self, read) -> None:
-        self.prepared = prepare_data(self.data, self.setup_.tokenizer, self.opts, read)
+        self.prepared, cached = cached_prepare(self.data, self.setup_.tokenizer, self.opts, read,
+                                               data_sha256=self.fingerprint["data_sha256"], use_cache=self.opts.cache)
+        self.startup.cache["data"] = cached
+        if cached["status"] == "hit":
+            self.say(f"data: {len(self.prepared.rows)} encoded samples from the cache")
         for problem in self.prepared.problems[:5]:
             self.say(f"skipped {problem}")
         if len(self.prepared.problems) > 5:
@@ -149,7 +164,9 @@ class Run:
         self.device = model_device(self.setup_.model)
         self.attention = prepare_model(self.setup_.model, self.opts.attn, self.device.type)
         resumed = (intact.fingerprint or {}).get("tokens_per_batch_planned") if self.resume is not None else None
-        self.memory = make_plan(self.setup_, self.opts, gc_from=self.gc_from, resumed_tokens=resumed)
+        # the loss training will use: the plan measures its steps with it (the full logits are most of a step's peak)
+        self.ce, self.ce_why = resolve_ce(self.opts.ce, self.device.type, fsdp=self.opts.fsdp)
+        self.memory = make_plan(self.setup_, self.opts, gc_from=self.gc_from, resumed_tokens=resumed, ce=self.ce)
         for line in self.memory.lines():
             self.say(escape(line))
         if self.opts.packing:  # recorded in each checkpoint, so that --resume packs the same batches
@@ -160,6 +177,12 @@ class Run:
     # ----- preflight: probe → patch → probe, every rank's findings gathered ------------------------------------
     def preflight(self) -> bool:
         """The pre-flight on a batch shaped as training shapes it. False: an error finding remains (refuse)."""
+        with self.startup.stage("preflight"):
+            ok = self._preflight()
+            release_memory(self.device.type)  # the probes' activations and graphs, before training allocates
+        return ok
+
+    def _preflight(self) -> bool:
         opts = self.opts
         # under torchrun: each rank its own samples
         batch = probe_batch(self.prepared, opts, self.pad_id, self.device, rank=rank())
@@ -173,8 +196,7 @@ class Run:
         _ranks.gather_preflight(report, self.device.type)  # torchrun: every rank's findings, every rank decides
         report.preflight["recipe"] = {"path": opts.recipe, "changes": changes} if opts.recipe else None
         report.plan = self.memory.to_dict()
-        self.ce, ce_why = resolve_ce(opts.ce, self.device.type, fsdp=opts.fsdp)
-        report.train.update(packing=opts.packing, attention=self.attention, ce={"loss": self.ce, "why": ce_why})
+        report.train.update(packing=opts.packing, attention=self.attention, ce={"loss": self.ce, "why": self.ce_why})
         if any(f.severity == "error" for f in report.findings):
             return False
         for fix in pf["patch"].fixes_applied if pf["patch"] is not None else []:
@@ -184,6 +206,7 @@ class Run:
     def refuse(self) -> Report:
         """No step is taken while an error finding remains: the report says which."""
         self.report.train["status"] = "refused"
+        self.report.train["startup"] = self.startup.to_dict()
         self.report.train["refused_because"] = [finding_line(f) for f in self.report.findings
                                                 if f.severity == "error"]
         if rank() == 0:
@@ -214,10 +237,17 @@ class Run:
 
     def _make_trainer(self) -> None:
         opts, setup, report = self.opts, self.setup_, self.report
-        compiled = apply_compile(setup.model, opts.compile, self.device.type)  # after the probes: they hook eager
-        report.train["compile"] = compiled
+        with self.startup.stage("compile"):  # lazy: the compiling itself happens in the first step (startup.py)
+            compiled = apply_compile(setup.model, opts.compile, self.device.type, cache=opts.cache)
+        report.train["compile"] = compiled  # after the probes: they hook the eager model
+        self.startup.cache["compile_dir"] = os.environ.get("TORCHINDUCTOR_CACHE_DIR") if compiled["compiled"] else None
         if compiled["compiled"]:
             self.say(f"compile: {compiled['layers']} decoder layers ({compiled['why']})")
+        with self.startup.stage("trainer"):
+            self._build_trainer()
+
+    def _build_trainer(self) -> None:
+        opts, setup, report = self.opts, self.setup_, self.report
         dataset, self.collator = train_dataset(self.prepared, opts, self.pad_id, self.memory.tokens_per_batch)
         if opts.packing:
             report.data["packed_batches"] = len(dataset)
@@ -226,11 +256,13 @@ class Run:
         self.trainer.gradflow_fingerprint = self.fingerprint  # recorded in every checkpoint's manifest
         self.signals = StopOnSignal()
         self.trainer.add_callback(self.signals)
+        self.trainer.add_callback(first_step_callback(self.startup))
 
     def _train(self, checkpoint: str | None):
         signals = self.signals
         signals.install()
         self.cleanup.callback(signals.restore)
+        self.startup.training_starts()
         with _quiet():
             result = self.trainer.train(resume_from_checkpoint=checkpoint)
         if signals.received is None:  # only the training steps are covered; after a stop the handlers stay
@@ -248,6 +280,7 @@ class Run:
         state = final_state(trainer, watch, self.collator, seconds, result)
         state["findings"] = [f.to_dict() for f in watched]
         report.train.update(state)
+        report.train["startup"] = self.startup.to_dict()
         report.train["status"] = "stopped" if self.stopped else "interrupted" if self.interrupted else "completed"
         if self.interrupted:
             report.train["signal"] = signals.name
@@ -304,29 +337,6 @@ def _announce_resume(plan, output: str, say) -> None:
 def _warn(text: str) -> None:
     sys.stderr.write(text + "\n")
     sys.stderr.flush()
-
-
-def _already_complete(plan, output: str) -> Report | None:
-    """The stored Report when the run reached its last step and wrote its outputs; None when there is work left."""
-    path = os.path.join(output, "report.json")
-    if not plan.reached_end or not os.path.isdir(os.path.join(output, ADAPTER_DIR)) or not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as fh:
-            report = Report.from_dict(json.load(fh))
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if report.train is None or report.train.get("status") != "completed" or report.train.get("steps") != plan.step:
-        return None
-    report.command = "train"
-    report.train["already_complete"] = True  # this call trained nothing: the run had ended
-    report.train["resume"] = _resume_dict(plan)
-    return report  # trained_model stays None: nothing was loaded
-
-
-def _resume_dict(plan) -> dict:
-    return {"from": plan.checkpoint, "step": plan.step, "differences": plan.differences,
-            "damaged": [{"checkpoint": p, "why": w} for p, w in plan.damaged]}
 
 
 def _load_checkpoint(trainer, path: str) -> None:

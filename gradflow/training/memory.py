@@ -7,6 +7,7 @@ import dataclasses
 
 from gradflow.forward import model_device
 from gradflow.setup.build import hidden_size
+from gradflow.training.loss import chunked_causal_lm_loss
 
 
 @dataclasses.dataclass
@@ -20,6 +21,7 @@ class Estimate:
     per_token_off: float
     fixed_all: float
     per_token_all: float
+    measured: str = "off and every layer"  # which checkpointing was measured (the others are interpolated)
 
     def peak(self, tokens: int, checkpointed: int) -> int:
         share = (self.layers - checkpointed) / self.layers if self.layers else 1.0
@@ -58,7 +60,14 @@ def _optimizer_bytes(model) -> int:
     return 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
 
 
-def _cuda_peak(model, tokens: int, device, precision: str) -> int:
+def _loss(model, batch, ce: str):
+    """The step's loss as training computes it: the chunked cross-entropy when `ce` chose it (its logits never
+    whole: measuring with the full logits overstated the peak by ~tokens x vocab x 10 bytes), else the model's."""
+    loss = chunked_causal_lm_loss(model, batch) if ce == "chunked" else None
+    return loss if loss is not None else model(**batch).loss
+
+
+def _cuda_peak(model, tokens: int, device, precision: str, ce: str = "standard") -> int:
     """Peak bytes one forward+backward adds on CUDA (gradients included)."""
     import torch
 
@@ -67,7 +76,7 @@ def _cuda_peak(model, tokens: int, device, precision: str) -> int:
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     with _autocast("cuda", precision):
-        loss = model(**_batch(model, tokens, device)).loss
+        loss = _loss(model, _batch(model, tokens, device), ce)
     loss.backward()
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device) - base
@@ -116,10 +125,40 @@ def _line(p1: float, p2: float, t1: int, t2: int) -> tuple[float, float]:
     return p1 - slope * t1, slope
 
 
+def _measure_cuda(model, device, *, t1: int, target: int, precision: str, layers: list, can_toggle: bool,
+                  fixed: int | None, ce: str, budget: int | None) -> Estimate:
+    """The CUDA lines. The probe steps count in the run's peak (module docstring): only the given checkpointing,
+    or without checkpointing at 1/32 of the target tokens. Checkpointing off is measured first: when it fits
+    `budget` at the target, the plan chooses it whatever the rest, and the every-layer line is not measured."""
+    import torch
+
+    def line(tokens: int) -> tuple[float, float]:
+        return _line(_cuda_peak(model, tokens, device, precision, ce),
+                     _cuda_peak(model, 2 * tokens, device, precision, ce), tokens, 2 * tokens)
+
+    _cuda_peak(model, 8, device, precision, ce)  # first-use allocations (cuBLAS workspaces) out of the lines
+    if fixed is not None or not can_toggle:
+        if can_toggle:
+            set_layer_checkpointing(layers, fixed)
+        fixed_at, slope_at = line(t1)
+        static = torch.cuda.memory_allocated(device) + _optimizer_bytes(model)
+        return Estimate("cuda peak", 0, static, fixed_at, slope_at, fixed_at, slope_at, measured="as given")
+    set_layer_checkpointing(layers, 0)
+    fixed_off, slope_off = line(max(8, min(t1, target // 32)))
+    static = torch.cuda.memory_allocated(device) + _optimizer_bytes(model)
+    off = Estimate("cuda peak", len(layers), static, fixed_off, slope_off, fixed_off, slope_off, measured="off")
+    if budget is not None and off.peak(target, 0) <= budget:
+        return off  # the fastest fits: the every-layer line would change nothing the plan chooses
+    set_layer_checkpointing(layers, 1)
+    fixed_all, slope_all = line(t1)
+    return Estimate("cuda peak", len(layers), static, fixed_off, slope_off, fixed_all, slope_all)
+
+
 def measure(model, *, target: int, precision: str, layers: list, can_toggle: bool,
-            fixed: int | None = None) -> Estimate:
+            fixed: int | None = None, ce: str = "standard", budget: int | None = None) -> Estimate:
     """Two small steps (or forwards) per configuration; see the module docstring. `fixed`: the checkpointing is
-    not the plan's to choose (0 off, n every n-th layer): on CUDA only that configuration is measured."""
+    not the plan's to choose (0 off, n every n-th layer): on CUDA only that configuration is measured. `ce`: the
+    loss training uses (standard | chunked); `budget`: the bytes the plan may use (CUDA: see _measure_cuda)."""
     import torch
 
     device = model_device(model)
@@ -130,25 +169,8 @@ def measure(model, *, target: int, precision: str, layers: list, can_toggle: boo
     model.train()
     try:
         if device.type == "cuda":
-            def line(tokens: int) -> tuple[float, float]:
-                return _line(_cuda_peak(model, tokens, device, precision),
-                             _cuda_peak(model, 2 * tokens, device, precision), tokens, 2 * tokens)
-
-            # the probe steps count in the run's peak (module docstring): only the given checkpointing, or
-            # without checkpointing at 1/32 of the target tokens
-            _cuda_peak(model, 8, device, precision)  # first-use allocations (cuBLAS workspaces) out of the lines
-            if fixed is not None or not can_toggle:
-                if can_toggle:
-                    set_layer_checkpointing(layers, fixed)
-                fixed_at, slope_at = line(t1)
-                static = torch.cuda.memory_allocated(device) + _optimizer_bytes(model)
-                return Estimate("cuda peak", 0, static, fixed_at, slope_at, fixed_at, slope_at)
-            set_layer_checkpointing(layers, 1)
-            fixed_all, slope_all = line(t1)
-            set_layer_checkpointing(layers, 0)
-            fixed_off, slope_off = line(max(8, min(t1, target // 32)))
-            static = torch.cuda.memory_allocated(device) + _optimizer_bytes(model)
-            return Estimate("cuda peak", len(layers), static, fixed_off, slope_off, fixed_all, slope_all)
+            return _measure_cuda(model, device, t1=t1, target=target, precision=precision, layers=layers,
+                                 can_toggle=can_toggle, fixed=fixed, ce=ce, budget=budget)
         if can_toggle:
             set_layer_checkpointing(layers, 0)
         with torch.enable_grad():

@@ -52,6 +52,7 @@ class TrainOptions:
     ce: str = "auto"
     compile: str = "auto"  # torch.compile each decoder layer (gradflow.training.compiling)
     fsdp: bool = False  # FSDP2 through accelerate, under torchrun (gradflow.training.fsdp)
+    cache: bool = True  # tokenised data and compiled kernels kept across runs (gradflow.data.cache)
 
     def validate(self) -> None:
         # finite and bounded, each bound in the message (gradflow.limits holds the table)

@@ -11,6 +11,8 @@ How the peak is known, per token:
   and every n-th layer lies between them in proportion to the layers checkpointed. These probe steps count in the
   run's peak, so none may need more than the step the plan will choose: without checkpointing they take 1/32 of
   the target tokens, and when the checkpointing is given (--gc-every, --gc, the model's own) only it is measured.
+  Checkpointing off is measured first, and when it fits at the target tokens (the plan then chooses it) the
+  every-layer line is not measured: 3 passes instead of 5. The passes compute the loss training will (--ce).
 - CPU: there is no allocator peak to read, so the forward's saved activations are counted instead
   (`torch.autograd.graph.saved_tensors_hooks`, distinct storages, parameters excluded) at two token counts, inside
   and outside the decoder layers. A checkpointed layer keeps only its input (tokens x hidden) and recomputes one
@@ -174,9 +176,10 @@ def _fits_why(every, options, gc_fixed, estimate, target, layers, budget_bytes) 
             f"{gib(estimate.peak(target, checkpointed_for(layers, faster)))}: more than the budget")
 
 
-def make_plan(setup, opts, *, gc_from: str, resumed_tokens: int | None = None) -> Plan:
+def make_plan(setup, opts, *, gc_from: str, resumed_tokens: int | None = None, ce: str = "standard") -> Plan:
     """Measure, choose, apply (per-layer checkpointing), and return the plan. `gc_from`: "plan" when gradflow built
-    the checkpointing and may change it, "--gc" when the user set it, "the model" when the model's source did."""
+    the checkpointing and may change it, "--gc" when the user set it, "the model" when the model's source did.
+    `ce`: the cross-entropy training will use (the measured steps use it too)."""
     model = setup.model
     device = model_device(model).type
     layers = decoder_layers(model, checkpointable=True)  # those transformers checkpoints one by one
@@ -200,13 +203,13 @@ def make_plan(setup, opts, *, gc_from: str, resumed_tokens: int | None = None) -
     if not opts.packing:
         tokens_fixed = True  # padded batches: --batch-size rows, the plan only chooses checkpointing
     estimate, problem = None, None
+    budget_bytes, budget_from = budget(device, opts.max_memory, model)  # first: the measuring stops once it knows
     if getattr(setup, "loss_fn", None) is None and getattr(getattr(model, "config", None), "vocab_size", None):
         try:
             estimate = measure(model, target=target, precision=opts.precision, layers=layers,
-                               can_toggle=toggles, fixed=gc_fixed)
+                               can_toggle=toggles, fixed=gc_fixed, ce=ce, budget=budget_bytes)
         except Exception as exc:  # a broken setup: the pre-flight names why; the plan falls back to the defaults
             problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    budget_bytes, budget_from = budget(device, opts.max_memory, model)
     every, tokens, why, candidates = choose(estimate, budget_bytes, target=target, minimum=opts.seq_len,
                                             gc_fixed=gc_fixed, tokens_fixed=tokens_fixed, layers=len(layers))
     if problem is not None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from typing import Any
 
 from gradflow.errors import GradflowError
+from gradflow.report import Report
 from gradflow.setup.options import DEFAULT_LORA_R, DTYPES, resolved_lora
 from gradflow.setup.presets import PRESETS
 from gradflow.setup.sources import names_code
@@ -167,3 +169,29 @@ def plan(intact: Intact, current: dict, opts, output: str) -> Plan:
     # a --max-steps accepted with --resume-anyway moves the end; counted from --epochs, only Trainer knows it then
     total = opts.max_steps if opts.max_steps is not None else None if found else intact.max_steps
     return Plan(intact.path, intact.step, total, intact.damaged, found, saved is None)
+
+
+# ----- a resumed run that had ended ---------------------------------------------------------------------------
+def already_complete(plan, output: str, adapter_dir: str) -> Report | None:
+    """The stored Report when the run reached its last step and wrote its outputs (`adapter_dir` among them); None
+    when there is work left."""
+    path = os.path.join(output, "report.json")
+    if not plan.reached_end or not os.path.isdir(os.path.join(output, adapter_dir)) or not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            report = Report.from_dict(json.load(fh))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if report.train is None or report.train.get("status") != "completed" or report.train.get("steps") != plan.step:
+        return None
+    report.command = "train"
+    report.train["already_complete"] = True  # this call trained nothing: the run had ended
+    report.train["resume"] = as_dict(plan)
+    return report  # trained_model stays None: nothing was loaded
+
+
+def as_dict(plan) -> dict:
+    """The resume plan as report.json records it."""
+    return {"from": plan.checkpoint, "step": plan.step, "differences": plan.differences,
+            "damaged": [{"checkpoint": p, "why": w} for p, w in plan.damaged]}

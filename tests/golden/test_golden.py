@@ -77,6 +77,7 @@ CASES = {
 def _run(name: str, tmp_path: Path, monkeypatch) -> dict:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("GOLDEN_OUT", str(tmp_path / "trainer-out"))
+    monkeypatch.setenv("GRADFLOW_CACHE_DIR", str(tmp_path / "cache"))  # train's data cache: a miss every time
     if CASES[name] is None:
         run, data = _train(tmp_path)
     else:
