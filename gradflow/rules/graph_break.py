@@ -43,9 +43,11 @@ def lost_params(snap):
     if not snap.probed:
         return []
     modules = {m.name: m for m in snap.modules}
+    # explained elsewhere: flags switched off during the step, outputs computed and never used
+    other = snap.flipped() | {n for m in snap.modules for n in m.unused_params}
     lost = []
     for p in snap.params:
-        if not p.requires_grad or p.grad != "none" or not p.used:
+        if not p.requires_grad or p.grad != "none" or not p.used or p.name in other:
             continue
         m = modules.get(p.module)
         if m is not None and m.in_reentrant:
