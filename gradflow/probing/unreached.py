@@ -42,6 +42,11 @@ def unused_outputs(records, reach: dict, loss_node, lost, cut_mask: int, budget:
             for fn in rec.out_fns:
                 mask |= reach.get(id(fn), 0)
             dead[m.name] = mask
+    # a dead module that holds a live one (an encoder whose returned output is unused, though its first layers'
+    # outputs reach the loss through hidden_states) is not the unused branch: the branch ends below it
+    holds_live = set()
+    for name in ran - set(dead):
+        holds_live.update(ancestors(name))
     found: dict[int, str] = {}
     for i, (state, _) in enumerate(lost):
         bit = 1 << i
@@ -49,10 +54,10 @@ def unused_outputs(records, reach: dict, loss_node, lost, cut_mask: int, budget:
             continue
         best = None
         for name in ancestors(state.module):
-            if name in dead:
+            if name in dead and name not in holds_live:
                 best = name if dead[name] & bit else best
             elif name in ran:
-                break  # a module that ran and reaches the loss: the dead branch ends below it
+                break  # a module that ran and reaches the loss (or holds one that does): the dead branch ends below
         if best is not None:
             found[i] = best
     return found
