@@ -1,8 +1,9 @@
 """## What it does
 The coverage fallback. After every other rule has run, it collects the trainable parameters whose gradient is
 None or exactly zero and that no finding names, and lists them, so that none goes unreported. Exempt: experts of a
-mixture-of-experts layer the router did not pick (a sibling expert ran), and lora_A weights whose first gradient
-is zero because lora_B starts at zero (`lora-zero-init`). A finding that is about the whole step (the loss, the
+mixture-of-experts layer the router did not pick (a sibling expert ran), lora_A weights whose first gradient is
+zero because lora_B starts at zero (`lora-zero-init`), and PEFT's trainable-token rows (`trainable_token_indices`)
+with a zero gradient when the batch holds none of those tokens. A finding that is about the whole step (the loss, the
 labels, an exception in it) covers every parameter.
 
 ## Why is this bad?
@@ -26,7 +27,7 @@ import re
 from gradflow.rules._base import Rule, owner, plural, short
 
 # findings about the step as a whole: they explain every missing gradient
-WHOLE_STEP = ("loss-detached", "no-supervised-tokens", "no-trainable-parameters")
+WHOLE_STEP = ("loss-detached", "no-supervised-tokens", "no-trainable-parameters", "nested-checkpoint")
 _EXPERT = re.compile(r"^(.*\.experts)\.\d+(\.|$)")
 
 
@@ -42,6 +43,8 @@ def missing(snap) -> list:
         expert = _EXPERT.match(p.module)
         if p.grad == "none" and p.used is False and expert and expert.group(1) in ran_experts:
             continue  # an expert the router did not pick in this batch
+        if p.grad == "zero" and ".trainable_tokens_delta." in p.name:
+            continue  # PEFT's trainable tokens: rows of token ids this batch does not contain
         out.append(p)
     return out
 
