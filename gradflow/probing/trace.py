@@ -154,6 +154,7 @@ class Tracer:
         self.flags_forward: list[bool] | None = None
         self.flip_at: tuple[str, str] | None = None  # (module, forward hook | forward pre-hook)
         self.loss_node = None  # the loss's grad_fn, set by the probe for the walk after backward
+        self._pre_flags: dict[str, list[bool]] = {}  # flags at the global pre-hook of modules with pre-hooks
 
     # --- installation -------------------------------------------------------------------------
     def __enter__(self):
@@ -279,7 +280,7 @@ class Tracer:
                 call.modules.append(name)
         caller = self.records.get(self._stack[-1]) if self._stack else None
         if self._flag_params and self.phase == "forward" and module._forward_pre_hooks and self.flip_at is None:
-            self._pre_flags = (name, self.flags())  # global pre-hooks run before the module's own
+            self._pre_flags[name] = self.flags()  # global pre-hooks run before the module's own
         self._stack.append(name)
         self._stack_gc.append(getattr(module, "gradient_checkpointing", False) is True and is_gc_layer(module))
         if self.phase == "forward":
@@ -338,7 +339,6 @@ class Tracer:
         return None
 
     # --- requires_grad flags ------------------------------------------------------------------------
-    _pre_flags = None
     _post_flags = None
 
     def flags(self) -> list[bool]:
@@ -347,8 +347,8 @@ class Tracer:
     def _note_flip(self, name, module):
         """At a module's global post-hook: did its own pre-hooks (or its forward) switch a flag off? Modules with
         forward hooks of their own are looked at again after those hooks (_late_hook)."""
-        pre, self._pre_flags = self._pre_flags, None
-        if pre is not None and pre[0] == name and pre[1] != self.flags():
+        pre = self._pre_flags.pop(name, None)
+        if pre is not None and pre != self.flags():
             self.flip_at = (name, "forward pre-hook")
         self._post_flags = self.flags() if module in self._late else None
 

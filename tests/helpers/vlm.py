@@ -7,6 +7,8 @@ import torch
 
 IMAGE_TOKEN = 5
 VOCAB = 128
+# LoRA on the attention of both towers (CLIP and Llama name q_proj / v_proj alike)
+VISION_LORA = ["q_proj", "v_proj"]
 
 
 def tiny_llava(*, feature_layer: int = -2, seed: int = 0):
