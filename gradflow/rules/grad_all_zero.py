@@ -38,7 +38,7 @@ def check(snap):
                "zero")
     else:
         why = (f"the loss ({value:.4g}) does not vary with the parameters: a zero weight or mask multiplies the "
-               "model's contribution")
+               "model's contribution, or a custom backward returns zeros")
     message = (f"every trainable parameter's gradient is exactly zero ({plural(len(zero), 'tensor')}: "
                f"{short(zero, 2)}): {why}; nothing will train")
     return [RULE.finding(message, location=owner(snap, zero) or None, params=zero, advice_only=True)]

@@ -308,6 +308,7 @@ SPEC_SEVERITY = {
     "half-precision-trainable-params": "warning", "trainable-param-not-saved": "warning",
     "kbit-not-prepared": "warning",
     "requires-grad-changed": "error", "grad-missing-unexplained": "warning",  # issue 18: coverage
+    "grad-all-zero": "error",  # gradflow's own, beyond SPEC §5 (issue 18)
     "lora-zero-init": "info", "use-cache-in-training": "info",
 }
 _ANY = object()
