@@ -90,7 +90,8 @@ def _never_ran(snap):
     if bypassed:
         message += (f"; the base_layer inside {bypassed[0]} ran without it: the forward calls a stale reference to "
                     "the module PEFT replaced")
-    return [RULE.finding(message, location=modules[0] or None, params=[p.name for p in unused])]
+    # display-only: freezing a module that never ran could hide a stale reference (gradflow.fixes.freeze_unused)
+    return [RULE.finding(message, location=modules[0] or None, params=[p.name for p in unused], advice_only=True)]
 
 
 def _outermost_idle(name: str, alive: set) -> str:

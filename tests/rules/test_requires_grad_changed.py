@@ -108,3 +108,14 @@ def test_probe_puts_the_flags_back():
     handle.remove()
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert torch.is_grad_enabled()
+
+
+def test_patch_advice_names_the_hook_and_its_file():
+    import gradflow
+
+    model = lora()
+    model.get_base_model().model.layers[1].register_forward_pre_hook(_freeze)
+    report = gradflow.patch(model, batch(model))
+    (advice,) = [a for a in report.extra["advice"] if a["answers"] == [SLUG]]
+    assert advice["applicability"] == "display-only"
+    assert "the hook _freeze at" in advice["changes"][0] and "test_requires_grad_changed.py" in advice["changes"][0]
