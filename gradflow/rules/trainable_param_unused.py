@@ -57,7 +57,9 @@ def _never_ran(snap):
     root = snap.module("")
     if (root is not None and not root.ran) or (snap.loss is not None and snap.loss.error_phase == "forward"):
         return []  # the forward raised, or the loss skipped the model: the rest never ran for that reason
-    unused = [p for p in snap.params if p.requires_grad and p.used is False and p.grad == "none"]
+    flipped = snap.flipped()  # switched off during the step (set_adapter): requires-grad-changed says so
+    unused = [p for p in snap.params if p.requires_grad and p.used is False and p.grad == "none"
+              and p.name not in flipped]
     if not unused:
         return []
     ran_experts = set()
