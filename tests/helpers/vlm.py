@@ -45,3 +45,20 @@ def vision_tower(model):
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return inner.model.vision_tower if hasattr(inner, "model") and hasattr(inner.model, "vision_tower") \
         else inner.vision_tower
+
+
+def unused_layer_factory():
+    """A factory for the CLI (`tests/helpers/vlm.py:unused_layer_factory`): LoRA on every linear layer of a LLaVA
+    whose projector reads vision layer -2, with an image batch."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0)
+    return {"model": get_peft_model(tiny_llava(), config), "batch": vlm_batch()}
+
+
+def used_layer_factory():
+    """The same with the projector reading the last vision layer: every adapter reaches the loss."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=VISION_LORA, lora_dropout=0.0)
+    return {"model": get_peft_model(tiny_llava(feature_layer=-1), config), "batch": vlm_batch()}

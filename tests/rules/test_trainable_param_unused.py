@@ -176,3 +176,17 @@ def test_silent_when_the_projector_reads_the_last_vision_layer():
     report = probe(model, vlm_batch())
     assert_silent(report, SLUG)
     assert_healthy(report)
+
+
+def test_cli_factory_names_the_unused_vision_layer():
+    from tests.helpers.cli import invoke
+    from tests.helpers.env import REPO
+
+    run = invoke("probe-backward", f"{REPO / 'tests/helpers/vlm.py'}:unused_layer_factory", "--format", "json")
+    assert run.code == 0, run.stderr[-2000:]  # a warning: exit 0 under the default --fail-on error
+    (finding,) = [f for f in run.json()["findings"] if f["slug"] == SLUG]
+    assert finding["location"].endswith("vision_tower.encoder.layers.1") or finding["location"].endswith(
+        "vision_tower.vision_model.encoder.layers.1")
+    assert finding["fix"]["title"] == "Freeze it, or use its output"
+    clean = invoke("probe-backward", f"{REPO / 'tests/helpers/vlm.py'}:used_layer_factory", "--format", "json")
+    assert clean.code == 0 and not [f for f in clean.json()["findings"] if f["severity"] != "info"], clean.stdout
