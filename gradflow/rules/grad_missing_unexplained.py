@@ -4,7 +4,8 @@ None or exactly zero and that no finding names, and lists them, so that none goe
 mixture-of-experts layer the router did not pick (a sibling expert ran), lora_A weights whose first gradient is
 zero because lora_B starts at zero (`lora-zero-init`), and PEFT's trainable-token rows (`trainable_token_indices`)
 with a zero gradient when the batch holds none of those tokens. A finding that is about the whole step (the loss, the
-labels, an exception in it) covers every parameter.
+labels, an exception in it) covers every parameter; `nonfinite-grad` covers the zero gradients inside the module
+it names.
 
 ## Why is this bad?
 A trainable parameter that gets no gradient does not learn. gradflow could not say why: this finding is a measure
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import re
 
-from gradflow.rules._base import Rule, owner, plural, short
+from gradflow.rules._base import Rule, owner, plural, short, under
 
 # findings about the step as a whole: they explain every missing gradient
 WHOLE_STEP = ("loss-detached", "no-supervised-tokens", "no-trainable-parameters", "nested-checkpoint")
@@ -54,7 +55,11 @@ def cover(snap, findings) -> list:
     if any(f.slug in WHOLE_STEP for f in findings):
         return []
     named = {n for f in findings for n in f.params}
-    left = [p for p in missing(snap) if p.name not in named]
+    # NaN/Inf in a module: a zero gradient beside it has the same cause (a gate at 0 under sqrt: inf for the gate,
+    # 0 for what it multiplies)
+    broken = [f.location for f in findings if f.slug == "nonfinite-grad" and f.location]
+    left = [p for p in missing(snap) if p.name not in named
+            and not (p.grad == "zero" and any(under(p.module, b) for b in broken))]
     if not left:
         return []
     names = [p.name for p in left]
