@@ -12,7 +12,7 @@ from gradflow.model_state import kept, set_rng_state
 from gradflow.probing.describe import active_adapters, describe
 from gradflow.probing.leak import measure
 from gradflow.probing.trace import Tracer
-from gradflow.probing.unreached import note_flips, unused_outputs
+from gradflow.probing.unreached import note_flips, note_unused
 from gradflow.snapshot import LossState, Snapshot
 
 
@@ -223,18 +223,8 @@ def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000
     of its outputs does: `.detach()`, `.data`, an integer cast or a comparison inside its forward. Params inside
     a reentrant checkpoint's no-grad forward are left to that rule.
     """
-    by_name = {p.name: p for p in snap.params}
     modules = {m.name: m for m in snap.modules}
-    flipped = snap.flipped()  # their requires_grad went off during the step: requires-grad-changed
-    lost = []
-    for name, tensor in trainable_params:
-        state = by_name.get(name)
-        if state is None or state.grad != "none" or not state.used or name in flipped:
-            continue
-        owner = modules.get(state.module)
-        if owner is not None and owner.in_reentrant:
-            continue
-        lost.append((state, tensor))
+    lost = _lost(snap, trainable_params, modules)
     if not lost:
         return
     bit_of = {id(tensor): 1 << i for i, (_, tensor) in enumerate(lost)}
@@ -255,12 +245,7 @@ def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000
     reach = _reachable_params(roots, bit_of, budget)
     if reach is None:
         return  # too large a graph to walk; the rule falls back to modules whose output has no grad_fn
-    cut_mask = 0  # the lost params whose path an op of the forward cut (.detach(), .data, a comparison)
-    for source in tracer.cut_sources:
-        cut_mask |= reach.get(id(source), 0) if hasattr(source, "next_functions") else bit_of.get(id(source), 0)
-    unused = unused_outputs(records, reach, tracer.loss_node, lost, cut_mask, budget)
-    for i, module in unused.items():
-        modules[module].unused_params.append(lost[i][0].name)
+    unused = note_unused(records, reach, tracer, lost, bit_of, modules, budget)
     first: dict[int, tuple] = {}  # param bit -> (order, module) of the earliest module that cuts it
     for m, rec in records:
         if m.order is None:
@@ -285,6 +270,23 @@ def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000
         hit = None if i in unused else first.get(1 << i)
         if hit is not None:
             hit[1].cut_params.append(state.name)
+
+
+def _lost(snap: Snapshot, trainable_params, modules: dict) -> list:
+    """(state, tensor) of the trainable params that ran and got no gradient, outside reentrant no-grad regions and
+    minus those whose requires_grad went off during the step (requires-grad-changed)."""
+    by_name = {p.name: p for p in snap.params}
+    flipped = snap.flipped()
+    lost = []
+    for name, tensor in trainable_params:
+        state = by_name.get(name)
+        if state is None or state.grad != "none" or not state.used or name in flipped:
+            continue
+        owner = modules.get(state.module)
+        if owner is not None and owner.in_reentrant:
+            continue
+        lost.append((state, tensor))
+    return lost
 
 
 def _reachable_params(roots, bit_of: dict, budget: int) -> dict | None:

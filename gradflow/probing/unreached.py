@@ -23,6 +23,17 @@ def nodes_below(root, budget: int) -> set[int] | None:
     return seen
 
 
+def note_unused(records, reach: dict, tracer, lost, bit_of: dict, modules: dict, budget: int) -> dict[int, str]:
+    """unused_outputs for the tracer's cut ops and loss, each found parameter added to its module's unused_params."""
+    cut_mask = 0  # the lost params whose path an op of the forward cut (.detach(), .data, a comparison)
+    for source in tracer.cut_sources:
+        cut_mask |= reach.get(id(source), 0) if hasattr(source, "next_functions") else bit_of.get(id(source), 0)
+    unused = unused_outputs(records, reach, tracer.loss_node, lost, cut_mask, budget)
+    for i, module in unused.items():
+        modules[module].unused_params.append(lost[i][0].name)
+    return unused
+
+
 def unused_outputs(records, reach: dict, loss_node, lost, cut_mask: int, budget: int) -> dict[int, str]:
     """Index in `lost` -> the outermost module holding that parameter which ran with autograd on, whose output
     depends on it, and none of whose outputs reaches the loss: computed, then not used. Parameters whose path an
