@@ -72,7 +72,7 @@ def test_cache_inside_a_users_reentrant_wrapper_zeroes_key_value_gradients():
         return model
 
     report = probe(build(), batch())
-    finding = assert_fires(report, SLUG, location="base_model.model.model.layers.0")
+    finding = assert_fires(report, SLUG, location="base_model.model.model.layers.0.inner")  # the region's layer
     assert finding.params and all(("k_proj" in p or "v_proj" in p) for p in finding.params)
     plain = build()
     plain(**batch()).loss.backward()
