@@ -24,8 +24,10 @@ from typing import Iterator
 HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
               "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks")
 # what transformers' checkpointing switch and enable_input_require_grads set on a module (4.57: the single hook;
-# 5.x: the list as well)
-GC_ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hook", "_require_grads_hooks")
+# 5.x: the list as well), and 5.x's mark that its output-capturing hooks are installed: the hooks it installs on the
+# first forward are taken off with the others, so the mark goes too, or a later forward captures no hidden_states
+GC_ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hook", "_require_grads_hooks",
+            "_output_capturing_hooks_installed")
 _MISSING = object()
 
 

@@ -53,8 +53,24 @@ class ModuleState:
     # trainable params that ran and got no gradient because the autograd path from them ends in this module: they
     # reach its inputs (or sit inside it) but not its outputs. Filled by the probe only when such params exist.
     cut_params: list[str] = dataclasses.field(default_factory=list)
+    # trainable params inside it that ran and got no gradient because none of its outputs reaches the loss: the
+    # outermost such module (its output is computed, then not used). Filled by the probe only when such params exist.
+    unused_params: list[str] = dataclasses.field(default_factory=list)
     grads: dict[str, int] = dataclasses.field(default_factory=dict)  # ok/none/zero/nonfinite counts (own params)
     grad_norm: float | None = None
+
+
+@dataclasses.dataclass
+class FlagFlip:
+    """Trainable parameters whose requires_grad went off during the probe's step (gradflow.probing.backward)."""
+
+    params: list[str]
+    phase: str  # forward | loss: first seen off after the model's forward, or only after the loss
+    module: str | None = None  # the module during whose call (its hooks, or its forward) it went off, when known
+    via: str | None = None  # forward hook | forward pre-hook | set_adapter | None
+    adapters_before: tuple[str, ...] = ()
+    adapters_after: tuple[str, ...] = ()
+    toggled: bool = False  # on again by the end of the loss: switched off and back during the step
 
 
 @dataclasses.dataclass
@@ -223,6 +239,11 @@ class Snapshot:
     gc_equivalence: GcEquivalence | None = None  # filled by --check-gc (gradflow.probe(check_gc=True))
     steps: StepsRun | None = None  # filled by --steps K (gradflow.probe(steps=K))
     packed_leak: PackedLeak | None = None  # filled when the probe batch is packed (gradflow.probing.leak)
+    flips: list[FlagFlip] = dataclasses.field(default_factory=list)  # requires_grad switched off during the step
+
+    def flipped(self) -> set[str]:
+        """Names of the trainable parameters whose requires_grad went off during the step."""
+        return {n for f in self.flips for n in f.params}
 
     def module(self, name: str) -> ModuleState | None:
         for m in self.modules:

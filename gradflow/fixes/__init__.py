@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 
 from gradflow.fixes.advice import FIXES
+from gradflow.fixes.coverage_advice import FIXES as COVERAGE_FIXES
 from gradflow.finding import Applicability
 from gradflow.rules import load, run_rules
 from gradflow.rules.codes import SLUGS
@@ -21,6 +22,7 @@ CATALOG: tuple[str, ...] = (
     "unfreeze_intended",
     "save_trainable",
     "refreeze_embeddings",
+    "freeze_unused",
     "fp32_trainable",
     "kbit_prepare",
     "inner_checkpoint_off",
@@ -32,7 +34,8 @@ CATALOG: tuple[str, ...] = (
 
 def all_fixes():
     """Every Fix, in catalog order, then the display-only advice table (gradflow/fixes/advice.py)."""
-    return [importlib.import_module(f"gradflow.fixes.{name}").FIX for name in CATALOG] + list(FIXES)
+    return [importlib.import_module(f"gradflow.fixes.{name}").FIX for name in CATALOG] + list(FIXES) + list(
+        COVERAGE_FIXES)
 
 
 def by_id(fix_id: str):

@@ -96,6 +96,16 @@ def _nonfinite(ctx, finding):
 
 def _unused(ctx, finding):
     where = _where(ctx, finding)
+    unused = {n for m in ctx.snap.modules for n in m.unused_params}
+    if any(n in unused for n in finding.params):  # it ran; its output never reaches the loss
+        adapter = any(p.adapter for p in ctx.snap.params if p.name in set(finding.params))
+        return (f"{where} runs, but none of its outputs reaches the loss: use its output, or freeze it"
+                + (" (leave it out of the adapter's target_modules)" if adapter else "")
+                + f" ({len(finding.params)} trainable parameters)",
+                "parameters whose output is never used cost optimizer memory and never learn",
+                [f"# {finding.slug}: {where} runs, but its output never reaches the loss; freeze it:",
+                 f"#     model.get_submodule({finding.location!r}).requires_grad_(False)"
+                 + ("   # or exclude it from LoraConfig(target_modules=...)" if adapter else "")])
     return (f"{where} never ran in the forward: call it, freeze it, or remove it ({len(finding.params)} trainable "
             "parameters)",
             "parameters that never run cost optimizer memory and never learn",
@@ -284,3 +294,4 @@ def _fix(row: Advice) -> Fix:
 
 
 FIXES: tuple[Fix, ...] = tuple(_fix(row) for row in ADVICE)
+as_fix = _fix  # other advice tables (gradflow/fixes/coverage_advice.py) build their rows' Fix with it

@@ -9,9 +9,10 @@ from typing import Any, Callable
 from gradflow.data.packing import is_packed
 from gradflow.forward import call_model, extract_loss, synthetic_batch
 from gradflow.model_state import kept, set_rng_state
-from gradflow.probing.describe import describe
+from gradflow.probing.describe import active_adapters, describe
 from gradflow.probing.leak import measure
 from gradflow.probing.trace import Tracer
+from gradflow.probing.unreached import note_flips, note_unused
 from gradflow.snapshot import LossState, Snapshot
 
 
@@ -46,14 +47,19 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     with kept(model, modules=names, params=[p for _, p in live.params], clear_grads=True) as state:
         model.train()
         trainable_modules = {m.name for m in snap.modules if m.trainable}
-        with Tracer(model, names, trainable_modules=trainable_modules) as tracer:
-            _step(model, batch, loss_fn, snap, loss_state, tracer, backward=backward)
+        flagged = trainable_params if backward else None  # flags and cut ops matter only to a backward
+        with Tracer(model, names, trainable_modules=trainable_modules, flag_params=flagged) as tracer:
+            flags_loss = _step(model, batch, loss_fn, snap, loss_state, tracer, backward=backward)
         _fill_trace(snap, tracer)
+        if backward and flags_loss is not None and not all(flags_loss):
+            note_flips(snap, tracer, trainable_params, flags_loss, active_adapters(model, names))
         if backward:  # inspect runs no backward: it knows nothing about gradients
             _fill_grads(snap, trainable_params)
         if backward and loss_state.error is None:  # after an exception the missing gradients say nothing
             _fill_cuts(snap, tracer, trainable_params)
         tracer.records.clear()  # drop the autograd nodes the records hold
+        tracer.cut_sources.clear()
+        tracer.loss_node = None
         loss_bad = loss_state.value is not None and not math.isfinite(loss_state.value)
         if loss_bad or any(p.grad == "nonfinite" for p in snap.params):
             # the streams the forward started from, to replay it
@@ -80,8 +86,9 @@ def _note_batch(snap: Snapshot, batch) -> None:
         snap.labels_all_masked = bool((supervised == -100).all())
 
 
-def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, *, backward: bool) -> None:
-    """The traced forward, the loss, and (unless inspecting) the backward; a failure in any is recorded as data."""
+def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, *, backward: bool):
+    """The traced forward, the loss, and (unless inspecting) the backward; a failure in any is recorded as data.
+    Returns the trainable parameters' requires_grad flags as the loss left them (None when not tracked)."""
     loss = None
     try:
         out = loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
@@ -94,11 +101,13 @@ def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, 
         except TypeError as exc:
             loss_state.error, loss_state.error_phase = str(exc), "loss"
     tracer.phase = "backward"
+    flags_loss = tracer.flags() if backward else None  # a list of bools: cheap beside the step
     model_out = tracer.main_output
     if model_out is not None:
         snap.output_requires_grad = bool(model_out.requires_grad)
     if loss is not None:
         _note_loss(loss, loss_state, tracer)
+        tracer.loss_node = loss.grad_fn  # walked after backward, only when a parameter got no gradient
         if backward and loss.requires_grad:
             try:
                 loss.backward()
@@ -107,6 +116,7 @@ def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, 
     del loss, out, model_out
     tracer.output = tracer.main_output = None
     tracer.output_fns.clear()  # release the graph nodes as soon as the walk is done
+    return flags_loss
 
 
 def _note_loss(loss, loss_state: LossState, tracer) -> None:
@@ -213,17 +223,8 @@ def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000
     of its outputs does: `.detach()`, `.data`, an integer cast or a comparison inside its forward. Params inside
     a reentrant checkpoint's no-grad forward are left to that rule.
     """
-    by_name = {p.name: p for p in snap.params}
     modules = {m.name: m for m in snap.modules}
-    lost = []
-    for name, tensor in trainable_params:
-        state = by_name.get(name)
-        if state is None or state.grad != "none" or not state.used:
-            continue
-        owner = modules.get(state.module)
-        if owner is not None and owner.in_reentrant:
-            continue
-        lost.append((state, tensor))
+    lost = _lost(snap, trainable_params, modules)
     if not lost:
         return
     bit_of = {id(tensor): 1 << i for i, (_, tensor) in enumerate(lost)}
@@ -239,10 +240,12 @@ def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000
     # what reaches its input); the modules run inside those had no graph to cut
     records = [(modules[name], rec) for name, rec in tracer.records.items()
                if name in modules and not rec.in_reentrant and (rec.grad_enabled or rec.no_grad_root)]
-    roots = [fn for _, rec in records for fn in rec.in_fns + rec.out_fns]
+    cut_ops = [s for s in tracer.cut_sources if hasattr(s, "next_functions")]  # autograd nodes, not leaves
+    roots = [fn for _, rec in records for fn in rec.in_fns + rec.out_fns] + cut_ops
     reach = _reachable_params(roots, bit_of, budget)
     if reach is None:
         return  # too large a graph to walk; the rule falls back to modules whose output has no grad_fn
+    unused = note_unused(records, reach, tracer, lost, bit_of, modules, budget)
     first: dict[int, tuple] = {}  # param bit -> (order, module) of the earliest module that cuts it
     for m, rec in records:
         if m.order is None:
@@ -264,9 +267,26 @@ def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000
             if low not in first or m.order < first[low][0]:
                 first[low] = (m.order, m)
     for i, (state, _) in enumerate(lost):
-        hit = first.get(1 << i)
+        hit = None if i in unused else first.get(1 << i)
         if hit is not None:
             hit[1].cut_params.append(state.name)
+
+
+def _lost(snap: Snapshot, trainable_params, modules: dict) -> list:
+    """(state, tensor) of the trainable params that ran and got no gradient, outside reentrant no-grad regions and
+    minus those whose requires_grad went off during the step (requires-grad-changed)."""
+    by_name = {p.name: p for p in snap.params}
+    flipped = snap.flipped()
+    lost = []
+    for name, tensor in trainable_params:
+        state = by_name.get(name)
+        if state is None or state.grad != "none" or not state.used or name in flipped:
+            continue
+        owner = modules.get(state.module)
+        if owner is not None and owner.in_reentrant:
+            continue
+        lost.append((state, tensor))
+    return lost
 
 
 def _reachable_params(roots, bit_of: dict, budget: int) -> dict | None:

@@ -31,6 +31,11 @@ def _callable_name(fn) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+def active_adapters(model, module_names: dict) -> tuple[str, ...]:
+    """The adapters active now (module_names: module -> name, as the probe walked them)."""
+    return _adapters(model, [(n, m) for m, n in module_names.items()])[2]
+
+
 def _adapters(model, modules):
     """(source, names, active, {weight prefix: adapter}) of the PEFT adapters in `model`.
 

@@ -8,6 +8,7 @@ import itertools
 
 import torch
 import torch.utils.checkpoint as tuc
+from torch.overrides import TorchFunctionMode
 
 from gradflow.models import is_gc_layer
 from gradflow.snapshot import CheckpointCall
@@ -101,10 +102,32 @@ class _Record:
         self.pending = None  # inputs of the first call, until the module's own forward hooks have run
 
 
+class _CutOps(TorchFunctionMode):
+    """Ops of the forward that take a tensor carrying gradient and return one that carries none: `.detach()`,
+    `.data`, a comparison, an integer cast, any op under torch.no_grad(). Their input's autograd node is where the
+    graph was cut."""
+
+    def __init__(self, tracer):
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # one attribute read per op in the common case: the result carries gradient
+        if isinstance(out, torch.Tensor) and not out.requires_grad and self.tracer.phase == "forward":
+            for a in args:
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    # a leaf (a parameter .detach()ed itself) is its own node: the walk keys it by the tensor
+                    self.tracer.cut_sources.append(a.grad_fn if a.grad_fn is not None else a)
+                    break
+        return out
+
+
 class Tracer:
     """Context manager that watches one forward (and the recomputations of its backward)."""
 
-    def __init__(self, model, module_names: dict, *, finite_checks: bool = False, trainable_modules=None):
+    def __init__(self, model, module_names: dict, *, finite_checks: bool = False, trainable_modules=None,
+                 flag_params=None):
         self.model = model
         self.names = module_names
         self.records: dict[str, _Record] = {}
@@ -124,6 +147,14 @@ class Tracer:
             trainable_modules = {n for m, n in module_names.items() if any(p.requires_grad for p in m.parameters())}
         self._trainable_modules = trainable_modules
         self.output_fns: dict[int, object] = {}  # id -> grad_fn of every traced module output (kept alive here)
+        # with flag_params (the trainable (name, tensor) pairs before the step): where the graph is cut by an op,
+        # and requires_grad as the model's forward left it, and where it first went off
+        self._flag_params = list(flag_params or ())
+        self.cut_sources: list = []
+        self.flags_forward: list[bool] | None = None
+        self.flip_at: tuple[str, str] | None = None  # (module, forward hook | forward pre-hook)
+        self.loss_node = None  # the loss's grad_fn, set by the probe for the walk after backward
+        self._pre_flags: dict[str, list[bool]] = {}  # flags at the global pre-hook of modules with pre-hooks
 
     # --- installation -------------------------------------------------------------------------
     def __enter__(self):
@@ -140,9 +171,15 @@ class Tracer:
         for module in self._late:
             self._handles.append(module.register_forward_hook(self._late_hook, with_kwargs=True, always_call=True))
         self._patch_checkpoint()
+        if self._flag_params:
+            self._mode = _CutOps(self)
+            self._mode.__enter__()
         return self
 
     def __exit__(self, *exc):
+        mode, self._mode = getattr(self, "_mode", None), None
+        if mode is not None:
+            mode.__exit__(None, None, None)
         for h in self._handles:
             h.remove()
         self._handles.clear()
@@ -242,6 +279,8 @@ class Tracer:
                     call.location = name
                 call.modules.append(name)
         caller = self.records.get(self._stack[-1]) if self._stack else None
+        if self._flag_params and self.phase == "forward" and module._forward_pre_hooks and self.flip_at is None:
+            self._pre_flags[name] = self.flags()  # global pre-hooks run before the module's own
         self._stack.append(name)
         self._stack_gc.append(getattr(module, "gradient_checkpointing", False) is True and is_gc_layer(module))
         if self.phase == "forward":
@@ -273,6 +312,8 @@ class Tracer:
         if rec is None or rec.order is not None:
             return None
         rec.order = next(self._order)
+        if self._flag_params and self.flip_at is None:
+            self._note_flip(name, module)
         inputs = _floating(list(_tensors(args)) + list(_tensors(kwargs)))
         rec.in_rg = any(t.requires_grad for t in inputs)
         rec.in_fns = tuple(t.grad_fn for t in inputs if t.grad_fn is not None)
@@ -282,6 +323,8 @@ class Tracer:
             self._record_output(rec, name, module, inputs, output)
         if not self._stack:
             self.output, self.main_output = output, main_output(output)
+            if self._flag_params and self.flags_forward is None:
+                self.flags_forward = self.flags()
         return None
 
     def _late_hook(self, module, args, kwargs, output):
@@ -290,7 +333,24 @@ class Tracer:
             return None
         inputs, rec.pending = rec.pending, None
         self._record_output(rec, self.names[module], module, inputs, output)
+        if self._flag_params and self.flip_at is None and self._post_flags is not None \
+                and self._post_flags != self.flags():
+            self.flip_at = (self.names[module], "forward hook")  # its own forward hooks ran since the global one
         return None
+
+    # --- requires_grad flags ------------------------------------------------------------------------
+    _post_flags = None
+
+    def flags(self) -> list[bool]:
+        return [p.requires_grad for _, p in self._flag_params]
+
+    def _note_flip(self, name, module):
+        """At a module's global post-hook: did its own pre-hooks (or its forward) switch a flag off? Modules with
+        forward hooks of their own are looked at again after those hooks (_late_hook)."""
+        pre = self._pre_flags.pop(name, None)
+        if pre is not None and pre != self.flags():
+            self.flip_at = (name, "forward pre-hook")
+        self._post_flags = self.flags() if module in self._late else None
 
     def _record_output(self, rec, name, module, inputs, output):
         outs = _floating(list(_tensors(output)))

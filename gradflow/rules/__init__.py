@@ -19,7 +19,8 @@ def all_rules():
 
 
 def run_rules(snap) -> list:
-    """Every rule over `snap`, minus those superseded by a more specific finding; ordered by severity."""
+    """Every rule over `snap`, minus those superseded by a more specific finding, then the coverage fallback for
+    trainable parameters without a gradient that none of them names; ordered by severity."""
     found = []
     for rule in all_rules():
         if rule.check is not None:  # runtime findings come from GradFlowCallback, not from a snapshot
@@ -30,5 +31,6 @@ def run_rules(snap) -> list:
         rule = load(lookup(f.slug))
         if not any(s in fired for s in rule.superseded_by):
             kept.append(f)
+    kept.extend(importlib.import_module("gradflow.rules.grad_missing_unexplained").cover(snap, kept))
     kept.sort(key=lambda f: (-severity_rank(f.severity), f.code))
     return kept

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Callable, Iterable
 
 from gradflow.finding import Applicability, Finding, Fix
+from gradflow.snapshot import ancestors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,3 +80,14 @@ def layer_span(names: list[str]) -> str:
             idx.append(int(mm.group(2)))
         return f"{m.group(1)}{min(idx)}–{max(idx)}"
     return names[0]
+
+
+def owner(snap, names) -> str:
+    """The deepest module holding every parameter in `names` ("" for the root)."""
+    by_name = {p.name: p.module for p in snap.params}
+    common: list[str] | None = None
+    for n in names:
+        chain = list(ancestors(by_name.get(n, "")))
+        common = chain if common is None else [a for a in common if a in set(chain)]
+    return common[0] if common else ""
+

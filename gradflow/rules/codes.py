@@ -15,11 +15,13 @@ CODES: dict[str, tuple[str, str]] = {
     "GF111": ("adapter-frozen", "adapter_frozen"),
     "GF112": ("intended-param-frozen", "intended_param_frozen"),
     "GF113": ("inference-tensor-params", "inference_tensor_params"),
+    "GF114": ("requires-grad-changed", "requires_grad_changed"),
     "GF120": ("graph-break", "graph_break"),
     "GF121": ("loss-detached", "loss_detached"),
     "GF122": ("no-supervised-tokens", "no_supervised_tokens"),
     "GF123": ("packed-attention-leak", "packed_attention_leak"),
     "GF130": ("nonfinite-grad", "nonfinite_grad"),
+    "GF131": ("grad-all-zero", "grad_all_zero"),
     "GF140": ("param-not-in-optimizer", "param_not_in_optimizer"),
     "GF141": ("param-not-updated", "param_not_updated"),
     "GF142": ("zero-learning-rate", "zero_learning_rate"),
@@ -29,6 +31,8 @@ CODES: dict[str, tuple[str, str]] = {
     "GF203": ("half-precision-trainable-params", "half_precision_trainable_params"),
     "GF204": ("trainable-param-not-saved", "trainable_param_not_saved"),
     "GF205": ("kbit-not-prepared", "kbit_not_prepared"),
+    # the coverage fallback: trainable parameters without a gradient that no other finding names
+    "GF209": ("grad-missing-unexplained", "grad_missing_unexplained"),
     "GF301": ("lora-zero-init", "lora_zero_init"),
     "GF302": ("use-cache-in-training", "use_cache_in_training"),
     # raised while training, by GradFlowCallback

@@ -27,6 +27,7 @@ Display-only: the freezing and the DDP options are set in the training code.
 from __future__ import annotations
 
 from gradflow.rules._base import Rule, first_module, plural, short
+from gradflow.snapshot import ancestors
 
 
 def check(snap):
@@ -38,13 +39,31 @@ def check(snap):
     if not unused:
         return []
     names = [p.name for p in unused]
+    # named at the branch that took no part (a VLM's vision tower on a text-only batch), not at each weight
+    index = {m.name: m for m in snap.modules}
+    unused_out = {m.name for m in snap.modules if m.unused_params}
+    branches = list(dict.fromkeys(_branch(p.module, index, unused_out) for p in unused))
     message = (f"{plural(len(unused), 'trainable parameter')} got no gradient under DistributedDataParallel with "
                f"find_unused_parameters=False: {short(names, 3)}; the second step raises 'Expected to have finished "
                "reduction in the prior iteration'")
-    where = first_module(unused)
+    where = branches[0] if branches else first_module(unused)
     if where:
-        message += f" (first in {where})"
+        message += f" (in {short(branches, 2)})"
     return [RULE.finding(message, location=where or None, params=names)]
+
+
+def _branch(module: str, index: dict, unused: set) -> str:
+    """The outermost module holding `module` that did not run, or whose outputs never reached the loss."""
+    best = module
+    for name in ancestors(module):
+        m = index.get(name)
+        if m is None or not name:
+            break
+        if m.ran is False or name in unused:
+            best = name
+        elif m.ran:
+            break
+    return best
 
 
 RULE = Rule(

@@ -34,7 +34,7 @@ Display-only: the cut is in your code; gradflow names the module and does not re
 
 from __future__ import annotations
 
-from gradflow.rules._base import Rule, plural, short, under
+from gradflow.rules._base import Rule, layer_span, plural, short, under
 from gradflow.snapshot import ancestors
 
 
@@ -43,9 +43,11 @@ def lost_params(snap):
     if not snap.probed:
         return []
     modules = {m.name: m for m in snap.modules}
+    # explained elsewhere: flags switched off during the step, outputs computed and never used
+    other = snap.flipped() | {n for m in snap.modules for n in m.unused_params}
     lost = []
     for p in snap.params:
-        if not p.requires_grad or p.grad != "none" or not p.used:
+        if not p.requires_grad or p.grad != "none" or not p.used or p.name in other:
             continue
         m = modules.get(p.module)
         if m is not None and m.in_reentrant:
@@ -103,22 +105,34 @@ def _decorated_forward(ctx: _Lost):
 def _called_without_autograd(ctx: _Lost):
     """A module called with autograd off (torch.no_grad / inference_mode around the call)."""
     modules = ctx.modules
-    for m in sorted((modules[n] for n in ctx.snap.no_grad_modules if n in modules),
-                    key=lambda m: (m.order if m.order is not None else 1 << 30, m.depth)):
+    roots = sorted((modules[n] for n in ctx.snap.no_grad_modules if n in modules),
+                   key=lambda m: (m.order if m.order is not None else 1 << 30, m.depth))
+    for m in roots:
         cut = ctx.cut_by(m.name)
         if not cut:
             continue
         # the nearest ancestor that ran (a ModuleList never does) is the code that switched autograd off
-        parent = next((modules[a] for a in list(ancestors(m.name))[1:] if a in modules and modules[a].ran), None)
+        parent = _caller(m.name, modules)
+        # the whole scope: siblings the same caller ran without autograd (a no_grad block around layers 0-1)
+        scope = [r for r in roots if r.name != m.name and _caller(r.name, modules) is parent and ctx.cut_by(r.name)]
+        for other in scope:
+            cut += [n for n in ctx.cut_by(other.name) if n not in cut]
+        names = [m.name] + [r.name for r in scope]
         caller = (f", switched off inside {parent.name or 'the model'} ({parent.cls})"
                   if parent is not None and parent.grad_enabled else "")
-        held = "it holds trainable parameters" if any(under(ctx.owner[n], m.name) for n in cut) else (
+        held = "it holds trainable parameters" if any(under(ctx.owner[n], x) for n in cut for x in names) else (
             "its input carries gradient from trainable parameters before it")
-        message = (f"{m.name or 'the model'} ({m.cls}) ran with autograd off (torch.no_grad / inference mode"
-                   f"{caller}) although {held}; {plural(len(cut), 'trainable parameter')} get no gradient: "
-                   f"{short(cut, 2)}")
+        what = f"{m.name or 'the model'} ({m.cls})" if not scope else (
+            f"{layer_span(names)} ({plural(len(names), 'module')}, from {m.name})")
+        message = (f"{what} ran with autograd off (torch.no_grad / inference mode{caller}) although "
+                   f"{held.replace('it holds', 'they hold') if scope else held}; "
+                   f"{plural(len(cut), 'trainable parameter')} get no gradient: {short(cut, 2)}")
         return RULE.finding(message, location=m.name or None, params=cut)
     return None
+
+
+def _caller(name: str, modules):
+    return next((modules[a] for a in list(ancestors(name))[1:] if a in modules and modules[a].ran), None)
 
 
 def _traced_cut(ctx: _Lost):

@@ -1,5 +1,6 @@
 """## What it does
-Notes that `lora_A` got an exactly-zero gradient on the first step because `lora_B` starts at zero.
+Notes that `lora_A` got an exactly-zero gradient on the first step because `lora_B` starts at zero (on an
+embedding, PEFT starts `lora_embedding_A` at zero instead, so `lora_embedding_B` is the one with a zero gradient).
 
 ## Why is this bad?
 It is not: it is how LoRA starts (the adapter is the identity at step 0). `lora_B` gets a gradient on the first
@@ -20,11 +21,12 @@ from gradflow.rules._base import Rule, plural
 
 
 def check(snap):
-    zero_a = [p for p in snap.params if p.requires_grad and p.grad == "zero" and ".lora_A." in p.name]
-    if not zero_a:
-        return []
-    ok_b = {p.name.replace(".lora_B.", ".lora_A.") for p in snap.params if ".lora_B." in p.name and p.grad == "ok"}
-    expected = [p for p in zero_a if p.name in ok_b]
+    # (the weight whose first gradient is zero, the weight that starts at zero): Linear, then Embedding adapters
+    expected = []
+    for zero, start in ((".lora_A.", ".lora_B."), (".lora_embedding_B.", ".lora_embedding_A.")):
+        ok = {p.name.replace(start, zero) for p in snap.params if start in p.name and p.grad == "ok"}
+        expected += [p for p in snap.params if p.requires_grad and p.grad == "zero" and zero in p.name
+                     and p.name in ok]
     if not expected:
         return []
     return [RULE.finding(f"{plural(len(expected), 'lora_A weight')} (first at {expected[0].module}) got an "

@@ -1,6 +1,9 @@
 """## What it does
-Finds trainable parameters that took no part in the forward and got no gradient: their module never ran. Experts
-of a mixture-of-experts layer that the router did not pick in this batch are not reported, as long as a sibling
+Finds trainable parameters that got no gradient because their module took no part in the loss: either it never
+ran in the forward, or it ran but none of its outputs reaches the loss (its output is computed, then not used: a
+vision tower's last layer when the projector reads the layer before it). The second case is found from the forward
+trace and the autograd graph, and named at the outermost module whose output is left unused. Experts of a
+mixture-of-experts layer that the router did not pick in this batch are not reported, as long as a sibling
 expert ran.
 
 ## Why is this bad?
@@ -10,10 +13,13 @@ They cost optimizer memory and never learn. Often a stale reference: a module re
 ## Example
 ```python
 self.extra_head = nn.Linear(d, d)       # trainable, never called in forward
+
+feats = self.tower(pixels, output_hidden_states=True).hidden_states[-2]   # the tower's last layer runs, unused
 ```
 
 ## Fix safety
-Display-only: remove the module, freeze it, or call it.
+Unsafe, for a module that ran with its output unused: `patch --unsafe-fixes` freezes it (it changes what trains)
+and re-probes. Display-only otherwise: remove the module, freeze it, or call it.
 """
 
 from __future__ import annotations
@@ -25,13 +31,35 @@ from gradflow.rules._base import Rule, plural, short
 _EXPERT = re.compile(r"^(.*\.experts)\.\d+(\.|$)")
 
 
+UNUSED_OUTPUT_FIX = "Freeze it, or use its output"
+
+
 def check(snap):
     if not snap.probed:
         return []
+    return _never_ran(snap) + _output_unused(snap)
+
+
+def _output_unused(snap):
+    """Modules that ran, but none of whose outputs reaches the loss (the probe's autograd walk)."""
+    held = [m for m in snap.modules if m.unused_params]
+    if not held:
+        return []
+    names = [n for m in held for n in m.unused_params]
+    where = [m.name for m in held]
+    message = (f"{plural(len(names), 'trainable parameter')} in {short(where, 2)} got no gradient: "
+               f"{'it' if len(where) == 1 else 'each'} ran in the forward, but none of "
+               f"{'its' if len(where) == 1 else 'their'} outputs reaches the loss (computed, then not used)")
+    return [RULE.finding(message, location=where[0] or None, params=names, fix_title=UNUSED_OUTPUT_FIX)]
+
+
+def _never_ran(snap):
     root = snap.module("")
     if (root is not None and not root.ran) or (snap.loss is not None and snap.loss.error_phase == "forward"):
         return []  # the forward raised, or the loss skipped the model: the rest never ran for that reason
-    unused = [p for p in snap.params if p.requires_grad and p.used is False and p.grad == "none"]
+    flipped = snap.flipped()  # switched off during the step (set_adapter): requires-grad-changed says so
+    unused = [p for p in snap.params if p.requires_grad and p.used is False and p.grad == "none"
+              and p.name not in flipped]
     if not unused:
         return []
     ran_experts = set()
@@ -64,7 +92,8 @@ def check(snap):
     if bypassed:
         message += (f"; the base_layer inside {bypassed[0]} ran without it: the forward calls a stale reference to "
                     "the module PEFT replaced")
-    return [RULE.finding(message, location=modules[0] or None, params=[p.name for p in unused])]
+    # display-only: freezing a module that never ran could hide a stale reference (gradflow.fixes.freeze_unused)
+    return [RULE.finding(message, location=modules[0] or None, params=[p.name for p in unused], advice_only=True)]
 
 
 def _outermost_idle(name: str, alive: set) -> str:

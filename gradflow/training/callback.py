@@ -271,6 +271,9 @@ class GradFlowCallback(TrainerCallback):
                     self._writer.add_scalar(f"grad_norm_layer/{g}", v, step)
         if missing:
             self._missing(step, missing, state, control)
+        elif present and not nonfinite and not any(layers.values()):  # every gradient exactly zero: nothing moves
+            self._raise(control, state, finding("grad-all-zero", f"step {step}: every trainable parameter's gradient "
+                                                "is exactly zero (zero loss weights or mask?)", params=[]))
         if nonfinite:
             self._fp16_nonfinite_streak += 1
             # with fp16 loss scaling an occasional overflow is normal (the scaler skips that step)

@@ -10,6 +10,7 @@ from torch.utils.checkpoint import checkpoint
 import gradflow
 from gradflow.setup.presets import build_preset
 from gradflow.forward import synthetic_batch
+from tests.helpers.coverage import assert_coverage
 from tests.helpers.env import stack
 
 STACK = stack()
@@ -306,6 +307,8 @@ SPEC_SEVERITY = {
     "trainable-param-unused": "warning", "trainable-embeddings-costly": "warning",
     "half-precision-trainable-params": "warning", "trainable-param-not-saved": "warning",
     "kbit-not-prepared": "warning",
+    "requires-grad-changed": "error", "grad-missing-unexplained": "warning",  # issue 18: coverage
+    "grad-all-zero": "error",  # gradflow's own, beyond SPEC §5 (issue 18)
     "lora-zero-init": "info", "use-cache-in-training": "info",
 }
 _ANY = object()
@@ -318,10 +321,11 @@ def findings(report, slug: str):
 def assert_fires(report, slug: str, *, severity: str | None = None, location=_ANY):
     """Exactly one finding of `slug`, at the SPEC's severity, at `location` (None: a whole-model finding).
 
-    Whenever the finding has a location, its message must name that module path too.
+    Whenever the finding has a location, its message must name that module path too. The coverage invariant holds.
     """
     from gradflow.rules.codes import SLUGS
 
+    assert_coverage(report)
     got = findings(report, slug)
     assert len(got) == 1, f"expected one {slug}, got {_describe(report)}"
     finding = got[0]
@@ -338,12 +342,14 @@ def assert_fires(report, slug: str, *, severity: str | None = None, location=_AN
 
 
 def assert_silent(report, *slugs: str):
+    assert_coverage(report)
     fired = [f for f in report.findings if f.slug in slugs]
     assert not fired, f"unexpected {', '.join(f.slug for f in fired)}: {_describe(report)}"
 
 
 def assert_healthy(report):
     """No error and no warning (info is allowed)."""
+    assert_coverage(report)
     bad = [f for f in report.findings if f.severity in ("error", "warning")]
     assert not bad, f"healthy setup reported: {_describe(report)}"
     assert not report.fails("warning")

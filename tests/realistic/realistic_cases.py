@@ -79,6 +79,11 @@ CASES = [
          location=f"{LAYER0}.self_attn.q_proj.lora_B.default", fix_word="optimizer"),
     Case("completion_only_truncated", old=(STUCK, "no-supervised-tokens"), new=(STUCK, "no-supervised-tokens"),
          location=None, fix_word="labels"),
+    # issue 18: every trainable tensor without a gradient is explained
+    Case("loss_weights_zero", old=(STUCK, "grad-all-zero"), new=(STUCK, "grad-all-zero"),
+         location="transformer", fix_word="weights"),
+    Case("set_adapter_in_loss", old=(STUCK, "requires-grad-changed"), new=(STUCK, "requires-grad-changed"),
+         location="base_model.model.model.layers", fix_word="set_adapter", callback="grad-missing-in-training"),
     # healthy
     Case("lora_gc_non_reentrant", old=(LEARNS, None), new=(LEARNS, None)),
     Case("sft_lora", old=(LEARNS, None), new=(LEARNS, None)),

@@ -13,6 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from tests.helpers.builders import assert_fires, assert_silent, base, batch, lora, probe, tiny_batch, tiny_lm
 from tests.helpers.dist import process_group  # noqa: F401  (fixture)
+from tests.helpers.vlm import VISION_LORA, tiny_llava, vlm_batch
 
 SLUG = "ddp-unused-parameters"
 UNFINISHED = "Expected to have finished reduction in the prior iteration"
@@ -95,3 +96,21 @@ def test_silent_when_every_trainable_parameter_gets_a_gradient(process_group):
 
 def test_silent_without_ddp():
     assert_silent(probe(WithSpareHead(), tiny_batch()), SLUG)
+
+
+def test_vlm_text_only_batch_names_the_vision_tower(process_group):
+    """LoRA on a LLaVA's vision tower, a text-only batch: DDP raises at step 2; the tower is named, not the root."""
+    model = lora(tiny_llava(feature_layer=-1), target_modules=VISION_LORA)
+    data = vlm_batch(images=False)
+    report = probe(DistributedDataParallel(model, find_unused_parameters=False), data)
+    finding = assert_fires(report, SLUG, location="module.base_model.model.model.vision_tower")
+    assert finding.params and all(".vision_tower." in p for p in finding.params)
+    # the same fault without gradflow: the second step raises
+    assert _train(DistributedDataParallel(lora(tiny_llava(feature_layer=-1), target_modules=VISION_LORA),
+                                          find_unused_parameters=False), data).startswith(UNFINISHED)
+
+
+def test_silent_on_a_vlm_batch_with_images(process_group):
+    model = lora(tiny_llava(feature_layer=-1), target_modules=VISION_LORA)
+    report = probe(DistributedDataParallel(model, find_unused_parameters=False), vlm_batch())
+    assert_silent(report, SLUG, "trainable-param-unused", "grad-missing-unexplained")

@@ -7,6 +7,7 @@ import torch
 
 from tests.helpers.builders import (Block, TinyLM, assert_fires, assert_silent, base, batch, custom_lora, enable_gc,
                                     lora, lora_config, probe, tiny_batch, tiny_lm)
+from tests.helpers.vlm import VISION_LORA, tiny_llava, vlm_batch
 
 SLUG = "graph-break"
 
@@ -301,7 +302,8 @@ def test_fires_at_a_block_the_users_forward_runs_under_no_grad(targets):
 
 
 def _loop_with_layer_under_no_grad(index):
-    """A user's loss function that runs the decoder layers itself and wraps one call in torch.no_grad()."""
+    """A user's loss function that runs the decoder layers itself and wraps one call (or a set) in torch.no_grad()."""
+    scope = index if isinstance(index, set) else {index}
 
     def loss_fn(model, data):
         inner = model.get_base_model()
@@ -309,7 +311,7 @@ def _loop_with_layer_under_no_grad(index):
         positions = torch.arange(h.shape[1]).unsqueeze(0)
         rope = inner.model.rotary_emb(h, positions)
         for i, layer in enumerate(inner.model.layers):
-            with torch.no_grad() if i == index else torch.enable_grad():
+            with torch.no_grad() if i in scope else torch.enable_grad():
                 out = layer(h, position_embeddings=rope, position_ids=positions)
             h = out[0] if isinstance(out, tuple) else out
         logits = inner.lm_head(inner.model.norm(h))
@@ -364,3 +366,24 @@ def test_patch_advice_says_which_no_grad_to_remove():
     (advice,) = [a for a in report.extra["advice"] if a["answers"] == [SLUG]]
     assert advice["changes"][0].startswith("in base_model.model (NoGradLayerLM")
     assert advice["changes"][0].endswith("call base_model.model.blocks.1 outside torch.no_grad() / inference_mode")
+
+
+# --- the scope and the sub-model are named (issue 18) -------------------------------------------------------------
+def test_fires_on_a_no_grad_block_around_two_layers_with_every_lost_tensor():
+    """`with torch.no_grad():` around layers 0-1 in a user's loop: all their adapters are lost, named as one scope."""
+    model = lora(target_modules=["q_proj", "k_proj", "v_proj"])
+    report = probe(model, batch(model), loss_fn=_loop_with_layer_under_no_grad({0, 1}))
+    finding = assert_fires(report, SLUG, location="base_model.model.model.layers.0")
+    assert set(finding.params) == _lora_ids(report, 0, 1) and len(finding.params) == 12
+    assert "base_model.model.model.layers.0–1" in finding.message
+
+
+def test_fires_at_the_vision_tower_a_vlm_runs_under_no_grad():
+    """get_image_features wrapped in torch.no_grad() (as for a frozen tower) while LoRA on the tower should train."""
+    model = lora(tiny_llava(feature_layer=-1), target_modules=VISION_LORA)
+    inner = model.get_base_model()
+    inner.model.get_image_features = torch.no_grad()(inner.model.get_image_features)
+    report = probe(model, vlm_batch())
+    finding = assert_fires(report, SLUG, location="base_model.model.model.vision_tower")
+    assert finding.params and all(".vision_tower." in p for p in finding.params)
+    assert_silent(report, "grad-missing-unexplained", "trainable-param-unused")

@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tests.helpers.builders import (TinyLM, assert_fires, assert_silent, base, batch, custom_lora, lora, lora_config,
-                                    probe, tiny_batch, tiny_lm)
+from tests.helpers.builders import (TinyLM, assert_fires, assert_healthy, assert_silent, base, batch, custom_lora, lora,
+                                    lora_config, probe, tiny_batch, tiny_lm)
+from tests.helpers.vlm import VISION_LORA, tiny_llava, vlm_batch
 
 SLUG = "trainable-param-unused"
 
@@ -130,3 +131,62 @@ def test_stale_reference_to_modules_peft_replaced():
     assert "base_layer inside base_model.model.blocks.0.proj ran without it" in finding.message
     assert "stale reference" in finding.message
     assert len(finding.params) == 6 and all(".lora_" in p for p in finding.params)
+
+
+# --- ran, but its output never reaches the loss (issue 18) ----------------------------------------------------------
+def test_vision_tower_last_layer_runs_while_the_projector_reads_the_layer_before():
+    """LLaVA reads vision layer -2 by default: LoRA on every linear layer trains the last vision layer for nothing."""
+    model = lora(tiny_llava(), target_modules="all-linear")
+    report = probe(model, vlm_batch())
+    finding = assert_fires(report, SLUG)
+    last = next(m.name for m in report.snapshot.modules if m.name.endswith("encoder.layers.1"))
+    assert finding.location == last and "none of its outputs reaches the loss" in finding.message
+    assert finding.params and all(p.startswith(last + ".") for p in finding.params)
+    assert finding.fix.title == "Freeze it, or use its output"
+    assert_silent(report, "graph-break", "grad-missing-unexplained")
+
+
+class ValueHeadLM(TinyLM):
+    """Computes a value estimate on every forward and returns it; the LM loss never uses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.value_head = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, labels=labels)
+        out["value"] = self.value_head(self.embed(input_ids)).squeeze(-1)
+        return out
+
+
+def test_value_head_computed_and_never_used_by_the_loss():
+    model = ValueHeadLM()
+    model.requires_grad_(False)
+    model.value_head.requires_grad_(True)
+    model.blocks.requires_grad_(True)
+    report = probe(model, tiny_batch())
+    finding = assert_fires(report, SLUG, location="value_head")  # the outermost unused module, not each Linear
+    assert sorted(finding.params) == ["value_head.0.bias", "value_head.0.weight", "value_head.2.bias",
+                                      "value_head.2.weight"]
+    assert_silent(report, "graph-break")
+
+
+def test_silent_when_the_projector_reads_the_last_vision_layer():
+    model = lora(tiny_llava(feature_layer=-1), target_modules=VISION_LORA)
+    report = probe(model, vlm_batch())
+    assert_silent(report, SLUG)
+    assert_healthy(report)
+
+
+def test_cli_factory_names_the_unused_vision_layer():
+    from tests.helpers.cli import invoke
+    from tests.helpers.env import REPO
+
+    run = invoke("probe-backward", f"{REPO / 'tests/helpers/vlm.py'}:unused_layer_factory", "--format", "json")
+    assert run.code == 0, run.stderr[-2000:]  # a warning: exit 0 under the default --fail-on error
+    (finding,) = [f for f in run.json()["findings"] if f["slug"] == SLUG]
+    assert finding["location"].endswith("vision_tower.encoder.layers.1") or finding["location"].endswith(
+        "vision_tower.vision_model.encoder.layers.1")
+    assert finding["fix"]["title"] == "Freeze it, or use its output"
+    clean = invoke("probe-backward", f"{REPO / 'tests/helpers/vlm.py'}:used_layer_factory", "--format", "json")
+    assert clean.code == 0 and not [f for f in clean.json()["findings"] if f["severity"] != "info"], clean.stdout

@@ -59,3 +59,22 @@ def test_silent_without_checkpointing():
     model = lora()
     assert model.config.use_cache is True
     assert_silent(probe(model, batch(model)), SLUG)
+
+
+def test_cache_inside_a_users_reentrant_wrapper_zeroes_key_value_gradients():
+    """The recomputation reads keys/values the no-grad forward cached: k/v adapters get exactly zero, without
+    gradflow too (issue 18's coverage found it)."""
+    from tests.helpers.builders import Checkpointed, wrap_layers
+
+    def build():
+        model = wrap_layers(lora(base("tiny-llama")), Checkpointed)
+        model.get_base_model().enable_input_require_grads()
+        return model
+
+    report = probe(build(), batch())
+    finding = assert_fires(report, SLUG, location="base_model.model.model.layers.0.inner")  # the region's layer
+    assert finding.params and all(("k_proj" in p or "v_proj" in p) for p in finding.params)
+    plain = build()
+    plain(**batch()).loss.backward()
+    zero = {n for n, p in plain.named_parameters() if p.grad is not None and not p.grad.any()}
+    assert set(finding.params) <= zero
