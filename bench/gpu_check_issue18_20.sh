@@ -9,6 +9,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD COLUMNS=80
 gf() { echo >&2; echo "\$ gradflow $*" >&2; /usr/bin/time -f "[wall %es, max RSS %MKB]" python3 -m gradflow "$@"; echo "[exit $?]" >&2; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -c "import torch, transformers, peft, bitsandbytes, typer; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, 'typer', typer.__version__)"
+echo; echo '$ python bench/probe_overhead.py (issue 18 goal: the probe within 1.10x a plain step)'
+timeout 200 python3 bench/probe_overhead.py --iters 5
 F=bench/gpu_factories.py
 gf probe-backward $F:aux_term_detached
 gf probe-backward $F:aux_term_detached --format sarif --baseline /tmp/gf_base.json > /tmp/a.sarif
