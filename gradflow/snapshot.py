@@ -83,6 +83,17 @@ class LossState:
 
 
 @dataclasses.dataclass
+class LossTerm:
+    """A term of the loss computed from the model's outputs without a gradient (gradflow.probing.loss_terms)."""
+
+    op: str  # the call that added it: add, sub, stack, ...
+    shape: list[int]
+    how: str  # how it lost its gradient, in words ("under torch.no_grad() from the model output")
+    computed_at: str | None = None  # file:line where it lost it, when the trace can tell
+    added_at: str | None = None  # file:line of the addition
+
+
+@dataclasses.dataclass
 class GradDiff:
     """A trainable parameter whose gradient with checkpointing on differs from the one with it off."""
 
@@ -223,6 +234,8 @@ class Snapshot:
     gc_equivalence: GcEquivalence | None = None  # filled by --check-gc (gradflow.probe(check_gc=True))
     steps: StepsRun | None = None  # filled by --steps K (gradflow.probe(steps=K))
     packed_leak: PackedLeak | None = None  # filled when the probe batch is packed (gradflow.probing.leak)
+    # terms added to the loss that were computed from model outputs without a gradient (gradflow.probing.loss_terms)
+    loss_terms: list[LossTerm] = dataclasses.field(default_factory=list)
 
     def module(self, name: str) -> ModuleState | None:
         for m in self.modules:
