@@ -42,6 +42,7 @@ class LossTerms(TorchFunctionMode):
         super().__init__()
         self._derived: dict[int, tuple] = {}  # id(tensor) -> (weakref, origin or None)
         self._candidates: dict[int, tuple] = {}  # id(grad_fn of the sum) -> (grad_fn, LossTerm)
+        self._detached_from: dict[int, int] = {}  # id(x.detach()) -> id(x.grad_fn)
         self._depth = 0
         self._paused: list[bool] = []
         self._handles = []
@@ -59,6 +60,7 @@ class LossTerms(TorchFunctionMode):
             h.remove()
         self._handles.clear()
         self._derived.clear()
+        self._detached_from.clear()
         return super().__exit__(*exc)
 
     # --- module calls: pause inside, mark what a top-level call returns -------------------------------------
@@ -102,15 +104,20 @@ class LossTerms(TorchFunctionMode):
             if t.grad_fn is None and not t.requires_grad:
                 origin = lost or (_how(name), _user_frame())
             self._mark(t, origin)
+        if name == "detach" and derived[0].grad_fn is not None and isinstance(out, torch.Tensor):
+            self._detached_from[id(out)] = id(derived[0].grad_fn)
         if name in _ADDITIVE and isinstance(out, torch.Tensor) and out.grad_fn is not None:
-            self._candidate(name, out, derived)
+            self._candidate(name, out, derived, list(_tensors((args, kwargs))))
         return out
 
-    def _candidate(self, name, out, derived) -> None:
+    def _candidate(self, name, out, derived, operands) -> None:
+        with_grad = {id(t.grad_fn) for t in operands if t.grad_fn is not None}
         for t in derived:
             origin = self._derived[id(t)][1]
             if origin is None or t.requires_grad or not t.is_floating_point():
                 continue
+            if self._detached_from.get(id(t)) in with_grad:
+                continue  # x - x.detach(): a straight-through shift, zero in value, the gradient of x
             what, where = origin
             term = LossTerm(op=name.strip("_").rstrip("_"), shape=list(t.shape), how=what, computed_at=where,
                             added_at=_user_frame())

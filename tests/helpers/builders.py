@@ -308,6 +308,7 @@ SPEC_SEVERITY = {
     "kbit-not-prepared": "warning",
     "lora-zero-init": "info", "use-cache-in-training": "info",
 }
+SPEC_SEVERITY["loss-term-no-grad"] = "warning"  # issue 18: a term added to the loss without a gradient
 _ANY = object()
 
 
