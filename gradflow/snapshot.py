@@ -150,6 +150,8 @@ class StepsRun:
     group_sizes: list[int] = dataclasses.field(default_factory=list)  # trainable params per group
     losses: list[float | None] = dataclasses.field(default_factory=list)
     error: str | None = None
+    error_step: int | None = None  # the step (1-based) that raised
+    error_phase: str | None = None  # forward | loss | backward | optimizer
     restored: bool = False
     params: list[ParamStep] = dataclasses.field(default_factory=list)
 
