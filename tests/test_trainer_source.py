@@ -153,3 +153,32 @@ def test_sft_trainer_with_peft_config(tmp_path):
     assert {k: {m: n for m, n in d.items() if n} for k, d in after.items()} == \
         {k: {m: n for m, n in d.items() if n} for k, d in metrics.items()}  # compute_loss's metrics taken back
     assert _files(tmp_path) == []
+
+
+@pytest.mark.slow  # a real SFTTrainer
+def test_sft_trainer_whose_max_length_truncates_every_completion(tmp_path):
+    """Prompts longer than max_length: TRL 1.x drops every example (then the sampler's raw 'num_samples=0'), TRL 0.x
+    keeps them with every label masked. Either way the user learns that truncation to max_length is the cause."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from gradflow.errors import GradflowError
+    from gradflow.setup.presets import build_preset, build_tokenizer
+
+    system = "You are a helpful assistant. Answer in one short, polite sentence.\n"
+    ds = Dataset.from_dict({"prompt": [f"{system}Q: what is {i} plus {i}?\nA: " for i in range(4)],
+                            "completion": [f"{2 * i}." for i in range(4)]})
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[],
+                         save_strategy="no", use_cpu=True, max_length=16)
+    trainer = trl.SFTTrainer(model=build_preset("tiny-gpt2", seed=0), args=args, train_dataset=ds,
+                             processing_class=build_tokenizer())
+    if len(trainer.train_dataset) == 0:  # TRL 1.x
+        with pytest.raises(GradflowError) as raised:
+            gradflow.probe(trainer)
+        text = str(raised.value)
+        assert "truncation to max_length=16" in text and "num_samples" not in text, text
+        assert "Raise max_length above the longest prompt" in raised.value.todo
+        with pytest.raises(ValueError, match="num_samples=0"):  # what the user gets without gradflow
+            trainer.train()
+    else:  # TRL 0.x
+        assert "no-supervised-tokens" in gradflow.probe(trainer).slugs()

@@ -211,6 +211,7 @@ def prepared(trainer) -> Iterator[Setup]:
     trainer.callback_handler.callbacks.insert(0, capture)
     after_prep = None
     try:
+        _check_not_empty(trainer)
         with kept_rng():
             try:
                 trainer.train()
@@ -255,6 +256,24 @@ def prepared(trainer) -> Iterator[Setup]:
                     if key != "params" and key not in old:
                         del g[key]
                 g.update(old)
+
+
+def _check_not_empty(trainer) -> None:
+    """An empty train dataset is one line naming why, not the sampler's `num_samples=0` from inside train()."""
+    dataset = getattr(trainer, "train_dataset", None)
+    try:
+        empty = dataset is not None and len(dataset) == 0
+    except TypeError:  # an iterable dataset has no length: its first batch tells
+        return
+    if not empty:
+        return
+    max_length = getattr(trainer.args, "max_length", None)
+    if max_length:  # TRL >= 1 truncates to max_length, then drops the examples left with no supervised token
+        raise GradflowError(f"the trainer's train dataset is empty: truncation to max_length={max_length} left no "
+                            "supervised token in any example (the prompts fill it), and the trainer dropped them all",
+                            f"Raise max_length above the longest prompt (now {max_length}), or shorten the prompts")
+    raise GradflowError("the trainer's train dataset is empty: there is no first batch to probe",
+                        "Pass a train_dataset with at least one sample")
 
 
 def _num_items(trainer, batch):
