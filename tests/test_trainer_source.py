@@ -182,3 +182,50 @@ def test_sft_trainer_whose_max_length_truncates_every_completion(tmp_path):
             trainer.train()
     else:  # TRL 0.x
         assert "no-supervised-tokens" in gradflow.probe(trainer).slugs()
+
+
+_GC_FACTORY = """
+import tempfile
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from gradflow.setup.presets import build_preset, build_tokenizer
+
+def build():
+    tok = build_tokenizer()
+    model = get_peft_model(build_preset("tiny-llama", seed=0),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    ds = Dataset.from_dict({"text": ["sample says hello"] * 4}).map(lambda b: tok(b["text"]), batched=True,
+                                                                    remove_columns=["text"])
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=1,
+                             gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
+                             report_to=[], save_strategy="no", use_cpu=True)
+    return Trainer(model=model, args=args, train_dataset=ds,
+                   data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+"""
+
+
+@pytest.mark.slow  # Trainer.train() up to its first step, through the API and the CLI
+def test_the_trainer_aware_fix_is_given_by_the_api_and_the_cli(tmp_path):
+    """Checkpointing is set in TrainingArguments, and train() overrides a call on the model: the fix says where to
+    set it, as GradFlowCallback does; the CLI adds the factory file's TrainingArguments line."""
+    from tests.helpers.cli import invoke
+    from tests.helpers.env import REPO
+
+    wanted = 'TrainingArguments(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})'
+    report = gradflow.probe(_trainer(tmp_path / "api", gc_kwargs={"use_reentrant": True}))
+    factory = tmp_path / "factory.py"
+    factory.write_text(_GC_FACTORY)
+    run = invoke("probe-backward", f"{factory}:build", "--format", "json", cwd=REPO)
+    if stack() == "new":  # transformers 5 installs the input-grad hook when it turns reentrant checkpointing on
+        assert "reentrant-checkpoint-no-input-grad" not in report.slugs() and run.code == 0, run.stdout[-2000:]
+        return
+    (finding,) = [f for f in report.findings if f.slug == "reentrant-checkpoint-no-input-grad"]
+    assert finding.fix.here == wanted  # the API: no file to point at
+    assert finding.to_dict()["fix"]["here"] == wanted
+    assert all("here" not in f.to_dict()["fix"] for f in report.findings if f is not finding and f.fix)
+    assert run.code == 1, run.stderr[-2000:]
+    (cli,) = [f for f in run.json()["findings"] if f["slug"] == "reentrant-checkpoint-no-input-grad"]
+    assert cli["fix"]["here"] == f"{wanted} at {factory}:14"  # the factory's TrainingArguments( line
+    text = invoke("probe-backward", f"{factory}:build", cwd=REPO).stdout
+    assert "here: TrainingArguments(gradient_checkpointing=True" in text, text

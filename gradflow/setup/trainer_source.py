@@ -238,6 +238,7 @@ def prepared(trainer) -> Iterator[Setup]:
         setup.static_graph = bool(getattr(trainer.args, "ddp_static_graph", False))
         setup.lr_scheduler = seen.get("lr_scheduler")  # for --steps: the schedule the run will step
         setup.fsdp_plan = fsdp1_plan(trainer, live)  # FSDP1 refuses a bad unit when it wraps: judge the plan
+        setup.hints = trainer_hints(trainer.args)
         yield setup
     finally:
         with contextlib.suppress(ValueError):
@@ -274,6 +275,17 @@ def _check_not_empty(trainer) -> None:
                             f"Raise max_length above the longest prompt (now {max_length}), or shorten the prompts")
     raise GradflowError("the trainer's train dataset is empty: there is no first batch to probe",
                         "Pass a train_dataset with at least one sample")
+
+
+def trainer_hints(args) -> dict[str, str]:
+    """Fixes that fit a Trainer's own set-up, beyond the finding's generic fix title."""
+    hints = {}
+    gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    if getattr(args, "gradient_checkpointing", False) and gc_kwargs.get("use_reentrant", True) is not False:
+        # the Trainer (re-)enables checkpointing inside train(): a call on the model beforehand is overridden
+        hints["reentrant-checkpoint-no-input-grad"] = (
+            'TrainingArguments(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})')
+    return hints
 
 
 def _num_items(trainer, batch):

@@ -139,6 +139,13 @@ class SourceLines:
                 return self.lines[kind]
         return self.default
 
+    def where(self, kind: str) -> str | None:
+        """'path:LINE' of the first line of `kind` (relative to the root when inside it), or None."""
+        if kind not in self.lines:
+            return None
+        rel = os.path.relpath(self.path, self.root)
+        return f"{self.path if rel.startswith('..') else rel}:{self.lines[kind]}"
+
     def physical(self, slug: str) -> dict:
         rel = os.path.relpath(self.path, self.root)
         if rel.startswith(".."):  # outside the repository: an absolute file URI (code scanning cannot show it)
