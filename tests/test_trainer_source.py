@@ -229,3 +229,50 @@ def test_the_trainer_aware_fix_is_given_by_the_api_and_the_cli(tmp_path):
     assert cli["fix"]["here"] == f"{wanted} at {factory}:14"  # the factory's TrainingArguments( line
     text = invoke("probe-backward", f"{factory}:build", cwd=REPO).stdout
     assert "here: TrainingArguments(gradient_checkpointing=True" in text, text
+
+
+_MODEL_ONLY = """
+import tempfile
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments
+from gradflow.setup.presets import build_preset
+
+def build_model():
+    return get_peft_model(build_preset("tiny-llama", seed=0),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+
+def plain():
+    return build_preset("tiny-llama", seed=0)
+
+def main():
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), gradient_checkpointing=True, bf16=False,
+                             per_device_train_batch_size=2, max_steps=1, report_to=[])
+    Trainer(model=build_model(), args=args).train()
+"""
+
+
+def test_a_factory_returning_the_model_of_a_trainer_script_gets_one_note(tmp_path):
+    """The file turns on checkpointing through TrainingArguments, the factory returns only the model: the probe
+    sees no checkpointing (on 4.57 the run trains nothing), and one note on stderr says to probe the Trainer."""
+    from gradflow.report.render.sarif import trainer_settings
+    from tests.helpers.cli import invoke_main
+
+    factory = tmp_path / "train.py"
+    factory.write_text(_MODEL_ONLY)
+    run = invoke_main("probe-backward", f"{factory}:build_model", "--format", "json", cwd=tmp_path)
+    assert run.code == 0 and run.json()["model"]["gradient_checkpointing"] == "off", run.stderr[-2000:]
+    notes = [line for line in run.stderr.splitlines() if line.startswith("gradflow: note:")]
+    assert notes == [f"gradflow: note: {factory}:build_model returns the model, and its file turns on checkpointing "
+                     "through a Trainer (TrainingArguments(gradient_checkpointing=True) at train.py:15), which this "
+                     "probe of the model alone did not see: probe the Trainer (return it from the factory) to see "
+                     "the run as it will execute"], run.stderr[-2000:]
+    assert "gradflow: note:" not in invoke_main("probe-backward", f"{factory}:build_model", "-q", cwd=tmp_path).stderr
+    report = gradflow.probe(f"{factory}:plain")  # the API: the same note, on the report
+    assert len(report.notes) == 1 and "probe the Trainer" in report.notes[0]
+    assert trainer_settings(f"{tmp_path / 'missing.py'}:build") == []
+
+
+def test_silent_note_for_a_factory_file_without_a_trainer(tmp_path):
+    factory = tmp_path / "model.py"
+    factory.write_text(_MODEL_ONLY.split("def main")[0])
+    assert gradflow.probe(f"{factory}:build_model").notes == []
