@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -84,7 +85,8 @@ def _note_batch(snap: Snapshot, batch) -> None:
 def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, *, backward: bool) -> None:
     """The traced forward, the loss, and (unless inspecting) the backward; a failure in any is recorded as data."""
     loss = None
-    watch = LossTerms()  # terms added to the loss without a gradient
+    # terms added to the loss without a gradient; a model's own loss is computed inside its forward, out of sight
+    watch = LossTerms() if loss_fn is not None else contextlib.nullcontext()
     try:
         with watch:
             out = loss_fn(model, fresh(batch)) if loss_fn is not None else call_model(model, fresh(batch))
@@ -100,7 +102,7 @@ def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, 
     model_out = tracer.main_output
     if model_out is not None:
         snap.output_requires_grad = bool(model_out.requires_grad)
-    snap.loss_terms = watch.terms(loss)
+    snap.loss_terms = watch.terms(loss) if loss_fn is not None else []
     if loss is not None:
         _note_loss(loss, loss_state, tracer)
         if backward and loss.requires_grad:
