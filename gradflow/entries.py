@@ -19,9 +19,10 @@ from gradflow.errors import GradflowError
 from gradflow.probing.steps import check_steps
 from gradflow.report import Report
 from gradflow.report.ranks import speak_for_ranks
+from gradflow.report.render.source_lines import source_lines, trainer_settings
 from gradflow.setup.options import SetupOptions
 from gradflow.setup.load import load_batch
-from gradflow.setup.sources import Setup
+from gradflow.setup.sources import Kind, Setup
 
 Status = Callable[[str], ContextManager]
 
@@ -55,6 +56,30 @@ def inspect(model: Any, batch: Any = None, *, static: bool = False, loss_fn: Cal
     loaded, batch = _load(model, opts, status, data=data, batch_size=batch_size, seq_len=seq_len, seed=seed)
     report = api.inspect(loaded.model, batch, static=static, loss_fn=loaded.loss_fn, trainable=loaded.trainable)
     speak_for_ranks(report)  # a Trainer factory under torchrun started the process group: rank 0 speaks
+    return _noted(_pointed(report, model), model, loaded)
+
+
+def _noted(report: Report, spec: str, loaded: Setup) -> Report:
+    """A factory that returns the model while its file sets up a Trainer that turns on checkpointing, mixed
+    precision or PEFT inside train(): the probe saw the model without them, and says so in one note."""
+    settings = trainer_settings(spec) if loaded.kind == Kind.FACTORY else []
+    if settings:
+        what = " and ".join(dict.fromkeys(w for w, _, _ in settings))
+        said = "; ".join(f"{code} at {where}" for _, code, where in settings)
+        report.notes.append(f"{spec} returns the model, and its file turns on {what} through a Trainer ({said}), "
+                            "which this probe of the model alone did not see: probe the Trainer (return it from the "
+                            "factory) to see the run as it will execute")
+    return report
+
+
+def _pointed(report: Report, spec: str) -> Report:
+    """A Trainer-aware fix (`fix.here`) with the line of the factory's file that builds the TrainingArguments, found
+    by the same source scan that places SARIF results."""
+    here = [f for f in report.findings if f.fix is not None and f.fix.here]
+    lines = source_lines(spec) if here else None
+    where = lines.where("args") if lines is not None else None
+    for f in here if where else ():
+        f.fix.here = f"{f.fix.here} at {where}"
     return report
 
 
@@ -99,7 +124,7 @@ def probe(model: Any, batch: Any = None, *, loss_fn: Callable | None = None, opt
                            trainable=loaded.trainable, check_gc=check_gc, steps=steps,
                            lr_scheduler=loaded.lr_scheduler)
     speak_for_ranks(report)  # a Trainer factory under torchrun started the process group: rank 0 speaks
-    return report
+    return _noted(_pointed(report, model), model, loaded)
 
 
 def patch(model: Any, batch: Any = None, *, loss_fn: Callable | None = None, optimizer=None,

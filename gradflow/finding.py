@@ -57,6 +57,14 @@ class Fix:
 
     title: str
     applicability: Applicability | None = None
+    # the same fix as it fits this setup, and where: a Trainer's TrainingArguments (and the factory file's line)
+    here: str | None = None
+
+    def to_dict(self) -> dict:
+        data = {"title": self.title, "applicability": str(self.applicability)}
+        if self.here is not None:  # only where the setup tells: other findings' JSON is unchanged
+            data["here"] = self.here
+        return data
 
 
 @dataclasses.dataclass
@@ -74,7 +82,7 @@ class Finding:
         """The finding as JSON: the first `limit` parameter names it concerns (None: all), and how many there are."""
         return {"code": self.code, "slug": self.slug, "severity": self.severity, "message": self.message,
                 "location": self.location,
-                "fix": {"title": self.fix.title, "applicability": str(self.fix.applicability)} if self.fix else None,
+                "fix": self.fix.to_dict() if self.fix else None,
                 "params": self.params[:limit],
                 "params_count": self.params_count if self.params_count is not None else len(self.params)}
 
@@ -82,7 +90,7 @@ class Finding:
     def from_dict(cls, data: dict) -> "Finding":
         fix = data.get("fix")
         return cls(data["code"], data["slug"], data["severity"], data["message"], data.get("location"),
-                   Fix(fix["title"], Applicability(fix["applicability"])) if fix else None,
+                   Fix(fix["title"], Applicability(fix["applicability"]), fix.get("here")) if fix else None,
                    list(data.get("params") or []), data.get("params_count"))
 
 

@@ -39,6 +39,22 @@ def synthetic_batch(model, *, batch_size: int = 2, seq_len: int = 32, seed: int 
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.clone().to(device)}
 
 
+def fresh(batch):
+    """A new copy of the batch's containers (the tensors shared), as a dataloader hands each step its own: a
+    `compute_loss` that pops keys from its inputs must not change the batch the next step gets."""
+    if type(batch) is dict:
+        return {k: fresh(v) for k, v in batch.items()}
+    if isinstance(batch, Mapping):  # a tokenizer's BatchEncoding (a UserDict), an OrderedDict
+        import copy
+
+        return copy.copy(batch)
+    if isinstance(batch, list):
+        return [fresh(v) for v in batch]
+    if isinstance(batch, tuple) and not hasattr(batch, "_fields"):
+        return tuple(fresh(v) for v in batch)
+    return batch
+
+
 def call_model(model, batch):
     if isinstance(batch, Mapping):  # a dict, or a tokenizer's BatchEncoding
         return model(**batch)

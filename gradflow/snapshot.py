@@ -99,6 +99,17 @@ class LossState:
 
 
 @dataclasses.dataclass
+class LossTerm:
+    """A term of the loss computed from the model's outputs without a gradient (gradflow.probing.loss_terms)."""
+
+    op: str  # the call that added it: add, sub, stack, ...
+    shape: list[int]
+    how: str  # how it lost its gradient, in words ("under torch.no_grad() from the model output")
+    computed_at: str | None = None  # file:line where it lost it, when the trace can tell
+    added_at: str | None = None  # file:line of the addition
+
+
+@dataclasses.dataclass
 class GradDiff:
     """A trainable parameter whose gradient with checkpointing on differs from the one with it off."""
 
@@ -155,6 +166,8 @@ class StepsRun:
     group_sizes: list[int] = dataclasses.field(default_factory=list)  # trainable params per group
     losses: list[float | None] = dataclasses.field(default_factory=list)
     error: str | None = None
+    error_step: int | None = None  # the step (1-based) that raised
+    error_phase: str | None = None  # forward | loss | backward | optimizer
     restored: bool = False
     params: list[ParamStep] = dataclasses.field(default_factory=list)
 
@@ -240,6 +253,8 @@ class Snapshot:
     steps: StepsRun | None = None  # filled by --steps K (gradflow.probe(steps=K))
     packed_leak: PackedLeak | None = None  # filled when the probe batch is packed (gradflow.probing.leak)
     flips: list[FlagFlip] = dataclasses.field(default_factory=list)  # requires_grad switched off during the step
+    # terms added to the loss that were computed from model outputs without a gradient (gradflow.probing.loss_terms)
+    loss_terms: list[LossTerm] = dataclasses.field(default_factory=list)
 
     def flipped(self) -> set[str]:
         """Names of the trainable parameters whose requires_grad went off during the step."""

@@ -153,3 +153,126 @@ def test_sft_trainer_with_peft_config(tmp_path):
     assert {k: {m: n for m, n in d.items() if n} for k, d in after.items()} == \
         {k: {m: n for m, n in d.items() if n} for k, d in metrics.items()}  # compute_loss's metrics taken back
     assert _files(tmp_path) == []
+
+
+@pytest.mark.slow  # a real SFTTrainer
+def test_sft_trainer_whose_max_length_truncates_every_completion(tmp_path):
+    """Prompts longer than max_length: TRL 1.x drops every example (then the sampler's raw 'num_samples=0'), TRL 0.x
+    keeps them with every label masked. Either way the user learns that truncation to max_length is the cause."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from gradflow.errors import GradflowError
+    from gradflow.setup.presets import build_preset, build_tokenizer
+
+    system = "You are a helpful assistant. Answer in one short, polite sentence.\n"
+    ds = Dataset.from_dict({"prompt": [f"{system}Q: what is {i} plus {i}?\nA: " for i in range(4)],
+                            "completion": [f"{2 * i}." for i in range(4)]})
+    args = trl.SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[],
+                         save_strategy="no", use_cpu=True, max_length=16)
+    trainer = trl.SFTTrainer(model=build_preset("tiny-gpt2", seed=0), args=args, train_dataset=ds,
+                             processing_class=build_tokenizer())
+    if len(trainer.train_dataset) == 0:  # TRL 1.x
+        with pytest.raises(GradflowError) as raised:
+            gradflow.probe(trainer)
+        text = str(raised.value)
+        assert "truncation to max_length=16" in text and "num_samples" not in text, text
+        assert "Raise max_length above the longest prompt" in raised.value.todo
+        with pytest.raises(ValueError, match="num_samples=0"):  # what the user gets without gradflow
+            trainer.train()
+    else:  # TRL 0.x
+        assert "no-supervised-tokens" in gradflow.probe(trainer).slugs()
+
+
+_GC_FACTORY = """
+import tempfile
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import DataCollatorForLanguageModeling, Trainer, TrainingArguments
+from gradflow.setup.presets import build_preset, build_tokenizer
+
+def build():
+    tok = build_tokenizer()
+    model = get_peft_model(build_preset("tiny-llama", seed=0),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    ds = Dataset.from_dict({"text": ["sample says hello"] * 4}).map(lambda b: tok(b["text"]), batched=True,
+                                                                    remove_columns=["text"])
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=1,
+                             gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True},
+                             report_to=[], save_strategy="no", use_cpu=True)
+    return Trainer(model=model, args=args, train_dataset=ds,
+                   data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+"""
+
+
+@pytest.mark.slow  # Trainer.train() up to its first step, through the API and the CLI
+def test_the_trainer_aware_fix_is_given_by_the_api_and_the_cli(tmp_path):
+    """Checkpointing is set in TrainingArguments, and train() overrides a call on the model: the fix says where to
+    set it, as GradFlowCallback does; the CLI adds the factory file's TrainingArguments line."""
+    from tests.helpers.cli import invoke
+    from tests.helpers.env import REPO
+
+    wanted = 'TrainingArguments(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})'
+    report = gradflow.probe(_trainer(tmp_path / "api", gc_kwargs={"use_reentrant": True}))
+    factory = tmp_path / "factory.py"
+    factory.write_text(_GC_FACTORY)
+    run = invoke("probe-backward", f"{factory}:build", "--format", "json", cwd=REPO)
+    if stack() == "new":  # transformers 5 installs the input-grad hook when it turns reentrant checkpointing on
+        assert "reentrant-checkpoint-no-input-grad" not in report.slugs() and run.code == 0, run.stdout[-2000:]
+        return
+    (finding,) = [f for f in report.findings if f.slug == "reentrant-checkpoint-no-input-grad"]
+    assert finding.fix.here == wanted  # the API: no file to point at
+    assert finding.to_dict()["fix"]["here"] == wanted
+    assert all("here" not in f.to_dict()["fix"] for f in report.findings if f is not finding and f.fix)
+    assert run.code == 1, run.stderr[-2000:]
+    (cli,) = [f for f in run.json()["findings"] if f["slug"] == "reentrant-checkpoint-no-input-grad"]
+    assert cli["fix"]["here"] == f"{wanted} at {factory}:14"  # the factory's TrainingArguments( line
+    text = invoke("probe-backward", f"{factory}:build", cwd=REPO).stdout
+    assert "here: TrainingArguments(gradient_checkpointing=True" in text, text
+
+
+_MODEL_ONLY = """
+import tempfile
+from peft import LoraConfig, get_peft_model
+from transformers import Trainer, TrainingArguments
+from gradflow.setup.presets import build_preset
+
+def build_model():
+    return get_peft_model(build_preset("tiny-llama", seed=0),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+
+def plain():
+    return build_preset("tiny-llama", seed=0)
+
+def main():
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(), gradient_checkpointing=True, bf16=False,
+                             per_device_train_batch_size=2, max_steps=1, report_to=[])
+    Trainer(model=build_model(), args=args).train()
+"""
+
+
+def test_a_factory_returning_the_model_of_a_trainer_script_gets_one_note(tmp_path):
+    """The file turns on checkpointing through TrainingArguments, the factory returns only the model: the probe
+    sees no checkpointing (on 4.57 the run trains nothing), and one note on stderr says to probe the Trainer."""
+    from gradflow.report.render.source_lines import trainer_settings
+    from tests.helpers.cli import invoke_main
+
+    factory = tmp_path / "train.py"
+    factory.write_text(_MODEL_ONLY)
+    run = invoke_main("probe-backward", f"{factory}:build_model", "--format", "json", cwd=tmp_path)
+    assert run.code == 0 and run.json()["model"]["gradient_checkpointing"] == "off", run.stderr[-2000:]
+    notes = [line for line in run.stderr.splitlines() if line.startswith("gradflow: note:")]
+    assert notes == [f"gradflow: note: {factory}:build_model returns the model, and its file turns on checkpointing "
+                     "through a Trainer (TrainingArguments(gradient_checkpointing=True) at train.py:15), which this "
+                     "probe of the model alone did not see: probe the Trainer (return it from the factory) to see "
+                     "the run as it will execute"], run.stderr[-2000:]
+    assert "gradflow: note:" not in invoke_main("probe-backward", f"{factory}:build_model", "-q", cwd=tmp_path).stderr
+    report = gradflow.probe(f"{factory}:plain")  # the API: the same note, on the report
+    assert len(report.notes) == 1 and "probe the Trainer" in report.notes[0]
+    assert trainer_settings(f"{tmp_path / 'missing.py'}:build") == []
+
+
+def test_silent_note_for_a_factory_file_without_a_trainer(tmp_path):
+    factory = tmp_path / "model.py"
+    factory.write_text(_MODEL_ONLY.split("def main")[0])
+    assert gradflow.probe(f"{factory}:build_model").notes == []

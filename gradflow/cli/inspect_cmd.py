@@ -54,6 +54,8 @@ def inspect(
 
             out.show("")  # a blank line between the report and what the dry run could not see
             out.show(note_text(report))
+    for note in [] if out.quiet else report.notes:  # plain and unwrapped: paths and line numbers intact
+        out.tell(f"gradflow: note: {note}")
     gate.explain(out)
     from gradflow.world import end
 

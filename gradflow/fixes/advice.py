@@ -205,6 +205,20 @@ def _packed_leak(ctx, finding):
              "batch.pop('attention_mask', None)       # position_ids carry the boundaries"])
 
 
+def _loss_term(ctx, finding):
+    terms = ctx.snap.loss_terms if ctx.snap is not None else []
+    term = terms[0] if terms else None
+    at = f" at {term.computed_at}" if term is not None and term.computed_at else ""
+    change = (f"compute the term{at} with autograd on, from the model output itself: keep only the teacher (or what "
+              "must stay constant) under torch.no_grad(), and no .detach() / .data on what the term is computed from")
+    return (change, "a term without a gradient changes the loss value and adds nothing to the gradients",
+            [f"# {finding.slug}:{at}",
+             "with torch.no_grad():",
+             "    teacher_logits = teacher(**batch).logits              # constant: fine under no_grad",
+             "kd = F.kl_div(F.log_softmax(out.logits, -1), F.softmax(teacher_logits, -1), reduction='batchmean')",
+             "loss = out.loss + alpha * kd                               # kd now has a gradient"])
+
+
 ADVICE: tuple[Advice, ...] = (
     Advice("loss-from-output", "Compute the loss from the model output", ("loss-detached",),
            "Shows where the loss is computed when it does not depend on the model output (a detached or recomputed "
@@ -277,6 +291,12 @@ ADVICE: tuple[Advice, ...] = (
            "cache in training, an attention implementation that reads position_ids.",
            "The collator, the config and the attention implementation are your setup.", _packed_leak,
            per_location=False),
+    # issue 18
+    Advice("term-with-grad", "Compute the loss term with autograd on", ("loss-term-no-grad",),
+           "Shows where the loss term that has no gradient was computed (under torch.no_grad(), from .detach() or "
+           ".data) and how to compute it so that it trains.",
+           "The loss is your code; only it can compute the term from the model output with autograd on.",
+           _loss_term, per_location=False),
 )
 
 

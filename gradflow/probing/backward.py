@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any, Callable
 
 from gradflow.data.packing import is_packed
-from gradflow.forward import call_model, extract_loss, synthetic_batch
+from gradflow.forward import call_model, extract_loss, fresh, synthetic_batch
 from gradflow.model_state import kept, set_rng_state
 from gradflow.probing.describe import active_adapters, describe
 from gradflow.probing.leak import measure
+from gradflow.probing.loss_terms import LossTerms
 from gradflow.probing.trace import Tracer
 from gradflow.probing.unreached import note_flips, note_unused
 from gradflow.snapshot import LossState, Snapshot
@@ -90,8 +92,11 @@ def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, 
     """The traced forward, the loss, and (unless inspecting) the backward; a failure in any is recorded as data.
     Returns the trainable parameters' requires_grad flags as the loss left them (None when not tracked)."""
     loss = None
+    # terms added to the loss without a gradient; a model's own loss is computed inside its forward, out of sight
+    watch = LossTerms() if loss_fn is not None else contextlib.nullcontext()
     try:
-        out = loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
+        with watch:
+            out = loss_fn(model, fresh(batch)) if loss_fn is not None else call_model(model, fresh(batch))
     except Exception as exc:  # the user's forward failing is data, not a crash
         loss_state.error, loss_state.error_phase = _describe_exc(exc), "forward"
         out = None
@@ -105,6 +110,7 @@ def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, 
     model_out = tracer.main_output
     if model_out is not None:
         snap.output_requires_grad = bool(model_out.requires_grad)
+    snap.loss_terms = watch.terms(loss) if loss_fn is not None else []
     if loss is not None:
         _note_loss(loss, loss_state, tracer)
         tracer.loss_node = loss.grad_fn  # walked after backward, only when a parameter got no gradient
@@ -142,7 +148,7 @@ def _locate_nonfinite(model, batch, loss_fn, names, rng) -> str | None:
     set_rng_state(rng)
     with Tracer(model, names, finite_checks=True) as tracer, torch.no_grad():
         try:
-            loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
+            loss_fn(model, fresh(batch)) if loss_fn is not None else call_model(model, fresh(batch))
         except Exception:  # the first pass already recorded it
             pass
     tracer.output = tracer.main_output = None

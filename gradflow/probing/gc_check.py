@@ -26,7 +26,7 @@ import contextlib
 import math
 from typing import Any, Callable
 
-from gradflow.forward import call_model, extract_loss
+from gradflow.forward import call_model, extract_loss, fresh
 from gradflow.model_state import kept
 from gradflow.models import base_model, set_checkpointing
 from gradflow.probing.backward import _describe_exc
@@ -94,7 +94,7 @@ def _run(model, batch, loss_fn, trainable, *, plain: bool):
     loss_value, error = None, None
     try:
         with (_inline_checkpoints() if plain else contextlib.nullcontext()):
-            out = loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
+            out = loss_fn(model, fresh(batch)) if loss_fn is not None else call_model(model, fresh(batch))
             loss = extract_loss(out)
             loss_value = float(loss.detach().float())
             if loss.requires_grad:

@@ -21,7 +21,7 @@ import contextlib
 from typing import Any, Callable
 
 from gradflow.errors import GradflowError
-from gradflow.forward import call_model, extract_loss
+from gradflow.forward import call_model, extract_loss, fresh
 from gradflow.model_state import ModelState
 from gradflow.probing.backward import _describe_exc
 from gradflow.snapshot import ParamStep, StepsRun
@@ -73,10 +73,12 @@ def run_steps(model, batch: Any, *, steps: int, loss_fn: Callable | None = None,
     try:
         kept.clear_grads()
         model.train()
-        for _ in range(steps):
+        for i in range(steps):
             run.lrs.append([float(g.get("lr", 0.0)) for g in groups])
-            loss = _step(model, batch, loss_fn, optimizer, lr_scheduler, intended, got_grad, nonzero)
+            run.error_step = i + 1  # cleared once the steps are done
+            loss = _step(model, batch, loss_fn, optimizer, lr_scheduler, intended, got_grad, nonzero, run)
             run.losses.append(loss)
+        run.error_step = run.error_phase = None
         run.next_lrs = [float(g.get("lr", 0.0)) for g in groups]
         run.params = [_param_state(n, p, states, held, optimizer, nonzero, got_grad, kept) for n, p in intended]
     except Exception as exc:  # the user's forward, backward or optimizer failing is data
@@ -103,13 +105,18 @@ def _intended(state, p) -> bool:
     return p.requires_grad
 
 
-def _step(model, batch, loss_fn, optimizer, lr_scheduler, intended, got_grad, nonzero) -> float | None:
+def _step(model, batch, loss_fn, optimizer, lr_scheduler, intended, got_grad, nonzero, run) -> float | None:
     model.zero_grad(set_to_none=True)  # parameters outside the optimizer too: each step sees its own gradient
-    out = loss_fn(model, batch) if loss_fn is not None else call_model(model, batch)
+    run.error_phase = "forward"
+    # each step its own copy, as the dataloader gives: a compute_loss may pop keys from its inputs
+    out = loss_fn(model, fresh(batch)) if loss_fn is not None else call_model(model, fresh(batch))
+    run.error_phase = "loss"
     loss = extract_loss(out)
     value = float(loss.detach().float())
+    run.error_phase = "backward"
     if loss.requires_grad:
         loss.backward()
+    run.error_phase = "optimizer"
     for n, p in intended:
         if p.grad is not None:
             got_grad[n] = True

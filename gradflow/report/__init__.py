@@ -70,6 +70,8 @@ class Report:
     baseline: dict | None = None  # --baseline
     modules_total: int | None = None  # how many modules the model has, when `modules` lists fewer (read from JSON)
     trained_model: Any = dataclasses.field(default=None, repr=False, compare=False)  # train: the model in memory
+    # one-line notes on what the report cannot see (the CLI tells them on stderr; not in the JSON)
+    notes: list[str] = dataclasses.field(default_factory=list, compare=False)
 
     @property
     def extra(self) -> Mapping[str, Any]:

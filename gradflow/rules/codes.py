@@ -20,6 +20,7 @@ CODES: dict[str, tuple[str, str]] = {
     "GF121": ("loss-detached", "loss_detached"),
     "GF122": ("no-supervised-tokens", "no_supervised_tokens"),
     "GF123": ("packed-attention-leak", "packed_attention_leak"),
+    "GF124": ("loss-term-no-grad", "loss_term_no_grad"),
     "GF130": ("nonfinite-grad", "nonfinite_grad"),
     "GF131": ("grad-all-zero", "grad_all_zero"),
     "GF140": ("param-not-in-optimizer", "param_not_in_optimizer"),

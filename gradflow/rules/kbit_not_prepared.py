@@ -17,6 +17,10 @@ model = prepare_model_for_kbit_training(model)      # missing
 model = get_peft_model(model, config)
 ```
 
+When the unquantized parameters are already fp32 (`prepare_model_for_kbit_training(model,
+use_gradient_checkpointing=False)` was called, or the model was loaded in fp32), only the input-grad hook is
+missing, and the fix says that rather than to call the preparation again.
+
 ## Fix safety
 Safe: norms are cast to fp32 and the input-grad hook is installed, as prepare_model_for_kbit_training does.
 """
@@ -44,7 +48,13 @@ def check(snap):
     if not reasons:
         return []
     message = f"{snap.quantized} quantized base not prepared for training: " + "; ".join(reasons)
-    return [RULE.finding(message, location=half[0].module if half else embed, params=[p.name for p in half])]
+    if half:
+        return [RULE.finding(message, location=half[0].module, params=[p.name for p in half])]
+    # the norms are fp32 already: prepare_model_for_kbit_training(use_gradient_checkpointing=False) ran (or the
+    # model was loaded in fp32); only the hook is missing, and calling the preparation again is not the fix
+    message += (" (its unquantized parameters are already in fp32, as prepare_model_for_kbit_training leaves them; "
+                "it installs the hook only with use_gradient_checkpointing=True)")
+    return [RULE.finding(message, location=embed, fix_title=HOOK_ONLY)]
 
 
 def reentrant_checkpointing(snap) -> str | None:
@@ -55,6 +65,10 @@ def reentrant_checkpointing(snap) -> str | None:
         return "the forward calls torch.utils.checkpoint(use_reentrant=True)"
     return None
 
+
+HOOK_ONLY = ("Install the input-grad hook: model.enable_input_require_grads() before get_peft_model (or "
+             "prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)), or use non-reentrant "
+             "checkpointing")
 
 RULE = Rule(
     code="GF205", slug="kbit-not-prepared", severity="warning",

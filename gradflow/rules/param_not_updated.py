@@ -10,8 +10,8 @@ after the K steps although nothing else explains it:
 
 Left to other findings: parameters the given optimizer does not hold (`param-not-in-optimizer`), a learning rate of
 zero throughout (`zero-learning-rate`), and parameters whose gradient was None or zero at every step (the gradient
-findings: `reentrant-checkpoint-no-input-grad`, `graph-break`, `lora-zero-init`, ...). It also fires when the steps
-themselves raise while the probe did not (an optimizer that cannot step these parameters).
+findings: `reentrant-checkpoint-no-input-grad`, `graph-break`, `lora-zero-init`, ...), and steps that raise
+(`step-raised` names the error: an optimizer that cannot step these parameters, a `compute_loss` that fails).
 
 Related: `adapter-not-updated` (GF402) is the same symptom seen while training, by `GradFlowCallback`; this is the
 pre-flight check, for any intended parameter, adapters or not.
@@ -42,9 +42,7 @@ def check(snap):
     if run is None:
         return []
     if run.error is not None:
-        if snap.loss is not None and snap.loss.error is not None:
-            return []  # the probe's own step already raised: step-raised says so
-        return [RULE.finding(f"{run.optimizer} could not take {plural(run.steps, 'step')}: {run.error}")]
+        return []  # a step that raised says nothing about frozen parameters: step-raised names the error
     stale = []
     for p in run.params:
         if p.changed or p.zero_lr:

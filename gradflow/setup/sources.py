@@ -51,6 +51,7 @@ class Setup:
     static_graph: bool = False
     lr_scheduler: Any = None  # a factory's (or a Trainer's) scheduler, stepped by --steps
     fsdp_plan: Any = None  # a Trainer's FSDP1 units, planned before wrapping (gradflow.setup.trainer_source.fsdp1_plan)
+    hints: dict = dataclasses.field(default_factory=dict)  # slug -> the fix that fits a Trainer's own args
 
 
 def resolve(spec: str, *, trust_remote_code: bool = False, named_in: str | None = None) -> Setup:

@@ -211,6 +211,7 @@ def prepared(trainer) -> Iterator[Setup]:
     trainer.callback_handler.callbacks.insert(0, capture)
     after_prep = None
     try:
+        _check_not_empty(trainer)
         with kept_rng():
             try:
                 trainer.train()
@@ -237,6 +238,7 @@ def prepared(trainer) -> Iterator[Setup]:
         setup.static_graph = bool(getattr(trainer.args, "ddp_static_graph", False))
         setup.lr_scheduler = seen.get("lr_scheduler")  # for --steps: the schedule the run will step
         setup.fsdp_plan = fsdp1_plan(trainer, live)  # FSDP1 refuses a bad unit when it wraps: judge the plan
+        setup.hints = trainer_hints(trainer.args)
         yield setup
     finally:
         with contextlib.suppress(ValueError):
@@ -255,6 +257,35 @@ def prepared(trainer) -> Iterator[Setup]:
                     if key != "params" and key not in old:
                         del g[key]
                 g.update(old)
+
+
+def _check_not_empty(trainer) -> None:
+    """An empty train dataset is one line naming why, not the sampler's `num_samples=0` from inside train()."""
+    dataset = getattr(trainer, "train_dataset", None)
+    try:
+        empty = dataset is not None and len(dataset) == 0
+    except TypeError:  # an iterable dataset has no length: its first batch tells
+        return
+    if not empty:
+        return
+    max_length = getattr(trainer.args, "max_length", None)
+    if max_length:  # TRL >= 1 truncates to max_length, then drops the examples left with no supervised token
+        raise GradflowError(f"the trainer's train dataset is empty: truncation to max_length={max_length} left no "
+                            "supervised token in any example (the prompts fill it), and the trainer dropped them all",
+                            f"Raise max_length above the longest prompt (now {max_length}), or shorten the prompts")
+    raise GradflowError("the trainer's train dataset is empty: there is no first batch to probe",
+                        "Pass a train_dataset with at least one sample")
+
+
+def trainer_hints(args) -> dict[str, str]:
+    """Fixes that fit a Trainer's own set-up, beyond the finding's generic fix title."""
+    hints = {}
+    gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
+    if getattr(args, "gradient_checkpointing", False) and gc_kwargs.get("use_reentrant", True) is not False:
+        # the Trainer (re-)enables checkpointing inside train(): a call on the model beforehand is overridden
+        hints["reentrant-checkpoint-no-input-grad"] = (
+            'TrainingArguments(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})')
+    return hints
 
 
 def _num_items(trainer, batch):

@@ -31,7 +31,8 @@ from gradflow.report.ranks import gather_findings
 from gradflow.training.findings import finding
 from gradflow.training.moved import MovedCheck
 from gradflow.training.fsdp import local, sum_over_shards
-from gradflow.training.preflight import trainer_hints, trainer_preflight
+from gradflow.setup.trainer_source import trainer_hints
+from gradflow.training.preflight import trainer_preflight
 from gradflow.world import agree_min
 
 

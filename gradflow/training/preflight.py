@@ -65,14 +65,3 @@ def trainer_preflight(model, args, kwargs: dict, *, trainable: str | None, note)
         note("pre-flight: the model returns no loss for the first batch (custom compute_loss?); the checks that "
              "need a backward did not run")
     return report, findings
-
-
-def trainer_hints(args) -> dict[str, str]:
-    """Fixes that fit a Trainer's own set-up, beyond the finding's generic fix title."""
-    hints = {}
-    gc_kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {}
-    if getattr(args, "gradient_checkpointing", False) and gc_kwargs.get("use_reentrant", True) is not False:
-        # the Trainer (re-)enables checkpointing inside train(): a call on the model beforehand is overridden
-        hints["reentrant-checkpoint-no-input-grad"] = (
-            'TrainingArguments(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})')
-    return hints

@@ -311,6 +311,7 @@ SPEC_SEVERITY = {
     "grad-all-zero": "error",  # gradflow's own, beyond SPEC §5 (issue 18)
     "lora-zero-init": "info", "use-cache-in-training": "info",
 }
+SPEC_SEVERITY["loss-term-no-grad"] = "warning"  # issue 18: a term added to the loss without a gradient
 _ANY = object()
 
 

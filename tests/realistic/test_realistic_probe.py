@@ -80,8 +80,13 @@ def test_api_probe_gives_the_same_findings(case, cli_report, tmp_path):
     report = gf.probe(trainer).to_dict()
     check_findings(case, report["findings"], trainer.model)
     _, cli = cli_report(case.script)
-    key = lambda f: (f["code"], f["slug"], f["severity"], f["location"], f["fix"])  # noqa: E731
+    fix = lambda f: f["fix"] and {k: v for k, v in f["fix"].items() if k != "here"}  # noqa: E731
+    key = lambda f: (f["code"], f["slug"], f["severity"], f["location"], fix(f))  # noqa: E731
     assert [key(f) for f in report["findings"]] == [key(f) for f in cli["findings"]]
+    for api_f, cli_f in zip(report["findings"], cli["findings"]):  # the CLI adds the script's line to a Trainer fix
+        here = (api_f["fix"] or {}).get("here")
+        assert (here is None) == ((cli_f["fix"] or {}).get("here") is None)
+        assert here is None or cli_f["fix"]["here"].startswith(f"{here} at {relpath(case)}:"), cli_f["fix"]
     # the same batch through the same seeded model: the same loss and gradients, to the bit
     assert report["loss"] == cli["loss"]
     assert report["params"] == cli["params"]

@@ -51,6 +51,20 @@ def test_4bit_with_reentrant_checkpointing_and_no_hook(llama_dir):
         assert report.snapshot.input_grad_hook
 
 
+def test_prepared_without_checkpointing_then_reentrant_checkpointing(llama_dir):
+    """prepare_model_for_kbit_training(use_gradient_checkpointing=False), then reentrant checkpointing turned on
+    (as TrainingArguments(gradient_checkpointing=True) does on 4.57): the fix names the missing hook, and does not
+    tell the user to call the preparation they already called."""
+    model = quantized(llama_dir, bits=4, dtype=torch.bfloat16)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = disable_input_grad_hook(get_peft_model(enable_gc(model, reentrant=True), lora_config()))
+    report = probe(model, batch(model, seq_len=8))
+    finding = assert_fires(report, SLUG, location="base_model.model.model.embed_tokens")
+    assert "already in fp32" in finding.message and "use_gradient_checkpointing=True" in finding.message
+    assert finding.fix.title.startswith("Install the input-grad hook: model.enable_input_require_grads()")
+    assert "Call peft.prepare_model_for_kbit_training(model)" not in finding.fix.title
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_reentrant_checkpointing_with_the_hook_removed(llama_dir, bits):
     """The same fault on both stacks: on 5.x the hook transformers added is taken off again (4.57 never had one)."""

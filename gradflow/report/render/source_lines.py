@@ -19,7 +19,7 @@ from __future__ import annotations
 import ast
 import os
 import re
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 # what a line of factory code does, by the name it calls (the attribute or function name)
 _CALL_KINDS = {
@@ -80,6 +80,12 @@ class SourceLines:
             if kind in self.lines:
                 return self.lines[kind]
         return self.default
+
+    def where(self, kind: str) -> str | None:
+        """'path:LINE' of the first line of `kind` (relative to the repository root when inside it), or None."""
+        if kind not in self.lines:
+            return None
+        return f"{unquote(self.uri) if self.uri else self.path}:{self.lines[kind]}"
 
     def physical(self, slug: str) -> dict:
         """A SARIF physicalLocation: `uri` under %SRCROOT%, at the line that explains `slug`."""
@@ -146,6 +152,38 @@ def _factory_lines(spec: str, root: str) -> SourceLines | None:
                            uri=relative_uri(path, root))
     return SourceLines(os.path.abspath(path), _scan(start.body, defs, {name}), start.lineno,
                        uri=relative_uri(path, root))
+
+
+# what a Trainer turns on from its arguments, inside train(): what a probe of the model alone cannot see
+_TRAINER_SETTINGS = {"gradient_checkpointing": "checkpointing", "activation_checkpointing": "checkpointing",
+                     "bf16": "mixed precision", "fp16": "mixed precision", "peft_config": "PEFT"}
+
+
+def trainer_settings(spec: str, *, root: str | None = None) -> list[tuple[str, str, str]]:
+    """What the file of factory `spec` turns on through a Trainer or its arguments, anywhere in the file (a script
+    builds them in main(), beside the factory): [(what, the code, 'path:LINE')], e.g. ('checkpointing',
+    'TrainingArguments(gradient_checkpointing=True)', 'train.py:22'). Empty when `spec` is no readable factory."""
+    target, _, _ = spec.rpartition(":")
+    path = target if target.endswith(".py") else _module_file(target) if target else None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            tree = ast.parse(fh.read(), filename=path)
+    except (OSError, SyntaxError, ValueError, UnicodeDecodeError, TypeError):
+        return []  # a note is a courtesy: never fail a report over it
+    rel = os.path.relpath(path, os.path.abspath(root or os.getcwd()))
+    shown = path if rel.startswith("..") else rel
+    found = []
+    for node in ast.walk(tree):
+        called = _name(node.func) if isinstance(node, ast.Call) else None
+        if called not in _CALL_KINDS["args"] | _CALL_KINDS["trainer"]:
+            continue
+        for kw in node.keywords:
+            what = _TRAINER_SETTINGS.get(kw.arg)
+            on = kw.arg == "peft_config" or (isinstance(kw.value, ast.Constant) and kw.value.value is True)
+            if what and on and what not in {w for w, _, _ in found}:
+                code = f"{called}({kw.arg}={'...' if kw.arg == 'peft_config' else 'True'})"
+                found.append((what, code, f"{shown}:{kw.value.lineno}"))
+    return found
 
 
 def _main_guard(node) -> bool:

@@ -192,6 +192,8 @@ def findings_table(findings, empty: str = "no findings: gradients reach every tr
         out.add(Text(f"        {f.message}"))
         if f.fix:
             out.add(Text(f"        fix ({f.fix.applicability}): {f.fix.title}", style="dim"))
+            if f.fix.here:
+                out.add(Text(f"        here: {f.fix.here}", style="dim"))
     out.add(Text(""))
     return out
 
