@@ -13,6 +13,7 @@ echo; echo '$ python bench/probe_overhead.py (issue 18 goal: the probe within 1.
 timeout 200 python3 bench/probe_overhead.py --iters 5
 F=bench/gpu_factories.py
 gf probe-backward $F:aux_term_detached
+gf probe-backward $F:lower_layers_no_grad
 gf probe-backward $F:aux_term_detached --format sarif --baseline /tmp/gf_base.json > /tmp/a.sarif
 gf probe-backward $F:lower_layers_no_grad --format sarif --baseline /tmp/gf_base.json > /tmp/b.sarif
 python3 - <<'PY'
@@ -22,11 +23,10 @@ for name in ("/tmp/a.sarif", "/tmp/b.sarif"):
     print(name, [(r["ruleId"], r.get("baselineState"), r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"],
                   r["locations"][0]["physicalLocation"].get("region", {}).get("startLine")) for r in run["results"]])
 PY
-gf probe-backward $F:lower_layers_no_grad
 gf patch gradflow.demos:seed_bug_phi35_4bit
 gf probe-backward bench/configs/qwen3-235b-a22b.json --dry-run --lora-r 16 --lora-targets all-linear --gc reentrant --format json | python3 -c "import json,sys; d=json.load(sys.stdin); print('dry run:', d['model']['params_total'], [f['slug'] for f in d['findings']])"
 for i in 1 2; do
 gf train phi3.5-mini-shape --data gradflow/data/think_demo.jsonl --output /tmp/gf_run$i --quant 4bit --dtype bfloat16 \
-   --precision bf16 --lora-r 16 --max-steps 4 --batch-size 4 --seq-len 512 --logging-steps 2 --compile off --verbose
+   --precision bf16 --lora-r 16 --max-steps 2 --batch-size 4 --seq-len 512 --logging-steps 1 --compile off --verbose
 done
 python3 -c "import json; d=json.load(open('/tmp/gf_run2/report.json')); t=d['train']; print('startup', json.dumps(t.get('startup')))"
