@@ -3,7 +3,7 @@
 # GPU, 4-bit): issue 18's findings from bench/gpu_factories.py (a detached loss term; layers under no_grad), SARIF
 # with a baseline (written, then compared: new and fixed), the demo patch at 80 columns with its kbit wording, a
 # MoE dry run, and train with --verbose (issue 19's startup profile).
-# Usage (device machine, repo root, wheels installed): bash bench/gpu_check_issue18_20.sh
+# Usage (device machine, repo root, wheels installed): [QUICK=1] bash bench/gpu_check_issue18_20.sh
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD COLUMNS=80
 gf() { echo >&2; echo "\$ gradflow $*" >&2; /usr/bin/time -f "[wall %es, max RSS %MKB]" python3 -m gradflow "$@"; echo "[exit $?]" >&2; }
@@ -22,6 +22,7 @@ for name in ("/tmp/b.sarif",):
                   r["locations"][0]["physicalLocation"].get("region", {}).get("startLine")) for r in run["results"]])
 PY
 gf patch gradflow.demos:seed_bug_phi35_4bit
+[ "${QUICK:-0}" = 1 ] && exit 0  # QUICK=1: issues 18 and 20 only (the dry run is CPU work; train is issue 19's)
 gf probe-backward bench/configs/qwen3-235b-a22b.json --dry-run --lora-r 16 --lora-targets all-linear --gc reentrant --format json | python3 -c "import json,sys; d=json.load(sys.stdin); print('dry run:', d['model']['params_total'], [f['slug'] for f in d['findings']])"
 for i in 1; do
 gf train phi3.5-mini-shape --data gradflow/data/think_demo.jsonl --output /tmp/gf_run$i --quant 4bit --dtype bfloat16 \
