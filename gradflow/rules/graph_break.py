@@ -57,17 +57,27 @@ def lost_params(snap):
 
 
 def check(snap):
-    lost = lost_params(snap)
-    if not lost:
-        return []
-    ctx = _Lost(snap, lost)
+    # one finding per cut, until every lost parameter is explained: two layers each wrapped in its own no_grad
+    # are two cuts (one no_grad block around both is one, named as a scope)
+    findings, lost = [], lost_params(snap)
+    while lost:
+        found = _explain(_Lost(snap, lost))
+        covered = set(found.params or ()) if found is not None else set()
+        if not covered & {p.name for p in lost}:
+            break
+        findings.append(found)
+        lost = [p for p in lost if p.name not in covered]
+    return findings
+
+
+def _explain(ctx):
     # the most specific explanation first: a forward decorated to turn autograd off, a call under no_grad, the cut
     # the probe's autograd walk found, and, without that walk, the first module whose output lost requires_grad
     for explain in (_decorated_forward, _called_without_autograd, _traced_cut, _detached_output):
         found = explain(ctx)
         if found is not None:
-            return [found]
-    return []
+            return found
+    return None
 
 
 class _Lost:
