@@ -103,6 +103,7 @@ class GradFlowCallback(TrainerCallback):
         self._params: list[tuple[str, torch.nn.Parameter]] = []
         self._moves = MovedCheck()
         self._flags: FlagWatch | None = None
+        self._warned: set[str] = set()  # parameters a pre-flight warning named
         self._groups: list[str] = []
         self._group_index: torch.Tensor | None = None
         self._min_supervised: torch.Tensor | None = None
@@ -159,11 +160,14 @@ class GradFlowCallback(TrainerCallback):
                 self._watch(state)
             self._flags = FlagWatch(self._params, self._model)
 
-    def _check_flags(self, step, state, control):
-        """A trainable parameter whose requires_grad went off inside a step: requires-grad-changed, said once."""
-        found = self._flags.check(step) if self._flags is not None else None
-        if found is not None:
+    def _check_flags(self, step, state, control):  # requires-grad-changed, said once
+        if self._flags is not None and (found := self._flags.check(step)) is not None:
             self._raise(control, state, found)
+
+    def _said(self) -> set[str]:
+        """Parameters a finding already explains: flipped off in a step (requires-grad-changed), or named by a
+        pre-flight warning (trainable-param-unused: computed, never used); not said again as missing or unmoved."""
+        return set(self._flags.flipped if self._flags is not None else ()) | self._warned
 
     def _preflight(self, args, state, control, kwargs):
         """Probe the run's first batch with its model and optimizer before any step; report what is broken."""
@@ -172,6 +176,7 @@ class GradFlowCallback(TrainerCallback):
         # under torchrun each rank probed its own first batch: every rank takes every rank's findings (a collective,
         # reached by every rank, a failed probe included), so that all stop or raise together and rank 0 says all
         findings, _ = gather_findings(findings)
+        self._warned = {p for f in findings if f.severity == "warning" for p in f.params}
         for f in findings:
             if f.severity != "info":
                 self._raise(control, state, f, phase="pre-flight")
@@ -264,8 +269,8 @@ class GradFlowCallback(TrainerCallback):
     def _check_grads(self, step, args, state, control):
         if not self._params:
             return
-        flipped = set(self._flags.flipped) if self._flags is not None else set()
-        missing = [n for n, p in self._params if p.grad is None and n not in flipped]  # flipped: said already
+        said = self._said()
+        missing = [n for n, p in self._params if p.grad is None and n not in said]
         present, layers, nonfinite = layer_norms(self._params, self._groups, self._group_index)
         self.last_layers = layers
         self.history.append({"step": step, "layers": layers, "missing": len(missing), "nonfinite": len(nonfinite)})
@@ -323,8 +328,8 @@ class GradFlowCallback(TrainerCallback):
     def _check_moved(self, step, state, control, indices: list[int] | None = None):
         """Judge the parameters that can have moved by now; the rest wait for a later step (with a note)."""
         still, note = self._moves.judge(step, getattr(state, "max_steps", 0), indices)
-        flipped = set(self._flags.flipped) if self._flags is not None else set()
-        still = [n for n in still if n not in flipped]  # requires-grad-changed named them
+        said = self._said()
+        still = [n for n in still if n not in said]
         if note:
             self._note(note)
         if still:
