@@ -92,6 +92,8 @@ CASES = [
          location="base_model.model.model.layers", fix_word="set_adapter", callback="requires-grad-changed"),
     Case("vlm_unused_layer", old=(PARTLY, "trainable-param-unused"), new=(PARTLY, "trainable-param-unused"),
          location=f"{TOWER_LAYERS}.1", fix_word="Freeze", severity="warning"),
+    Case("value_head_unused", old=(PARTLY, "trainable-param-unused"), new=(PARTLY, "trainable-param-unused"),
+         location="value_head", fix_word="Freeze", severity="warning"),
     Case("vlm_tower_no_grad", old=(PARTLY, "graph-break"), new=(PARTLY, "graph-break"),
          location=TOWER, fix_word="no_grad"),
     # healthy
