@@ -5,7 +5,8 @@ names the module whose forward hook (or pre-hook) switched them, or `set_adapter
 changed.
 `GradFlowCallback` raises it too, after a real step: a parameter that required grad when the first step began
 and no longer does (a Trainer subclass's `compute_loss` runs only in the real step, not in the pre-flight). A
-module frozen before the first step (before `train()`, or in a callback's `on_train_begin`) is no finding.
+module frozen before the first step (before `train()`, or in a callback's `on_train_begin`) or between steps (a
+callback's `on_step_end`) is no finding.
 
 ## Why is this bad?
 A parameter whose flag goes off during the forward is not recorded in the graph: it gets no gradient, and the

@@ -154,8 +154,9 @@ class GradFlowCallback(TrainerCallback):
         self._flags = None  # kept when the first step begins
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self._flags is None and self._model is not None:
-            # after every callback's on_train_begin: what was frozen there (before any step) is the user's choice
+        if self._flags is not None:
+            self._flags.begin_step()  # frozen between steps (a callback's on_step_end): deliberate
+        elif self._model is not None:  # after every on_train_begin: what was frozen there is the user's choice
             if any(not p.requires_grad for _, p in self._params):
                 self._watch(state)
             self._flags = FlagWatch(self._params, self._model)
@@ -165,9 +166,8 @@ class GradFlowCallback(TrainerCallback):
             self._raise(control, state, found)
 
     def _said(self) -> set[str]:
-        """Parameters a finding already explains: flipped off in a step (requires-grad-changed), or named by a
-        pre-flight warning (trainable-param-unused: computed, never used); not said again as missing or unmoved."""
-        return set(self._flags.flipped if self._flags is not None else ()) | self._warned
+        """Not said again as missing or unmoved: flipped in a step, frozen between steps, or a pre-flight warning's."""
+        return (set(self._flags.flipped) | self._flags.between if self._flags is not None else set()) | self._warned
 
     def _preflight(self, args, state, control, kwargs):
         """Probe the run's first batch with its model and optimizer before any step; report what is broken."""

@@ -1,11 +1,13 @@
 """The requires_grad watch of GradFlowCallback: trainable parameters whose flag went off while the run trains.
 
 The flags are kept when the first step begins, after every callback's `on_train_begin` (a module frozen there, or
-before `trainer.train()`, is the user's choice, not a fault), for the parameters trainable then. After each step
-they are compared: a parameter that required grad when training began and no longer does was switched off inside
-the step (`model.set_adapter(...)` or `requires_grad_(False)` in a Trainer subclass's compute_loss, a hook), gets
-no gradient and never moves. That is `requires-grad-changed`, said once, naming the deepest module that holds
-them all (and the adapter switch when the active adapter changed).
+before `trainer.train()`, is the user's choice, not a fault), for the parameters trainable then. Each step's
+beginning takes the flags switched off since the last step (a callback's `on_step_end`: gradual freezing, also a
+choice) out of the watch. After each step's backward they are compared: a parameter that required grad when the
+step began and no longer does was switched off inside the step (`model.set_adapter(...)` or
+`requires_grad_(False)` in a Trainer subclass's compute_loss, a hook), gets no gradient and never moves. That is
+`requires-grad-changed`, said once, naming the deepest module that holds them all (and the adapter switch when the
+active adapter changed).
 """
 
 from __future__ import annotations
@@ -46,13 +48,19 @@ class FlagWatch:
         self.params = list(params)
         self.model = model
         self.adapters = _active(model) if self.params else ()
-        self.flipped: list[str] = []
+        self.flipped: list[str] = []  # switched off inside a step: the finding
+        self.between: set[str] = set()  # switched off between steps (a callback's on_step_end): deliberate
+
+    def begin_step(self) -> None:
+        """At each step's beginning: flags that went off since the last step ended were switched by the loop or a
+        callback, between steps (gradual freezing): deliberate, and no longer watched."""
+        self.between.update(n for n, p in self.params if not p.requires_grad and n not in self.flipped)
 
     def check(self, step: int):
-        """A requires-grad-changed Finding the first time some kept flag is off, else None."""
+        """A requires-grad-changed Finding the first time a kept flag went off inside a step, else None."""
         if self.flipped:
             return None
-        off = [n for n, p in self.params if not p.requires_grad]
+        off = [n for n, p in self.params if not p.requires_grad and n not in self.between]
         if not off:
             return None
         self.flipped = off

@@ -85,3 +85,21 @@ def test_silent_when_a_callback_freezes_a_layer_before_the_first_step(order, tmp
     watched = {n for n, _ in cb._params}
     assert watched and not any(".layers.0." in n for n in watched)  # the frozen layer is not watched
     assert trainer.state.global_step == 2
+
+
+class FreezeLayer0AfterStep1(TrainerCallback):
+    """Gradual freezing: a user's callback freezes layer 0 once the first step has ended."""
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 1:
+            _layer(model, 0).requires_grad_(False)
+
+
+def test_silent_when_a_callback_freezes_a_layer_between_steps(tmp_path):
+    """Frozen between steps (on_step_end) is deliberate: no requires-grad-changed, and the frozen layer's missing
+    gradients at later checks are not grad-missing-in-training."""
+    cb = GradFlowCallback(check_every=1, moved_at_step=3)
+    trainer = _trainer(tmp_path, callbacks=[cb, FreezeLayer0AfterStep1()], steps=3)
+    trainer.train()
+    assert cb.findings == [] and cb.stopped_at is None and trainer.state.global_step == 3
+    assert cb._flags.between and all(".layers.0." in n for n in cb._flags.between)
