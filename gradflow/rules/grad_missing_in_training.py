@@ -9,7 +9,8 @@ something changed after the pre-flight: a hook was removed, checkpointing was sw
 collator sends `inputs_embeds`, or a branch of the model stops running. The run would go on for hours while
 those parameters never move, so the callback stops it with this finding, and with `diagnose=True` (the default)
 it probes the last batch to name the cause. With `raise_on_error=True`, `trainer.train()` raises
-`GradflowError` instead.
+`GradflowError` instead. Parameters another finding already explains are left out: those whose `requires_grad`
+went off in the step (`requires-grad-changed`) and those a pre-flight warning named (`trainable-param-unused`).
 
 ## Example
 ```python

@@ -3,6 +3,10 @@ Finds trainable parameters whose `requires_grad` went off during the step: on be
 model's forward or after the loss. The probe records the flags before the forward, after it and after the loss, and
 names the module whose forward hook (or pre-hook) switched them, or `set_adapter(...)` when the active adapter
 changed.
+`GradFlowCallback` raises it too, after a real step: a parameter that required grad when the first step began
+and no longer does (a Trainer subclass's `compute_loss` runs only in the real step, not in the pre-flight). A
+module frozen before the first step (before `train()`, or in a callback's `on_train_begin`) or between steps (a
+callback's `on_step_end`) is no finding.
 
 ## Why is this bad?
 A parameter whose flag goes off during the forward is not recorded in the graph: it gets no gradient, and the

@@ -8,15 +8,16 @@ Usable in anyone's own Trainer:
 At `on_train_begin`, after the Trainer has set the run up (checkpointing from its args, the optimizer, the
 dataloader) and before any step, it probes the first batch of the train dataloader with the run's own model and
 optimizer (the pre-flight). Then every `check_every` optimizer steps (and at the first) it checks that every
-trainable parameter got a finite gradient and records per-layer gradient norms. At step `moved_at_step` it checks
-that the trainable weights that can have moved by then actually moved. A broken state sets
+trainable parameter got a finite gradient and records per-layer gradient norms. After every step it checks that the
+parameters trainable when the first step began still require grad (`requires-grad-changed`: a `set_adapter` or
+`requires_grad_(False)` inside compute_loss; freezing in an `on_train_begin` is the user's choice). At step
+`moved_at_step` it checks that the trainable weights that can have moved by then actually moved. A broken state sets
 `control.should_training_stop` (or, with `raise_on_error`, raises GradflowError), prints one line on stderr with
 its fix and lands in `callback.findings`, so the run stops now rather than hours later.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import sys
 from typing import Callable
@@ -24,13 +25,16 @@ from typing import Callable
 import torch
 from transformers import TrainerCallback
 
-from gradflow.api import inspect, probe
+from gradflow.api import inspect
 from gradflow.errors import GradflowError
 from gradflow.models import layer_key, unwrap
 from gradflow.report.ranks import gather_findings
+from gradflow.training.diagnose import min_over_ranks, probe_cause
 from gradflow.training.findings import finding
+from gradflow.training.flags import FlagWatch
+from gradflow.training.norms import layer_norms
+from gradflow.training.scalars import open_writer, write_scalars
 from gradflow.training.moved import MovedCheck
-from gradflow.training.fsdp import local, sum_over_shards
 from gradflow.setup.trainer_source import trainer_hints
 from gradflow.training.preflight import trainer_preflight
 from gradflow.world import agree_min
@@ -98,6 +102,8 @@ class GradFlowCallback(TrainerCallback):
         self.last_layers: dict[str, float] = {}
         self._params: list[tuple[str, torch.nn.Parameter]] = []
         self._moves = MovedCheck()
+        self._flags: FlagWatch | None = None
+        self._warned: set[str] = set()  # parameters a pre-flight warning named
         self._groups: list[str] = []
         self._group_index: torch.Tensor | None = None
         self._min_supervised: torch.Tensor | None = None
@@ -126,6 +132,18 @@ class GradFlowCallback(TrainerCallback):
             self._preflight(args, state, control, kwargs)
         elif self.trainable is not None:
             self._intended_frozen(control, state)
+        self._watch(state)
+        if self._hook is None:
+            self._hook = self._model.register_forward_pre_hook(self._see_batch, with_kwargs=True)
+        if self.tensorboard_dir and self._main and self._writer is None:
+            self._writer = open_writer(self.tensorboard_dir)
+        if not self._params and self.preflight_report is None:  # the pre-flight names a more specific cause
+            self._raise(control, state, finding("no-trainable-parameters",
+                                                "nothing requires grad when training begins"))
+        self._raise_pending("before its first step" if self._step == 0 else f"before step {self._step + 1}")
+
+    def _watch(self, state):
+        """Watch the parameters trainable now: their gradients, whether they move, their requires_grad flags."""
         self._params = [(n, p) for n, p in self._model.named_parameters() if p.requires_grad]
         self._moves = MovedCheck(self._params, state.global_step)
         keys = [layer_key(n) for n, _ in self._params]
@@ -133,20 +151,23 @@ class GradFlowCallback(TrainerCallback):
         where = {g: i for i, g in enumerate(self._groups)}
         device = self._params[0][1].device if self._params else torch.device("cpu")
         self._group_index = torch.tensor([where[k] for k in keys], dtype=torch.long, device=device)
-        if self._hook is None:
-            self._hook = self._model.register_forward_pre_hook(self._see_batch, with_kwargs=True)
-        if self.tensorboard_dir and self._main and self._writer is None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        self._flags = None  # kept when the first step begins
 
-                self._writer = SummaryWriter(log_dir=self.tensorboard_dir)
-            except ImportError:
-                sys.stderr.write("gradflow: tensorboard is not installed; no TensorBoard scalars "
-                                 "(pip install tensorboard)\n")
-        if not self._params and self.preflight_report is None:  # the pre-flight names a more specific cause
-            self._raise(control, state, finding("no-trainable-parameters",
-                                                "nothing requires grad when training begins"))
-        self._raise_pending("before its first step" if self._step == 0 else f"before step {self._step + 1}")
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._flags is not None:
+            self._flags.begin_step()  # frozen between steps (a callback's on_step_end): deliberate
+        elif self._model is not None:  # after every on_train_begin: what was frozen there is the user's choice
+            if any(not p.requires_grad for _, p in self._params):
+                self._watch(state)
+            self._flags = FlagWatch(self._params, self._model)
+
+    def _check_flags(self, step, state, control):  # requires-grad-changed, said once
+        if self._flags is not None and (found := self._flags.check(step)) is not None:
+            self._raise(control, state, found)
+
+    def _said(self) -> set[str]:
+        """Not said again as missing or unmoved: flipped in a step, frozen between steps, or a pre-flight warning's."""
+        return (set(self._flags.flipped) | self._flags.between if self._flags is not None else set()) | self._warned
 
     def _preflight(self, args, state, control, kwargs):
         """Probe the run's first batch with its model and optimizer before any step; report what is broken."""
@@ -155,6 +176,7 @@ class GradFlowCallback(TrainerCallback):
         # under torchrun each rank probed its own first batch: every rank takes every rank's findings (a collective,
         # reached by every rank, a failed probe included), so that all stop or raise together and rank 0 says all
         findings, _ = gather_findings(findings)
+        self._warned = {p for f in findings if f.severity == "warning" for p in f.params}
         for f in findings:
             if f.severity != "info":
                 self._raise(control, state, f, phase="pre-flight")
@@ -185,6 +207,7 @@ class GradFlowCallback(TrainerCallback):
         # grads are complete (accumulated, clipped) and not yet zeroed here
         self._pre_optimizer_seen = True
         step = self._step = state.global_step + 1
+        self._check_flags(step, state, control)
         if step == 1 or step % self.check_every == 0:
             self._check_grads(step, args, state, control)
         self._raise_pending(f"at step {step}")
@@ -197,6 +220,8 @@ class GradFlowCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         step = self._step = state.global_step
         judged = step == 1 or step % self.check_every == 0 or step == self.moved_at_step or bool(self._moves.waiting)
+        if not self._pre_optimizer_seen:
+            self._check_flags(step, state, control)
         if not self._optimizer_seen:
             self._moves.count_step()  # no optimizer event (older transformers): count every step
         if not self._pre_optimizer_seen and (step == 1 or step % self.check_every == 0):
@@ -237,42 +262,24 @@ class GradFlowCallback(TrainerCallback):
             self._writer = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self._writer is None or not logs:
-            return
-        for key in ("loss", "learning_rate", "grad_norm"):
-            value = logs.get(key)
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self._writer.add_scalar(f"train/{key}", value, state.global_step)
+        if self._writer is not None and logs:
+            keys = ("loss", "learning_rate", "grad_norm")
+            write_scalars(self._writer, "train", {k: logs[k] for k in keys if k in logs}, state.global_step)
 
     def _check_grads(self, step, args, state, control):
         if not self._params:
             return
-        missing = [n for n, p in self._params if p.grad is None]
-        present = [(n, p.grad) for n, p in self._params if p.grad is not None]
-        layers: dict[str, float] = {}
-        nonfinite: list[str] = []
-        if present:
-            device = self._group_index.device
-
-            sq = torch.stack([torch.linalg.vector_norm(local(g.detach()), dtype=torch.float32).to(device) ** 2
-                              for _, g in present])
-            sq = sum_over_shards(sq, [g for _, g in present])
-            idx = torch.tensor([i for i, (_, p) in enumerate(self._params) if p.grad is not None], device=device)
-            per_group = torch.zeros(len(self._groups), device=device).index_add_(0, self._group_index[idx], sq)
-            values = torch.cat([per_group, sq]).tolist()  # one device→host read for the whole check
-            group_sq, param_sq = values[: len(self._groups)], values[len(self._groups):]
-            layers = {g: math.sqrt(v) if math.isfinite(v) else float("nan")
-                      for g, v in zip(self._groups, group_sq)}
-            nonfinite = [n for (n, _), v in zip(present, param_sq) if not math.isfinite(v)]
+        said = self._said()
+        missing = [n for n, p in self._params if p.grad is None and n not in said]
+        present, layers, nonfinite = layer_norms(self._params, self._groups, self._group_index)
         self.last_layers = layers
         self.history.append({"step": step, "layers": layers, "missing": len(missing), "nonfinite": len(nonfinite)})
         if self._writer is not None:
-            for g, v in layers.items():
-                if math.isfinite(v):
-                    self._writer.add_scalar(f"grad_norm_layer/{g}", v, step)
+            write_scalars(self._writer, "grad_norm_layer", layers, step)
         if missing:
             self._missing(step, missing, state, control)
-        elif present and not nonfinite and not any(layers.values()):  # every gradient exactly zero: nothing moves
+        elif present and not nonfinite and not any(layers.values()) and not any(
+                f.slug == "no-supervised-tokens" for f in self.findings):  # all zero, and no masked batch said so
             self._raise(control, state, finding("grad-all-zero", f"step {step}: every trainable parameter's gradient "
                                                 "is exactly zero (zero loss weights or mask?)", params=[]))
         if nonfinite:
@@ -300,27 +307,15 @@ class GradFlowCallback(TrainerCallback):
 
     def _diagnose(self, control, state):
         if self.diagnose and self._last_batch is not None and self._model is not None:
-            for f in self._probe_cause():
+            for f in probe_cause(self._model, self._last_batch):
                 self._raise(control, state, f)
-
-    def _probe_cause(self):
-        """The probe's error findings on the last batch: why the gradient stops."""
-        try:
-            args, kwargs = self._last_batch
-            batch = dict(kwargs) if not args else None
-            report = probe(self._model, batch) if batch is not None else None
-            return [f for f in (report.findings if report else []) if f.severity == "error"]
-        except Exception:  # a diagnosis that fails must not hide the finding it explains
-            return []
 
     def _check_supervised(self, step, state, control):
         if self._min_supervised is None:
             return
-        value = self._min_supervised.detach().clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # every rank must stop together, or the others hang in the next all-reduce
-            value = value.to(self._group_index.device if self._group_index is not None else value.device)
-            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
+        # every rank must stop together, or the others hang in the next all-reduce
+        value = min_over_ranks(self._min_supervised, self._group_index.device if self._group_index is not None
+                               else None)
         self._min_supervised = None
         if int(value) == 0 and not self._empty_seen:
             self._empty_seen = True
@@ -333,6 +328,8 @@ class GradFlowCallback(TrainerCallback):
     def _check_moved(self, step, state, control, indices: list[int] | None = None):
         """Judge the parameters that can have moved by now; the rest wait for a later step (with a note)."""
         still, note = self._moves.judge(step, getattr(state, "max_steps", 0), indices)
+        said = self._said()
+        still = [n for n in still if n not in said]
         if note:
             self._note(note)
         if still:

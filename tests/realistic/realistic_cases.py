@@ -24,6 +24,7 @@ STACK = stack()
 RAISES = "raises"  # train() raises autograd's raw "element 0 of tensors does not require grad"
 STUCK = "stuck"  # train() runs to the end without a word, and no watched weight moves
 LEARNS = "learns"  # train() runs and every watched weight moves
+PARTLY = "partly"  # train() runs to the end without a word; the watched weights under `location` never move
 NO_BUILD = "no-build"  # build() itself raises: this stack's transformers refuses this stack's PEFT
 
 RAW_ERROR = "element 0 of tensors does not require grad and does not have a grad_fn"
@@ -36,8 +37,10 @@ class Case:
     new: tuple[str, str | None]  # transformers 5.x: the same
     location: str | None = None  # where the slug's finding points (None: the fault is in no module)
     fix_word: str | None = None  # a word the fix title must contain
-    # what GradFlowCallback names, when not the slug: a callback never sees a Trainer subclass's compute_loss
+    # what GradFlowCallback names when its pre-flight cannot see the fault (a Trainer subclass's compute_loss runs
+    # only in the real step): then it names it at the first step's check. None: the pre-flight names the slug.
     callback: str | None = None
+    severity: str = "error"  # the slug's severity (a warning: the CLI exits 0 and the callback does not stop)
 
     @property
     def callback_slug(self) -> str | None:
@@ -64,6 +67,9 @@ class Case:
 
 REENTRANT = "reentrant-checkpoint-no-input-grad"
 LAYER0 = "base_model.model.model.layers.0"
+TOWER = "base_model.model.model.vision_tower"
+# transformers 4.57's CLIP tower keeps its layers under `vision_model.`; 5.x does not
+TOWER_LAYERS = f"{TOWER}.vision_model.encoder.layers" if STACK == "old" else f"{TOWER}.encoder.layers"
 
 CASES = [
     # broken
@@ -81,9 +87,15 @@ CASES = [
          location=None, fix_word="labels"),
     # issue 18: every trainable tensor without a gradient is explained
     Case("loss_weights_zero", old=(STUCK, "grad-all-zero"), new=(STUCK, "grad-all-zero"),
-         location="transformer", fix_word="weights"),
+         location="transformer", fix_word="weights", callback="grad-all-zero"),
     Case("set_adapter_in_loss", old=(STUCK, "requires-grad-changed"), new=(STUCK, "requires-grad-changed"),
-         location="base_model.model.model.layers", fix_word="set_adapter", callback="grad-missing-in-training"),
+         location="base_model.model.model.layers", fix_word="set_adapter", callback="requires-grad-changed"),
+    Case("vlm_unused_layer", old=(PARTLY, "trainable-param-unused"), new=(PARTLY, "trainable-param-unused"),
+         location=f"{TOWER_LAYERS}.1", fix_word="Freeze", severity="warning"),
+    Case("value_head_unused", old=(PARTLY, "trainable-param-unused"), new=(PARTLY, "trainable-param-unused"),
+         location="value_head", fix_word="Freeze", severity="warning"),
+    Case("vlm_tower_no_grad", old=(PARTLY, "graph-break"), new=(PARTLY, "graph-break"),
+         location=TOWER, fix_word="no_grad"),
     # healthy
     Case("lora_gc_non_reentrant", old=(LEARNS, None), new=(LEARNS, None)),
     Case("sft_lora", old=(LEARNS, None), new=(LEARNS, None)),

@@ -13,6 +13,7 @@ import gradflow as gf
 from gradflow import GradFlowCallback
 from realistic_cases import HERE, load, train_and_watch
 from tests.helpers.cli import invoke
+from tests.helpers.coverage import assert_coverage
 
 SLUG = "loss-term-no-grad"
 pytestmark = pytest.mark.slow  # real Trainers
@@ -43,6 +44,7 @@ def test_without_gradflow_the_term_trains_nothing(tmp_path):
 def test_api_and_cli(script, tmp_path, monkeypatch):
     monkeypatch.setenv("OUTPUT_DIR", str(tmp_path / "cli"))
     api = gf.probe(load(script).build(str(tmp_path / "api")))
+    assert_coverage(api)
     run = invoke("probe-backward", f"{HERE / script}.py:build", "--format", "json")
     assert run.code == 0, run.stderr[-2000:]
     cli = run.json()["findings"]
@@ -67,9 +69,12 @@ def test_trainer_label_smoothing_and_callback_stay_silent(tmp_path):
     trainer = Trainer(model=base.model, args=base.args, train_dataset=base.train_dataset,
                       data_collator=base.data_collator)
     assert trainer.label_smoother is not None
-    assert SLUG not in gf.probe(trainer).slugs()
+    smoothed = gf.probe(trainer)
+    assert_coverage(smoothed)
+    assert SLUG not in smoothed.slugs()
     callback = GradFlowCallback(raise_on_error=True)
     broken = load("distill_no_grad").build(str(tmp_path / "cb"))
     broken.add_callback(callback)
     assert train_and_watch(broken).error is None
     assert not [f for f in callback.findings if f.severity in ("error", "warning")]
+    assert_coverage(callback.preflight_report)

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from realistic_cases import CASES, LEARNS, NO_BUILD, RAISES, RAW_ERROR, STACK, STUCK, Case, train_and_watch
+from realistic_cases import (CASES, LEARNS, NO_BUILD, PARTLY, RAISES, RAW_ERROR, STACK, STUCK, Case,
+                             train_and_watch)
 
 pytestmark = pytest.mark.slow  # every case runs the script's own Trainer.train()
 
@@ -40,6 +41,10 @@ def test_build_then_train_without_gradflow(case, tmp_path):
     assert len(outcome.losses) == 3  # max_steps=3, logging_steps=1: the run went to the end
     if case.behaviour == STUCK:
         assert not outcome.moved, f"{len(outcome.moved)} of {len(outcome.watched)} watched weights moved"
+    elif case.behaviour == PARTLY:
+        # the weights under the finding's module never move; every other watched weight does
+        under = {n for n in outcome.watched if n.startswith(f"{case.location}.")}
+        assert under and outcome.watched - outcome.moved == under, sorted(outcome.watched - outcome.moved)[:3]
     else:
         assert case.behaviour == LEARNS
         assert outcome.moved == outcome.watched, sorted(outcome.watched - outcome.moved)[:3]
