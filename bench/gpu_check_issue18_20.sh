@@ -22,6 +22,7 @@ for name in ("/tmp/b.sarif",):
                   r["locations"][0]["physicalLocation"].get("region", {}).get("startLine")) for r in run["results"]])
 PY
 gf patch gradflow.demos:seed_bug_phi35_4bit
+gf inspect phi3.5-mini-shape --dtype bfloat16 --lora-r 16 --quant 4bit --gc non-reentrant --seq-len 512 --depth 2 --format json | python3 -c "import json,sys; d=json.load(sys.stdin); print('inspect json parses:', d['model']['class'], [f['slug'] for f in d['findings']])"
 [ "${QUICK:-0}" = 1 ] && exit 0  # QUICK=1: issues 18 and 20 only (the dry run is CPU work; train is issue 19's)
 gf probe-backward bench/configs/qwen3-235b-a22b.json --dry-run --lora-r 16 --lora-targets all-linear --gc reentrant --format json | python3 -c "import json,sys; d=json.load(sys.stdin); print('dry run:', d['model']['params_total'], [f['slug'] for f in d['findings']])"
 for i in 1; do
