@@ -17,7 +17,8 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
+
+from gradflow.files import write_atomic
 
 FORMAT = 1  # bump when an entry's layout changes
 _ENCODING_CODE = ("jsonl.py", "think.py", "audit.py", "packing.py")  # the data layer's code that shapes the rows
@@ -97,13 +98,9 @@ def store(key: str, payload: dict) -> str | None:
     read-only home, a full disk: the run goes on without it)."""
     path = _entry(key)
     try:
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))  # 0600
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"key": key, "payload": payload}, fh, ensure_ascii=False, separators=(",", ":"))
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # private: the data may be
+        write_atomic(path, lambda fh: json.dump({"key": key, "payload": payload}, fh, ensure_ascii=False,
+                                                separators=(",", ":")))
     except OSError:
-        with contextlib.suppress(OSError, UnboundLocalError):
-            os.unlink(tmp)
         return None
     return path
