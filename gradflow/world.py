@@ -11,7 +11,7 @@ import dataclasses
 import os
 import sys
 
-from gradflow import stdio
+from gradflow.stdio import silence_stdout
 from gradflow.errors import GradflowError
 
 WRAPPERS = ("ddp", "fsdp")
@@ -83,12 +83,6 @@ def finish() -> None:
             dist.destroy_process_group()
         except Exception:  # tearing down after an error on another rank: nothing left to save
             pass
-
-
-def silence_stdout() -> None:
-    """This process's stdout (fd 1) goes to /dev/null: rank 0 alone prints data (the real stdout, also while user
-    code runs with fd 1 sent to stderr: gradflow.stdio)."""
-    stdio.silence_stdout()
 
 
 def bind_local_gpu() -> None:

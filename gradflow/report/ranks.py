@@ -14,7 +14,8 @@ import atexit
 import dataclasses
 
 from gradflow.finding import finding_line
-from gradflow.world import finish, is_multi_process, silence_stdout, train_world
+from gradflow.stdio import silence_stdout
+from gradflow.world import finish, is_multi_process, train_world
 
 
 def _ranks_text(ranks: list[int], world: int) -> str:

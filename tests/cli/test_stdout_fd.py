@@ -63,7 +63,7 @@ def test_the_guard_restores_stdout_when_sys_stdout_is_no_file(capsys):
 
 
 def test_rank_silence_inside_user_code_outlives_the_guard(capfd):
-    from gradflow.world import silence_stdout
+    from gradflow.stdio import silence_stdout
 
     saved = os.dup(1)
     try:
