@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -27,29 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from dry_run_70b import machine, stack  # bench/: the same machine and stack lines
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bench" / "configs"
 SETUP = ["--lora-r", "16", "--lora-targets", "all-linear", "--gc", "reentrant", "--device", "cpu"]
 GOAL_S, GOAL_GIB = 30.0, 2.0
 ORDER = ("llama-3-70b", "llama-3.1-405b", "mixtral-8x22b", "qwen3-235b-a22b", "deepseek-v3", "gemma-3-27b")
-
-
-def machine() -> str:
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return f"{cpu}, {os.cpu_count()} cores (runs pinned to CPU 0), {platform.system()} {platform.release()}, " \
-           f"Python {platform.python_version()}"
-
-
-def stack() -> str:
-    import peft
-    import torch
-    import transformers
-
-    return f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
 
 
 def measured(config: Path) -> dict:
@@ -84,7 +67,7 @@ def measured(config: Path) -> dict:
 
 
 def render(rows: list[dict], when: str) -> str:
-    lines = [f"date: {when}", f"machine: {machine()}", f"stack: {stack()}",
+    lines = [f"date: {when}", f"machine: {machine()} (runs pinned to CPU 0)", f"stack: {stack()}",
              f"command: taskset -c 0 python -m gradflow.cli probe-backward bench/configs/<name>.json --dry-run "
              f"{' '.join(SETUP)} --format json", "",
              "| config | class | wall s | CPU s | peak RSS GiB | load 1/5/15 min before | exit | params (full) | "
