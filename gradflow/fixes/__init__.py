@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 
 from gradflow.fixes.advice import FIXES
-from gradflow.fixes.coverage_advice import FIXES as COVERAGE_FIXES
 from gradflow.finding import Applicability
 from gradflow.rules import load, run_rules
 from gradflow.rules.codes import SLUGS
@@ -34,8 +33,7 @@ CATALOG: tuple[str, ...] = (
 
 def all_fixes():
     """Every Fix, in catalog order, then the display-only advice table (gradflow/fixes/advice.py)."""
-    return [importlib.import_module(f"gradflow.fixes.{name}").FIX for name in CATALOG] + list(FIXES) + list(
-        COVERAGE_FIXES)
+    return [importlib.import_module(f"gradflow.fixes.{name}").FIX for name in CATALOG] + list(FIXES)
 
 
 def by_id(fix_id: str):

@@ -219,6 +219,51 @@ def _loss_term(ctx, finding):
              "loss = out.loss + alpha * kd                               # kd now has a gradient"])
 
 
+def _loss_fn_site(ctx) -> str:
+    return f"your loss_fn {getattr(ctx.loss_fn, '__name__', '')} at {where_defined(ctx.loss_fn) or '?'}"
+
+
+# the coverage findings (every trainable tensor without a gradient named): a flag switched off during the step,
+# every gradient exactly zero, and the fallback
+def _flip(ctx, finding):
+    snippet = [f"# {finding.slug}: {finding.fix.title if finding.fix else ''}"]
+    site = None
+    if "set_adapter" in finding.message and ctx.loss_fn is not None:
+        site = _loss_fn_site(ctx)
+        snippet.append("# model.set_adapter(...) belongs before training starts, not inside the loss")
+    elif finding.location is not None and "hook" in finding.message:
+        try:
+            module = ctx.model.get_submodule(finding.location)
+        except AttributeError:
+            module = None
+        hooks = [h for d in ("_forward_pre_hooks", "_forward_hooks") for h in getattr(module, d, {}).values()]
+        named = [f"{getattr(h, '__qualname__', type(h).__name__)} at {where_defined(h) or '?'}" for h in hooks]
+        if named:
+            site = f"the hook {named[0]} on {finding.location}"
+            snippet.append(f"# remove it: model.get_submodule({finding.location!r})._forward_pre_hooks / "
+                           "_forward_hooks, or the handle's .remove()")
+    elif ctx.loss_fn is not None:
+        site = _loss_fn_site(ctx)
+    where = site or (f"the forward of {finding.location}" if finding.location else "the forward or the loss")
+    return (f"in {where}: do not switch requires_grad (or the active adapter) during the step",
+            "a flag switched off in the step drops those parameters from the graph, and keeps them frozen after it",
+            snippet)
+
+
+def _all_zero(ctx, finding):
+    where = _loss_fn_site(ctx) if ctx.loss_fn is not None else "the loss"
+    return (f"in {where}: check the loss weights and masks (an integer zeros_like truncates 0.5 to 0)",
+            "a loss that does not vary with the parameters trains nothing",
+            [f"# {finding.slug}: float weights, e.g. torch.zeros_like(input_ids, dtype=torch.float)"])
+
+
+def _unexplained(ctx, finding):
+    return (f"check how {finding.location or 'these parameters'} reach the loss ({len(finding.params)} parameters "
+            "without a gradient); please report the case to gradflow",
+            "gradflow could not name the cause, so it changes nothing",
+            [f"# {finding.slug}: {finding.message}"])
+
+
 ADVICE: tuple[Advice, ...] = (
     Advice("loss-from-output", "Compute the loss from the model output", ("loss-detached",),
            "Shows where the loss is computed when it does not depend on the model output (a detached or recomputed "
@@ -291,12 +336,23 @@ ADVICE: tuple[Advice, ...] = (
            "cache in training, an attention implementation that reads position_ids.",
            "The collator, the config and the attention implementation are your setup.", _packed_leak,
            per_location=False),
-    # issue 18
+    # the loss term without a gradient, and the coverage findings (every trainable tensor without a gradient named)
     Advice("term-with-grad", "Compute the loss term with autograd on", ("loss-term-no-grad",),
            "Shows where the loss term that has no gradient was computed (under torch.no_grad(), from .detach() or "
            ".data) and how to compute it so that it trains.",
            "The loss is your code; only it can compute the term from the model output with autograd on.",
            _loss_term, per_location=False),
+    Advice("keep-requires-grad", "Set requires_grad before training, not during the step", ("requires-grad-changed",),
+           "Names where the flag went off: the hook and its file and line, set_adapter in the loss function, or the "
+           "forward.",
+           "The call that switches the flag is your code; removing it is a one-line change there.", _flip),
+    Advice("nonzero-loss-weights", "Make the loss depend on the parameters", ("grad-all-zero",),
+           "Points at the loss when every gradient is exactly zero: weights or a mask that are all zero, a loss "
+           "multiplied by zero.",
+           "The loss, its weights and its masks are your code.", _all_zero, per_location=False),
+    Advice("report-unexplained", "Check how these parameters reach the loss", ("grad-missing-unexplained",),
+           "Lists the trainable parameters without a gradient that no other finding explains.",
+           "gradflow does not know the cause, so it cannot know a fix.", _unexplained, per_location=False),
 )
 
 
@@ -314,4 +370,3 @@ def _fix(row: Advice) -> Fix:
 
 
 FIXES: tuple[Fix, ...] = tuple(_fix(row) for row in ADVICE)
-as_fix = _fix  # other advice tables (gradflow/fixes/coverage_advice.py) build their rows' Fix with it
