@@ -29,7 +29,7 @@ from gradflow.api import inspect
 from gradflow.errors import GradflowError
 from gradflow.models import layer_key, unwrap
 from gradflow.report.ranks import gather_findings
-from gradflow.training.diagnose import min_over_ranks, probe_cause
+from gradflow.training.diagnose import probe_cause
 from gradflow.training.findings import finding
 from gradflow.training.flags import FlagWatch
 from gradflow.training.norms import layer_norms
@@ -314,10 +314,8 @@ class GradFlowCallback(TrainerCallback):
         if self._min_supervised is None:
             return
         # every rank must stop together, or the others hang in the next all-reduce
-        value = min_over_ranks(self._min_supervised, self._group_index.device if self._group_index is not None
-                               else None)
-        self._min_supervised = None
-        if int(value) == 0 and not self._empty_seen:
+        value, self._min_supervised = agree_min(int(self._min_supervised)), None
+        if value == 0 and not self._empty_seen:
             self._empty_seen = True
             if any(f.slug == "no-supervised-tokens" for f in self.findings):
                 return  # the pre-flight named it already, on this same first batch: said once

@@ -1,9 +1,7 @@
 """GradFlowCallback's diagnosis: when a check step finds missing or non-finite gradients, probe the last batch the
-model saw to name the cause; and the minimum over ranks of a per-rank count, so that every rank stops together."""
+model saw to name the cause."""
 
 from __future__ import annotations
-
-import torch
 
 from gradflow.api import probe
 
@@ -18,11 +16,3 @@ def probe_cause(model, last_batch) -> list:
     except Exception:  # noqa: BLE001 - a diagnosis that fails must not hide the finding it explains
         return []
 
-
-def min_over_ranks(value: torch.Tensor, device) -> torch.Tensor:
-    """`value` under torchrun: its minimum over every rank (a collective); in one process: itself."""
-    value = value.detach().clone()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        value = value.to(device if device is not None else value.device)
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MIN)
-    return value
