@@ -49,7 +49,7 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     with kept(model, modules=names, params=[p for _, p in live.params], clear_grads=True) as state:
         model.train()
         trainable_modules = {m.name for m in snap.modules if m.trainable}
-        flagged = trainable_params if backward else None  # flags and cut ops matter only to a backward
+        flagged = trainable_params if backward else None  # flags matter only to a backward
         with Tracer(model, names, trainable_modules=trainable_modules, flag_params=flagged) as tracer:
             flags_loss = _step(model, batch, loss_fn, snap, loss_state, tracer, backward=backward)
         _fill_trace(snap, tracer)
@@ -57,11 +57,13 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
             note_flips(snap, tracer, trainable_params, flags_loss, active_adapters(model, names))
         if backward:  # inspect runs no backward: it knows nothing about gradients
             _fill_grads(snap, trainable_params)
-        if backward and loss_state.error is None:  # after an exception the missing gradients say nothing
-            _fill_cuts(snap, tracer, trainable_params)
-        tracer.records.clear()  # drop the autograd nodes the records hold
-        tracer.cut_sources.clear()
-        tracer.loss_node = None
+        _release(tracer)  # the autograd nodes the records hold (an unused branch's keep its activations)
+        lost = _lost(snap, trainable_params) if backward and loss_state.error is None else []
+        if lost:  # after an exception the missing gradients say nothing
+            replay = _replay(model, batch, loss_fn, names, state, trainable_modules)
+            if replay is not None:
+                _fill_cuts(snap, replay, lost)
+                _release(replay)
         loss_bad = loss_state.value is not None and not math.isfinite(loss_state.value)
         if loss_bad or any(p.grad == "nonfinite" for p in snap.params):
             # the streams the forward started from, to replay it
@@ -72,6 +74,36 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     snap.traced = True
     snap.probed = backward
     return snap
+
+
+def _release(tracer) -> None:
+    tracer.records.clear()
+    tracer.cut_sources.clear()
+    tracer.loss_node = None
+
+
+def _replay(model, batch, loss_fn, names, state, trainable_modules):
+    """The step's forward again, from the state and RNG streams it started from, with the ops that cut the graph
+    watched (Tracer's watch_cuts): the tracer, or None when the replay fails. Only when a trainable parameter got no
+    gradient, so a healthy probe pays nothing for the watch."""
+    state.restore()  # flags, hooks and RNG as before the step (the user's own gradients come back; none is taken)
+    model.train()
+    # a forward with no backward after it: DistributedDataParallel must not wait for one to reduce
+    no_sync = getattr(model, "no_sync", None)
+    quiet = no_sync() if callable(no_sync) else contextlib.nullcontext()
+    try:
+        with quiet, Tracer(model, names, trainable_modules=trainable_modules, watch_cuts=True) as tracer:
+            out = loss_fn(model, fresh(batch)) if loss_fn is not None else call_model(model, fresh(batch))
+            tracer.phase = "backward"
+            tracer.loss_node = extract_loss(out).grad_fn
+    except Exception:  # the first pass ran this step: a replay that differs tells nothing new
+        return None
+    finally:
+        state.restore()
+    del out
+    tracer.output = tracer.main_output = None
+    tracer.output_fns.clear()
+    return tracer
 
 
 def _note_batch(snap: Snapshot, batch) -> None:
@@ -222,7 +254,7 @@ def _local(t):
     return to_local() if callable(to_local) else t
 
 
-def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000) -> None:
+def _fill_cuts(snap: Snapshot, tracer, lost: list, budget: int = 3_000_000) -> None:
     """For each trainable param that ran yet got no gradient, the first module whose outputs lost it.
 
     A module cuts a parameter when the parameter sits inside it or reaches its inputs through autograd, but none
@@ -230,9 +262,6 @@ def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000
     a reentrant checkpoint's no-grad forward are left to that rule.
     """
     modules = {m.name: m for m in snap.modules}
-    lost = _lost(snap, trainable_params, modules)
-    if not lost:
-        return
     bit_of = {id(tensor): 1 << i for i, (_, tensor) in enumerate(lost)}
     inside: dict[str, int] = {}
     for i, (state, _) in enumerate(lost):
@@ -254,7 +283,7 @@ def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000
     unused = note_unused(records, reach, tracer, lost, bit_of, modules, budget)
     first: dict[int, tuple] = {}  # param bit -> (order, module) of the earliest module that cuts it
     for m, rec in records:
-        if m.order is None:
+        if rec.order is None:
             continue
         out_reach = 0
         for fn in rec.out_fns:
@@ -270,18 +299,19 @@ def _fill_cuts(snap: Snapshot, tracer, trainable_params, budget: int = 3_000_000
         while cut:
             low = cut & -cut
             cut ^= low
-            if low not in first or m.order < first[low][0]:
-                first[low] = (m.order, m)
+            if low not in first or rec.order < first[low][0]:
+                first[low] = (rec.order, m)
     for i, (state, _) in enumerate(lost):
         hit = None if i in unused else first.get(1 << i)
         if hit is not None:
             hit[1].cut_params.append(state.name)
 
 
-def _lost(snap: Snapshot, trainable_params, modules: dict) -> list:
+def _lost(snap: Snapshot, trainable_params) -> list:
     """(state, tensor) of the trainable params that ran and got no gradient, outside reentrant no-grad regions and
     minus those whose requires_grad went off during the step (requires-grad-changed)."""
     by_name = {p.name: p for p in snap.params}
+    modules = {m.name: m for m in snap.modules}
     flipped = snap.flipped()
     lost = []
     for name, tensor in trainable_params:

@@ -127,7 +127,7 @@ class Tracer:
     """Context manager that watches one forward (and the recomputations of its backward)."""
 
     def __init__(self, model, module_names: dict, *, finite_checks: bool = False, trainable_modules=None,
-                 flag_params=None):
+                 flag_params=None, watch_cuts: bool = False):
         self.model = model
         self.names = module_names
         self.records: dict[str, _Record] = {}
@@ -147,9 +147,11 @@ class Tracer:
             trainable_modules = {n for m, n in module_names.items() if any(p.requires_grad for p in m.parameters())}
         self._trainable_modules = trainable_modules
         self.output_fns: dict[int, object] = {}  # id -> grad_fn of every traced module output (kept alive here)
-        # with flag_params (the trainable (name, tensor) pairs before the step): where the graph is cut by an op,
-        # and requires_grad as the model's forward left it, and where it first went off
+        # with flag_params (the trainable (name, tensor) pairs before the step): requires_grad as the model's
+        # forward left it, and where it first went off. With watch_cuts, also the ops that cut the graph (_CutOps):
+        # a Python call per torch op, so only the probe's replay of a failing step watches them
         self._flag_params = list(flag_params or ())
+        self._watch_cuts = watch_cuts
         self.cut_sources: list = []
         self.flags_forward: list[bool] | None = None
         self.flip_at: tuple[str, str] | None = None  # (module, forward hook | forward pre-hook)
@@ -171,7 +173,7 @@ class Tracer:
         for module in self._late:
             self._handles.append(module.register_forward_hook(self._late_hook, with_kwargs=True, always_call=True))
         self._patch_checkpoint()
-        if self._flag_params:
+        if self._watch_cuts:
             self._mode = _CutOps(self)
             self._mode.__enter__()
         return self

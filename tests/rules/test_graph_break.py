@@ -78,6 +78,40 @@ def test_fires_where_a_custom_module_detaches_the_stream():
     assert state["base_model.model.blocks.2.proj.lora_B.default.weight"] == "ok"
 
 
+class Watched(Block):
+    """Counts its forward runs and the torch-function modes active in each (the probe's op watcher is one)."""
+
+    def __init__(self, width, *, detach: bool):
+        super().__init__(width)
+        self.detach, self.modes, self.sums, self.drop = detach, [], [], torch.nn.Dropout(0.5)
+
+    def forward(self, x):
+        self.modes.append(len(torch.overrides._get_current_function_mode_stack()))
+        branch = self.drop(self.act(self.proj(x)))
+        self.sums.append(float(branch.detach().sum()))
+        return x + (branch.detach() if self.detach else branch)
+
+
+def test_a_healthy_probe_runs_one_forward_with_no_op_watcher():
+    model = _custom(lambda width: Watched(width, detach=False))
+    report = probe(model, tiny_batch())
+    assert_silent(report, SLUG)
+    assert model.base_model.model.blocks[1].modes == [0]  # the step itself, not watched op by op (SPEC §9's cost)
+
+
+def test_a_cut_is_located_by_replaying_the_step_with_the_op_watcher():
+    model = _custom(lambda width: Watched(width, detach=True))
+    torch.manual_seed(3)
+    report = probe(model, tiny_batch())
+    block = model.base_model.model.blocks[1]
+    # the step, then its replay with the watcher on, from the same RNG streams: the same dropout masks
+    assert block.modes == [0, 1]
+    assert block.sums[0] == block.sums[1]
+    finding = assert_fires(report, SLUG, location="base_model.model.blocks.1")
+    assert sorted(finding.params) == ["base_model.model.blocks.1.proj.lora_A.default.weight",
+                                      "base_model.model.blocks.1.proj.lora_B.default.weight"]
+
+
 def test_fires_on_a_forward_hook_that_detaches_a_decoder_layer():
     model = lora()
     layers = model.get_base_model().model.layers
