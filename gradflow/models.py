@@ -16,6 +16,19 @@ LAYER = re.compile(r"^(?P<prefix>.*?(?:^|\.)(?:layers|h|blocks|layer))\.(?P<inde
 _WRAPPER_PREFIX = re.compile(r"^(?:module\.)?(?:base_model\.model\.)?(?:model\.)?")
 
 
+def plain_attr(module, name: str, default: Any = None) -> Any:
+    """`getattr(module, name, default)` for an attribute that is not a parameter, buffer or submodule. A miss in
+    nn.Module.__getattr__ formats an error message (microseconds a module); the probe asks every module of a
+    model each time, so an attribute neither on the instance nor anywhere on its class is answered without it."""
+    found = module.__dict__.get(name, _ABSENT)
+    if found is not _ABSENT:
+        return found
+    return getattr(module, name, default) if hasattr(type(module), name) else default
+
+
+_ABSENT = object()
+
+
 def is_peft_model(model) -> bool:
     """A PeftModel (or a subclass): it wraps a base model that `get_base_model()` returns."""
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
@@ -23,7 +36,8 @@ def is_peft_model(model) -> bool:
 
 def has_adapter_config(module) -> bool:
     """A module that carries PEFT adapter configs: a PeftModel, or a transformers model after `load_adapter`."""
-    return hasattr(module, "peft_config") and hasattr(module, "active_adapter")
+    return plain_attr(module, "peft_config", _ABSENT) is not _ABSENT and \
+        plain_attr(module, "active_adapter", _ABSENT) is not _ABSENT
 
 
 def base_model(model):
@@ -36,9 +50,16 @@ def tuner_layer_class():
     return getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
 
 
+_GC_LAYER_CLASSES: dict[type, bool] = {}
+
+
 def is_gc_layer(module) -> bool:
     """A transformers layer that can checkpoint itself (GradientCheckpointingLayer, either stack)."""
-    return any(c.__name__ == "GradientCheckpointingLayer" for c in type(module).__mro__)
+    cls = type(module)
+    found = _GC_LAYER_CLASSES.get(cls)
+    if found is None:
+        found = _GC_LAYER_CLASSES[cls] = any(c.__name__ == "GradientCheckpointingLayer" for c in cls.__mro__)
+    return found
 
 
 def decoder_layers(model, *, checkpointable: bool = False) -> list:
@@ -94,9 +115,9 @@ def _is_wrapper(module) -> bool:
 
 def gc_mode_of(module) -> str:
     """transformers' per-module checkpointing state: off, reentrant or non-reentrant."""
-    if getattr(module, "gradient_checkpointing", False) is not True:
+    if plain_attr(module, "gradient_checkpointing", False) is not True:
         return "off"
-    func = getattr(module, "_gradient_checkpointing_func", None)
+    func = plain_attr(module, "_gradient_checkpointing_func")
     keywords = getattr(func, "keywords", None) or {}
     # torch falls back to reentrant when use_reentrant is not given (with a warning).
     return "non-reentrant" if keywords.get("use_reentrant", True) is False else "reentrant"

@@ -6,7 +6,8 @@ import dataclasses
 import re
 from typing import Any
 
-from gradflow.models import gc_mode_of, has_adapter_config, is_gc_layer, is_input_grad_hook, tuner_layer_class
+from gradflow.models import (gc_mode_of, has_adapter_config, is_gc_layer, is_input_grad_hook, plain_attr,
+                             tuner_layer_class)
 from gradflow.setup.wrappers import fsdp_units
 from gradflow.snapshot import ModuleState, ParamState, Snapshot, ancestors, count_into_ancestors
 
@@ -52,7 +53,7 @@ def _adapters(model, modules):
     for name, module in modules:
         if wrapper is None and has_adapter_config(module):
             wrapper = module  # the outermost PeftModel (under a DDP wrapper too)
-        hf_loaded = hf_loaded or getattr(module, "_hf_peft_config_loaded", False) is True
+        hf_loaded = hf_loaded or plain_attr(module, "_hf_peft_config_loaded", False) is True
         if tuner_cls is None or not isinstance(module, tuner_cls):
             continue
         for layer in getattr(module, "adapter_layer_names", ()):

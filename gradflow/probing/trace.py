@@ -10,7 +10,7 @@ import torch
 import torch.utils.checkpoint as tuc
 from torch.overrides import TorchFunctionMode
 
-from gradflow.models import is_gc_layer
+from gradflow.models import is_gc_layer, plain_attr
 from gradflow.snapshot import CheckpointCall
 
 
@@ -284,7 +284,7 @@ class Tracer:
         if self._flag_params and self.phase == "forward" and module._forward_pre_hooks and self.flip_at is None:
             self._pre_flags[name] = self.flags()  # global pre-hooks run before the module's own
         self._stack.append(name)
-        self._stack_gc.append(getattr(module, "gradient_checkpointing", False) is True and is_gc_layer(module))
+        self._stack_gc.append(plain_attr(module, "gradient_checkpointing", False) is True and is_gc_layer(module))
         if self.phase == "forward":
             rec = self.records.get(name)
             if rec is None:
