@@ -29,6 +29,7 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwarg
 GC_ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func", "_require_grads_hook", "_require_grads_hooks",
             "_output_capturing_hooks_installed")
 _MISSING = object()
+_NO_HOOKS: dict = {}  # the saved copy of every empty hook dict (read only)
 
 
 def rng_state() -> tuple:
@@ -74,11 +75,14 @@ class _Module:
     __slots__ = ("module", "training", "hooks", "children", "attrs")
 
     def __init__(self, module, dropout_cls):
+        # read from the instance dict, where nn.Module keeps all of these: the probe captures every module of a
+        # model each time, and an empty hook dict (most of them) shares one empty copy, which nothing mutates
+        found = module.__dict__
         self.module = module
         self.training = module.training
-        self.hooks = {k: dict(v) for k in HOOK_DICTS if isinstance(v := getattr(module, k, None), dict)}
+        self.hooks = {k: (dict(v) if v else _NO_HOOKS) for k in HOOK_DICTS if (v := found.get(k)) is not None}
         self.children = dict(module._modules)
-        self.attrs = {a: module.__dict__.get(a, _MISSING) for a in GC_ATTRS}
+        self.attrs = {a: found.get(a, _MISSING) for a in GC_ATTRS}
         if isinstance(module, dropout_cls):
             self.attrs["p"] = module.p
 
@@ -152,15 +156,20 @@ class ModelState:
             if s is None:
                 continue  # not in the later capture: nothing to tell what changed before it
             m = r.module
+            found = m.__dict__
+            # what still equals the capture needs nothing, a full restore or a partial one: most of a model
             for key, saved in r.hooks.items():
-                _put_dict(getattr(m, key), saved, s.hooks.get(key, saved), since is not None)
-            _put_dict(m._modules, r.children, s.children, since is not None)
+                if (live := found[key]) != saved:
+                    _put_dict(live, saved, s.hooks.get(key, saved), since is not None)
+            if m._modules != r.children:
+                _put_dict(m._modules, r.children, s.children, since is not None)
             for a, value in r.attrs.items():
-                if _undo(m.__dict__.get(a, _MISSING), value, s.attrs.get(a, _MISSING), since, _same_attr):
+                now = found.get(a, _MISSING)
+                if now is not value and _undo(now, value, s.attrs.get(a, _MISSING), since, _same_attr):
                     if value is _MISSING:
-                        m.__dict__.pop(a, None)
+                        found.pop(a, None)
                     else:
-                        m.__dict__[a] = value
+                        found[a] = value
             if _undo(m.training, r.training, s.training, since, _equal):
                 m.training = r.training
         later_p = {id(p.param): p for p in since.params} if since is not None else None
