@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 from gradflow.data.packing import is_packed
 from gradflow.forward import call_model, extract_loss, fresh, synthetic_batch
-from gradflow.model_state import kept, set_rng_state
+from gradflow.model_state import ModelState, kept, set_rng_state
 from gradflow.probing.describe import active_adapters, describe
 from gradflow.probing.leak import measure
 from gradflow.probing.loss_terms import LossTerms
@@ -87,6 +87,8 @@ def _replay(model, batch, loss_fn, names, state, trainable_modules):
     watched (Tracer's watch_cuts): the tracer, or None when the replay fails. Only when a trainable parameter got no
     gradient, so a healthy probe pays nothing for the watch."""
     state.restore()  # flags, hooks and RNG as before the step (the user's own gradients come back; none is taken)
+    # buffers as the step left them (a BatchNorm's statistics, a step counter): the replay adds nothing to them
+    buffers = ModelState(model, modules=(), params=(), buffers=True)
     model.train()
     # a forward with no backward after it: DistributedDataParallel must not wait for one to reduce
     no_sync = getattr(model, "no_sync", None)
@@ -99,6 +101,7 @@ def _replay(model, batch, loss_fn, names, state, trainable_modules):
     except Exception:  # the first pass ran this step: a replay that differs tells nothing new
         return None
     finally:
+        buffers.rewind()
         state.restore()
     del out
     tracer.output = tracer.main_output = None

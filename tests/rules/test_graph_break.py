@@ -84,8 +84,10 @@ class Watched(Block):
     def __init__(self, width, *, detach: bool):
         super().__init__(width)
         self.detach, self.modes, self.sums, self.drop = detach, [], [], torch.nn.Dropout(0.5)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # like BatchNorm's num_batches_tracked
 
     def forward(self, x):
+        self.steps += 1
         self.modes.append(len(torch.overrides._get_current_function_mode_stack()))
         branch = self.drop(self.act(self.proj(x)))
         self.sums.append(float(branch.detach().sum()))
@@ -107,6 +109,7 @@ def test_a_cut_is_located_by_replaying_the_step_with_the_op_watcher():
     # the step, then its replay with the watcher on, from the same RNG streams: the same dropout masks
     assert block.modes == [0, 1]
     assert block.sums[0] == block.sums[1]
+    assert int(block.steps) == 1  # the replay leaves the buffers as the one step did
     finding = assert_fires(report, SLUG, location="base_model.model.blocks.1")
     assert sorted(finding.params) == ["base_model.model.blocks.1.proj.lora_A.default.weight",
                                       "base_model.model.blocks.1.proj.lora_B.default.weight"]
