@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any, Callable
 
@@ -60,10 +61,11 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
         _release(tracer)  # the autograd nodes the records hold (an unused branch's keep its activations)
         lost = _lost(snap, trainable_params) if backward and loss_state.error is None else []
         if lost:  # after an exception the missing gradients say nothing
-            replay = _replay(model, batch, loss_fn, names, state, trainable_modules)
+            replay = _replay(model, batch, loss_fn, names, state, trainable_modules, lost)
             if replay is not None:
                 _fill_cuts(snap, replay, lost)
                 _release(replay)
+            _flat_zeros_missing(snap, lost)
         loss_bad = loss_state.value is not None and not math.isfinite(loss_state.value)
         if loss_bad or any(p.grad == "nonfinite" for p in snap.params):
             # the streams the forward started from, to replay it
@@ -78,11 +80,12 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
 
 def _release(tracer) -> None:
     tracer.records.clear()
+    tracer.used.clear()
     tracer.cut_sources.clear()
     tracer.loss_node = None
 
 
-def _replay(model, batch, loss_fn, names, state, trainable_modules):
+def _replay(model, batch, loss_fn, names, state, trainable_modules, lost):
     """The step's forward again, from the state and RNG streams it started from, with the ops that cut the graph
     watched (Tracer's watch_cuts): the tracer, or None when the replay fails. Only when a trainable parameter got no
     gradient, so a healthy probe pays nothing for the watch."""
@@ -94,19 +97,35 @@ def _replay(model, batch, loss_fn, names, state, trainable_modules):
     no_sync = getattr(model, "no_sync", None)
     quiet = no_sync() if callable(no_sync) else contextlib.nullcontext()
     try:
-        with quiet, Tracer(model, names, trainable_modules=trainable_modules, watch_cuts=True) as tracer:
+        watch: dict[str, list] = {}
+        for param, _ in lost:
+            watch.setdefault(param.module, []).append((param.name.rsplit(".", 1)[-1], param.name))
+        with quiet, Tracer(model, names, trainable_modules=trainable_modules, watch_cuts=True,
+                           watch_params=watch) as tracer:
             out = loss_fn(model, fresh(batch)) if loss_fn is not None else call_model(model, fresh(batch))
             tracer.phase = "backward"
             tracer.loss_node = extract_loss(out).grad_fn
     except Exception:  # the first pass ran this step: a replay that differs tells nothing new
         return None
     finally:
+        _reshard(names)
         buffers.rewind()
         state.restore()
     del out
     tracer.output = tracer.main_output = None
     tracer.output_fns.clear()
     return tracer
+
+
+def _reshard(names) -> None:
+    """FSDP2 keeps the root's parameters gathered after a forward until its backward; the replay has none, so they
+    are sharded again here, as the optimizer and the next step expect them."""
+    fsdp_module = getattr(sys.modules.get("torch.distributed.fsdp"), "FSDPModule", None)
+    if fsdp_module is None:
+        return
+    for module in names:
+        if isinstance(module, fsdp_module):
+            module.reshard()
 
 
 def _note_batch(snap: Snapshot, batch) -> None:
@@ -266,6 +285,13 @@ def _fill_cuts(snap: Snapshot, tracer, lost: list, budget: int = 3_000_000) -> N
     """
     modules = {m.name: m for m in snap.modules}
     bit_of = {id(tensor): 1 << i for i, (_, tensor) in enumerate(lost)}
+    stand_ins = []  # what the forward used in a parameter's place (a wrapper's), held while their ids are keys
+    for i, (state, _) in enumerate(lost):
+        used = tracer.used.get(state.name)
+        if used is not None:
+            node = used.grad_fn if used.grad_fn is not None else used  # a view's node, or a leaf's AccumulateGrad
+            stand_ins.append(node)
+            bit_of[id(node)] = bit_of.get(id(node), 0) | 1 << i
     inside: dict[str, int] = {}
     for i, (state, _) in enumerate(lost):
         prefix = state.module
@@ -316,16 +342,39 @@ def _lost(snap: Snapshot, trainable_params) -> list:
     by_name = {p.name: p for p in snap.params}
     modules = {m.name: m for m in snap.modules}
     flipped = snap.flipped()
+    flat = _flat(snap)
     lost = []
     for name, tensor in trainable_params:
         state = by_name.get(name)
-        if state is None or state.grad != "none" or not state.used or name in flipped:
+        missing = state is not None and (state.grad == "none" or state.grad == "zero" and name in flat)
+        if not missing or not state.used or name in flipped:
             continue
         owner = modules.get(state.module)
         if owner is not None and owner.in_reentrant:
             continue
         lost.append((state, tensor))
     return lost
+
+
+def _flat(snap: Snapshot) -> set[str]:
+    """The parameters of FSDP1 units: FSDP1 keeps one flat gradient per unit, so a parameter the loss never reached
+    gets zeros there, not None."""
+    return {n for unit in snap.wrappers if unit.kind == "fsdp1" and not unit.planned for n in unit.params}
+
+
+def _flat_zeros_missing(snap: Snapshot, lost) -> None:
+    """FSDP1's zeros that are missing gradients (the replay found the graph cut before them, or their output unused)
+    are classed as none, as they would be without the flat gradient; the others stay zero (lora_A at step 0)."""
+    flat = _flat(snap)
+    cut = {n for m in snap.modules for n in (*m.cut_params, *m.unused_params)}
+    modules = {m.name: m for m in snap.modules}
+    for state, _ in lost:
+        if state.name in flat and state.grad == "zero" and state.name in cut:
+            state.grad, state.grad_norm = "none", None
+            owner = modules.get(state.module)
+            if owner is not None:
+                owner.grads["zero"] -= 1
+                owner.grads["none"] = owner.grads.get("none", 0) + 1
 
 
 def _reachable_params(roots, bit_of: dict, budget: int) -> dict | None:
@@ -341,7 +390,7 @@ def _reachable_params(roots, bit_of: dict, budget: int) -> dict | None:
             node, done = stack.pop()
             key = id(node)
             if done:
-                value = bit_of.get(id(getattr(node, "variable", None)), 0)
+                value = bit_of.get(id(getattr(node, "variable", None)), 0) | bit_of.get(key, 0)
                 for nxt, _ in node.next_functions:
                     if nxt is not None:
                         value |= reach.get(id(nxt), 0)

@@ -127,7 +127,7 @@ class Tracer:
     """Context manager that watches one forward (and the recomputations of its backward)."""
 
     def __init__(self, model, module_names: dict, *, finite_checks: bool = False, trainable_modules=None,
-                 flag_params=None, watch_cuts: bool = False):
+                 flag_params=None, watch_cuts: bool = False, watch_params=None):
         self.model = model
         self.names = module_names
         self.records: dict[str, _Record] = {}
@@ -152,6 +152,11 @@ class Tracer:
         # a Python call per torch op, so only the probe's replay of a failing step watches them
         self._flag_params = list(flag_params or ())
         self._watch_cuts = watch_cuts
+        # watch_params: {module path: [(attribute, parameter path)]}: the tensor each of those modules holds under
+        # that name while it runs (a wrapper's stand-in: FSDP2's unsharded parameter, FSDP1's view of its flat
+        # parameter), which is what the autograd graph reaches instead of the registered parameter
+        self._watch_params = watch_params or {}
+        self.used: dict[str, object] = {}  # parameter path -> the tensor its module ran with
         self.cut_sources: list = []
         self.flags_forward: list[bool] | None = None
         self.flip_at: tuple[str, str] | None = None  # (module, forward hook | forward pre-hook)
@@ -314,6 +319,10 @@ class Tracer:
         if rec is None or rec.order is not None:
             return None
         rec.order = next(self._order)
+        for attr, path in self._watch_params.get(name, ()):
+            held = getattr(module, attr, None)
+            if isinstance(held, torch.Tensor):
+                self.used.setdefault(path, held)
         if self._flag_params and self.flip_at is None:
             self._note_flip(name, module)
         inputs = _floating(list(_tensors(args)) + list(_tensors(kwargs)))
