@@ -1,4 +1,4 @@
-"""The probe's replay (gradflow.probing.backward._replay): where a trainable parameter gets no gradient, the step's
+"""The probe's replay (gradflow.probing.cuts.replay): where a trainable parameter gets no gradient, the step's
 forward runs again with the ops that cut the graph watched. Through a distributed wrapper, that forward has no
 backward after it; the wrapper must train on afterwards as if the probe had not been there (one gloo rank on the
 CPU, each wrapper for real)."""
