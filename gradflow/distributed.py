@@ -33,6 +33,7 @@ from gradflow.errors import GradflowError
 from gradflow.fixes import findings_for
 from gradflow.forward import call_model
 from gradflow.models import decoder_layers, unwrap
+from gradflow.probing.cuts import flat_zeros_missing
 from gradflow.report import SECTIONS, build_report
 from gradflow.setup.sources import Kind
 from gradflow.setup.wrappers import fsdp1_numels, is_fsdp1, unwrap_fsdp1
@@ -87,6 +88,7 @@ def probe(setup, batch, launch: Launch, *, trainable=None):
                             trainable=trainable if trainable is not None else setup.trainable)
     if numels is not None:
         unwrap_fsdp1(report.snapshot, wrapped, numels)
+        flat_zeros_missing(report.snapshot)  # FSDP1 zero-fills the gradient of a unit's parameters that never ran
     return gather(report, inner, launch)
 
 
@@ -94,16 +96,13 @@ def _local_states(report, inner) -> dict:
     """name -> (state, squared norm or None, sharded) for this rank's trainable parameters."""
     sharded = {name: _is_sharded(p) for name, p in inner.named_parameters()}
     # FSDP1 (use_orig_params): every rank holds a slice of each original parameter, and its gradient's slice
-    flat = {n for u in report.snapshot.wrappers if u.kind == "fsdp1" and not u.planned for n in u.params}
+    flat = report.snapshot.flat_params()
     out = {}
     for row in report.snapshot.params:
         if not row.requires_grad:
             continue
         sq = None if row.grad_norm is None or not math.isfinite(row.grad_norm) else row.grad_norm ** 2
-        state = row.grad
-        if row.name in flat and state == "zero" and row.used is False:
-            state, sq = "none", None  # FSDP1 zero-fills the gradient of a unit's parameters that never ran
-        out[row.name] = (state, sq, sharded.get(row.name, False) or row.name in flat)
+        out[row.name] = (row.grad, sq, sharded.get(row.name, False) or row.name in flat)
     return out
 
 

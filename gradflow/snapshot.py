@@ -260,6 +260,11 @@ class Snapshot:
         """Names of the trainable parameters whose requires_grad went off during the step."""
         return {n for f in self.flips for n in f.params}
 
+    def flat_params(self) -> set[str]:
+        """Names of the parameters inside wrapped FSDP1 units: FSDP1 keeps one flat gradient per unit, so a parameter
+        the loss never reached gets zeros there, not None."""
+        return {n for unit in self.wrappers if unit.kind == "fsdp1" and not unit.planned for n in unit.params}
+
     def module(self, name: str) -> ModuleState | None:
         for m in self.modules:
             if m.name == name:

@@ -71,3 +71,25 @@ def test_the_replay_through_a_wrapper_names_the_cut_and_training_goes_on(wrap, p
     assert any("blocks.1.proj.lora_A" in p for p in finding.params)
     # the same wrapper trains, with the losses of a twin that was never probed
     assert _steps(wrapped, data) == pytest.approx(_steps(wrap(_model()), data))
+
+
+class WithSpareHead(torch.nn.Module):
+    """A TinyLM plus a trainable head the forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = tiny_lm(freeze=False)
+        self.spare = torch.nn.Linear(16, 16)
+
+    def forward(self, **data):
+        return self.lm(**data)
+
+
+def test_fsdp1_zeros_of_a_module_that_never_ran_are_missing_gradients(process_group):
+    torch.manual_seed(0)
+    report = probe(_fsdp1(WithSpareHead()), tiny_batch())
+    finding = assert_fires(report, "trainable-param-unused")
+    assert finding.location.endswith("spare")
+    grads = {p.name: p.grad for p in report.snapshot.params if p.requires_grad}
+    assert grads["_fsdp_wrapped_module.spare.weight"] == "none"
+    assert grads["_fsdp_wrapped_module.lm.head.weight"] == "ok"

@@ -65,7 +65,8 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
             if again is not None:
                 fill_cuts(snap, again, lost)
                 release(again)
-            flat_zeros_missing(snap, lost)
+        if backward and loss_state.error is None:
+            flat_zeros_missing(snap)
         loss_bad = loss_state.value is not None and not math.isfinite(loss_state.value)
         if loss_bad or any(p.grad == "nonfinite" for p in snap.params):
             # the streams the forward started from, to replay it

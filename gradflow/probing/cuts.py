@@ -132,7 +132,7 @@ def lost_params(snap: Snapshot, trainable_params) -> list:
     by_name = {p.name: p for p in snap.params}
     modules = {m.name: m for m in snap.modules}
     flipped = snap.flipped()
-    flat = _flat(snap)
+    flat = snap.flat_params()
     lost = []
     for name, tensor in trainable_params:
         state = by_name.get(name)
@@ -146,20 +146,17 @@ def lost_params(snap: Snapshot, trainable_params) -> list:
     return lost
 
 
-def _flat(snap: Snapshot) -> set[str]:
-    """The parameters of FSDP1 units: FSDP1 keeps one flat gradient per unit, so a parameter the loss never reached
-    gets zeros there, not None."""
-    return {n for unit in snap.wrappers if unit.kind == "fsdp1" and not unit.planned for n in unit.params}
-
-
-def flat_zeros_missing(snap: Snapshot, lost) -> None:
-    """FSDP1's zeros that are missing gradients (the replay found the graph cut before them, or their output unused)
-    are classed as none, as they would be without the flat gradient; the others stay zero (lora_A at step 0)."""
-    flat = _flat(snap)
+def flat_zeros_missing(snap: Snapshot) -> None:
+    """FSDP1's zeros that are missing gradients (the module never ran, or the replay found the graph cut before them
+    or their output unused) are classed as none, as they would be without the flat gradient; the others stay zero
+    (lora_A at step 0)."""
+    flat = snap.flat_params()
+    if not flat:
+        return
     cut = {n for m in snap.modules for n in (*m.cut_params, *m.unused_params)}
     modules = {m.name: m for m in snap.modules}
-    for state, _ in lost:
-        if state.name in flat and state.grad == "zero" and state.name in cut:
+    for state in snap.params:
+        if state.name in flat and state.grad == "zero" and (state.name in cut or not state.used):
             state.grad, state.grad_norm = "none", None
             owner = modules.get(state.module)
             if owner is not None:
