@@ -26,7 +26,8 @@ def release(tracer) -> None:
 def replay(model, batch, loss_fn, names, state, trainable_modules, lost):
     """The step's forward again, from the state and RNG streams it started from, with the ops that cut the graph
     watched (Tracer's watch_cuts): the tracer, or None when the replay fails. Only when a trainable parameter got no
-    gradient, so a healthy probe pays nothing for the watch."""
+    gradient, so a healthy probe pays nothing for the watch. A forward that takes another path for reasons beyond
+    the RNG streams (a Python counter, a data-dependent branch on state the step changed) is analysed as replayed."""
     state.restore()  # flags, hooks and RNG as before the step (the user's own gradients come back; none is taken)
     # buffers as the step left them (a BatchNorm's statistics, a step counter): the replay adds nothing to them
     buffers = ModelState(model, modules=(), params=(), buffers=True)
