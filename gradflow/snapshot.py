@@ -260,6 +260,24 @@ class Snapshot:
         """Names of the trainable parameters whose requires_grad went off during the step."""
         return {n for f in self.flips for n in f.params}
 
+    def without_grad(self, *, flat_zeros: bool = False) -> list[ParamState]:
+        """Trainable parameters that ran and got no gradient, outside reentrant no-grad regions (explained by
+        reentrant-checkpoint-no-input-grad), minus those explained as switched off during the step or as computed and
+        never used. `flat_zeros`: an FSDP1 unit's zero entries count too (the probe, before it has classed them)."""
+        modules = {m.name: m for m in self.modules}
+        other = self.flipped() | {n for m in self.modules for n in m.unused_params}
+        flat = self.flat_params() if flat_zeros else set()
+        out = []
+        for p in self.params:
+            if not p.requires_grad or not p.used or p.name in other:
+                continue
+            if p.grad != "none" and not (p.grad == "zero" and p.name in flat):
+                continue
+            owner = modules.get(p.module)
+            if owner is None or not owner.in_reentrant:
+                out.append(p)
+        return out
+
     def flat_params(self) -> set[str]:
         """Names of the parameters inside wrapped FSDP1 units: FSDP1 keeps one flat gradient per unit, so a parameter
         the loss never reached gets zeros there, not None."""

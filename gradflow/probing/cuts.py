@@ -128,23 +128,9 @@ def fill_cuts(snap: Snapshot, tracer, lost: list, budget: int = 3_000_000) -> No
 
 
 def lost_params(snap: Snapshot, trainable_params) -> list:
-    """(state, tensor) of the trainable params that ran and got no gradient, outside reentrant no-grad regions and
-    minus those whose requires_grad went off during the step (requires-grad-changed)."""
-    by_name = {p.name: p for p in snap.params}
-    modules = {m.name: m for m in snap.modules}
-    flipped = snap.flipped()
-    flat = snap.flat_params()
-    lost = []
-    for name, tensor in trainable_params:
-        state = by_name.get(name)
-        missing = state is not None and (state.grad == "none" or state.grad == "zero" and name in flat)
-        if not missing or not state.used or name in flipped:
-            continue
-        owner = modules.get(state.module)
-        if owner is not None and owner.in_reentrant:
-            continue
-        lost.append((state, tensor))
-    return lost
+    """(state, tensor) of the parameters `Snapshot.without_grad` names, FSDP1's zero entries included."""
+    tensors = dict(trainable_params)
+    return [(state, tensors[state.name]) for state in snap.without_grad(flat_zeros=True) if state.name in tensors]
 
 
 def flat_zeros_missing(snap: Snapshot) -> None:

@@ -39,21 +39,8 @@ from gradflow.snapshot import ancestors
 
 
 def lost_params(snap):
-    """Trainable params without a gradient that ran outside a reentrant no-grad region."""
-    if not snap.probed:
-        return []
-    modules = {m.name: m for m in snap.modules}
-    # explained elsewhere: flags switched off during the step, outputs computed and never used
-    other = snap.flipped() | {n for m in snap.modules for n in m.unused_params}
-    lost = []
-    for p in snap.params:
-        if not p.requires_grad or p.grad != "none" or not p.used or p.name in other:
-            continue
-        m = modules.get(p.module)
-        if m is not None and m.in_reentrant:
-            continue  # explained by reentrant-checkpoint-no-input-grad
-        lost.append(p)
-    return lost
+    """Trainable params without a gradient that ran outside a reentrant no-grad region, not explained elsewhere."""
+    return snap.without_grad() if snap.probed else []
 
 
 def check(snap):
