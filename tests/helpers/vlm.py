@@ -40,13 +40,6 @@ def vlm_batch(*, images: bool = True, batch_size: int = 1, seq_len: int = 12, se
     return out
 
 
-def vision_tower(model):
-    """The vision tower module, under any PEFT wrapper, on both stacks (4.57 keeps it at model.vision_tower too)."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return inner.model.vision_tower if hasattr(inner, "model") and hasattr(inner.model, "vision_tower") \
-        else inner.vision_tower
-
-
 def unused_layer_factory():
     """A factory for the CLI (`tests/helpers/vlm.py:unused_layer_factory`): LoRA on every linear layer of a LLaVA
     whose projector reads vision layer -2, with an image batch."""

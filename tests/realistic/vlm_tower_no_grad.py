@@ -9,9 +9,24 @@ import tempfile
 
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import Trainer, TrainingArguments
+from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, Trainer,
+                          TrainingArguments)
 
-from tests.helpers.vlm import VISION_LORA, tiny_llava, vlm_batch
+
+
+IMAGE_TOKEN, VOCAB = 5, 128
+
+
+def tiny_llava(feature_layer=-2):
+    """A LlavaForConditionalGeneration with random weights: 2 CLIP layers (16x16 images, 4 patches), 2 Llama layers;
+    the projector reads vision layer `feature_layer`."""
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=16, patch_size=8, projection_dim=32)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(LlavaConfig(vision_config=vision, text_config=text,
+                                                     image_token_index=IMAGE_TOKEN, vision_feature_layer=feature_layer))
 
 
 class ImageTextRows(torch.utils.data.Dataset):
@@ -21,12 +36,18 @@ class ImageTextRows(torch.utils.data.Dataset):
         return 8
 
     def __getitem__(self, i):
-        return {k: v[0] for k, v in vlm_batch(seed=i).items()}
+        gen = torch.Generator().manual_seed(i)
+        ids = torch.randint(10, VOCAB, (12,), generator=gen)
+        ids[1:5] = IMAGE_TOKEN
+        pixels = torch.randn(3, 16, 16, generator=gen)
+        labels = ids.clone()
+        labels[ids == IMAGE_TOKEN] = -100
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "labels": labels}
 
 
 def build(output_dir=None):
     output_dir = output_dir or os.environ.get("OUTPUT_DIR") or tempfile.mkdtemp(prefix="llava-")
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=VISION_LORA, lora_dropout=0.0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
     model = get_peft_model(tiny_llava(feature_layer=-1), config)
     llava = model.get_base_model().model
     llava.get_image_features = torch.no_grad()(llava.get_image_features)  # "the tower is frozen: save memory"
