@@ -10,7 +10,7 @@ from torch.utils.checkpoint import checkpoint
 import gradflow
 from gradflow.setup.presets import build_preset
 from gradflow.forward import synthetic_batch
-from tests.helpers.coverage import assert_coverage
+from tests.helpers.coverage import FALLBACK, assert_coverage
 from tests.helpers.env import stack
 
 STACK = stack()
@@ -326,7 +326,7 @@ def assert_fires(report, slug: str, *, severity: str | None = None, location=_AN
     """
     from gradflow.rules.codes import SLUGS
 
-    assert_coverage(report)
+    assert_coverage(report, fallback_expected=slug == FALLBACK)
     got = findings(report, slug)
     assert len(got) == 1, f"expected one {slug}, got {_describe(report)}"
     finding = got[0]
