@@ -77,6 +77,7 @@ def test_silent_when_every_label_is_masked():
     data["labels"][:] = -100
     report = probe(model, data)
     assert_silent(report, SLUG)
+    assert_fires(report, "no-supervised-tokens")
 
 
 def test_silent_on_a_fresh_lora():
