@@ -187,6 +187,7 @@ def already_complete(plan, output: str, adapter_dir: str) -> Report | None:
         return None
     report.command = "train"
     report.train["already_complete"] = True  # this call trained nothing: the run had ended
+    report.train.pop("startup", None)  # the ended run's start-up, not this call's
     report.train["resume"] = as_dict(plan)
     return report  # trained_model stays None: nothing was loaded
 

@@ -55,6 +55,10 @@ def test_a_finished_run_resumed_says_complete_and_trains_nothing(reference):
         f"gradflow: the run in {output} is complete ({STEPS}/{STEPS} steps): nothing to resume. Its adapter is in "
         f"{output}/adapter; pass --overwrite to train it again"]
     assert _listing(output) == before  # no new checkpoint, none rewritten
+    stored = json.load(open(os.path.join(output, "report.json")))["train"]
+    as_json = json.loads(invoke_main(*train_args(output, "--resume", "--format", "json")).stdout)["train"]
+    assert "startup" in stored and "startup" not in as_json  # the ended run's start-up is not this call's
+    assert as_json["already_complete"] is True
 
 
 @pytest.mark.parametrize("option", ["seed", "data", "batch-size", "lora-r"])
