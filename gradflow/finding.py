@@ -98,6 +98,14 @@ def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
 
 
+def fails_on(severity: str, fail_on: str) -> bool:
+    """Whether one finding of `severity` is at or above `fail_on` (error | warning | never): info never is, and
+    nothing is under never."""
+    if fail_on == "never" or severity == "info":
+        return False
+    return severity_rank(severity) >= severity_rank(fail_on)
+
+
 def finding_line(f: Finding) -> str:
     """One finding as one line: code, slug, where, and the message."""
     where = f" at {f.location}" if f.location else ""

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import gradflow
 from gradflow.choices import FailOn
-from gradflow.finding import severity_rank
+from gradflow.finding import fails_on
 from gradflow.setup.sources import setup_from_factory_result
 
 __all__ = ["assert_gradient_flow", "format_findings"]
@@ -71,8 +71,7 @@ def _unpack(obj, batch, trainable, loss_fn, optimizer):
 
 def format_findings(report, fail_on: str = "error") -> str:
     """The failure message: what was probed, then one block per finding at or above `fail_on`."""
-    failing = [] if fail_on == "never" else [f for f in report.findings if f.severity != "info"
-                                             and severity_rank(f.severity) >= severity_rank(fail_on)]
+    failing = [f for f in report.findings if fails_on(f.severity, fail_on)]
     below = sorted({f.slug for f in report.findings if f not in failing})
     lines = [f"gradflow: {len(failing)} finding{'s' if len(failing) != 1 else ''} at or above {fail_on!r} in "
              f"{report.model.get('class', 'the model')} ({_summary(report)})"]

@@ -9,8 +9,8 @@ import types
 from typing import Any, Mapping
 
 from gradflow.errors import GradflowError
-from gradflow.finding import (SEVERITIES, Applicability, Finding, Fix, finding_line,  # noqa: F401 (the report's API)
-                              severity_rank)
+from gradflow.finding import (SEVERITIES, Applicability, Finding, Fix, fails_on,  # noqa: F401 (the report's API)
+                              finding_line, severity_rank)
 from gradflow.report.render import renderable, to_text
 from gradflow.report.render.json_report import COMPACT_DEPTH, COMPACT_FINDING_PARAMS, module_rows, params_section
 from gradflow.report.sections import (DataSection, DistributedSection, DryRunSection, PatchOutcome, PreflightSection,
@@ -94,10 +94,7 @@ class Report:
 
     def fails(self, fail_on: str) -> bool:
         """True when some finding is at or above `fail_on` (error | warning | never). Info never fails."""
-        if fail_on == "never":
-            return False
-        floor = severity_rank(fail_on)
-        return any(severity_rank(f.severity) >= floor and f.severity != "info" for f in self.findings)
+        return any(fails_on(f.severity, fail_on) for f in self.findings)
 
     def slugs(self) -> list[str]:
         return [f.slug for f in self.findings]

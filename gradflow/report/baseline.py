@@ -20,7 +20,7 @@ import os
 import re
 
 from gradflow.errors import GradflowError
-from gradflow.finding import severity_rank
+from gradflow.finding import fails_on
 from gradflow.files import write_json
 
 FORMAT_VERSION = 1
@@ -190,18 +190,11 @@ def check(report, path: str, *, update: bool = False, command: str | None = None
         findings_unchanged=ordered(new_f & old_f))
     known = old_f.copy()
     for f, state in zip(report.findings, states(report.findings, known)):
-        if state == "new" and report_fails_on(f.severity, fail_on):
+        if state == "new" and fails_on(f.severity, fail_on):
             result.failing.append({"code": f.code, "slug": f.slug, "location": f.location})
     if result.trainable_changed or result.findings_added or result.findings_removed:
         result.status = "changed"
     return result
-
-
-def report_fails_on(severity: str, fail_on: str) -> bool:
-    """Whether one finding of `severity` is at or above `fail_on` (info never is; nothing is under never)."""
-    if fail_on == "never" or severity == "info":
-        return False
-    return severity_rank(severity) >= severity_rank(fail_on)
 
 
 def states(findings, known: collections.Counter) -> list[str]:
