@@ -6,7 +6,6 @@ import dataclasses
 from typing import Callable, Iterable
 
 from gradflow.finding import Applicability, Finding, Fix
-from gradflow.snapshot import ancestors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +81,15 @@ def layer_span(names: list[str]) -> str:
     return names[0]
 
 
-def owner(snap, names) -> str:
-    """The deepest module holding every parameter in `names` ("" for the root)."""
-    by_name = {p.name: p.module for p in snap.params}
-    common: list[str] | None = None
-    for n in names:
-        chain = list(ancestors(by_name.get(n, "")))
-        common = chain if common is None else [a for a in common if a in set(chain)]
-    return common[0] if common else ""
+def owner(names) -> str:
+    """The deepest module holding every parameter in `names` ("" for the root): the probe's rules and the training
+    callback name a group of parameters by it alike."""
+    paths = [n.split(".")[:-1] for n in names]
+    common = paths[0] if paths else []
+    for path in paths[1:]:
+        k = 0
+        while k < min(len(common), len(path)) and common[k] == path[k]:
+            k += 1
+        common = common[:k]
+    return ".".join(common)
 

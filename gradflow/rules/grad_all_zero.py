@@ -41,7 +41,7 @@ def check(snap):
                "model's contribution, or a custom backward returns zeros")
     message = (f"every trainable parameter's gradient is exactly zero ({plural(len(zero), 'tensor')}: "
                f"{short(zero, 2)}): {why}; nothing will train")
-    return [RULE.finding(message, location=owner(snap, zero) or None, params=zero, advice_only=True)]
+    return [RULE.finding(message, location=owner(zero) or None, params=zero, advice_only=True)]
 
 
 RULE = Rule(

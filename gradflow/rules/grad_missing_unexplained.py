@@ -65,7 +65,7 @@ def cover(snap, findings) -> list:
     names = [p.name for p in left]
     kinds = sorted({p.grad for p in left})
     what = " or ".join({"none": "no gradient", "zero": "an exactly-zero gradient"}[k] for k in kinds)
-    where = owner(snap, names)
+    where = owner(names)
     message = (f"unexplained: {plural(len(names), 'trainable parameter')} got {what} and no other finding says why "
                f"(in {where or 'the model'}): {short(names, 4)}")
     return [RULE.finding(message, location=where or None, params=names)]

@@ -38,7 +38,7 @@ def check(snap):
         return []
     found = []
     for flip in snap.flips:
-        where = flip.module if flip.module is not None else owner(snap, flip.params)
+        where = flip.module if flip.module is not None else owner(flip.params)
         when = "during the model's forward" if flip.phase == "forward" else "in the loss, after the model's forward"
         if flip.via == "set_adapter":
             how = (f"set_adapter switched the active adapter from {', '.join(flip.adapters_before)} to "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from gradflow.probing.describe import active_adapters
-from gradflow.rules._base import plural, short
+from gradflow.rules._base import owner, plural, short
 from gradflow.training.findings import finding
 
 
@@ -27,18 +27,6 @@ def _active(model) -> tuple[str, ...]:
         return active_adapters(model, {m: n for n, m in model.named_modules()})
     except Exception:  # noqa: BLE001 - an adapter set-up this PEFT cannot describe: say nothing about adapters
         return ()
-
-
-def common_module(names: list[str]) -> str:
-    """The deepest module path that holds every parameter in `names` ("" for the root)."""
-    paths = [n.split(".")[:-1] for n in names]
-    common = paths[0] if paths else []
-    for path in paths[1:]:
-        k = 0
-        while k < min(len(common), len(path)) and common[k] == path[k]:
-            k += 1
-        common = common[:k]
-    return ".".join(common)
 
 
 class FlagWatch:
@@ -54,7 +42,8 @@ class FlagWatch:
     def begin_step(self) -> None:
         """At each step's beginning: flags that went off since the last step ended were switched by the loop or a
         callback, between steps (gradual freezing): deliberate, and no longer watched."""
-        self.between.update(n for n, p in self.params if not p.requires_grad and n not in self.flipped)
+        if not self.flipped:  # once a flip is found, check() says nothing more: nothing to keep watching
+            self.between.update(n for n, p in self.params if not p.requires_grad)
 
     def check(self, step: int):
         """A requires-grad-changed Finding the first time a kept flag went off inside a step, else None."""
@@ -64,7 +53,7 @@ class FlagWatch:
         if not off:
             return None
         self.flipped = off
-        where = common_module(off)
+        where = owner(off)
         now = _active(self.model)
         if self.adapters and now and now != self.adapters:
             how = (f"the active adapter changed from {', '.join(self.adapters)} to {', '.join(now)} "
