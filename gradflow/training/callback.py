@@ -353,6 +353,9 @@ class GradFlowCallback(TrainerCallback):
     def _raise(self, control, state, f, phase: str | None = None):
         if any(g.slug == f.slug and g.message == f.message for g in self.findings):
             return
+        hint = self._hint.get(f.slug)
+        if hint and f.fix is not None and f.fix.here is None:
+            f.fix.here = hint  # as the probe's findings of a Trainer carry it (gradflow.api)
         self.findings.append(f)
         stops = f.severity == "error" and (self.stop_on_error or self.raise_on_error)
         if f.severity == "error":
@@ -381,8 +384,8 @@ class GradFlowCallback(TrainerCallback):
         """One finding on one line: code, slug, location, message and fix."""
         where = f" at {f.location}" if f.location else ""
         fix = f" | fix: {f.fix.title}" if f.fix is not None else ""
-        hint = self._hint.get(f.slug)
-        return f"{f.code} {f.slug}{where}: {f.message}{fix}{f' | here: {hint}' if hint else ''}"
+        here = f" | here: {f.fix.here}" if f.fix is not None and f.fix.here else ""
+        return f"{f.code} {f.slug}{where}: {f.message}{fix}{here}"
 
     def _raise_pending(self, when: str) -> None:
         """With raise_on_error, end `trainer.train()` with a GradflowError carrying the new error findings."""

@@ -135,7 +135,10 @@ def test_silent_reentrant_checkpointing_is_named_where_adapters_would_never_move
     assert cb.findings[0].slug == GF101 and cb.findings[0].location == "base_model.model.model.layers.0"
     assert "silent" in cb.findings[0].message
     assert trainer.state.global_step == 1  # stopped after the one step the Trainer always runs
-    assert "gradflow: pre-flight error: GF101" in capsys.readouterr().err
+    # the fix for this Trainer's own set-up travels with the finding, as a probe of the Trainer gives it
+    assert '"use_reentrant": False' in cb.findings[0].fix.here
+    err = capsys.readouterr().err
+    assert "gradflow: pre-flight error: GF101" in err and f"| here: {cb.findings[0].fix.here}" in err
 
     cb = GradFlowCallback(raise_on_error=True)
     with pytest.raises(GradflowError) as err:
