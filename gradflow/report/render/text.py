@@ -70,16 +70,16 @@ class Lines:
                     line.append(self.sep)
                     line.append_text(chunk)
                 else:
-                    out.extend(_wrap(line, console, width, indent))
+                    out.extend(_wrap(line, width, indent))
                     line = Text(" " * indent) + chunk
-            out.extend(_wrap(line, console, width, indent))
+            out.extend(_wrap(line, width, indent))
         return out
 
     def __rich_console__(self, console, options):
         yield _joined(self.lines(console, options.max_width))
 
 
-def _wrap(line: Text, console, width: int | None, indent: int) -> list[Text]:
+def _wrap(line: Text, width: int | None, indent: int) -> list[Text]:
     """`line` wrapped at spaces and commas to `width`, continuation lines indented by `indent`. Never inside a
     word: a module path longer than the width stays whole on a line of its own."""
     if width is None or line.cell_len <= width:
@@ -246,7 +246,7 @@ class GradChart:
         notes = {k: self._note(v) for k, v in self.rows}
         note_w = max((n.cell_len for n in notes.values()), default=0)
         bar_w = self.width if width is None else max(10, min(self.width, width - key_w - note_w - 4))
-        out = _wrap(title, console, width, 2)
+        out = _wrap(title, width, 2)
         for key, value in self.rows:
             line = Text(" " * (key_w - cell_len(key)) + key + "  ")
             kind = value[0]
