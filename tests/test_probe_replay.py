@@ -9,24 +9,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers.builders import Block, assert_fires, custom_lora, probe, tiny_batch, tiny_lm
+from tests.helpers.builders import DetachedBranch, WithSpareHead, assert_fires, custom_with, probe, tiny_batch
 from tests.helpers.dist import process_group  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in"),
               pytest.mark.filterwarnings("ignore:.*FSDP:FutureWarning")]
 
 
-class DetachedBranch(Block):
-    def forward(self, x):
-        return x + self.act(self.proj(x)).detach()
-
-
 def _model():
     torch.manual_seed(0)
-    model = tiny_lm()
-    model.blocks[1] = DetachedBranch(16)
-    model.requires_grad_(False)
-    return custom_lora(model)
+    return custom_with(DetachedBranch)
 
 
 def _ddp(model):
@@ -71,18 +63,6 @@ def test_the_replay_through_a_wrapper_names_the_cut_and_training_goes_on(wrap, p
     assert any("blocks.1.proj.lora_A" in p for p in finding.params)
     # the same wrapper trains, with the losses of a twin that was never probed
     assert _steps(wrapped, data) == pytest.approx(_steps(wrap(_model()), data))
-
-
-class WithSpareHead(torch.nn.Module):
-    """A TinyLM plus a trainable head the forward never calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.lm = tiny_lm(freeze=False)
-        self.spare = torch.nn.Linear(16, 16)
-
-    def forward(self, **data):
-        return self.lm(**data)
 
 
 def test_fsdp1_zeros_of_a_module_that_never_ran_are_missing_gradients(process_group):

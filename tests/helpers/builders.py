@@ -189,6 +189,33 @@ def custom_lora(model, targets=("proj",), **kwargs):
     return get_peft_model(model, LoraConfig(**options))
 
 
+def custom_with(block, index: int = 1, **lora_kwargs):
+    """A frozen TinyLM whose block `index` is `block(16)`, with LoRA on every `proj` (custom_lora)."""
+    model = tiny_lm()
+    model.blocks[index] = block(16)
+    model.requires_grad_(False)
+    return custom_lora(model, **lora_kwargs)
+
+
+class DetachedBranch(Block):
+    """Residual block whose branch is detached (a 'stop-gradient' left in from debugging)."""
+
+    def forward(self, x):
+        return x + self.act(self.proj(x)).detach()
+
+
+class WithSpareHead(nn.Module):
+    """A TinyLM plus a trainable head the forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = tiny_lm(freeze=False)
+        self.spare = nn.Linear(16, 16)
+
+    def forward(self, **data):
+        return self.lm(**data)
+
+
 def tiny_batch(vocab: int = 64, batch_size: int = 2, seq_len: int = 12, seed: int = 0) -> dict:
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)

@@ -8,10 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from tests.helpers.builders import assert_fires, assert_silent, base, batch, lora, probe, tiny_batch, tiny_lm
+from tests.helpers.builders import WithSpareHead, assert_fires, assert_silent, base, batch, lora, probe, tiny_batch
 from tests.helpers.dist import process_group  # noqa: F401  (fixture)
 from tests.helpers.vlm import VISION_LORA, tiny_llava, vlm_batch
 
@@ -19,18 +18,6 @@ SLUG = "ddp-unused-parameters"
 UNFINISHED = "Expected to have finished reduction in the prior iteration"
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-
-
-class WithSpareHead(nn.Module):
-    """A TinyLM plus a trainable head the forward never calls."""
-
-    def __init__(self):
-        super().__init__()
-        self.lm = tiny_lm(freeze=False)
-        self.spare = nn.Linear(16, 16)
-
-    def forward(self, **data):
-        return self.lm(**data)
 
 
 def _train(model, data, steps: int = 2) -> str | None:

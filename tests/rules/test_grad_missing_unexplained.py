@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from tests.helpers.builders import (Block, assert_fires, assert_healthy, assert_silent, custom_lora, probe, tiny_batch,
-                                    tiny_lm)
+from tests.helpers.builders import (Block, DetachedBranch, assert_fires, assert_healthy, assert_silent, custom_lora,
+                                    custom_with, probe, tiny_batch, tiny_lm)
 
 SLUG = "grad-missing-unexplained"
 
@@ -45,15 +45,8 @@ class ZeroSTEBlock(Block):
         return _ZeroInputGrad.apply(x + self.act(self.proj(x)))
 
 
-def _model(block, index: int):
-    model = tiny_lm()
-    model.blocks[index] = block(16)
-    model.requires_grad_(False)
-    return custom_lora(model)
-
-
 def test_fires_on_a_custom_backward_that_returns_none():
-    report = probe(_model(ForgetfulBlock, 1), tiny_batch())
+    report = probe(custom_with(ForgetfulBlock, 1), tiny_batch())
     finding = assert_fires(report, SLUG)
     # everything before the op loses its gradient: blocks 0 and 1
     assert {n.split(".proj.")[0] for n in finding.params} == {"base_model.model.blocks.0", "base_model.model.blocks.1"}
@@ -62,7 +55,7 @@ def test_fires_on_a_custom_backward_that_returns_none():
 
 
 def test_fires_on_a_straight_through_estimator_that_returns_zeros():
-    report = probe(_model(ZeroSTEBlock, 1), tiny_batch())
+    report = probe(custom_with(ZeroSTEBlock, 1), tiny_batch())
     finding = assert_fires(report, SLUG)
     assert "exactly-zero gradient" in finding.message
     assert {n.split(".proj.")[0] for n in finding.params} == {"base_model.model.blocks.0", "base_model.model.blocks.1"}
@@ -77,10 +70,6 @@ def test_silent_on_a_healthy_custom_lora():
 def test_silent_when_another_finding_explains_the_missing_gradient():
     """A detached branch: graph-break names the parameters, so the fallback has nothing left to say."""
 
-    class Detached(Block):
-        def forward(self, x):
-            return x + self.act(self.proj(x)).detach()
-
-    report = probe(_model(Detached, 1), tiny_batch())
+    report = probe(custom_with(DetachedBranch, 1), tiny_batch())
     assert_silent(report, SLUG)
     assert_fires(report, "graph-break")

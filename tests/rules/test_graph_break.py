@@ -5,18 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers.builders import (Block, TinyLM, assert_fires, assert_silent, base, batch, custom_lora, enable_gc,
-                                    findings, lora, lora_config, probe, tiny_batch, tiny_lm)
+from tests.helpers.builders import (Block, DetachedBranch, TinyLM, assert_fires, assert_silent, base, batch,
+                                    custom_lora, custom_with, enable_gc, findings, lora, lora_config, probe,
+                                    tiny_batch, tiny_lm)
 from tests.helpers.vlm import VISION_LORA, tiny_llava, vlm_batch
 
 SLUG = "graph-break"
-
-
-class DetachedBranch(Block):
-    """Residual block whose branch is detached (a 'stop-gradient' left in from debugging)."""
-
-    def forward(self, x):
-        return x + self.act(self.proj(x)).detach()
 
 
 class DataBranch(Block):
@@ -48,16 +42,9 @@ class DetachedStream(Block):
         return (x + self.act(self.proj(x))).detach()
 
 
-def _custom(block_at_1, **lora_kwargs):
-    model = tiny_lm()
-    model.blocks[1] = block_at_1(16)
-    model.requires_grad_(False)
-    return custom_lora(model, **lora_kwargs)
-
-
 @pytest.mark.parametrize("block", [DetachedBranch, DataBranch, FakeQuantBranch, ComparisonGate])
 def test_fires_where_a_custom_module_cuts_its_branch(block):
-    model = _custom(block)
+    model = custom_with(block)
     report = probe(model, tiny_batch())
     # silent in training: the stream still carries grad, so the loss has a grad_fn and no error is raised
     assert report.loss["requires_grad"] is True
@@ -69,7 +56,7 @@ def test_fires_where_a_custom_module_cuts_its_branch(block):
 
 
 def test_fires_where_a_custom_module_detaches_the_stream():
-    model = _custom(DetachedStream)
+    model = custom_with(DetachedStream)
     report = probe(model, tiny_batch())
     finding = assert_fires(report, SLUG, location="base_model.model.blocks.1")
     # everything upstream of the cut is lost, not only the parameters inside it
@@ -95,14 +82,14 @@ class Watched(Block):
 
 
 def test_a_healthy_probe_runs_one_forward_with_no_op_watcher():
-    model = _custom(lambda width: Watched(width, detach=False))
+    model = custom_with(lambda width: Watched(width, detach=False))
     report = probe(model, tiny_batch())
     assert_silent(report, SLUG)
     assert model.base_model.model.blocks[1].modes == [0]  # the step itself, not watched op by op (SPEC §9's cost)
 
 
 def test_a_cut_is_located_by_replaying_the_step_with_the_op_watcher():
-    model = _custom(lambda width: Watched(width, detach=True))
+    model = custom_with(lambda width: Watched(width, detach=True))
     torch.manual_seed(3)
     report = probe(model, tiny_batch())
     block = model.base_model.model.blocks[1]
