@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 import gradflow
-from tests.helpers.builders import lora, tiny_batch
+from tests.helpers.builders import lora, tiny_batch, value_head_lm
 from tests.helpers.coverage import assert_coverage
 from tests.helpers.vlm import tiny_llava, vlm_batch
-from tests.rules.test_trainable_param_unused import ValueHeadLM
 
 SLUG = "trainable-param-unused"
 
 
-def _value_head_model():
-    model = ValueHeadLM()
-    model.requires_grad_(False)
-    model.value_head.requires_grad_(True)
-    model.blocks.requires_grad_(True)
-    return model
-
-
 def test_unsafe_fixes_freeze_the_unused_head_and_the_reprobe_proves_it():
-    model = _value_head_model()
+    model = value_head_lm()
     report = gradflow.patch(model, tiny_batch(), unsafe=True)
     assert SLUG in report.before.slugs() and SLUG not in report.after.slugs()
     (record,) = report.fixes_applied
@@ -31,7 +22,7 @@ def test_unsafe_fixes_freeze_the_unused_head_and_the_reprobe_proves_it():
 
 
 def test_without_unsafe_fixes_it_is_offered_not_applied():
-    model = _value_head_model()
+    model = value_head_lm()
     report = gradflow.patch(model, tiny_batch())
     assert [p["id"] for p in report.extra["skipped_unsafe"]] == ["freeze-unused"]
     assert "model.get_submodule('value_head').requires_grad_(False)" in report.extra["snippet"]

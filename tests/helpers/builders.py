@@ -204,6 +204,28 @@ class DetachedBranch(Block):
         return x + self.act(self.proj(x)).detach()
 
 
+class ValueHeadLM(TinyLM):
+    """Computes a value estimate on every forward and returns it; the LM loss never uses it."""
+
+    def __init__(self):
+        super().__init__()
+        self.value_head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        out = super().forward(input_ids=input_ids, labels=labels)
+        out["value"] = self.value_head(self.embed(input_ids)).squeeze(-1)
+        return out
+
+
+def value_head_lm() -> ValueHeadLM:
+    """A ValueHeadLM training its blocks and its value head, the rest frozen."""
+    model = ValueHeadLM()
+    model.requires_grad_(False)
+    model.value_head.requires_grad_(True)
+    model.blocks.requires_grad_(True)
+    return model
+
+
 class WithSpareHead(nn.Module):
     """A TinyLM plus a trainable head the forward never calls."""
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tests.helpers.builders import (TinyLM, assert_fires, assert_healthy, assert_silent, base, batch, custom_lora, lora,
-                                    lora_config, probe, tiny_batch, tiny_lm)
+                                    lora_config, probe, tiny_batch, tiny_lm, value_head_lm)
 from tests.helpers.vlm import VISION_LORA, tiny_llava, vlm_batch
 
 SLUG = "trainable-param-unused"
@@ -146,25 +146,8 @@ def test_vision_tower_last_layer_runs_while_the_projector_reads_the_layer_before
     assert_silent(report, "graph-break", "grad-missing-unexplained")
 
 
-class ValueHeadLM(TinyLM):
-    """Computes a value estimate on every forward and returns it; the LM loss never uses it."""
-
-    def __init__(self):
-        super().__init__()
-        self.value_head = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-
-    def forward(self, input_ids=None, labels=None, **kwargs):
-        out = super().forward(input_ids=input_ids, labels=labels)
-        out["value"] = self.value_head(self.embed(input_ids)).squeeze(-1)
-        return out
-
-
 def test_value_head_computed_and_never_used_by_the_loss():
-    model = ValueHeadLM()
-    model.requires_grad_(False)
-    model.value_head.requires_grad_(True)
-    model.blocks.requires_grad_(True)
-    report = probe(model, tiny_batch())
+    report = probe(value_head_lm(), tiny_batch())
     finding = assert_fires(report, SLUG, location="value_head")  # the outermost unused module, not each Linear
     assert sorted(finding.params) == ["value_head.0.bias", "value_head.0.weight", "value_head.2.bias",
                                       "value_head.2.weight"]
