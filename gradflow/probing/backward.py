@@ -54,7 +54,9 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
         with Tracer(model, names, trainable_modules=trainable_modules, flag_params=flagged) as tracer:
             flags_loss = _step(model, batch, loss_fn, snap, loss_state, tracer, backward=backward)
         _fill_trace(snap, tracer)
-        if backward and flags_loss is not None and not all(flags_loss):
+        # off after the loss, or off after the forward and on again by the end of the loss (toggled)
+        off = flags_loss is not None and not (all(flags_loss) and all(tracer.flags_forward or ()))
+        if backward and off:
             note_flips(snap, tracer, trainable_params, flags_loss, active_adapters(model, names))
         if backward:  # inspect runs no backward: it knows nothing about gradients
             _fill_grads(snap, trainable_params)
@@ -118,7 +120,6 @@ def _step(model, batch, loss_fn, snap: Snapshot, loss_state: LossState, tracer, 
     snap.loss_terms = watch.terms(loss) if loss_fn is not None else []
     if loss is not None:
         _note_loss(loss, loss_state, tracer)
-        tracer.loss_node = loss.grad_fn  # walked after backward, only when a parameter got no gradient
         if backward and loss.requires_grad:
             try:
                 loss.backward()

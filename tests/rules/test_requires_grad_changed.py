@@ -59,6 +59,24 @@ def test_fires_on_a_forward_hook_that_freezes_its_module():
     assert "forward hook" in finding.message
 
 
+def test_fires_when_a_hook_freezes_a_layer_and_the_loss_unfreezes_it():
+    """Off for the forward, on again by the end of the loss: that layer's adapters still get no gradient."""
+    model = lora()
+    layer = model.get_base_model().model.layers[1]
+    layer.register_forward_pre_hook(_freeze)
+
+    def loss_fn(m, data):
+        loss = m(**data).loss
+        for name, p in layer.named_parameters():
+            p.requires_grad_("lora_" in name)  # "make sure the adapters train"
+        return loss
+
+    report = probe(model, batch(model), loss_fn=loss_fn)
+    finding = assert_fires(report, SLUG, location="base_model.model.model.layers.1")
+    assert "on again by the end of the loss" in finding.message
+    assert_silent(report, "graph-break", "grad-missing-unexplained")
+
+
 def test_fires_when_the_loss_freezes_every_parameter_before_the_forward():
     """requires_grad_(False) on the whole model inside compute_loss: the loss has no grad_fn."""
     model = lora()
