@@ -260,12 +260,16 @@ class Snapshot:
         """Names of the trainable parameters whose requires_grad went off during the step."""
         return {n for f in self.flips for n in f.params}
 
+    def unused_outputs(self) -> set[str]:
+        """Names of the trainable parameters whose module ran but none of whose outputs reached the loss."""
+        return {n for m in self.modules for n in m.unused_params}
+
     def without_grad(self, *, flat_zeros: bool = False) -> list[ParamState]:
         """Trainable parameters that ran and got no gradient, outside reentrant no-grad regions (explained by
         reentrant-checkpoint-no-input-grad), minus those explained as switched off during the step or as computed and
         never used. `flat_zeros`: an FSDP1 unit's zero entries count too (the probe, before it has classed them)."""
         modules = {m.name: m for m in self.modules}
-        other = self.flipped() | {n for m in self.modules for n in m.unused_params}
+        other = self.flipped() | self.unused_outputs()
         flat = self.flat_params() if flat_zeros else set()
         out = []
         for p in self.params:

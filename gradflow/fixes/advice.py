@@ -96,9 +96,10 @@ def _nonfinite(ctx, finding):
 
 def _unused(ctx, finding):
     where = _where(ctx, finding)
-    unused = {n for m in ctx.snap.modules for n in m.unused_params}
+    unused = ctx.snap.unused_outputs()
     if any(n in unused for n in finding.params):  # it ran; its output never reaches the loss
-        adapter = any(p.adapter for p in ctx.snap.params if p.name in set(finding.params))
+        named = set(finding.params)
+        adapter = any(p.adapter for p in ctx.snap.params if p.name in named)
         return (f"{where} runs, but none of its outputs reaches the loss: use its output, or freeze it"
                 + (" (leave it out of the adapter's target_modules)" if adapter else "")
                 + f" ({len(finding.params)} trainable parameters)",

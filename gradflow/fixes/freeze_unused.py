@@ -21,7 +21,7 @@ ANSWERS = ("trainable-param-unused",)
 
 
 def plan(ctx, finding):
-    unused = {n for m in ctx.snap.modules for n in m.unused_params}
+    unused = ctx.snap.unused_outputs()
     adapters = {p.name for p in ctx.snap.params if p.adapter}
     # adapter weights are left to the advice (leave the module out of target_modules): a half-frozen adapter is
     # what adapter-frozen reports, and its fix would unfreeze them again

@@ -12,7 +12,7 @@ from gradflow.forward import call_model, extract_loss, fresh
 from gradflow.model_state import ModelState
 from gradflow.probing.trace import Tracer
 from gradflow.probing.unreached import note_unused
-from gradflow.snapshot import Snapshot
+from gradflow.snapshot import Snapshot, ancestors
 
 
 def release(tracer) -> None:
@@ -85,12 +85,8 @@ def fill_cuts(snap: Snapshot, tracer, lost: list, budget: int = 3_000_000) -> No
             bit_of[id(node)] = bit_of.get(id(node), 0) | 1 << i
     inside: dict[str, int] = {}
     for i, (state, _) in enumerate(lost):
-        prefix = state.module
-        while True:
+        for prefix in ancestors(state.module):
             inside[prefix] = inside.get(prefix, 0) | (1 << i)
-            if not prefix:
-                break
-            prefix = prefix.rsplit(".", 1)[0] if "." in prefix else ""
     # modules that ran with autograd on, and those where it went off (a frozen layer run under torch.no_grad cuts
     # what reaches its input); the modules run inside those had no graph to cut
     records = [(modules[name], rec) for name, rec in tracer.records.items()

@@ -47,10 +47,6 @@ def short(names: list[str], limit: int = 3) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def first_module(params) -> str | None:
-    return params[0].module if params else None
-
-
 def under(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".") or prefix == ""
 

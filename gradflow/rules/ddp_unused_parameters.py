@@ -26,7 +26,7 @@ Display-only: the freezing and the DDP options are set in the training code.
 
 from __future__ import annotations
 
-from gradflow.rules._base import Rule, first_module, plural, short
+from gradflow.rules._base import Rule, plural, short
 from gradflow.snapshot import ancestors
 
 
@@ -46,10 +46,8 @@ def check(snap):
     message = (f"{plural(len(unused), 'trainable parameter')} got no gradient under DistributedDataParallel with "
                f"find_unused_parameters=False: {short(names, 3)}; the second step raises 'Expected to have finished "
                "reduction in the prior iteration'")
-    where = branches[0] if branches else first_module(unused)
-    if where:
-        message += f" (in {short(branches, 2)})"
-    return [RULE.finding(message, location=where or None, params=names)]
+    message += f" (in {short([b or 'the model' for b in branches], 2)})"
+    return [RULE.finding(message, location=branches[0] or None, params=names)]
 
 
 def _branch(module: str, index: dict, unused: set) -> str:
