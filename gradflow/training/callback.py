@@ -353,8 +353,7 @@ class GradFlowCallback(TrainerCallback):
     def _raise(self, control, state, f, phase: str | None = None):
         if any(g.slug == f.slug and g.message == f.message for g in self.findings):
             return
-        hint = self._hint.get(f.slug)
-        if hint and f.fix is not None and f.fix.here is None:
+        if (hint := self._hint.get(f.slug)) and f.fix is not None and f.fix.here is None:
             f.fix.here = hint  # as the probe's findings of a Trainer carry it (gradflow.api)
         self.findings.append(f)
         stops = f.severity == "error" and (self.stop_on_error or self.raise_on_error)
