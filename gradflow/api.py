@@ -7,6 +7,7 @@ import dataclasses
 from typing import Any, Callable
 
 from gradflow.errors import GradflowError
+from gradflow.finding import with_hints
 from gradflow.fixes import findings_for
 from gradflow.fixes.engine import run_patch, verify
 from gradflow.forward import synthetic_batch
@@ -77,7 +78,7 @@ def inspect(model, batch: Any = None, *, static: bool = False, loss_fn: Callable
     with _target(model, batch, loss_fn, None) as (model, batch, loss_fn, _, setup):
         snap = snapshot(model, batch, loss_fn=loss_fn, trainable=trainable, backward=False, static=static,
                         setup=setup)
-    return build_report(snap, _here(findings_for(snap), setup), "inspect")
+    return build_report(snap, with_hints(findings_for(snap), getattr(setup, "hints", None)), "inspect")
 
 
 def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimizer=None,
@@ -112,20 +113,11 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
         snap = snapshot(model, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable, setup=setup)
         _measure(snap, model, batch, loss_fn, optimizer, setup, check_gc=check_gc, steps=steps,
                  lr_scheduler=lr_scheduler)
-    report = build_report(snap, _here(findings_for(snap), setup), "probe-backward")
+    report = build_report(snap, with_hints(findings_for(snap), getattr(setup, "hints", None)), "probe-backward")
     if snap.packed_leak is not None:  # the batch was packed: what the leak check measured, as JSON
         report.packed_check = to_dict(snap.packed_leak)
     return report
 
-
-def _here(findings: list, setup) -> list:
-    """Findings whose fix fits a Trainer's own args better said there (checkpointing is set in TrainingArguments:
-    a call on the model beforehand is overridden by train()), as GradFlowCallback says it."""
-    hints = getattr(setup, "hints", None) or {}
-    for f in findings:
-        if f.fix is not None and f.slug in hints:
-            f.fix.here = hints[f.slug]
-    return findings
 
 
 def _measure(snap, model, batch, loss_fn, optimizer, setup, *, check_gc: bool, steps: int, lr_scheduler) -> None:

@@ -30,6 +30,7 @@ import math
 
 import gradflow
 from gradflow.errors import GradflowError
+from gradflow.finding import with_hints
 from gradflow.fixes import findings_for
 from gradflow.forward import call_model
 from gradflow.models import decoder_layers, unwrap
@@ -89,7 +90,7 @@ def probe(setup, batch, launch: Launch, *, trainable=None):
     if numels is not None:
         unwrap_fsdp1(report.snapshot, wrapped, numels)
         flat_zeros_missing(report.snapshot)  # FSDP1 zero-fills the gradient of a unit's parameters that never ran
-    return gather(report, inner, launch)
+    return gather(report, inner, launch, hints=getattr(setup, "hints", None))
 
 
 def _local_states(report, inner) -> dict:
@@ -138,8 +139,9 @@ def merge(per_rank: list[dict]) -> tuple[dict, list[str]]:
     return merged, disagree
 
 
-def gather(report, inner, launch: Launch):
-    """All ranks' states -> the gathered Report (rules re-run on it), identical on every rank."""
+def gather(report, inner, launch: Launch, *, hints: dict[str, str] | None = None):
+    """All ranks' states -> the gathered Report (rules re-run on it, with a Trainer's `hints`), identical on every
+    rank."""
     import torch.distributed as dist
 
     mine = _local_states(report, inner)
@@ -160,7 +162,7 @@ def gather(report, inner, launch: Launch):
             if row.grad_norm is not None and row.grad != "nonfinite":
                 m.grad_norm = ((m.grad_norm or 0.0) ** 2 + row.grad_norm ** 2) ** 0.5
     _unshard_class_names(snap, inner)
-    gathered = build_report(snap, findings_for(snap), report.command)
+    gathered = build_report(snap, with_hints(findings_for(snap), hints), report.command)
     for name in SECTIONS:  # what this rank's probe measured beyond the gradients (none is gathered)
         if getattr(gathered, name) is None:
             setattr(gathered, name, getattr(report, name))

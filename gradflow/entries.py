@@ -119,11 +119,12 @@ def probe(model: Any, batch: Any = None, *, loss_fn: Callable | None = None, opt
                           packed=packed, adopt=adopt)
     with status("probing forward and backward"):
         if launch is not None:
-            return distributed.probe(loaded, batch, launch)
-        report = api.probe(loaded.model, batch, loss_fn=loaded.loss_fn, optimizer=loaded.optimizer,
-                           trainable=loaded.trainable, check_gc=check_gc, steps=steps,
-                           lr_scheduler=loaded.lr_scheduler)
-    speak_for_ranks(report)  # a Trainer factory under torchrun started the process group: rank 0 speaks
+            report = distributed.probe(loaded, batch, launch)
+        else:
+            report = api.probe(loaded.model, batch, loss_fn=loaded.loss_fn, optimizer=loaded.optimizer,
+                               trainable=loaded.trainable, check_gc=check_gc, steps=steps,
+                               lr_scheduler=loaded.lr_scheduler)
+            speak_for_ranks(report)  # a Trainer factory under torchrun started the process group: rank 0 speaks
     return _noted(_pointed(report, model), model, loaded)
 
 

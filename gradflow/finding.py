@@ -94,6 +94,16 @@ class Finding:
                    list(data.get("params") or []), data.get("params_count"))
 
 
+def with_hints(findings: list[Finding], hints: dict[str, str] | None) -> list[Finding]:
+    """Each finding's fix as it fits a Trainer's own set-up (`hints`: slug -> the TrainingArguments change, from
+    gradflow.setup.trainer_source.trainer_hints), set once: checkpointing is set in TrainingArguments, and a call on
+    the model beforehand is overridden by train(). The probe, the gathered torchrun report and the callback use it."""
+    for f in findings:
+        if hints and f.fix is not None and f.fix.here is None and f.slug in hints:
+            f.fix.here = hints[f.slug]
+    return findings
+
+
 def severity_rank(severity: str) -> int:
     return SEVERITIES.index(severity)
 

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from tests.helpers.dist import free_port
 from tests.helpers.env import stack
 
 gradflow = pytest.importorskip("gradflow")
@@ -276,3 +277,23 @@ def test_silent_note_for_a_factory_file_without_a_trainer(tmp_path):
     factory = tmp_path / "model.py"
     factory.write_text(_MODEL_ONLY.split("def main")[0])
     assert gradflow.probe(f"{factory}:build_model").notes == []
+
+
+
+def test_the_note_survives_the_gathered_torchrun_report(tmp_path, monkeypatch):
+    """Under torchrun (--ddp, here torchrun's environment for one gloo rank, in-process) the report is rebuilt from
+    every rank's gradients: the note about the file's Trainer still comes with it (that path returned before it)."""
+    import torch.distributed as dist
+
+    from tests.helpers.cli import invoke_main
+
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(free_port())}.items():
+        monkeypatch.setenv(key, value)
+    factory = tmp_path / "train.py"
+    factory.write_text(_MODEL_ONLY)
+    run = invoke_main("probe-backward", f"{factory}:build_model", "--ddp", "--format", "json", cwd=tmp_path)
+    assert run.code == 0 and run.json()["distributed"]["wrapper"] == "ddp", run.stderr[-2000:]
+    notes = [line for line in run.stderr.splitlines() if line.startswith("gradflow: note:")]
+    assert len(notes) == 1 and "turns on checkpointing through a Trainer" in notes[0], run.stderr[-2000:]
+    assert not dist.is_initialized()  # the command's end tore its process group down

@@ -27,6 +27,7 @@ from transformers import TrainerCallback
 
 from gradflow.api import inspect
 from gradflow.errors import GradflowError
+from gradflow.finding import with_hints
 from gradflow.models import layer_key, unwrap
 from gradflow.report.ranks import gather_findings
 from gradflow.training.diagnose import probe_cause
@@ -353,8 +354,7 @@ class GradFlowCallback(TrainerCallback):
     def _raise(self, control, state, f, phase: str | None = None):
         if any(g.slug == f.slug and g.message == f.message for g in self.findings):
             return
-        if (hint := self._hint.get(f.slug)) and f.fix is not None and f.fix.here is None:
-            f.fix.here = hint  # as the probe's findings of a Trainer carry it (gradflow.api)
+        with_hints([f], self._hint)  # as the probe's findings of a Trainer carry it (gradflow.api)
         self.findings.append(f)
         stops = f.severity == "error" and (self.stop_on_error or self.raise_on_error)
         if f.severity == "error":
