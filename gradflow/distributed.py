@@ -34,7 +34,6 @@ from gradflow.finding import with_hints
 from gradflow.fixes import findings_for
 from gradflow.forward import call_model
 from gradflow.models import decoder_layers, unwrap
-from gradflow.probing.cuts import flat_zeros_missing
 from gradflow.report import SECTIONS, build_report
 from gradflow.setup.sources import Kind
 from gradflow.setup.wrappers import fsdp1_numels, is_fsdp1, unwrap_fsdp1
@@ -85,11 +84,12 @@ def probe(setup, batch, launch: Launch, *, trainable=None):
         return user_loss(wrapped, b) if user_loss is not None else call_model(wrapped, b)
 
     numels = fsdp1_numels(wrapped) if is_fsdp1(wrapped) else None  # FSDP1: each rank holds 1-D slices
-    report = gradflow.probe(inner, batch, loss_fn=through_wrapper, optimizer=setup.optimizer,
-                            trainable=trainable if trainable is not None else setup.trainable)
+    # FSDP1 is probed whole, as gradflow.probe does it in one process: its units are known before the step (their
+    # zero-filled flat gradients are then checked by the replay); the names are the unwrapped model's afterwards
+    report = gradflow.probe(inner if numels is None else wrapped, batch, loss_fn=through_wrapper,
+                            optimizer=setup.optimizer, trainable=trainable if trainable is not None else setup.trainable)
     if numels is not None:
         unwrap_fsdp1(report.snapshot, wrapped, numels)
-        flat_zeros_missing(report.snapshot)  # FSDP1 zero-fills the gradient of a unit's parameters that never ran
     return gather(report, inner, launch, hints=getattr(setup, "hints", None))
 
 

@@ -261,6 +261,37 @@ def test_fsdp1_probe_reads_as_the_unwrapped_model(process_group):
 
 
 @pytest.mark.filterwarnings("ignore:.*FSDP:FutureWarning", "ignore:FSDP is switching to use `NO_SHARD`:UserWarning")
+@pytest.mark.parametrize("per_block", [False, True], ids=["one-unit", "a-unit-per-block"])
+def test_fsdp1_under_torchrun_names_a_detached_branch(per_block, process_group):
+    """The torchrun path (distributed.probe) on a factory's FSDP1 model places a cut as a single process does:
+    FSDP1 zero-fills the flat gradient of the parameters the loss never reached, and only the replay can tell those
+    zeros apart from lora_A's at step 0."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from gradflow import distributed
+    from gradflow.setup.sources import Setup
+    from gradflow.world import Launch
+    from tests.helpers.builders import Block, DetachedBranch, assert_fires, custom_with, tiny_batch
+
+    torch.manual_seed(0)
+    policy = {"auto_wrap_policy": ModuleWrapPolicy({Block})} if per_block else {}
+    wrapped = FullyShardedDataParallel(custom_with(DetachedBranch), use_orig_params=True,
+                                       device_id=torch.device("cpu"), **policy)
+    setup = Setup(model=wrapped, kind="factory", source="net.py:build", loss_fn=lambda m, b: m(**b)["loss"])
+    launch = Launch("fsdp", 0, 1, 0, "gloo", "cpu")
+    distributed.adopt(setup, launch)
+    report = distributed.probe(setup, tiny_batch(), launch)
+    assert "grad-missing-unexplained" not in report.slugs()
+    finding = assert_fires(report, "graph-break")
+    assert finding.location == "base_model.model.blocks.1"
+    assert finding.params == ["base_model.model.blocks.1.proj.lora_A.default.weight",
+                              "base_model.model.blocks.1.proj.lora_B.default.weight"]
+    assert report.snapshot.model_class == "PeftModel"
+    assert report.extra["distributed"]["wrapper"] == "fsdp1"
+
+
+@pytest.mark.filterwarnings("ignore:.*FSDP:FutureWarning", "ignore:FSDP is switching to use `NO_SHARD`:UserWarning")
 def test_fsdp1_without_use_orig_params_is_refused(process_group):
     from gradflow import distributed
     from gradflow.errors import GradflowError

@@ -164,15 +164,15 @@ def fsdp1_numels(wrapped) -> dict[int, int]:
 
 
 def unwrap_fsdp1(snap, wrapped, numels: dict[int, int]) -> None:
-    """Make the snapshot of `wrapped.module` (under FSDP1 with use_orig_params) read as the unwrapped model's.
+    """Make the snapshot of `wrapped` (a model under FSDP1 with use_orig_params) read as the unwrapped model's.
 
     Names lose FSDP1's `_fsdp_wrapped_module` segment and the wrapper modules' own rows go (the module they wrap
     keeps its row); each parameter's numel is the full one, not this rank's slice; module counts and depths follow;
     the first-call order is re-ranked without the wrappers. The FSDP1 units are read off `wrapped` (the root
-    included). Cut locations are dropped: autograd reaches each unit's flat parameter, not the original
-    parameters, so a walk from the loss cannot place them.
+    included). The probe ran through the root unit (`wrapped` itself), so its replay knew the units and placed the
+    cuts; they are renamed like the rest.
     """
-    live = {n: p for n, p in wrapped.module.named_parameters(remove_duplicate=False)}
+    live = {clean_name(n): p for n, p in wrapped.named_parameters(remove_duplicate=False)}
     kept = [m for m in snap.modules if m.cls != "FullyShardedDataParallel"]
     ranked = sorted((m.order, i) for i, m in enumerate(kept) if m.order is not None)
     rank_of = {i: r for r, (_, i) in enumerate(ranked)}
@@ -182,19 +182,25 @@ def unwrap_fsdp1(snap, wrapped, numels: dict[int, int]) -> None:
         m.depth = 0 if not m.name else m.name.count(".") + 1
         m.order = rank_of.get(i)
         m.trainable = m.frozen = m.quantized = 0
-        m.cut_params = []
+        m.cut_params = [clean_name(n) for n in m.cut_params]
+        m.unused_params = [clean_name(n) for n in m.unused_params]
         by_name[m.name] = m
     snap.modules = kept
+    if snap.model_class == type(wrapped).__name__:  # the probe ran through the root unit: the model's own class
+        snap.model_class = type(wrapped.module).__name__
     for p in snap.params:
+        p.name, p.module = clean_name(p.name), clean_name(p.module)
         obj = live.get(p.name)
         if obj is not None and id(obj) in numels:
             p.numel = numels[id(obj)]
-        p.name, p.module = clean_name(p.name), clean_name(p.module)
         count_into_ancestors(by_name, p)  # the counts rolled up to every ancestor module, as describe does
     snap.no_grad_modules = [clean_name(n) for n in snap.no_grad_modules]
     snap.grad_off_forward = {clean_name(k): v for k, v in snap.grad_off_forward.items()}
     if snap.forward_nonfinite_at is not None:
         snap.forward_nonfinite_at = clean_name(snap.forward_nonfinite_at)
+    for flip in snap.flips:
+        flip.params = [clean_name(n) for n in flip.params]
+        flip.module = clean_name(flip.module) if flip.module is not None else None
     for call in snap.checkpoints:
         call.location = clean_name(call.location) if call.location is not None else None
         call.caller = clean_name(call.caller) if call.caller is not None else None
