@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Iterable
 
 from gradflow.finding import Applicability, Finding, Fix
@@ -89,3 +90,17 @@ def owner(names) -> str:
         common = common[:k]
     return ".".join(common)
 
+
+
+_EXPERT = re.compile(r"^(.*\.experts)\.\d+(\.|$)")
+
+
+def unrouted_experts(snap) -> Callable[[object], bool]:
+    """A test for a parameter of a mixture-of-experts expert that did not run while a sibling expert did: the router
+    did not pick it in this batch, which is normal, so no rule reports it."""
+    ran = {hit.group(1) for m in snap.modules if m.ran and (hit := _EXPERT.match(m.name))}
+
+    def unrouted(p) -> bool:
+        hit = _EXPERT.match(p.module)
+        return p.used is False and hit is not None and hit.group(1) in ran
+    return unrouted

@@ -23,26 +23,22 @@ Display-only: gradflow does not know the cause, so it lists the parameters and c
 
 from __future__ import annotations
 
-import re
-
-from gradflow.rules._base import Rule, owner, plural, short, under
+from gradflow.rules._base import Rule, owner, plural, short, under, unrouted_experts
 
 # findings about the step as a whole: they explain every missing gradient
 WHOLE_STEP = ("loss-detached", "no-supervised-tokens", "no-trainable-parameters", "nested-checkpoint")
-_EXPERT = re.compile(r"^(.*\.experts)\.\d+(\.|$)")
 
 
 def missing(snap) -> list:
     """Trainable parameters with a None or zero gradient, minus the documented exemptions."""
     if not snap.probed or snap.loss is None or snap.loss.error is not None:
         return []  # after an exception in the step the missing gradients say nothing
-    ran_experts = {m.group(1) for mod in snap.modules if mod.ran and (m := _EXPERT.match(mod.name))}
+    unrouted = unrouted_experts(snap)
     out = []
     for p in snap.params:
         if not p.requires_grad or p.grad not in ("none", "zero"):
             continue
-        expert = _EXPERT.match(p.module)
-        if p.grad == "none" and p.used is False and expert and expert.group(1) in ran_experts:
+        if p.grad == "none" and unrouted(p):
             continue  # an expert the router did not pick in this batch
         if p.grad == "zero" and ".trainable_tokens_delta." in p.name:
             continue  # PEFT's trainable tokens: rows of token ids this batch does not contain

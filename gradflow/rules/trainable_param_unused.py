@@ -24,12 +24,7 @@ and re-probes. Display-only otherwise: remove the module, freeze it, or call it.
 
 from __future__ import annotations
 
-import re
-
-from gradflow.rules._base import Rule, plural, short
-
-_EXPERT = re.compile(r"^(.*\.experts)\.\d+(\.|$)")
-
+from gradflow.rules._base import Rule, plural, short, unrouted_experts
 
 UNUSED_OUTPUT_FIX = "Freeze it, or use its output"
 
@@ -62,12 +57,8 @@ def _never_ran(snap):
               and p.name not in flipped]
     if not unused:
         return []
-    ran_experts = set()
-    for m in snap.modules:
-        hit = _EXPERT.match(m.name)
-        if hit and m.ran:
-            ran_experts.add(hit.group(1))
-    unused = [p for p in unused if not (_EXPERT.match(p.module) and _EXPERT.match(p.module).group(1) in ran_experts)]
+    unrouted = unrouted_experts(snap)
+    unused = [p for p in unused if not unrouted(p)]
     if not unused:
         return []
     ran = {m.name for m in snap.modules if m.ran}
