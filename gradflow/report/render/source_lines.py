@@ -17,6 +17,7 @@ gradflow.report.render.sarif turns this into SARIF locations.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import re
 from urllib.parse import quote, unquote
@@ -137,8 +138,7 @@ def _factory_lines(spec: str, root: str) -> SourceLines | None:
     path = target if target.endswith(".py") else _module_file(target)
     if not path or not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as fh:
-        tree = ast.parse(fh.read(), filename=path)
+    tree = _parse(path)
     defs = {node.name: node for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
     start = defs.get(name)
     if start is None:  # a module-level object (MODEL = ..., SETUP = {...}): the module's own statements
@@ -166,8 +166,7 @@ def trainer_settings(spec: str, *, root: str | None = None) -> list[tuple[str, s
     target, _, _ = spec.rpartition(":")
     path = target if target.endswith(".py") else _module_file(target) if target else None
     try:
-        with open(path, encoding="utf-8") as fh:
-            tree = ast.parse(fh.read(), filename=path)
+        tree = _parse(path)
     except (OSError, SyntaxError, ValueError, UnicodeDecodeError, TypeError):
         return []  # a note is a courtesy: never fail a report over it
     rel = os.path.relpath(path, os.path.abspath(root or os.getcwd()))
@@ -184,6 +183,18 @@ def trainer_settings(spec: str, *, root: str | None = None) -> list[tuple[str, s
                 code = f"{called}({kw.arg}={'...' if kw.arg == 'peft_config' else 'True'})"
                 found.append((what, code, f"{shown}:{kw.value.lineno}"))
     return found
+
+
+def _parse(path: str) -> ast.Module:
+    """The file's syntax tree, parsed once per content (a report asks up to three times: the note, the Trainer fix
+    line, SARIF). Read-only to callers."""
+    with open(path, encoding="utf-8") as fh:
+        return _parse_text(fh.read(), os.path.abspath(path))
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_text(text: str, path: str) -> ast.Module:
+    return ast.parse(text, filename=path)
 
 
 def _main_guard(node) -> bool:
