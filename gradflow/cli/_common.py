@@ -32,6 +32,21 @@ def exit_for(report, fail_on) -> int:
     return int(ExitCode.FINDINGS if report.fails(str(fail_on or "error")) else ExitCode.OK)
 
 
+def finish(out, report, gate: "Gate", code: int):
+    """The end of inspect and probe-backward after the report: its notes on stderr, plain and unwrapped (paths and
+    line numbers intact), the gate's word on the exit code; under torchrun every rank waits for rank 0's output,
+    then the process group goes. Exits with `code`."""
+    import typer
+
+    from gradflow.world import end
+
+    for note in [] if out.quiet else report.notes:
+        out.tell(f"gradflow: note: {note}")
+    gate.explain(out)
+    end()
+    raise typer.Exit(code)
+
+
 def check_format(fmt: str, allowed) -> None:
     if fmt not in allowed:
         raise GradflowError(f"--format {fmt!r} is not one of {', '.join(allowed)}", "Pick one of those")

@@ -23,7 +23,7 @@ def inspect(
     dry_run: o.DryRun = False,
 ):
     """Show the model module by module: trainable/frozen/quantized counts, dtype, hooks, checkpointing."""
-    from gradflow.cli._common import Gate, user_code
+    from gradflow.cli._common import Gate, finish, user_code
     from gradflow.cli._output import Output
 
     out = Output(format, quiet=ci.quiet)
@@ -54,10 +54,4 @@ def inspect(
 
             out.show("")  # a blank line between the report and what the dry run could not see
             out.show(note_text(report))
-    for note in [] if out.quiet else report.notes:  # plain and unwrapped: paths and line numbers intact
-        out.tell(f"gradflow: note: {note}")
-    gate.explain(out)
-    from gradflow.world import end
-
-    end()  # under torchrun: every rank waits for rank 0's output, then the process group goes
-    raise typer.Exit(code)
+    finish(out, report, gate, code)

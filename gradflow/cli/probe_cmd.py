@@ -34,7 +34,7 @@ def probe_backward(
                                    "probe on every rank and print one report gathered on rank 0."),
 ):
     """Run one forward and backward and show where gradients stop, and why."""
-    from gradflow.cli._common import Gate, user_code
+    from gradflow.cli._common import Gate, finish, user_code
     from gradflow.cli._output import Output
 
     out = Output(format, quiet=ci.quiet)
@@ -66,10 +66,4 @@ def probe_backward(
 
             out.show("")  # a blank line between the report and what the dry run could not see
             out.show(note_text(report))
-    for note in [] if out.quiet else report.notes:  # plain and unwrapped: paths and line numbers intact
-        out.tell(f"gradflow: note: {note}")
-    gate.explain(out)
-    from gradflow.world import end
-
-    end()  # under torchrun: every rank waits for rank 0's output, then the process group goes
-    raise typer.Exit(code)
+    finish(out, report, gate, code)
