@@ -61,3 +61,16 @@ def test_silent_for_a_frozen_adapter(tmp_path):
     report = probe(model, batch(model))
     assert_silent(report, SLUG)
     assert_fires(report, "adapter-frozen")
+
+
+def test_an_embedding_adapter_names_its_own_zero_weight():
+    """On an embedding PEFT starts lora_embedding_A at zero, so lora_embedding_B's first gradient is the zero one:
+    the message names the weights as they are, beside the Linear adapters' lora_A."""
+    model = lora(target_modules=["q_proj", "embed_tokens"])
+    finding = assert_fires(probe(model, batch(model)), SLUG, severity="info")
+    zero_b = [n for n in finding.params if ".lora_embedding_B." in n]
+    assert zero_b == ["base_model.model.model.embed_tokens.lora_embedding_B.default"]
+    assert finding.message == (
+        "4 lora_A weights (first at base_model.model.model.layers.0.self_attn.q_proj.lora_A.default) and 1 "
+        "lora_embedding_B weight (first at base_model.model.model.embed_tokens.lora_embedding_B) got an exactly-zero "
+        "first gradient because lora_B and lora_embedding_A start at zero (expected; they move from the second step)")
