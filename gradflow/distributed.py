@@ -86,8 +86,9 @@ def probe(setup, batch, launch: Launch, *, trainable=None):
     numels = fsdp1_numels(wrapped) if is_fsdp1(wrapped) else None  # FSDP1: each rank holds 1-D slices
     # FSDP1 is probed whole, as gradflow.probe does it in one process: its units are known before the step (their
     # zero-filled flat gradients are then checked by the replay); the names are the unwrapped model's afterwards
+    trainable = trainable if trainable is not None else setup.trainable
     report = gradflow.probe(inner if numels is None else wrapped, batch, loss_fn=through_wrapper,
-                            optimizer=setup.optimizer, trainable=trainable if trainable is not None else setup.trainable)
+                            optimizer=setup.optimizer, trainable=trainable)
     if numels is not None:
         unwrap_fsdp1(report.snapshot, wrapped, numels)
     return gather(report, inner, launch, hints=getattr(setup, "hints", None))
