@@ -267,10 +267,13 @@ class Snapshot:
     def without_grad(self, *, flat_zeros: bool = False) -> list[ParamState]:
         """Trainable parameters that ran and got no gradient, outside reentrant no-grad regions (explained by
         reentrant-checkpoint-no-input-grad), minus those explained as switched off during the step or as computed and
-        never used. `flat_zeros`: an FSDP1 unit's zero entries count too (the probe, before it has classed them)."""
+        never used. `flat_zeros`: an FSDP1 unit's zero entries count too (the probe, before it has classed them), but
+        for LoRA's expected zeros at step 0."""
         modules = {m.name: m for m in self.modules}
         other = self.flipped() | self.unused_outputs()
         flat = self.flat_params() if flat_zeros else set()
+        if flat:  # LoRA's zeros at step 0 are no missing gradient (lora-zero-init): no replay for them
+            flat -= {p.name for _, _, hit in self.lora_start_zeros() for p in hit}
         out = []
         for p in self.params:
             if not p.requires_grad or not p.used or p.name in other:
@@ -281,6 +284,20 @@ class Snapshot:
             if owner is None or not owner.in_reentrant:
                 out.append(p)
         return out
+
+    def lora_start_zeros(self) -> list[tuple[str, str, list[ParamState]]]:
+        """LoRA's expected zeros at step 0: [(the weight, the one that starts at zero, its params)] for each kind
+        with any. lora_A's first gradient is exactly zero because lora_B starts at zero while getting a gradient
+        itself (on an embedding PEFT starts lora_embedding_A at zero, so lora_embedding_B is the zero one)."""
+        found = []
+        for zero, start in (("lora_A", "lora_B"), ("lora_embedding_B", "lora_embedding_A")):
+            ok = {p.name.replace(f".{start}.", f".{zero}.") for p in self.params if f".{start}." in p.name
+                  and p.grad == "ok"}
+            hit = [p for p in self.params if p.requires_grad and p.grad == "zero" and f".{zero}." in p.name
+                   and p.name in ok]
+            if hit:
+                found.append((zero, start, hit))
+        return found
 
     def flat_params(self) -> set[str]:
         """Names of the parameters inside wrapped FSDP1 units: FSDP1 keeps one flat gradient per unit, so a parameter

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.helpers.builders import DetachedBranch, WithSpareHead, assert_fires, custom_with, probe, tiny_batch
+from tests.helpers.builders import Block, DetachedBranch, WithSpareHead, assert_fires, custom_with, probe, tiny_batch
 from tests.helpers.dist import process_group  # noqa: F401  (fixture)
 
 pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in"),
@@ -73,3 +73,17 @@ def test_fsdp1_zeros_of_a_module_that_never_ran_are_missing_gradients(process_gr
     grads = {p.name: p.grad for p in report.snapshot.params if p.requires_grad}
     assert grads["_fsdp_wrapped_module.spare.weight"] == "none"
     assert grads["_fsdp_wrapped_module.lm.head.weight"] == "ok"
+
+
+
+@pytest.mark.parametrize(("block", "forwards"), [(Block, 1), (DetachedBranch, 2)], ids=["healthy", "cut"])
+def test_fsdp1_replays_only_for_a_lost_gradient(block, forwards, process_group):
+    """FSDP1 zero-fills unreached parameters' gradients, so zeros there may be lost gradients and are replayed; but
+    lora_A's zeros at step 0 are LoRA's start (lora_B got a gradient): a healthy probe runs its forward once."""
+    torch.manual_seed(0)
+    wrapped = _fsdp1(custom_with(block))
+    calls = []
+    wrapped.module.register_forward_pre_hook(lambda *_: calls.append(1))
+    report = probe(wrapped, tiny_batch())
+    assert len(calls) == forwards
+    assert report.slugs() == (["lora-zero-init"] if block is Block else ["graph-break", "lora-zero-init"])

@@ -21,18 +21,12 @@ from gradflow.rules._base import Rule, plural
 
 
 def check(snap):
-    # (the weight whose first gradient is zero, the weight that starts at zero): Linear, then Embedding adapters
-    found = []
-    for zero, start in ((".lora_A.", ".lora_B."), (".lora_embedding_B.", ".lora_embedding_A.")):
-        ok = {p.name.replace(start, zero) for p in snap.params if start in p.name and p.grad == "ok"}
-        hit = [p for p in snap.params if p.requires_grad and p.grad == "zero" and zero in p.name and p.name in ok]
-        if hit:
-            found.append((hit, zero.strip("."), start.strip(".")))
+    found = snap.lora_start_zeros()
     if not found:
         return []
-    expected = [p for hit, _, _ in found for p in hit]
-    weights = " and ".join(f"{plural(len(hit), f'{zero} weight')} (first at {hit[0].module})" for hit, zero, _ in found)
-    starts = " and ".join(start for _, _, start in found)
+    expected = [p for _, _, hit in found for p in hit]
+    weights = " and ".join(f"{plural(len(hit), f'{zero} weight')} (first at {hit[0].module})" for zero, _, hit in found)
+    starts = " and ".join(start for _, start, _ in found)
     return [RULE.finding(f"{weights} got an exactly-zero first gradient because {starts} "
                          f"start{'s' if len(found) == 1 else ''} at zero (expected; they move from the second step)",
                          location=expected[0].module, params=[p.name for p in expected])]
