@@ -186,6 +186,29 @@ def _env(threads: int | None = None) -> dict:
     return env
 
 
+def _merged(results: dict, prior: dict) -> dict:
+    """This command's runs, each stamped with the command that measured it, over the same mode's runs from an
+    earlier command at this commit (a part of bench/gpu_check_issue19.sh adds peers to the lora runs; it must not
+    drop them). Runs from another commit are dropped: they are not comparable."""
+    called = {"command": "python bench/train_compare.py " + " ".join(sys.argv[1:]),
+              "at": time.strftime("%Y-%m-%d %H:%M:%S")}
+    for r in results.values():
+        r.setdefault("measured_in", called)
+    if prior.get("commit") != commit():
+        return results
+    return {**{run: r for run, r in prior.get("results", {}).items() if run not in results}, **results}
+
+
+def _peer_env(cfg) -> dict:
+    """The unsloth run's own packages, where they cannot live beside the latest stack (bench/requirements-peers.txt):
+    GRADFLOW_BENCH_UNSLOTH_SITE names a folder put first on that run's PYTHONPATH, so it runs side by side with the
+    others in one call."""
+    site = os.environ.get("GRADFLOW_BENCH_UNSLOTH_SITE")
+    if cfg.run != "unsloth" or not site:
+        return {}
+    return {"PYTHONPATH": site + os.pathsep + _env()["PYTHONPATH"]}
+
+
 def _cache_env(cfg) -> dict:
     """--cache cold: every run (TRL's flex_attention compiles too) starts without compiled kernels or cached data."""
     if cfg.cache != "cold":
@@ -231,7 +254,8 @@ def run_worker(cfg: Config, timeout: int, log_path: str, threads: int | None = N
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", cfg_path], cwd=ROOT,
-                                  env=_env(threads) | _cache_env(cfg), stdout=log, stderr=subprocess.STDOUT,
+                                  env=_env(threads) | _cache_env(cfg) | _peer_env(cfg), stdout=log,
+                                  stderr=subprocess.STDOUT,
                                   timeout=timeout)
             rc = proc.returncode
         except subprocess.TimeoutExpired:
@@ -318,9 +342,11 @@ def summarize(results: dict, n_params: int, peak_tflops: float | None) -> None:
 def markdown(doc: dict, mode: str) -> str:
     m = doc["modes"][mode]
     when = {k: m.get(k, doc.get(k)) for k in ("commit", "date", "versions")}  # per mode: two commands, two commits
-    base = mode.removesuffix("-warm")
-    title = {"lora": "LoRA", "qlora": "QLoRA", "lora-vs-seed": "LoRA against the seed-style Trainer"}.get(base, base)
-    title += ", warm caches (a second run)" if mode.endswith("-warm") else ""
+    base, *tags = mode.split("-", 1)
+    tag = tags[0] if tags else ""
+    title = {"lora": "LoRA", "qlora": "QLoRA"}.get(base, base)
+    title += {"warm": ", warm caches (a second run)", "vs-seed": " against the seed-style Trainer",
+              "peers": " against the peers, side by side in one command"}.get(tag, f" ({tag})" if tag else "")
     lines = [f"### {title} on {doc['device']} ({when['commit'][:12]}, {when['date']})", "",
              f"{m['model']} (N = {_count(m['n_params'])}), {m['dtype']}, LoRA r16/α32 all linear"
              f"{', 4-bit nf4 base' if base == 'qlora' else ''}; {m['samples']} /think samples "
@@ -350,6 +376,13 @@ def markdown(doc: dict, mode: str) -> str:
                  _secs(r.get("worker_wall_s"))]
         lines.append("| " + " | ".join(cells) + " |")
     lines += startup_table(m["results"])
+    calls: dict[str, list[str]] = {}
+    for name, r in m["results"].items():
+        if r.get("measured_in"):
+            calls.setdefault(f"`{r['measured_in']['command']}` ({r['measured_in']['at']})", []).append(name)
+    if len(calls) > 1:  # runs side by side in one command each: say which
+        lines += ["", "Measured in " + str(len(calls)) + " commands on the same machine kind and commit: "
+                  + "; ".join(f"{', '.join(names)} in {call}" for call, names in calls.items()) + "."]
     loss = m.get("loss", {})
     if loss.get("tolerance"):
         lines += ["", f"Loss vs real tokens seen, against run {loss['reference']} over the first "
@@ -442,6 +475,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cache", choices=("cold", "warm"), default="cold",
                     help="cold: each run starts with empty compile and data caches (a first run); warm: the "
                          "user's caches, as a second run of the same job finds them (run the command twice)")
+    ap.add_argument("--tag", help="a table of its own for this command's runs (mode lora-TAG / qlora-TAG), e.g. "
+                                   "peers: the peers beside their own d, side by side in one command")
     ap.add_argument("--jobs", type=int, help="runs at once (default 1; --smoke: all)")
     ap.add_argument("--no-docs", action="store_true", help="do not write docs/benchmarks.md")
     ap.add_argument("--results-dir", help="where the JSON, tables and profiles go (default bench/results; --smoke: "
@@ -477,7 +512,8 @@ def main(argv=None) -> int:
     memory_trace = set(args.memory_trace.split(",")) - {""}
     if memory_trace and smoke:
         ap.error("--memory-trace reads the CUDA allocator: not with --smoke")
-    mode = ("qlora" if args.qlora else "lora") + ("-warm" if args.cache == "warm" else "")
+    mode = ("qlora" if args.qlora else "lora") + ("-warm" if args.cache == "warm" else "") + \
+        (f"-{args.tag}" if args.tag else "")
     peak = args.peak_tflops or PEAK_TFLOPS.get(slug)
 
     sys.path.insert(0, HERE)
@@ -520,6 +556,11 @@ def main(argv=None) -> int:
                 f"(step 1 at {_secs(_first_step(r))} s, whole run {r['worker_wall_s']} s)" if tps
                 else f"FAILED rc={r['worker_rc']}: {(r.get('error') or '')[:200]} (log {workdir}/log-{run}.txt)"),
                 flush=True)
+    path = os.path.join(out_dir, f"train_compare_{slug}.json")
+    # the other mode's results, from an earlier command: in --results-dir, else the committed file
+    earlier = next((p for p in (path, os.path.join(RESULTS, os.path.basename(path))) if os.path.exists(p)), None)
+    doc = json.load(open(earlier)) if earlier and not smoke else {}
+    results = _merged(results, doc.get("modes", {}).get(mode, {}))
     n_params = model_params(preset)
     summarize(results, n_params, peak)
     loss = loss_agreement(results, "a" if "a" in results else runs[0])
@@ -527,10 +568,6 @@ def main(argv=None) -> int:
         print(f"  loss {name} vs {loss['reference']}: {'agrees' if verdict['agree'] else 'DIFFERS'} "
               f"{[w.get('diff') for w in verdict['windows']]}")
 
-    path = os.path.join(out_dir, f"train_compare_{slug}.json")
-    # the other mode's results, from an earlier command: in --results-dir, else the committed file
-    earlier = next((p for p in (path, os.path.join(RESULTS, os.path.basename(path))) if os.path.exists(p)), None)
-    doc = json.load(open(earlier)) if earlier and not smoke else {}
     doc.update({"device": full_name, "commit": commit(), "date": time.strftime("%Y-%m-%d"), "versions": versions,
                 "peak_tflops": peak, "command": "python bench/train_compare.py " + " ".join(sys.argv[1:])})
     doc.setdefault("modes", {})[mode] = {
