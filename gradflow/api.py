@@ -156,15 +156,27 @@ def patch(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
             batch_ = synthetic_batch(model)  # one batch for the probes before and after
 
         def reprobe() -> Report:
-            return probe(model, batch_, loss_fn=loss_fn_, optimizer=optimizer_, trainable=trainable)
+            report = probe(model, batch_, loss_fn=loss_fn_, optimizer=optimizer_, trainable=trainable)
+            if setup is not None:  # the fixes see that a Trainer's train() will set the model up again
+                report.snapshot.trainer = setup.source
+            return report
 
         report = run_patch(model, batch_, reprobe, loss_fn=loss_fn_, optimizer=optimizer_, trainable=trainable,
                            unsafe=unsafe, dry_run=dry_run)
     if setup is None or dry_run or not report.fixes_applied:
         return report
+    _keep_for_train(trainer, report.fixes_applied)
     # the fixes were made on the model as the trainer had prepared it; train() prepares it again, so the proof
     # is a probe of the trainer itself
     return _reproved(report, probe(trainer, batch, loss_fn=loss_fn, optimizer=optimizer, trainable=trainable))
+
+
+def _keep_for_train(trainer, applied: list[dict]) -> None:
+    """A fix that train() would undo goes into the trainer's arguments too: train() turns checkpointing on again
+    from TrainingArguments, reentrant unless its kwargs say otherwise."""
+    args = trainer.args
+    if any(rec["id"] == "non-reentrant-checkpointing" for rec in applied) and args.gradient_checkpointing:
+        args.gradient_checkpointing_kwargs = {**(args.gradient_checkpointing_kwargs or {}), "use_reentrant": False}
 
 
 def _reproved(report: Report, after: Report) -> Report:

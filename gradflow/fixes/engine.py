@@ -218,7 +218,8 @@ def build_snippet(applied: list[Plan], advice: list[Plan], skipped: list[Plan]) 
         return ""
     head = ["# gradflow patch: paste after the model is built and checkpointing is set, before the optimizer.",
             "# `model` is your model object" + (", `batch` your training batch" if any("batch" in ln for ln in body)
-                                                else "") + "."]
+                                                else "")
+            + (", `trainer` your Trainer" if any(ln.startswith("trainer.") for ln in body) else "") + "."]
     if any("torch." in ln for ln in body if not ln.lstrip().startswith("#")):
         head.append("import torch")
     return "\n".join(fit_code(head + body)) + "\n"  # 80 columns, the same Python

@@ -89,6 +89,24 @@ def entry_embedding(ctx):
     return None, None
 
 
+def _tied_copies_that_ran(ctx, emb) -> list[str]:
+    """Modules that ran holding the input embedding's own weight, when the one get_input_embeddings() returns did not
+    run (transformers 4.57's BART: `model.shared` is tied to encoder.embed_tokens and decoder.embed_tokens, which
+    are the ones called, so enable_input_require_grads() hooks a module that never fires)."""
+    import torch
+
+    weight = getattr(emb, "weight", None)
+    if weight is None:
+        return []
+    out = []
+    for name, module in ctx.model.named_modules():
+        state = ctx.module_state(name)
+        if isinstance(module, torch.nn.Embedding) and module is not emb and module.weight is weight \
+                and state is not None and state.ran and not has_input_grad_hook(module):  # not a tied output head
+            out.append(name)
+    return out
+
+
 def region_caller(snap, call) -> str | None:
     """The module whose forward called the checkpointed region `call` (the nearest ancestor that ran)."""
     if call is None:
@@ -138,12 +156,22 @@ def hook_plan(ctx, answers, *, need_region: bool = True) -> Plan | None:
         emb, via = entry_embedding(ctx)
         path = ctx.module_path(emb) if emb is not None else None
         state = ctx.module_state(path)
-        if emb is not None and path is not None and not has_input_grad_hook(emb) and (state is None or state.ran is not False):
-            data = {"where": "embedding", "via": via, "module": path, "peft": is_peft_model(ctx.model)}
+        paths = []
+        if emb is not None and path is not None and state is not None and state.ran is False:
+            # BART's `shared` on 4.57: the encoder and decoder run their own tied copies, so a hook on it (PEFT puts
+            # one there for checkpointed models) never fires
+            paths, via = _tied_copies_that_ran(ctx, emb), "forward-hook"
+        elif emb is not None and path is not None and not has_input_grad_hook(emb):
+            paths = [path]
+        if paths:
+            data = {"where": "embedding", "via": via, "module": paths[0], "peft": is_peft_model(ctx.model)}
+            if len(paths) > 1:
+                data["modules"] = paths
             how = ("PreTrainedModel.enable_input_require_grads()" if via == "enable_input_require_grads"
                    else "a forward hook")
-            return Plan(fix=FIX, data=data, answers=list(answers), location=path, key="input-grad-hook",
-                        changes=[f"forward hook make_inputs_require_grads on {path} ({how}): its output requires grad"],
+            return Plan(fix=FIX, data=data, answers=list(answers), location=paths[0], key="input-grad-hook",
+                        changes=[f"forward hook make_inputs_require_grads on {p} ({how}): its output requires grad"
+                                 for p in paths],
                         why=("the hook sits where the token inputs enter and costs one extra activation gradient "
                              "through the embedding output (cheap); non-reentrant checkpointing would also work but "
                              "changes memory behaviour"))
@@ -180,11 +208,13 @@ def apply(model, data, env=None) -> list[str]:
                 return []
             tm.enable_input_require_grads()
             return [f"enable_input_require_grads() on {type(tm).__name__}"]
-        emb = model.get_submodule(data["module"])
-        if has_input_grad_hook(emb):
-            return []
-        emb.register_forward_hook(make_inputs_require_grads)
-        return [f"forward hook make_inputs_require_grads on {data['module']}"]
+        done = []
+        for path in data.get("modules", [data["module"]]):
+            emb = model.get_submodule(path)
+            if not has_input_grad_hook(emb):
+                emb.register_forward_hook(make_inputs_require_grads)
+                done.append(f"forward hook make_inputs_require_grads on {path}")
+        return done
     target = model.get_submodule(data["module"])
     if has_hook(target._forward_pre_hooks, "region-inputs-require-grads"):
         return []
@@ -199,7 +229,8 @@ def snippet(data) -> list[str]:
     if data["where"] == "embedding":
         return ["def make_inputs_require_grads(module, inputs, output):",
                 "    output.requires_grad_(True)",
-                f"{submodule_expr(data['module'])}.register_forward_hook(make_inputs_require_grads)"]
+                *(f"{submodule_expr(path)}.register_forward_hook(make_inputs_require_grads)"
+                  for path in data.get("modules", [data["module"]]))]
     return ["def make_region_inputs_require_grads(module, args, kwargs):",
             "    def ready(t):",
             "        if torch.is_tensor(t) and t.is_floating_point() and not t.requires_grad:",

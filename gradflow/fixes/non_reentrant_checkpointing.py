@@ -1,7 +1,8 @@
 """## What it does
 Switches transformers' gradient checkpointing from reentrant to non-reentrant
 (`gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})`, or
-`activation_checkpointing_enable` on transformers 5).
+`activation_checkpointing_enable` on transformers 5). For a Trainer, also its
+`args.gradient_checkpointing_kwargs`, since `train()` turns checkpointing on again from its arguments.
 
 ## Why this fix
 Non-reentrant checkpointing gives the parameters inside a region their gradients whatever its inputs. It is the
@@ -36,7 +37,8 @@ def plan(ctx, finding):
     where = _transformers_checkpointing(ctx.snap)
     if where is None:
         return input_grad_hook.advice_for_custom_region(ctx, finding)
-    return Plan(fix=FIX, data={"mode": "non-reentrant", "peft": is_peft_model(ctx.model)}, answers=[finding.slug],
+    data = {"mode": "non-reentrant", "peft": is_peft_model(ctx.model), "trainer": ctx.snap.trainer is not None}
+    return Plan(fix=FIX, data=data, answers=[finding.slug],
                 location=where, key="checkpointing-mode",
                 changes=["transformers gradient checkpointing: reentrant -> non-reentrant"],
                 why=("no entry point can carry the input-grad hook here (the inputs do not come through an embedding "
@@ -52,6 +54,8 @@ def apply(model, data, env=None) -> list[str]:
 
 
 def snippet(data) -> list[str]:
+    if data.get("trainer"):  # train() turns checkpointing on again from the arguments (gradflow.api keeps it there)
+        return ['trainer.args.gradient_checkpointing_kwargs = {"use_reentrant": False}  # before trainer.train()']
     target = "model.get_base_model()" if data.get("peft") else "model"
     return [f'{target}.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{"use_reentrant": False}})']
 

@@ -31,6 +31,7 @@ computes the same gradients. Neither changes what the model learns.
 
 from __future__ import annotations
 
+from gradflow.models import is_input_grad_hook
 from gradflow.rules._base import Rule, layer_span, plural, under
 
 
@@ -59,6 +60,9 @@ def check(snap):
         why = "inputs_embeds was passed and does not require grad"
     elif not snap.input_grad_hook:
         why = "no input-grad hook on the input embedding"
+    elif idle := [m.name for m in snap.modules if m.ran is False and any(is_input_grad_hook(h) for h in m.hooks)]:
+        why = (f"the input-grad hook sits on {idle[0]}, which the forward never calls: the inputs enter through "
+               "another module")
     else:
         why = "the region's inputs do not require grad"
     message = (f"{plural(len(regions), 'reentrant checkpointed region')} ({layer_span(regions)}) get no input that "

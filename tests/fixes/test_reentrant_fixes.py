@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import gradflow
-from tests.helpers.builders import (Checkpointed, CustomLM, KeywordCheckpointed, base, batch, custom_lora, enable_gc,
-                                    lora, remove_input_grad_hooks, seed_order, tiny_batch, wrap_layers)
+from tests.helpers.builders import (STACK, Checkpointed, CustomLM, KeywordCheckpointed, base, batch, custom_lora,
+                                    enable_gc, lora, remove_input_grad_hooks, seed_order, tiny_batch, wrap_layers)
 from tests.helpers.patching import ids, patched
 
 SLUG = "reentrant-checkpoint-no-input-grad"
@@ -84,15 +84,81 @@ def _hidden():
 
 
 def test_hidden_embeddings_switch_transformers_checkpointing_to_non_reentrant():
-    model = base("tiny-phi3")
-    model.model.embed_tokens = _OpaqueEmbedding(model.model.embed_tokens)
-    model.get_input_embeddings = _hidden
-    model.model.get_input_embeddings = _hidden
-    model = remove_input_grad_hooks(enable_gc(lora(model)))
+    model = remove_input_grad_hooks(enable_gc(_hidden_embeddings_lora()))
     report = patched(model, batch(), fixes=["non-reentrant-checkpointing"], answers=[SLUG])
     assert "input-grad-hook" not in ids(report)
     assert report.after.model["gradient_checkpointing"] == "non-reentrant"
     assert "memory" in report.fixes_applied[0]["why"]
+
+
+def _hidden_embeddings_lora():
+    model = base("tiny-phi3")
+    model.model.embed_tokens = _OpaqueEmbedding(model.model.embed_tokens)
+    model.get_input_embeddings = _hidden
+    model.model.get_input_embeddings = _hidden
+    return lora(model)
+
+
+@pytest.mark.slow  # a real Trainer: train() sets checkpointing up again from its arguments
+def test_a_trainer_keeps_non_reentrant_checkpointing_through_train(tmp_path):
+    """Patching a Trainer's model alone is undone by train(), which turns checkpointing on from TrainingArguments
+    (reentrant on 4.57): the fix goes into the trainer's arguments too, the proof is a probe of the trainer, and
+    the printed code sets the arguments."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    ids_ = torch.randint(3, 100, (4, 12), generator=torch.Generator().manual_seed(0)).tolist()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=2, report_to=[],
+                             gradient_checkpointing=True, save_strategy="no", use_cpu=True)
+    trainer = Trainer(model=_hidden_embeddings_lora(), args=args,
+                      train_dataset=Dataset.from_dict({"input_ids": ids_, "labels": ids_}))
+    report = gradflow.patch(trainer)
+    if SLUG not in report.before.slugs():  # transformers 5 checkpoints non-reentrant by default
+        assert STACK == "new" and report.after is None or SLUG not in report.after.slugs()
+        return
+    assert "non-reentrant-checkpointing" in ids(report) and SLUG not in report.after.slugs()
+    assert report.extra["verification"]["ok"]
+    assert trainer.args.gradient_checkpointing_kwargs == {"use_reentrant": False}
+    assert 'trainer.args.gradient_checkpointing_kwargs = {"use_reentrant": False}' in report.extra["snippet"]
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    moved = [n for n, p in trainer.model.named_parameters() if p.requires_grad and not torch.equal(start[n], p)]
+    assert len(moved) == len(start)
+
+
+def _tiny_bart():
+    from peft import LoraConfig, get_peft_model
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32,
+                        pad_token_id=1, bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, use_cache=False)
+    model = BartForConditionalGeneration(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    return get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+
+
+def test_bart_gets_the_hook_on_the_embeddings_that_run():
+    """transformers 4.57's BART ties `shared` to the encoder's and decoder's own embed_tokens, which are the ones
+    called: PEFT's input-grad hook on `shared` never fires. The hook goes on the copies that run."""
+    ids_ = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    data = {"input_ids": ids_, "labels": ids_.clone()}
+    before = gradflow.probe(_tiny_bart(), data)
+    if STACK == "new":  # transformers 5's BART: one embedding module, hooked when checkpointing is turned on
+        assert SLUG not in before.slugs()
+        return
+    finding = next(f for f in before.findings if f.slug == SLUG)
+    assert "the input-grad hook sits on base_model.model.model.shared, which the forward never calls" in finding.message
+    model = _tiny_bart()
+    report = patched(model, data, fixes=["input-grad-hook"], answers=[SLUG])
+    assert report.fixes_applied[0]["data"]["modules"] == ["base_model.model.model.encoder.embed_tokens",
+                                                          "base_model.model.model.decoder.embed_tokens"]
+    fresh = _tiny_bart()  # the printed code alone, on a fresh copy
+    exec(compile(report.extra["snippet"], "<snippet>", "exec"), {"model": fresh, "torch": torch})
+    from tests.helpers.patching import assert_grads_flow
+
+    assert_grads_flow(fresh, data)
 
 
 def test_custom_checkpoint_without_an_entry_point_is_display_only():
