@@ -10,7 +10,7 @@ from gradflow.errors import GradflowError
 from gradflow.finding import with_hints
 from gradflow.fixes import findings_for
 from gradflow.fixes.engine import run_patch, verify
-from gradflow.forward import synthetic_batch
+from gradflow.forward import batch_or_synthetic
 from gradflow.models import is_trainer
 from gradflow.probing.backward import probe as run_probe
 from gradflow.probing.gc_check import compare
@@ -124,8 +124,7 @@ def _measure(snap, model, batch, loss_fn, optimizer, setup, *, check_gc: bool, s
     """The opt-in extra runs (--check-gc, --steps): each fills its own part of the snapshot."""
     if not (check_gc or steps):
         return
-    if batch is None and loss_fn is None:
-        batch = synthetic_batch(model)  # the batch the probe synthesised: same seed, same ids
+    batch = batch_or_synthetic(model, batch, loss_fn)  # the batch the probe synthesised: same seed, same ids
     if check_gc:
         snap.gc_equivalence = compare(model, batch, loss_fn=loss_fn, snap=snap)
     if steps:
@@ -152,8 +151,7 @@ def patch(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     """
     trainer = model
     with _target(model, batch, loss_fn, optimizer) as (model, batch_, loss_fn_, optimizer_, setup):
-        if batch_ is None and loss_fn_ is None:
-            batch_ = synthetic_batch(model)  # one batch for the probes before and after
+        batch_ = batch_or_synthetic(model, batch_, loss_fn_)  # one batch for the probes before and after
 
         def reprobe() -> Report:
             report = probe(model, batch_, loss_fn=loss_fn_, optimizer=optimizer_, trainable=trainable)

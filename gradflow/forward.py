@@ -39,6 +39,14 @@ def synthetic_batch(model, *, batch_size: int = 2, seq_len: int = 32, seed: int 
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device), "labels": ids.clone().to(device)}
 
 
+def batch_or_synthetic(model, batch, loss_fn):
+    """`batch`, else the synthetic one (SPEC: batch=None synthesises a batch), for a `loss_fn` too; None only for a
+    loss_fn on a model without a vocab, which then makes its own inputs."""
+    if batch is None and (loss_fn is None or vocab_size(model) is not None):
+        return synthetic_batch(model)
+    return batch
+
+
 def fresh(batch):
     """A new copy of the batch's containers (the tensors shared), as a dataloader hands each step its own: a
     `compute_loss` that pops keys from its inputs must not change the batch the next step gets."""

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Callable
 
 from gradflow.data.packing import is_packed
-from gradflow.forward import call_model, extract_loss, fresh, synthetic_batch
+from gradflow.forward import batch_or_synthetic, call_model, extract_loss, fresh
 from gradflow.model_state import kept, set_rng_state
 from gradflow.probing.cuts import fill_cuts, flat_zeros_missing, lost_params, release, replay
 from gradflow.probing.describe import active_adapters, describe
@@ -41,8 +41,7 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
     if static:
         return snap
     names = live.module_names
-    if batch is None and loss_fn is None:
-        batch = synthetic_batch(model)
+    batch = batch_or_synthetic(model, batch, loss_fn)
     _note_batch(snap, batch)
     loss_state = LossState()
     trainable_params = [(n, p) for n, p in live.params if p.requires_grad]
@@ -168,8 +167,13 @@ def _locate_nonfinite(model, batch, loss_fn, names, rng) -> str | None:
 
 
 def _describe_exc(exc: BaseException) -> str:
+    """One line: the exception's first line, or, where the message opens with a module's multi-line repr
+    ("PeftModel(\n  (base_model): ...\n) argument after ** must be a mapping"), the repr folded to its class."""
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+    first = text[0] if text else ""
+    if len(text) > 1 and first.endswith("(") and text[-1].startswith(")"):
+        first = f"{first}...{text[-1]}"
+    return f"{type(exc).__name__}: {first}".rstrip(": ")
 
 
 def _fill_trace(snap: Snapshot, tracer) -> None:

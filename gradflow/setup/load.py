@@ -114,8 +114,8 @@ def make_batch(setup: Setup, *, data: str | None = None, batch_size: int = 2, se
                                 "be ignored", "Drop --data (the trainer's train_dataset is probed)")
         return None
     device = model_device(setup.model)
-    if data is None and (setup.batch is not None or setup.loss_fn is not None):
-        return to_device(setup.batch, device)
+    if data is None and (setup.batch is not None or (setup.loss_fn is not None and vocab_size(setup.model) is None)):
+        return to_device(setup.batch, device)  # a loss_fn on a model without a vocab makes its own inputs
     check_seq_len(setup.model, seq_len)
     if data is not None:
         rows = file_rows(data, setup.tokenizer, count=batch_size, seq_len=seq_len)

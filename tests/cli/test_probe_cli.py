@@ -58,6 +58,11 @@ def intends_embeddings():
     return full(trainable="lora_|embed_tokens")
 
 
+def loss_fn_only():
+    """A loss_fn and no batch: the batch is synthesised, as for a bare model (SPEC: batch=None)."""
+    return {"model": _lora_phi3(), "loss_fn": lambda m, b: m(**b).loss}
+
+
 def plain_module():
     """Not a transformers model: a plain nn.Module with its own batch and loss."""
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -240,6 +245,22 @@ def test_factory_dict_with_batch_loss_optimizer_and_trainable(factory):
     _, plain = probe_json(f"{factory}:model_and_batch")
     # the factory's loss_fn is the one probed: it scales the model's loss by 3
     torch.testing.assert_close(full["loss"]["value"], 3.0 * plain["loss"]["value"], rtol=1e-5, atol=0.0)
+
+
+def test_factory_loss_fn_without_a_batch_gets_the_synthetic_batch(factory):
+    code, data = probe_json(f"{factory}:loss_fn_only", "--batch-size", "3")
+    assert code == 0 and not [f for f in data["findings"] if f["severity"] != "info"], data["findings"]
+    assert data["loss"]["grad_fn"] is not None
+
+
+def test_a_multi_line_error_with_a_module_repr_is_one_readable_line():
+    """`model(**None)` raises a TypeError whose message opens with the model's repr over many lines."""
+    import gradflow
+    from tests.helpers.builders import lora
+
+    report = gradflow.probe(lora(), {"input_ids": None}, loss_fn=lambda m, b: m(**b["input_ids"]).loss)
+    (finding,) = [f for f in report.findings if f.slug == "step-raised"]
+    assert "TypeError: PeftModelForCausalLM(...) argument after ** must be a mapping, not NoneType" in finding.message
 
 
 def test_factory_optimizer_is_checked(factory):
