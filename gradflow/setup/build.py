@@ -70,6 +70,7 @@ def build(setup: Setup, opts: SetupOptions) -> Setup:
     if adapter is not None:  # with the SO(8) rotations it was trained with, if any
         model = so8.load_adapter(model, adapter, is_trainable=opts.adapter_trainable)
     else:
+        _no_second_adapter(setup, model, opts)
         rank, alpha, targets = resolved_lora(opts.lora_r, opts.lora_alpha, opts.lora_targets,
                                              0 if is_factory or is_peft_model(model) else DEFAULT_LORA_R)
         if opts.so8_layers:
@@ -83,6 +84,16 @@ def build(setup: Setup, opts: SetupOptions) -> Setup:
     if opts.trainable is not None:
         setup.trainable = opts.trainable
     return setup
+
+
+def _no_second_adapter(setup: Setup, model, opts: SetupOptions) -> None:
+    """LoRA flags on a model that already carries PEFT adapters would wrap it in a second PeftModel, silently."""
+    given = [flag for flag, value in (("--lora-r", opts.lora_r), ("--lora-alpha", opts.lora_alpha),
+                                      ("--lora-targets", opts.lora_targets)) if value is not None]
+    if given and is_peft_model(model):
+        raise GradflowError(f"{setup.source} already gives a {type(model).__name__} with adapters, so "
+                            f"{', '.join(given)} would wrap it in a second one",
+                            "Drop those flags (the model's own adapters are probed), or give the base model")
 
 
 def _trainer_setup(setup: Setup, opts: SetupOptions) -> Setup:

@@ -48,6 +48,14 @@ def plain_module():
     return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 1))
 
 
+def peft_model():
+    from peft import LoraConfig, get_peft_model
+
+    from gradflow.setup.presets import build_preset
+
+    return get_peft_model(build_preset("tiny-llama"), LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+
+
 NOT_CALLABLE = {"model": None}
 '''
 
@@ -118,6 +126,8 @@ CASES = [
      ["gave a Sequential without a batch", "Return {'model': ..., 'batch': ...}"]),
     ("factory-lora-alpha-without-rank", ["probe-backward", "factories.py:plain_module", "--lora-alpha", "4"],
      ["--lora-alpha has no effect", "--lora-r 8"]),
+    ("factory-peft-lora-again", ["probe-backward", "factories.py:peft_model", "--lora-r", "4"],
+     ["already gives a PeftModelForCausalLM with adapters, so --lora-r would wrap it in a second one"]),
     # impossible option values
     ("trainable-bad-regex", ["inspect", "tiny-phi3", "--trainable", "lora_(["], ["--trainable is not a valid regular expression"]),
     ("trainable-matches-nothing", ["probe-backward", "tiny-phi3", "--trainable", "zzz_no_such_param"],
