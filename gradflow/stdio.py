@@ -35,6 +35,18 @@ def stdout_to_stderr():
             _SAVED.remove(saved)
 
 
+def seal_stdout() -> None:
+    """The command is done: for the rest of the process fd 1 points at stderr, so what user code writes on the way
+    out (an atexit handler, a thread still running) cannot land after the data. The console entry only: a caller
+    in-process keeps its stdout."""
+    _flush(sys.stdout)
+    _flush_c_stdio()
+    try:
+        os.dup2(2, 1)
+    except OSError:  # fd 1 or fd 2 is not open: nothing to seal
+        pass
+
+
 def silence_stdout() -> None:
     """This process's stdout goes to /dev/null (under torchrun, rank 0 alone prints data). Inside
     `stdout_to_stderr`, the real stdout it will restore is silenced, so it stays silent after."""

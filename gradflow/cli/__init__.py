@@ -108,5 +108,16 @@ def main() -> None:
     raise SystemExit(code if isinstance(code, int) else 0)
 
 
+def entry() -> None:
+    """The `gradflow` console script and `python -m gradflow`: main(), then stdout sealed (gradflow.stdio) for what
+    the process runs on its way out, such as a factory's atexit handler writing to fd 1."""
+    from gradflow.stdio import seal_stdout
+
+    try:
+        main()
+    finally:
+        seal_stdout()
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -1,5 +1,5 @@
 """`python -m gradflow.cli`: the same entry point as the `gradflow` console script."""
 
-from gradflow.cli import main
+from gradflow.cli import entry
 
-main()
+entry()

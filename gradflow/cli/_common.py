@@ -17,7 +17,9 @@ def user_code(spec: str):
     When MODEL names code (a factory or a Trainer script), a SystemExit or KeyboardInterrupt it raises is an error
     naming the factory (exit 2), never a silent exit 0 that passes a CI gate.
     """
-    with stdout_to_stderr():
+    from gradflow.setup.sources import os_exit_refused
+
+    with stdout_to_stderr(), os_exit_refused():
         try:
             yield
         except (SystemExit, KeyboardInterrupt) as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import importlib
@@ -120,9 +121,35 @@ def names_code(spec: str) -> bool:
     return _looks_like_factory(spec) or spec.rstrip().lower().endswith(".py")
 
 
+class OsExit(SystemExit):
+    """os._exit(code) called by user code while gradflow runs it (see os_exit_refused)."""
+
+
+@contextlib.contextmanager
+def os_exit_refused():
+    """Within: os._exit(code) in this process raises OsExit, so a factory that ends the process at once (exit 0,
+    empty stdout) cannot pass a CI gate; a forked child (a DataLoader worker, multiprocessing) still exits."""
+    real, pid = os._exit, os.getpid()
+
+    def refuse(code):
+        if os.getpid() != pid:
+            real(code)
+        raise OsExit(code)
+
+    os._exit = refuse
+    try:
+        yield
+    finally:
+        os._exit = real
+
+
 def user_exit_error(exc: BaseException, source: str, during: str) -> GradflowError:
     """SystemExit or KeyboardInterrupt raised by the user's code, as an error: a factory that exits (even with
     code 0) has not built anything, and must never pass a CI gate as a clean run."""
+    if isinstance(exc, OsExit):
+        return GradflowError(f"factory {source} called os._exit({exc.code!r}) while {during}{_where(exc)}",
+                             "A factory must return the model (or raise an error), not end the process: remove "
+                             "that os._exit call")
     if isinstance(exc, SystemExit):
         return GradflowError(f"factory {source} raised SystemExit({exc.code!r}) while {during}{_where(exc)}",
                              "A factory must return the model (or raise an error), not exit: remove that exit call")
@@ -136,7 +163,6 @@ def load_factory(spec: str) -> Setup:
     The factory is user code and behaves as it would when run as a script: its folder is on sys.path (sibling
     imports work), and whatever it prints goes to stderr, so `--format json|sarif` stays valid on stdout.
     """
-    import contextlib
 
     target, _, func_name = spec.rpartition(":")
     if not target or not func_name:

@@ -103,3 +103,45 @@ def test_train_keeps_its_json_report_alone_on_stdout(tmp_path, capfd):
     assert run.code == 1, run.stderr[-2000:]
     assert json.loads(run.stdout)["train"]["status"] == "refused"
     assert "NOISE" not in fd.out and all(line in fd.err + run.stderr for line in NOISE)
+
+
+EXITING = '''
+import atexit
+import os
+
+from gradflow.setup.presets import build_preset
+
+
+def at_exit():
+    atexit.register(lambda: os.write(1, b"NOISE from an atexit handler\\n"))
+    return build_preset("tiny-llama")
+
+
+def forks():
+    pid = os.fork()
+    if pid == 0:  # a forked child (a DataLoader worker, multiprocessing) still ends with os._exit
+        os._exit(3)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 3
+    return build_preset("tiny-llama")
+
+
+def ends_the_process():
+    os._exit(0)
+'''
+
+
+@pytest.mark.slow  # real processes: the exit path runs after gradflow's own code, which no in-process run reaches
+def test_what_the_process_writes_on_its_way_out_is_no_data_and_os_exit_is_no_pass(tmp_path):
+    (tmp_path / "exiting.py").write_text(EXITING)
+    run = gradflow("probe-backward", "exiting.py:at_exit", "--format", "json", "--seq-len", "8", cwd=tmp_path)
+    assert run.code == 0 and json.loads(run.stdout)["command"] == "probe-backward", run.stdout[-500:]
+    assert "NOISE from an atexit handler" in run.stderr
+    run = gradflow("probe-backward", "exiting.py:forks", "--format", "json", "--seq-len", "8", cwd=tmp_path)
+    assert run.code == 0 and json.loads(run.stdout)["command"] == "probe-backward", run.stderr[-2000:]
+    run = gradflow("probe-backward", "exiting.py:ends_the_process", "--format", "json", cwd=tmp_path)
+    assert run.code == 2 and run.stdout == "", (run.code, run.stdout[-500:])
+    line = EXITING.splitlines().index("    os._exit(0)") + 1
+    assert run.stderr.splitlines()[-1] == ("gradflow: error: factory exiting.py:ends_the_process called os._exit(0) "
+                                           f"while building the model (at exiting.py:{line}). A factory must return "
+                                           "the model (or raise an error), not end the process: remove that "
+                                           "os._exit call")
