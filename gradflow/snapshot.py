@@ -10,6 +10,8 @@ class ParamState:
     """One parameter: where it lives, what it is, and (after a probe) what gradient it got."""
 
     name: str
+    # the module whose forward uses it: its owner, or for a parameter held in an nn.ParameterDict / ParameterList
+    # (never called itself) the module that holds the container
     module: str
     numel: int
     dtype: str
