@@ -50,6 +50,37 @@ def tuner_layer_class():
     return getattr(sys.modules.get("peft.tuners.tuners_utils"), "BaseTunerLayer", None)
 
 
+def tuner_entries(name: str, module, declared: str = "adapter_layer_names"):
+    """(path, adapter name) of each entry a PEFT tuner layer at `name` keeps under the attributes its class declares
+    in `declared`: "adapter_layer_names", its adapter weights (lora_A, ia3_l, vera_lambda_b, lora_E ...), or
+    "other_param_names", the rest, which PEFT does not train (AdaLoRA's ranknum, VeRA's shared vera_A / vera_B)."""
+    for attr in getattr(module, declared, ()):
+        container = getattr(module, attr, None)
+        for key in (container.keys() if hasattr(container, "keys") else ()):
+            yield (f"{name}.{attr}.{key}" if name else f"{attr}.{key}"), key
+
+
+def untrained_tuner_params(named_modules) -> set[str]:
+    """Paths (a parameter's, or a container's above it) that PEFT's tuner layers hold without training them: their
+    other_param_names (AdaLoRA's ranknum, frozen by PEFT on purpose), as opposed to their adapter weights."""
+    tuner_cls = tuner_layer_class()
+    if tuner_cls is None:
+        return set()
+    return {path for name, module in named_modules if isinstance(module, tuner_cls)
+            for path, _ in tuner_entries(name, module, "other_param_names")}
+
+
+def within(name: str, paths: set) -> bool:
+    """`name` is one of `paths` or sits below one."""
+    while paths:
+        if name in paths:
+            return True
+        if "." not in name:
+            return False
+        name = name.rsplit(".", 1)[0]
+    return False
+
+
 _GC_LAYER_CLASSES: dict[type, bool] = {}
 
 

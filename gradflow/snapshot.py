@@ -10,6 +10,8 @@ class ParamState:
     """One parameter: where it lives, what it is, and (after a probe) what gradient it got."""
 
     name: str
+    # the module whose forward uses it: its owner, or for a parameter held in an nn.ParameterDict / ParameterList
+    # (never called itself) the module that holds the container
     module: str
     numel: int
     dtype: str
@@ -255,6 +257,9 @@ class Snapshot:
     flips: list[FlagFlip] = dataclasses.field(default_factory=list)  # requires_grad switched off during the step
     # terms added to the loss that were computed from model outputs without a gradient (gradflow.probing.loss_terms)
     loss_terms: list[LossTerm] = dataclasses.field(default_factory=list)
+    # trainable parameters exactly zero at the step that got a nonzero gradient (a gate that starts at zero); read
+    # by the probe only when some zero gradient is not one of lora_start_zeros (gradflow.probing.backward)
+    zero_valued: list[str] = dataclasses.field(default_factory=list)
 
     def flipped(self) -> set[str]:
         """Names of the trainable parameters whose requires_grad went off during the step."""
@@ -288,16 +293,40 @@ class Snapshot:
     def lora_start_zeros(self) -> list[tuple[str, str, list[ParamState]]]:
         """LoRA's expected zeros at step 0: [(the weight, the one that starts at zero, its params)] for each kind
         with any. lora_A's first gradient is exactly zero because lora_B starts at zero while getting a gradient
-        itself (on an embedding PEFT starts lora_embedding_A at zero, so lora_embedding_B is the zero one)."""
-        found = []
-        for zero, start in (("lora_A", "lora_B"), ("lora_embedding_B", "lora_embedding_A")):
+        itself (on an embedding PEFT starts lora_embedding_A at zero, so lora_embedding_B is the zero one). PEFT's
+        other low-rank methods start the same way: VeRA's vera_lambda_b and AdaLoRA's lora_E start at zero."""
+        found, seen = [], set()
+        for zero, start in _START_ZERO:
             ok = {p.name.replace(f".{start}.", f".{zero}.") for p in self.params if f".{start}." in p.name
                   and p.grad == "ok"}
             hit = [p for p in self.params if p.requires_grad and p.grad == "zero" and f".{zero}." in p.name
-                   and p.name in ok]
+                   and p.name in ok and p.name not in seen]
             if hit:
+                seen.update(p.name for p in hit)
                 found.append((zero, start, hit))
         return found
+
+    def gated_zeros(self) -> list[tuple[ParamState, list[ParamState]]]:
+        """Zero first gradients behind a gate that starts at zero: [(the gate, the params it holds at zero)]. A
+        trainable parameter that is exactly zero and got a gradient itself, held by the module of a zero-gradient
+        parameter or by a module around it (`h + tanh(gate) * up(down(h))`, gate = 0: down and up get zeros until
+        the gate moves). LoRA-style pairs (lora_start_zeros) are left to their own names."""
+        if not self.zero_valued:
+            return []
+        expected = {p.name for _, _, hit in self.lora_start_zeros() for p in hit}
+        by_name = {p.name: p for p in self.params}
+        gates: dict[str, list[str]] = {}  # module -> the zero-valued parameters it holds
+        for name in self.zero_valued:
+            if name in by_name:
+                gates.setdefault(by_name[name].module, []).append(name)
+        found: dict[str, list[ParamState]] = {}
+        for p in self.params:
+            if not p.requires_grad or p.grad != "zero" or p.name in expected:
+                continue
+            gate = next((g for m in ancestors(p.module) for g in gates.get(m, ()) if g != p.name), None)
+            if gate is not None:
+                found.setdefault(gate, []).append(p)
+        return [(by_name[g], hit) for g, hit in found.items()]
 
     def flat_params(self) -> set[str]:
         """Names of the parameters inside wrapped FSDP1 units: FSDP1 keeps one flat gradient per unit, so a parameter
@@ -312,6 +341,13 @@ class Snapshot:
 
     def trainable_params(self) -> list[ParamState]:
         return [p for p in self.params if p.requires_grad]
+
+
+# (the weight whose first gradient is zero, the weight beside it that starts at zero), as PEFT initialises them:
+# LoRA (lora_B = 0; lora_embedding_A = 0 on an embedding), VeRA (vera_lambda_b = 0: reset_vera_parameters) and
+# AdaLoRA (lora_E = 0: reset_lora_parameters, which zeroes both lora_A's and lora_B's gradients)
+_START_ZERO = (("lora_A", "lora_B"), ("lora_embedding_B", "lora_embedding_A"), ("vera_lambda_d", "vera_lambda_b"),
+               ("lora_A", "lora_E"), ("lora_B", "lora_E"))
 
 
 def ancestors(module: str):

@@ -13,16 +13,18 @@ Safe: only the adapter's own weights are unfrozen; the base stays frozen.
 from __future__ import annotations
 
 from gradflow.fixes._base import Fix, Plan
-from gradflow.models import is_peft_model, tuner_layer_class
+from gradflow.models import is_peft_model, tuner_layer_class, untrained_tuner_params, within
 
 ANSWERS = ("adapter-frozen",)
 
 
 def adapter_params(model, adapters):
-    """(name, param) of the adapters' own weights: LoRA matrices and modules_to_save copies, not the base."""
+    """(name, param) of the adapters' own weights: LoRA matrices and modules_to_save copies, not the base, and not
+    what PEFT's tuner layers keep frozen on purpose (other_param_names: AdaLoRA's ranknum)."""
+    untrained = untrained_tuner_params(model.named_modules())
     for name, p in model.named_parameters():
         segments = name.split(".")
-        if any(a in segments for a in adapters) and p.is_floating_point():
+        if any(a in segments for a in adapters) and p.is_floating_point() and not within(name, untrained):
             yield name, p
 
 

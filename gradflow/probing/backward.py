@@ -59,6 +59,7 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
             note_flips(snap, tracer, trainable_params, flags_loss, active_adapters(model, names))
         if backward:  # inspect runs no backward: it knows nothing about gradients
             _fill_grads(snap, trainable_params)
+            _note_zero_valued(snap, trainable_params)
         release(tracer)
         lost = lost_params(snap, trainable_params) if backward and loss_state.error is None else []
         if lost:  # after an exception the missing gradients say nothing
@@ -225,6 +226,24 @@ def _fill_grads(snap: Snapshot, trainable_params) -> None:
             m.grads[state.grad] = m.grads.get(state.grad, 0) + 1
             if state.grad_norm is not None and state.grad != "nonfinite":
                 m.grad_norm = ((m.grad_norm or 0.0) ** 2 + state.grad_norm ** 2) ** 0.5
+
+
+def _note_zero_valued(snap: Snapshot, trainable_params) -> None:
+    """The trainable parameters that are exactly zero and got a nonzero gradient (a gate that starts at zero), read
+    only when some zero gradient is not one of LoRA's expected ones: a healthy probe reads no values."""
+    import torch
+
+    expected = {p.name for _, _, hit in snap.lora_start_zeros() for p in hit}
+    if not any(p.requires_grad and p.grad == "zero" and p.name not in expected for p in snap.params):
+        return
+    ok = {p.name for p in snap.params if p.grad == "ok"}
+    candidates = [(n, _local(t)) for n, t in trainable_params if n in ok and t.is_floating_point()]
+    if not candidates:
+        return
+    dev = candidates[0][1].device
+    # stacked and read back once, as the norms are
+    zero = torch.stack([(torch.count_nonzero(t.detach()) == 0).to(dev) for _, t in candidates]).tolist()
+    snap.zero_valued = [n for (n, _), z in zip(candidates, zero) if z]
 
 
 def _local(t):

@@ -38,7 +38,9 @@ def replay(model, batch, loss_fn, names, state, trainable_modules, lost):
     try:
         watch: dict[str, list] = {}
         for param, _ in lost:
-            watch.setdefault(param.module, []).append((param.name.rsplit(".", 1)[-1], param.name))
+            # its path below the module that runs it: "weight", or "ia3_l.default" for a ParameterDict's entry
+            attr = param.name[len(param.module) + 1:] if param.module else param.name
+            watch.setdefault(param.module, []).append((attr, param.name))
         with quiet, Tracer(model, names, trainable_modules=trainable_modules, watch_cuts=True,
                            watch_params=watch) as tracer:
             out = loss_fn(model, fresh(batch)) if loss_fn is not None else call_model(model, fresh(batch))

@@ -7,7 +7,7 @@ import re
 from typing import Any
 
 from gradflow.models import (gc_mode_of, has_adapter_config, is_gc_layer, is_input_grad_hook, plain_attr,
-                             tuner_layer_class)
+                             tuner_entries, tuner_layer_class, untrained_tuner_params, within)
 from gradflow.setup.wrappers import fsdp_units
 from gradflow.snapshot import ModuleState, ParamState, Snapshot, ancestors, count_into_ancestors
 
@@ -56,11 +56,9 @@ def _adapters(model, modules):
         hf_loaded = hf_loaded or plain_attr(module, "_hf_peft_config_loaded", False) is True
         if tuner_cls is None or not isinstance(module, tuner_cls):
             continue
-        for layer in getattr(module, "adapter_layer_names", ()):
-            container = getattr(module, layer, None)
-            for key in (container.keys() if hasattr(container, "keys") else ()):
-                prefixes[f"{name}.{layer}.{key}" if name else f"{layer}.{key}"] = key
-                found.append(key)
+        for path, key in tuner_entries(name, module):
+            prefixes[path] = key
+            found.append(key)
         try:
             tuner_active.extend(module.active_adapters)
         except (AttributeError, TypeError):  # a tuner layer of an older PEFT
@@ -128,7 +126,8 @@ def describe(model, *, trainable: str | None = None, optimizer=None) -> tuple[Sn
     modules, names = _module_states(module_list)
     index = {m.name: m for m in modules}
     param_objects = _parameters(names)
-    facts = _ParamFacts(adapters, tuner_prefixes, source, embed_ids, trainable, optimizer)
+    facts = _ParamFacts(adapters, tuner_prefixes, source, embed_ids, trainable, optimizer, _holders(names),
+                        untrained_tuner_params(module_list))
     params = [facts.state(name, p) for name, p in param_objects]
     dtypes: dict[str, set] = {}
     for state in params:  # the counts and dtypes, rolled up to every ancestor module
@@ -195,6 +194,23 @@ def _parameters(names: dict) -> list[tuple[str, Any]]:
     return out
 
 
+def _holders(names: dict) -> dict[str, str]:
+    """Path of each nn.ParameterDict / nn.ParameterList -> the module that holds it. A container is never called
+    (IA3's ia3_l, VeRA's vera_lambda_*, AdaLoRA's lora_E, LoRA's lora_embedding_A/B): its parameters run, are cut
+    and go unused with the module whose forward reads them, so that module is theirs."""
+    import torch
+
+    kinds = (torch.nn.ParameterDict, torch.nn.ParameterList)
+    containers = {path for module, path in names.items() if isinstance(module, kinds)}
+    out = {}
+    for path in containers:
+        holder = path
+        while holder in containers:
+            holder = holder.rsplit(".", 1)[0] if "." in holder else ""
+        out[path] = holder
+    return out
+
+
 @dataclasses.dataclass
 class _ParamFacts:
     """What a parameter's state is judged against: the adapters, the embeddings, the intent and the optimizer."""
@@ -205,6 +221,8 @@ class _ParamFacts:
     embed_ids: set
     trainable: str | None
     optimizer: Any
+    holders: dict  # a parameter container's path -> the module that holds it (_holders)
+    untrained: set  # what PEFT's tuner layers hold and do not train (other_param_names: AdaLoRA's ranknum)
 
     def __post_init__(self):
         self.intended_re = re.compile(self.trainable) if self.trainable else None
@@ -216,12 +234,16 @@ class _ParamFacts:
 
         segments = name.split(".")
         in_adapter = any(a in segments for a in self.adapters)
+        module = name.rsplit(".", 1)[0] if "." in name else ""
         return ParamState(
-            name=name, module=name.rsplit(".", 1)[0] if "." in name else "", numel=_numel(p),
+            name=name, module=self.holders.get(module, module), numel=_numel(p),
             dtype=str(p.dtype).replace("torch.", ""), requires_grad=bool(p.requires_grad),
             quantized=type(p).__name__ in _QUANT_PARAM_CLASSES or p.dtype in (torch.uint8, torch.int8),
+            # PEFT's own declaration first (adapter_layer_names); else any weight under an adapter's name that
+            # PEFT neither keeps frozen on purpose (other_param_names) nor copies (modules_to_save)
             adapter=(_adapter_of(name, self.tuner_prefixes) is not None
-                     or (in_adapter and "modules_to_save" not in segments)),
+                     or (in_adapter and "modules_to_save" not in segments
+                         and not within(name, self.untrained))),
             # a PeftModel's and transformers' save_pretrained keep the adapters' weights only; after
             # inject_adapter_in_model the saving is the user's own code
             saved=in_adapter if self.source in ("peft", "transformers") else None,

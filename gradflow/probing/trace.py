@@ -152,7 +152,7 @@ class Tracer:
         # a Python call per torch op, so only the probe's replay of a failing step watches them
         self._flag_params = list(flag_params or ())
         self._watch_cuts = watch_cuts
-        # watch_params: {module path: [(attribute, parameter path)]}: the tensor each of those modules holds under
+        # watch_params: {module path: [(attribute path, parameter path)]}: the tensor each of those modules holds under
         # that name while it runs (a wrapper's stand-in: FSDP2's unsharded parameter, FSDP1's view of its flat
         # parameter), which is what the autograd graph reaches instead of the registered parameter
         self._watch_params = watch_params or {}
@@ -320,7 +320,9 @@ class Tracer:
             return None
         rec.order = next(self._order)
         for attr, path in self._watch_params.get(name, ()):
-            held = getattr(module, attr, None)
+            held = module
+            for part in attr.split("."):  # a ParameterDict's entry sits one attribute further down
+                held = getattr(held, part, None)
             if isinstance(held, torch.Tensor):
                 self.used.setdefault(path, held)
         if self._flag_params and self.flip_at is None:

@@ -2,8 +2,9 @@
 The coverage fallback. After every other rule has run, it collects the trainable parameters whose gradient is
 None or exactly zero and that no finding names, and lists them, so that none goes unreported. Exempt: experts of a
 mixture-of-experts layer the router did not pick (a sibling expert ran), lora_A weights whose first gradient is
-zero because lora_B starts at zero (`lora-zero-init`), and PEFT's trainable-token rows (`trainable_token_indices`)
-with a zero gradient when the batch holds none of those tokens. A finding that is about the whole step (the loss, the
+zero because lora_B starts at zero (`lora-zero-init`), PEFT's trainable-token rows (`trainable_token_indices`)
+with a zero gradient when the batch holds none of those tokens, and, with `--steps K`, parameters whose zero
+gradient at the probe's step was nonzero at one of the K steps. A finding that is about the whole step (the loss, the
 labels, an exception in it) covers every parameter; `nonfinite-grad` covers the zero gradients inside the module
 it names.
 
@@ -34,6 +35,8 @@ def missing(snap) -> list:
     if not snap.probed or snap.loss is None or snap.loss.error is not None:
         return []  # after an exception in the step the missing gradients say nothing
     unrouted = unrouted_experts(snap)
+    # --steps K: a zero at the probe's step is no missing gradient when a later step gave it one (a gate moved)
+    later = {s.name for s in snap.steps.params if s.grad == "ok"} if snap.steps is not None else set()
     out = []
     for p in snap.params:
         if not p.requires_grad or p.grad not in ("none", "zero"):
@@ -42,6 +45,8 @@ def missing(snap) -> list:
             continue  # an expert the router did not pick in this batch
         if p.grad == "zero" and ".trainable_tokens_delta." in p.name:
             continue  # PEFT's trainable tokens: rows of token ids this batch does not contain
+        if p.grad == "zero" and p.name in later:
+            continue  # a nonzero gradient at one of the --steps: it starts at zero, and learns
         out.append(p)
     return out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tests.helpers.builders import STACK, assert_fires, assert_silent, batch, lora, probe, save_adapter_and_reload
+from tests.helpers.peft_methods import adapted
 
 SLUG = "adapter-frozen"
 FIRST = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"
@@ -72,3 +73,27 @@ def test_second_adapter_loaded_for_reference(tmp_path):
 def test_silent_for_a_fresh_lora():
     model = lora()
     assert_silent(probe(model, batch(model)), SLUG)
+
+
+# --- AdaLoRA: ranknum is PEFT's, frozen on purpose (other_param_names), not an adapter weight ---------------------------
+def test_silent_for_adalora_ranknum():
+    model = adapted("adalora")
+    assert any(".ranknum." in n and not p.requires_grad for n, p in model.named_parameters())
+    report = probe(model, batch(model))
+    assert_silent(report, SLUG)
+    assert not any(p.adapter for p in report.snapshot.params if ".ranknum." in p.name)
+
+
+def test_adalora_reloaded_without_is_trainable_names_its_weights_not_ranknum(tmp_path):
+    """Frozen by from_pretrained: lora_A / lora_E / lora_B are named, and patch unfreezes them but not ranknum."""
+    import gradflow
+
+    model = save_adapter_and_reload(adapted("adalora"), tmp_path, is_trainable=False)
+    report = probe(model, batch(model))
+    finding = assert_fires(report, SLUG, location="base_model.model.model.layers.0.self_attn.q_proj")
+    weights = {n for n, _ in model.named_parameters() if any(f".lora_{x}." in n for x in "AEB")}
+    assert set(finding.params) == weights
+    patched = gradflow.patch(model, batch(model))
+    assert [f["id"] for f in patched.fixes_applied] == ["unfreeze-adapter"]
+    assert all(p.requires_grad == (n in weights) for n, p in model.named_parameters() if ".default" in n)
+    assert_silent(patched.after, SLUG, "grad-missing-unexplained")

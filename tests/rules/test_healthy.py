@@ -119,3 +119,15 @@ def test_recipes_built_from_presets(preset, options):
     report = probe(model, synthetic_batch(model, batch_size=2, seq_len=8 if "quant" in options else 16))
     assert_healthy(report)
     _all_flow(report, allow_idle=(".experts.",))
+
+
+@pytest.mark.parametrize("method", ["ia3", "vera", "adalora"])
+def test_fresh_peft_methods_with_parameter_dict_weights(method):
+    """IA3, VeRA and AdaLoRA keep their weights in nn.ParameterDict: no adapter-frozen for AdaLoRA's ranknum (frozen
+    by PEFT on purpose), no unexplained zero for VeRA's vera_lambda_d (vera_lambda_b starts at zero)."""
+    from tests.helpers.peft_methods import adapted
+
+    model = adapted(method)
+    report = probe(model, batch(model))
+    assert_healthy(report)
+    assert all(p.grad in ("ok", "zero") for p in report.snapshot.params if p.requires_grad)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 from peft import get_peft_model
+from torch import nn
 
-from tests.helpers.builders import (assert_fires, assert_silent, base, batch, lora, lora_config, probe,
-                                    save_adapter_and_reload)
+from tests.helpers.builders import (Block, assert_fires, assert_silent, base, batch, lora, lora_config, probe,
+                                    save_adapter_and_reload, tiny_batch, tiny_lm)
+from tests.helpers.peft_methods import adapted
 
 SLUG = "lora-zero-init"
 
@@ -74,3 +76,100 @@ def test_an_embedding_adapter_names_its_own_zero_weight():
         "4 lora_A weights (first at base_model.model.model.layers.0.self_attn.q_proj.lora_A.default) and 1 "
         "lora_embedding_B weight (first at base_model.model.model.embed_tokens.lora_embedding_B) got an exactly-zero "
         "first gradient because lora_B and lora_embedding_A start at zero (expected; they move from the second step)")
+
+
+# --- PEFT's other methods that start a weight at zero ---------------------------------------------------------------
+def test_vera_lambda_d_behind_vera_lambda_b():
+    """VeRA starts vera_lambda_b at zero (reset_vera_parameters), so vera_lambda_d's first gradient is zero."""
+    model = adapted("vera")
+    report = probe(model, batch(model))
+    finding = assert_fires(report, SLUG, severity="info", location="base_model.model.model.layers.0.self_attn.q_proj")
+    assert not report.fails("warning")
+    assert set(finding.params) == {n for n, _ in model.named_parameters() if ".vera_lambda_d." in n}
+    assert finding.message == (
+        "8 vera_lambda_d weights (first at base_model.model.model.layers.0.self_attn.q_proj.vera_lambda_d) got an "
+        "exactly-zero first gradient because vera_lambda_b starts at zero (expected; they move from the second step)")
+
+
+def test_adalora_lora_a_and_b_behind_lora_e():
+    """AdaLoRA starts lora_E at zero, so lora_A and lora_B both get a zero first gradient. A loop that computes the
+    loss from the logits itself skips the orthogonality penalty AdaLoraModel adds to a model-computed loss (which
+    gives them a gradient of its own; peft 0.18 refuses orth_reg_weight=0)."""
+    def loss_fn(model, data):
+        logits = model(input_ids=data["input_ids"], attention_mask=data["attention_mask"]).logits
+        return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), data["labels"][:, 1:].flatten())
+
+    model = adapted("adalora")
+    report = probe(model, batch(model), loss_fn=loss_fn)
+    finding = assert_fires(report, SLUG, severity="info")
+    assert not report.fails("warning")
+    assert set(finding.params) == {n for n, p in model.named_parameters() if p.requires_grad and ".lora_E." not in n}
+    assert "lora_A weights" in finding.message and "lora_B weights" in finding.message
+    assert "because lora_E starts at zero" in finding.message
+
+
+def test_silent_for_vera_without_zero_init():
+    model = adapted("vera", init_weights=False)
+    assert_silent(probe(model, batch(model)), SLUG)
+
+
+# --- a zero-initialized gate in the user's own adapter --------------------------------------------------------------
+class TanhGated(nn.Module):
+    """Flamingo / LLaMA-Adapter style: h + tanh(gate) * up(relu(down(h))), gate = 0 (the model starts as the base)."""
+
+    def __init__(self, inner, dim: int, rank: int = 4):
+        super().__init__()
+        self.inner = inner
+        self.down, self.up = nn.Linear(dim, rank), nn.Linear(rank, dim)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        h = self.inner(x)
+        return h + torch.tanh(self.gate) * self.up(torch.relu(self.down(h)))
+
+
+class ReZeroBlock(Block):
+    """ReZero: x + alpha * branch(x), alpha a trainable scalar that starts at zero."""
+
+    def __init__(self, dim=16):
+        super().__init__(dim)
+        self.alpha = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return x + self.alpha * self.act(self.proj(x))
+
+
+def gated_llama():
+    """The frozen tiny Llama with a TanhGated adapter around each MLP (seeded)."""
+    model = base()
+    model.requires_grad_(False)
+    torch.manual_seed(1)
+    for layer in model.model.layers:
+        layer.mlp = TanhGated(layer.mlp, model.config.hidden_size)
+    return model
+
+
+def test_zero_gate_around_an_adapter():
+    model = gated_llama()
+    report = probe(model, batch(model))
+    finding = assert_fires(report, SLUG, severity="info", location="model.layers.0.mlp.down")
+    assert not report.fails("warning")
+    zero = {p.name for p in report.snapshot.params if p.requires_grad and p.grad == "zero"}
+    assert set(finding.params) == zero == {n for n, _ in model.named_parameters() if ".down." in n or ".up." in n}
+    assert "model.layers.0.mlp.gate" in finding.message and "gates or scales that start at zero" in finding.message
+
+
+def test_rezero_scalar_of_a_block():
+    model = tiny_lm(block=ReZeroBlock, freeze=False)
+    report = probe(model, tiny_batch())
+    finding = assert_fires(report, SLUG, severity="info")
+    assert not report.fails("warning")
+    assert finding.params and all(".proj." in n for n in finding.params)
+
+
+def test_silent_for_a_healthy_lora_reads_no_values():
+    """Only lora_A's expected zeros: the probe does not read parameter values for a gate."""
+    model = lora()
+    report = probe(model, batch(model))
+    assert report.snapshot.zero_valued == []
+    assert "gate" not in assert_fires(report, SLUG).message

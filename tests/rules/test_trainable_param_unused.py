@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from tests.helpers.builders import (TinyLM, assert_fires, assert_healthy, assert_silent, base, batch, custom_lora, lora,
                                     lora_config, probe, tiny_batch, tiny_lm, value_head_lm)
+from tests.helpers.peft_methods import adapted, first_layer_without_grad
 from tests.helpers.vlm import VISION_LORA, tiny_llava, vlm_batch
 
 SLUG = "trainable-param-unused"
@@ -173,3 +175,24 @@ def test_cli_factory_names_the_unused_vision_layer():
     assert finding["fix"]["title"] == "Freeze it, or use its output"
     clean = invoke("probe-backward", f"{REPO / 'tests/helpers/vlm.py'}:used_layer_factory", "--format", "json")
     assert clean.code == 0 and not [f for f in clean.json()["findings"] if f["severity"] != "info"], clean.stdout
+
+
+# --- weights in an nn.ParameterDict run with the module that holds it ------------------------------------------------
+@pytest.mark.parametrize("method", ["ia3", "vera"])
+def test_parameter_dict_weights_of_skipped_layers(method):
+    """The container (ia3_l, vera_lambda_*) is never called: the layers the forward skips are named, not it."""
+    model = adapted(method)
+    model.config.num_hidden_layers = 2
+    report = probe(model, batch(model))
+    finding = assert_fires(report, SLUG, location="base_model.model.model.layers.2")
+    assert set(finding.params) == {n for n, p in model.named_parameters() if p.requires_grad
+                                   and (".layers.2." in n or ".layers.3." in n)}
+
+
+def test_silent_for_parameter_dict_weights_of_a_layer_run_under_no_grad():
+    """IA3's ia3_l ran with its layer, under torch.no_grad(): graph-break, not 'never ran' at the container."""
+    model = first_layer_without_grad(adapted("ia3"))
+    report = probe(model, batch(model))
+    assert_silent(report, SLUG)
+    assert all(p.used for p in report.snapshot.params if p.requires_grad)
+    assert_fires(report, "graph-break", location="base_model.model.model.layers.0.inner")
