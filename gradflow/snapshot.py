@@ -248,6 +248,9 @@ class Snapshot:
     # where autograd was off: modules called under torch.no_grad() / inference_mode (the outermost of each run),
     # and modules whose class's forward carries such a decorator (module -> "no_grad" | "inference_mode" | ...)
     no_grad_modules: list[str] = dataclasses.field(default_factory=list)
+    # the traced module whose forward made each such call; None: a call from outside the model's forward (the loss
+    # function, a Trainer's compute_loss)
+    no_grad_callers: dict[str, str | None] = dataclasses.field(default_factory=dict)
     grad_off_forward: dict[str, str] = dataclasses.field(default_factory=dict)
     gc_equivalence: GcEquivalence | None = None  # filled by --check-gc (gradflow.probe(check_gc=True))
     steps: StepsRun | None = None  # filled by --steps K (gradflow.probe(steps=K))

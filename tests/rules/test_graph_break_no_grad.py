@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import gradflow
+
 from tests.helpers.builders import (TinyLM, assert_fires, assert_silent, base, batch, custom_lora, lora, probe,
                                     tiny_batch, tiny_lm)
 from tests.helpers.vlm import VISION_LORA, tiny_llava, vlm_batch
@@ -138,7 +140,9 @@ def test_fires_at_a_decoder_layer_a_user_loop_runs_under_no_grad(targets):
     model = lora(target_modules=targets)
     report = probe(model, batch(model), loss_fn=_loop_with_layer_under_no_grad(1))
     finding = assert_fires(report, SLUG, location="base_model.model.model.layers.1")
-    assert "torch.no_grad" in finding.message
+    # the loop is the loss function's, not LlamaModel's forward
+    assert "torch.no_grad / inference mode was on when the loss function called it, outside the model's forward" \
+        in finding.message and "inside" not in finding.message, finding.message
     assert set(finding.params) == _lora_ids(report, 0, 1)
     assert report.loss["requires_grad"] is True
 
@@ -163,8 +167,6 @@ def test_silent_on_a_user_loop_that_runs_a_frozen_first_layer_under_no_grad():
 
 def test_patch_advice_says_which_no_grad_to_remove():
     """Display-only advice: the decorator on the module's own forward, or the caller's no_grad block."""
-    import gradflow
-
     model = tiny_lm()
     model.blocks[1] = ThenPost(model.blocks[1], Rescale(16))
     model.requires_grad_(False)
@@ -201,3 +203,58 @@ def test_fires_at_the_vision_tower_a_vlm_runs_under_no_grad():
     assert finding.params and all(".vision_tower." in p for p in finding.params)
     assert_silent(report, "grad-missing-unexplained", "trainable-param-unused")
 
+
+# --- autograd off in the loss computation, outside the model's forward (trial 18) --------------------------------
+_OFF_IN_LOSS = "torch.no_grad / inference mode was on when {site} called it, outside the model's forward"
+
+
+def _noisy_embeddings_loss(model, data):
+    """Embeddings built under no_grad to add noise to them, then fed to the model: embed_tokens never learns."""
+    with torch.no_grad():
+        emb = model.get_input_embeddings()(data["input_ids"])
+        emb = emb + 0.01 * torch.randn_like(emb)
+    return model(inputs_embeds=emb, labels=data["labels"]).loss
+
+
+def test_names_the_loss_function_that_ran_the_embeddings_under_no_grad():
+    model = base()  # a full fine-tune: embed_tokens is trainable
+    report = probe(model, batch(model), loss_fn=_noisy_embeddings_loss)
+    finding = assert_fires(report, SLUG, location="model.embed_tokens")
+    assert _OFF_IN_LOSS.format(site="the loss function") in finding.message, finding.message
+    assert "inside model (LlamaModel)" not in finding.message
+    assert "; 1 trainable parameter gets no gradient: model.embed_tokens.weight" in finding.message
+
+
+def _bart_lora():
+    from peft import LoraConfig, get_peft_model
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32)
+    return get_peft_model(BartForConditionalGeneration(config),
+                          LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="SEQ_2_SEQ_LM"))
+
+
+@pytest.mark.slow  # a real Trainer
+def test_names_the_compute_loss_that_cached_the_encoder_under_no_grad(tmp_path):
+    """A Trainer subclass runs the encoder under no_grad ('it is frozen') and feeds encoder_outputs to the model."""
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class CachedEncoderTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            with torch.no_grad():
+                enc = model.get_encoder()(input_ids=inputs["input_ids"])
+            out = model(encoder_outputs=enc, labels=inputs["labels"])
+            return (out.loss, out) if return_outputs else out.loss
+
+    ids = torch.randint(3, 64, (4, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = CachedEncoderTrainer(model=_bart_lora(), args=args,
+                                   train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    finding = assert_fires(gradflow.probe(trainer), SLUG, location="base_model.model.model.encoder")
+    assert _OFF_IN_LOSS.format(site="CachedEncoderTrainer.compute_loss") in finding.message, finding.message
+    assert "inside base_model.model.model (BartModel)" not in finding.message
+    assert all(".encoder." in p for p in finding.params) and "trainable parameters get no" in finding.message
