@@ -65,9 +65,11 @@ class FlagFlip:
     """Trainable parameters whose requires_grad went off during the probe's step (gradflow.probing.backward)."""
 
     params: list[str]
-    phase: str  # forward | loss: first seen off after the model's forward, or only after the loss
+    # before_forward | forward | loss: already off when the model's forward began (the loss function switched it),
+    # first seen off after the model's forward, or only after the loss
+    phase: str
     module: str | None = None  # the module during whose call (its hooks, or its forward) it went off, when known
-    via: str | None = None  # forward hook | forward pre-hook | set_adapter | None
+    via: str | None = None  # forward hook | forward pre-hook | set_adapter | disable_adapter | None
     adapters_before: tuple[str, ...] = ()
     adapters_after: tuple[str, ...] = ()
     toggled: bool = False  # on again by the end of the loss: switched off and back during the step

@@ -10,7 +10,7 @@ import torch
 import torch.utils.checkpoint as tuc
 from torch.overrides import TorchFunctionMode
 
-from gradflow.models import is_gc_layer, plain_attr
+from gradflow.models import adapters_disabled, is_gc_layer, plain_attr
 from gradflow.snapshot import CheckpointCall
 
 
@@ -160,6 +160,8 @@ class Tracer:
         self.used: dict[str, object] = {}  # parameter path -> the tensor its module ran with
         self.cut_sources: list = []
         self.flags_forward: list[bool] | None = None
+        # (flags, PEFT's adapters disabled) when the first top-level call began: the loss may switch flags first
+        self.flags_start: tuple[list[bool], bool] | None = None
         self.flip_at: tuple[str, str] | None = None  # (module, forward hook | forward pre-hook)
         self.loss_node = None  # the loss's grad_fn, set by the probe for the walk after backward
         self._pre_flags: dict[str, list[bool]] = {}  # flags at the global pre-hook of modules with pre-hooks
@@ -290,6 +292,9 @@ class Tracer:
         caller = self.records.get(caller_name) if caller_name is not None else None
         if self._flag_params and self.phase == "forward" and module._forward_pre_hooks and self.flip_at is None:
             self._pre_flags[name] = self.flags()  # global pre-hooks run before the module's own
+        if self._flag_params and not self._stack and self.flags_start is None and self.phase == "forward":
+            flags = self.flags()
+            self.flags_start = flags, not all(flags) and adapters_disabled(self.model)
         self._stack.append(name)
         self._stack_gc.append(plain_attr(module, "gradient_checkpointing", False) is True and is_gc_layer(module))
         if self.phase == "forward":
