@@ -81,6 +81,14 @@ def within(name: str, paths: set) -> bool:
     return False
 
 
+def adapters_disabled(model) -> bool:
+    """PEFT's adapters are off now (`with model.disable_adapter():`, `disable_adapter_layers()`): PEFT then sets their
+    weights' requires_grad off too, until it enables them again."""
+    tuner = tuner_layer_class()
+    return tuner is not None and any(isinstance(m, tuner) and plain_attr(m, "_disable_adapters", False) is True
+                                     for m in model.modules())
+
+
 _GC_LAYER_CLASSES: dict[type, bool] = {}
 
 

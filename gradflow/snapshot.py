@@ -67,9 +67,11 @@ class FlagFlip:
     """Trainable parameters whose requires_grad went off during the probe's step (gradflow.probing.backward)."""
 
     params: list[str]
-    phase: str  # forward | loss: first seen off after the model's forward, or only after the loss
+    # before_forward | forward | loss: already off when the model's forward began (the loss function switched it),
+    # first seen off after the model's forward, or only after the loss
+    phase: str
     module: str | None = None  # the module during whose call (its hooks, or its forward) it went off, when known
-    via: str | None = None  # forward hook | forward pre-hook | set_adapter | None
+    via: str | None = None  # forward hook | forward pre-hook | set_adapter | disable_adapter | None
     adapters_before: tuple[str, ...] = ()
     adapters_after: tuple[str, ...] = ()
     toggled: bool = False  # on again by the end of the loss: switched off and back during the step
@@ -250,6 +252,9 @@ class Snapshot:
     # where autograd was off: modules called under torch.no_grad() / inference_mode (the outermost of each run),
     # and modules whose class's forward carries such a decorator (module -> "no_grad" | "inference_mode" | ...)
     no_grad_modules: list[str] = dataclasses.field(default_factory=list)
+    # the traced module whose forward made each such call; None: a call from outside the model's forward (the loss
+    # function, a Trainer's compute_loss)
+    no_grad_callers: dict[str, str | None] = dataclasses.field(default_factory=dict)
     grad_off_forward: dict[str, str] = dataclasses.field(default_factory=dict)
     gc_equivalence: GcEquivalence | None = None  # filled by --check-gc (gradflow.probe(check_gc=True))
     steps: StepsRun | None = None  # filled by --steps K (gradflow.probe(steps=K))

@@ -188,6 +188,7 @@ def _fill_trace(snap: Snapshot, tracer) -> None:
         m.grad_enabled, m.in_reentrant, m.detached_output = rec.grad_enabled, rec.in_reentrant, rec.detached
         if rec.no_grad_call and rec.no_grad_root:  # where autograd went off, not every module run after it
             snap.no_grad_modules.append(m.name)
+            snap.no_grad_callers[m.name] = rec.caller
         if rec.forward_grad_off and not rec.in_reentrant:
             snap.grad_off_forward[m.name] = rec.forward_grad_off
     snap.checkpoints = tracer.checkpoints

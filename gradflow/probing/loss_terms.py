@@ -40,7 +40,7 @@ class LossTerms(TorchFunctionMode):
 
     def __init__(self):
         super().__init__()
-        self._derived: dict[int, tuple] = {}  # id(tensor) -> (weakref, origin or None)
+        self._derived: dict[int, tuple] = {}  # id(tensor) -> (weakref, (how, where, is_cut) or None)
         self._candidates: dict[int, tuple] = {}  # id(grad_fn of the sum) -> (grad_fn, LossTerm)
         self._detached_from: dict[int, int] = {}  # id(x.detach()) -> id(x.grad_fn)
         self._depth = 0
@@ -84,8 +84,9 @@ class LossTerms(TorchFunctionMode):
                 if t.is_floating_point():
                     origin = None
                     if t.grad_fn is None and not t.requires_grad:
-                        how = "under torch.no_grad()" if not grad_on else "without a gradient"
-                        origin = (f"the {type(module).__name__} output, computed {how}", _user_frame())
+                        how = "made under torch.no_grad()" if not grad_on else "that has no gradient"
+                        # a source, not a cut: a teacher or reference run without autograd is often meant
+                        origin = (f"from a {type(module).__name__} output {how}", _user_frame(), False)
                     self._mark(t, origin)
         if paused:
             _push_mode(self)
@@ -98,17 +99,29 @@ class LossTerms(TorchFunctionMode):
         if not derived:
             return out
         name = getattr(func, "__name__", "")
-        lost = next((self._derived[id(t)][1] for t in derived if self._derived[id(t)][1] is not None), None)
+        lost = self._lost(derived)
         for t in _tensors(out):
             origin = None
             if t.grad_fn is None and not t.requires_grad:
-                origin = lost or (_how(name), _user_frame())
+                origin = lost or (_how(name), _user_frame(), True)
             self._mark(t, origin)
         if name == "detach" and derived[0].grad_fn is not None and isinstance(out, torch.Tensor):
             self._detached_from[id(out)] = id(derived[0].grad_fn)
         if name in _ADDITIVE and isinstance(out, torch.Tensor) and out.grad_fn is not None:
             self._candidate(name, out, derived, list(_tensors((args, kwargs))))
         return out
+
+    def _lost(self, derived):
+        """Where the gradient was lost: None when this call cuts it (an input had one), else the inputs' origin.
+
+        Among the inputs' origins a cut (`.detach()`, `.data`, an op under no_grad on a tensor with a gradient)
+        comes before a module output made without one: the policy's `.detach()` explains a KL term, not the
+        reference model run under `torch.no_grad()` on purpose.
+        """
+        if any(t.requires_grad for t in derived):
+            return None
+        origins = [self._derived[id(t)][1] for t in derived if self._derived[id(t)][1] is not None]
+        return next((o for o in origins if o[2]), origins[0] if origins else None)
 
     def _candidate(self, name, out, derived, operands) -> None:
         with_grad = {id(t.grad_fn) for t in operands if t.grad_fn is not None}
@@ -118,7 +131,7 @@ class LossTerms(TorchFunctionMode):
                 continue
             if self._detached_from.get(id(t)) in with_grad:
                 continue  # x - x.detach(): a straight-through shift, zero in value, the gradient of x
-            what, where = origin
+            what, where, _ = origin
             term = LossTerm(op=name.strip("_").rstrip("_"), shape=list(t.shape), how=what, computed_at=where,
                             added_at=_user_frame())
             self._candidates[id(out.grad_fn)] = (out.grad_fn, term)

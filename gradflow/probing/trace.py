@@ -10,7 +10,7 @@ import torch
 import torch.utils.checkpoint as tuc
 from torch.overrides import TorchFunctionMode
 
-from gradflow.models import is_gc_layer, plain_attr
+from gradflow.models import adapters_disabled, is_gc_layer, plain_attr
 from gradflow.snapshot import CheckpointCall
 
 
@@ -78,8 +78,8 @@ def grad_off_forward(module) -> str | None:
 
 class _Record:
     __slots__ = ("calls", "order", "in_rg", "out_rg", "grad_fn", "finite", "grad_enabled", "in_reentrant",
-                 "detached", "no_grad_call", "no_grad_root", "forward_grad_off", "in_fns", "out_fns", "keeps_shape",
-                 "pending")
+                 "detached", "no_grad_call", "no_grad_root", "caller", "forward_grad_off", "in_fns", "out_fns",
+                 "keeps_shape", "pending")
 
     def __init__(self):
         self.calls = 0
@@ -93,6 +93,7 @@ class _Record:
         self.detached = False
         self.no_grad_call = False  # autograd was off at its first call while it held or received what trains
         self.no_grad_root = False  # autograd was off at its first call, and on for the traced module that called it
+        self.caller = None  # the traced module running when it was first called; None: outside the model's forward
         self.forward_grad_off = None  # its forward turns autograd off itself (a @torch.no_grad() decorator)
         # autograd nodes of the first call's floating inputs and outputs: after backward, the probe walks them to
         # find where a parameter's gradient path ends (references only; the probe drops them)
@@ -159,6 +160,8 @@ class Tracer:
         self.used: dict[str, object] = {}  # parameter path -> the tensor its module ran with
         self.cut_sources: list = []
         self.flags_forward: list[bool] | None = None
+        # (flags, PEFT's adapters disabled) when the first top-level call began: the loss may switch flags first
+        self.flags_start: tuple[list[bool], bool] | None = None
         self.flip_at: tuple[str, str] | None = None  # (module, forward hook | forward pre-hook)
         self.loss_node = None  # the loss's grad_fn, set by the probe for the walk after backward
         self._pre_flags: dict[str, list[bool]] = {}  # flags at the global pre-hook of modules with pre-hooks
@@ -285,9 +288,13 @@ class Tracer:
                 if not call.modules:
                     call.location = name
                 call.modules.append(name)
-        caller = self.records.get(self._stack[-1]) if self._stack else None
+        caller_name = self._stack[-1] if self._stack else None
+        caller = self.records.get(caller_name) if caller_name is not None else None
         if self._flag_params and self.phase == "forward" and module._forward_pre_hooks and self.flip_at is None:
             self._pre_flags[name] = self.flags()  # global pre-hooks run before the module's own
+        if self._flag_params and not self._stack and self.flags_start is None and self.phase == "forward":
+            flags = self.flags()
+            self.flags_start = flags, not all(flags) and adapters_disabled(self.model)
         self._stack.append(name)
         self._stack_gc.append(plain_attr(module, "gradient_checkpointing", False) is True and is_gc_layer(module))
         if self.phase == "forward":
@@ -297,6 +304,7 @@ class Tracer:
             if rec.calls == 0:
                 rec.grad_enabled = torch.is_grad_enabled()
                 rec.in_reentrant = self._inside_reentrant()
+                rec.caller = caller_name
                 if rec.grad_enabled:
                     rec.forward_grad_off = grad_off_forward(module)
                 else:  # where autograd went off: the module called from code that still had it on

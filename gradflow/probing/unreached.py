@@ -85,9 +85,14 @@ def note_flips(snap: Snapshot, tracer, trainable_params, flags_loss: list[bool],
     before = tuple(snap.active_adapters)
     after = tuple(adapters_after or ())
     module, via = tracer.flip_at if tracer.flip_at is not None else (None, None)
+    flags_start, disabled = tracer.flags_start if tracer.flags_start is not None else (None, False)
+    off_start = flags_start is not None and not all(flags_start)
     if before and after and before != after:
         via = "set_adapter"
-    snap.flips.append(FlagFlip(params=names, phase="forward" if off_forward else "loss", module=module, via=via,
+    elif off_start and disabled:  # PEFT's disable_adapter() freezes the adapter weights while it is active
+        via = "disable_adapter"
+    phase = "before_forward" if off_start else "forward" if off_forward else "loss"
+    snap.flips.append(FlagFlip(params=names, phase=phase, module=module, via=via,
                                adapters_before=before, adapters_after=after,
                                toggled=bool(off_forward) and not off_loss))
 

@@ -4,8 +4,9 @@ autograd (`.detach()`, `.data`, `torch.no_grad()`, inference mode, a non-differe
 parameters before it get no gradient. `location` names the module. The cut may be partial: a residual block that
 detaches only its branch still passes gradient through the residual, so only the parameters inside the branch
 are lost; the probe follows each lost parameter's autograd path to find the module where it ends. A module whose
-forward is decorated with `@torch.no_grad()` is named itself; a module called inside `with torch.no_grad():` in
-a caller's forward is named, with the caller that switched autograd off.
+forward is decorated with `@torch.no_grad()` is named itself; a module called inside `with torch.no_grad():` is
+named, with the code that switched autograd off: the caller's forward, or the loss function (a Trainer's
+`compute_loss`) when it called the module (the embeddings, the encoder) outside the model's forward.
 
 ## Why is this bad?
 Everything upstream of the cut stops learning. When something after the cut is still trainable the run goes on
@@ -94,7 +95,7 @@ def _decorated_forward(ctx: _Lost):
         if cut:
             message = (f"the forward of {m.name or 'the model'} ({m.cls}) runs under @torch.{decorated[m.name]}(): "
                        f"its output does not depend on {_where(cut, m.name, ctx.snap)}; "
-                       f"{plural(len(cut), 'trainable parameter')} get no gradient: {short(cut, 2)}")
+                       f"{_lose(cut)}")
             return RULE.finding(message, location=m.name or None, params=cut)
     return None
 
@@ -108,28 +109,51 @@ def _called_without_autograd(ctx: _Lost):
         cut = ctx.cut_by(m.name)
         if not cut:
             continue
-        # the nearest ancestor that ran (a ModuleList never does) is the code that switched autograd off
-        parent = _caller(m.name, modules)
+        # the code that switched autograd off: the module whose forward made the call, or the loss computation
+        parent = _caller(m.name, ctx.snap, modules)
         # the whole scope: siblings the same caller ran without autograd (a no_grad block around layers 0-1)
-        scope = [r for r in roots if r.name != m.name and _caller(r.name, modules) is parent and ctx.cut_by(r.name)]
+        scope = [r for r in roots
+                 if r.name != m.name and _caller(r.name, ctx.snap, modules) is parent and ctx.cut_by(r.name)]
         for other in scope:
             cut += [n for n in ctx.cut_by(other.name) if n not in cut]
         names = [m.name] + [r.name for r in scope]
-        caller = (f", switched off inside {parent.name or 'the model'} ({parent.cls})"
-                  if parent is not None and parent.grad_enabled else "")
         held = "it holds trainable parameters" if any(under(ctx.owner[n], x) for n in cut for x in names) else (
             "its input carries gradient from trainable parameters before it")
         what = f"{m.name or 'the model'} ({m.cls})" if not scope else (
             f"{layer_span(names)} ({plural(len(names), 'module')}, from {m.name})")
-        message = (f"{what} ran with autograd off (torch.no_grad / inference mode{caller}) although "
-                   f"{held.replace('it holds', 'they hold') if scope else held}; "
-                   f"{plural(len(cut), 'trainable parameter')} get no gradient: {short(cut, 2)}")
+        message = (f"{what} ran with autograd off ({_switched_off(parent, m.name, ctx.snap, bool(scope))}) although "
+                   f"{held.replace('it holds', 'they hold') if scope else held}; {_lose(cut)}")
         return RULE.finding(message, location=m.name or None, params=cut)
     return None
 
 
-def _caller(name: str, modules):
+_OUTSIDE = "outside"  # the caller of a module called from the loss computation, not from a module's forward
+
+
+def _caller(name: str, snap, modules):
+    """The module whose forward called `name` with autograd off, or _OUTSIDE for the loss computation."""
+    if name in snap.no_grad_callers:  # what the trace saw at the call
+        by = snap.no_grad_callers[name]
+        return _OUTSIDE if by is None else modules.get(by)
+    # without it: the nearest ancestor that ran (a ModuleList never does)
     return next((modules[a] for a in list(ancestors(name))[1:] if a in modules and modules[a].ran), None)
+
+
+def _switched_off(parent, name: str, snap, several: bool) -> str:
+    """Where autograd was off, for the message: in a module's forward, or in the loss computation that called it."""
+    if parent is _OUTSIDE:
+        site = f"{snap.trainer}.compute_loss" if snap.trainer else "the loss function"
+        outside = ", outside the model's forward" if name else ""
+        return f"torch.no_grad / inference mode was on when {site} called {'them' if several else 'it'}{outside}"
+    if parent is not None and parent.grad_enabled:
+        return f"torch.no_grad / inference mode, switched off inside {parent.name or 'the model'} ({parent.cls})"
+    return "torch.no_grad / inference mode"
+
+
+def _lose(cut: list[str], upstream: str = "") -> str:
+    """'N trainable parameters get no gradient: a, b and k more', in agreement with N."""
+    verb = "gets" if len(cut) == 1 else "get"
+    return f"{plural(len(cut), 'trainable parameter')}{upstream} {verb} no gradient: {short(cut, 2)}"
 
 
 def _traced_cut(ctx: _Lost):
@@ -146,8 +170,7 @@ def _traced_cut(ctx: _Lost):
         else:
             how = "its output does not require grad"
             causes = ".detach(), .data, torch.no_grad(), an integer cast or a comparison"
-        message = (f"the graph is cut in {m.name or 'the model'} ({m.cls}): {how} ({causes}); "
-                   f"{plural(len(cut), 'trainable parameter')} get no gradient: {short(cut, 2)}")
+        message = f"the graph is cut in {m.name or 'the model'} ({m.cls}): {how} ({causes}); {_lose(cut)}"
         return RULE.finding(message, location=m.name or None, params=cut)
     return None
 
@@ -164,8 +187,7 @@ def _detached_output(ctx: _Lost):
             continue
         message = (f"the output of {m.name} ({m.cls}) does not require grad although its "
                    f"{'input does' if m.in_requires_grad else 'parameters do'}: the graph is cut there "
-                   f"(.detach(), .data, torch.no_grad() or a non-differentiable op); "
-                   f"{plural(len(cut), 'trainable parameter')} upstream get no gradient: {short(cut, 2)}")
+                   f"(.detach(), .data, torch.no_grad() or a non-differentiable op); {_lose(cut, ' upstream')}")
         return RULE.finding(message, location=m.name, params=cut)
     return None
 

@@ -195,6 +195,8 @@ def unwrap_fsdp1(snap, wrapped, numels: dict[int, int]) -> None:
             p.numel = numels[id(obj)]
         count_into_ancestors(by_name, p)  # the counts rolled up to every ancestor module, as describe does
     snap.no_grad_modules = [clean_name(n) for n in snap.no_grad_modules]
+    snap.no_grad_callers = {clean_name(k): clean_name(v) if v is not None else None
+                            for k, v in snap.no_grad_callers.items()}
     snap.grad_off_forward = {clean_name(k): v for k, v in snap.grad_off_forward.items()}
     if snap.forward_nonfinite_at is not None:
         snap.forward_nonfinite_at = clean_name(snap.forward_nonfinite_at)

@@ -84,6 +84,47 @@ def test_two_terms_without_gradient_are_counted():
     _fires(probe(model, batch(model), loss_fn=loss_fn), "1 more term")
 
 
+def _line_of(fn, code: str) -> int:
+    """The line in this file where `code` appears inside `fn`."""
+    import inspect
+
+    lines, start = inspect.getsourcelines(fn)
+    return start + next(i for i, line in enumerate(lines) if code in line)
+
+
+def test_kl_to_a_reference_names_the_detach_of_the_policy_not_the_reference_no_grad():
+    """The reference run under no_grad is meant; the policy's .detach() (a later line) is why the KL has no grad."""
+    model = lora()
+
+    def loss_fn(m, data):
+        out = m(**data)
+        with torch.no_grad():
+            with m.disable_adapter():
+                ref = m(input_ids=data["input_ids"]).logits
+        pol = out.logits.detach().float()
+        kl = F.kl_div(F.log_softmax(ref, -1), F.log_softmax(pol, -1), log_target=True, reduction="batchmean")
+        return out.loss + 0.1 * kl
+
+    finding = _fires(probe(model, batch(model), loss_fn=loss_fn), "from a .detach()ed copy of the model output")
+    assert f"{HERE}:{_line_of(loss_fn, 'pol = out.logits.detach()')})" in finding.message, finding.message
+    assert f"/{HERE}:{_line_of(loss_fn, 'return out.loss + 0.1 * kl')} has" in finding.message
+
+
+def test_term_from_a_second_forward_under_no_grad_reads_as_a_sentence():
+    model = lora()
+
+    def loss_fn(m, data):
+        out = m(**data)
+        with torch.no_grad():
+            again = m(input_ids=data["input_ids"]).logits
+        return out.loss + 0.01 * again.pow(2).mean()
+
+    finding = _fires(probe(model, batch(model), loss_fn=loss_fn))
+    line = _line_of(loss_fn, "again = m(")
+    said = f"it was computed from a {type(model).__name__} output made under torch.no_grad() (at "
+    assert said in finding.message and f"{HERE}:{line})" in finding.message, finding.message
+
+
 # --- stays silent ---------------------------------------------------------------------------------------------------
 def test_silent_on_distillation_with_only_the_teacher_under_no_grad():
     model = lora()

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from tests.helpers.builders import (assert_fires, assert_healthy, assert_silent, batch, custom_lora, lora,
+import gradflow
+from tests.helpers.builders import (assert_fires, assert_healthy, assert_silent, base, batch, custom_lora, lora,
                                     lora_config, probe, tiny_batch, tiny_lm)
 
 SLUG = "requires-grad-changed"
@@ -89,6 +91,82 @@ def test_fires_when_the_loss_freezes_every_parameter_before_the_forward():
     finding = assert_fires(report, SLUG)
     assert len(finding.params) == sum(p.requires_grad for p in report.snapshot.params)
     assert report.loss["requires_grad"] is False
+    assert "requires_grad went off in the loss function, before the model's forward" in finding.message
+
+
+def test_fires_when_the_loss_freezes_the_head_before_the_forward():
+    """'Only train the body', in compute_loss: the one head matrix went off before the model ran."""
+    model = base()
+
+    def loss_fn(m, data):
+        m.lm_head.requires_grad_(False)
+        return m(**data).loss
+
+    finding = assert_fires(probe(model, batch(model), loss_fn=loss_fn), SLUG, location="lm_head")
+    assert finding.message.startswith("1 trainable parameter in lm_head stopped requiring grad during the step: "
+                                      "requires_grad went off in the loss function, before the model's forward")
+    assert finding.message.endswith("; it gets no gradient: lm_head.weight"), finding.message
+
+
+_DISABLED = "PEFT's disable_adapter() switched requires_grad off in {site}, before the model's forward"
+
+
+def _with_trainable_norm():
+    """LoRA plus a final norm the user unfroze: the loss keeps a grad_fn, so training runs without an error."""
+    model = lora()
+    model.get_base_model().model.norm.requires_grad_(True)
+    return model
+
+
+def _loss_under_disable_adapter(m, data):
+    """The training forward inside disable_adapter(), meant for the reference: the adapters are frozen and bypassed."""
+    with m.disable_adapter():
+        out = m(**data)
+    m(input_ids=data["input_ids"])  # the policy forward the user meant to train, unused
+    return out.loss
+
+
+def _loss_after_disable_adapter_layers(m, data):
+    m.base_model.disable_adapter_layers()  # the same without the context manager: never enabled again
+    return m(**data).loss
+
+
+def test_names_disable_adapter_around_the_loss_forward():
+    model = _with_trainable_norm()
+    report = probe(model, batch(model), loss_fn=_loss_under_disable_adapter)
+    finding = assert_fires(report, SLUG)
+    assert _DISABLED.format(site="the loss function") in finding.message, finding.message
+    assert "it was on again by the end of the loss" in finding.message  # the context's exit enables them again
+    assert "disable_adapter()" in finding.fix.title
+    assert sorted(finding.params) == sorted(p.name for p in report.snapshot.params if "lora_" in p.name)
+    assert_silent(report, "grad-missing-unexplained")
+
+
+def test_names_disable_adapter_layers_called_in_the_loss():
+    model = _with_trainable_norm()
+    report = probe(model, batch(model), loss_fn=_loss_after_disable_adapter_layers)
+    finding = assert_fires(report, SLUG)
+    assert _DISABLED.format(site="the loss function") in finding.message, finding.message
+    assert "on again" not in finding.message
+
+
+@pytest.mark.slow  # a real Trainer
+def test_names_disable_adapter_in_a_trainers_compute_loss(tmp_path):
+    from datasets import Dataset
+    from transformers import Trainer, TrainingArguments
+
+    class AnchorTrainer(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            loss = _loss_under_disable_adapter(model, inputs)
+            return (loss, None) if return_outputs else loss
+
+    ids = torch.randint(3, 500, (4, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=1, report_to=[],
+                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = AnchorTrainer(model=_with_trainable_norm(), args=args,
+                            train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    finding = assert_fires(gradflow.probe(trainer), SLUG)
+    assert _DISABLED.format(site="AnchorTrainer.compute_loss") in finding.message, finding.message
 
 
 # --- stays silent ------------------------------------------------------------------------------------------------
@@ -129,8 +207,6 @@ def test_probe_puts_the_flags_back():
 
 
 def test_patch_advice_names_the_hook_and_its_file():
-    import gradflow
-
     model = lora()
     model.get_base_model().model.layers[1].register_forward_pre_hook(_freeze)
     report = gradflow.patch(model, batch(model))
