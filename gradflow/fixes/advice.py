@@ -63,7 +63,10 @@ def _graph_break(ctx, finding):
 
 
 def _caller(ctx, name: str) -> str | None:
-    """The nearest enclosing module that ran with autograd on: the code that called `name` under no_grad."""
+    """The code that called `name` under no_grad: the loss function or a Trainer's compute_loss when the trace saw
+    the call come from outside the model's forward, else the nearest enclosing module that ran with autograd on."""
+    if ctx.snap.no_grad_callers.get(name, "") is None:
+        return f"{ctx.snap.trainer}.compute_loss" if ctx.snap.trainer else "your loss function"
     for parent in ancestors(name):
         state = ctx.module_state(parent)
         if state is not None and state.ran and state.grad_enabled:

@@ -223,6 +223,11 @@ def test_names_the_loss_function_that_ran_the_embeddings_under_no_grad():
     assert _OFF_IN_LOSS.format(site="the loss function") in finding.message, finding.message
     assert "inside model (LlamaModel)" not in finding.message
     assert "; 1 trainable parameter gets no gradient: model.embed_tokens.weight" in finding.message
+    # patch's advice names the same place: the loss function, not the model whose forward it never was
+    fresh = base()
+    advice = gradflow.patch(fresh, batch(fresh), loss_fn=_noisy_embeddings_loss).extra["advice"]
+    changes = [c for a in advice if "graph-break" in a["answers"] for c in a["changes"]]
+    assert changes == ["in your loss function: call model.embed_tokens outside torch.no_grad() / inference_mode"]
 
 
 def _bart_lora():
