@@ -7,6 +7,7 @@ import torch
 
 from tests.helpers.builders import (Block, DetachedBranch, assert_fires, assert_healthy, assert_silent, base, batch,
                                     custom_lora, custom_with, probe, tiny_batch, tiny_lm)
+from tests.helpers.gates import SideGated, gated_llama
 
 SLUG = "grad-missing-unexplained"
 
@@ -76,43 +77,9 @@ def test_silent_when_another_finding_explains_the_missing_gradient():
 
 
 # --- zeros that a zero gate explains, and those it does not ----------------------------------------------------------
-class SideGated(torch.nn.Module):
-    """h + gate() * up(down(h)), the gate a module of its own beside down and up (so not around them)."""
-
-    def __init__(self, inner, dim: int, rank: int = 4):
-        super().__init__()
-        self.inner = inner
-        self.down, self.up = torch.nn.Linear(dim, rank), torch.nn.Linear(rank, dim)
-        self.gate = _Gate()
-
-    def forward(self, x):
-        h = self.inner(x)
-        return h + self.gate() * self.up(torch.relu(self.down(h)))
-
-
-class _Gate(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.value = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self):
-        return torch.tanh(self.value)
-
-
-def _side_gated_llama():
-    model = base()
-    model.requires_grad_(False)
-    torch.manual_seed(1)
-    for layer in model.model.layers:
-        layer.mlp = SideGated(layer.mlp, model.config.hidden_size)
-    return model
-
-
 def test_fires_on_a_frozen_zero_gate():
     """Layer 0's gate left at zero and frozen holds its adapter at zero for good: not the expected start (the other
     layers' trainable gates are)."""
-    from tests.rules.test_lora_zero_init import gated_llama
-
     model = gated_llama()
     model.model.layers[0].mlp.gate.requires_grad_(False)
     report = probe(model, batch(model))
@@ -122,14 +89,14 @@ def test_fires_on_a_frozen_zero_gate():
 
 
 def test_fires_on_a_zero_gate_beside_the_adapter_without_steps():
-    report = probe(_side_gated_llama(), batch(base()))
+    report = probe(gated_llama(SideGated), batch(base()))
     finding = assert_fires(report, SLUG)
     assert all(".mlp.down." in n or ".mlp.up." in n for n in finding.params)
 
 
 def test_silent_when_the_steps_give_the_zeros_a_gradient():
     """--steps 2: the gate moves at step 1, so down and up get a gradient at step 2: they start at zero and learn."""
-    model = _side_gated_llama()
+    model = gated_llama(SideGated)
     report = probe(model, batch(model), steps=2)
     assert_silent(report, SLUG)
     assert sum(p.grad == "zero" for p in report.snapshot.params) == 16

@@ -8,6 +8,7 @@ from torch import nn
 
 from tests.helpers.builders import (Block, assert_fires, assert_silent, base, batch, lora, lora_config, probe,
                                     save_adapter_and_reload, tiny_batch, tiny_lm)
+from tests.helpers.gates import gated_llama
 from tests.helpers.peft_methods import adapted
 
 SLUG = "lora-zero-init"
@@ -114,20 +115,6 @@ def test_silent_for_vera_without_zero_init():
 
 
 # --- a zero-initialized gate in the user's own adapter --------------------------------------------------------------
-class TanhGated(nn.Module):
-    """Flamingo / LLaMA-Adapter style: h + tanh(gate) * up(relu(down(h))), gate = 0 (the model starts as the base)."""
-
-    def __init__(self, inner, dim: int, rank: int = 4):
-        super().__init__()
-        self.inner = inner
-        self.down, self.up = nn.Linear(dim, rank), nn.Linear(rank, dim)
-        self.gate = nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        h = self.inner(x)
-        return h + torch.tanh(self.gate) * self.up(torch.relu(self.down(h)))
-
-
 class ReZeroBlock(Block):
     """ReZero: x + alpha * branch(x), alpha a trainable scalar that starts at zero."""
 
@@ -137,16 +124,6 @@ class ReZeroBlock(Block):
 
     def forward(self, x):
         return x + self.alpha * self.act(self.proj(x))
-
-
-def gated_llama():
-    """The frozen tiny Llama with a TanhGated adapter around each MLP (seeded)."""
-    model = base()
-    model.requires_grad_(False)
-    torch.manual_seed(1)
-    for layer in model.model.layers:
-        layer.mlp = TanhGated(layer.mlp, model.config.hidden_size)
-    return model
 
 
 def test_zero_gate_around_an_adapter():
