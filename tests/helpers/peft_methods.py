@@ -35,8 +35,8 @@ def adapted(method: str, preset: str = "tiny-llama", **kwargs):
     return get_peft_model(base(preset), config(method, **kwargs))
 
 
-class NoGradCall(nn.Module):
-    """Runs the module it wraps under torch.no_grad() (a frozen-prefix trick applied to a layer with adapters)."""
+class NoGradPrefix(nn.Module):
+    """A user's wrapper that runs a decoder layer under torch.no_grad to 'save memory on the lower layers'."""
 
     def __init__(self, inner):
         super().__init__()
@@ -52,5 +52,5 @@ class NoGradCall(nn.Module):
 def first_layer_without_grad(model):
     """Layer 0 of a PEFT-wrapped Llama run under torch.no_grad() by a wrapper."""
     layers = model.get_base_model().model.layers
-    layers[0] = NoGradCall(layers[0])
+    layers[0] = NoGradPrefix(layers[0])
     return model

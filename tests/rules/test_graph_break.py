@@ -8,6 +8,7 @@ import torch
 from tests.helpers.builders import (Block, DetachedBranch, assert_fires, assert_silent, base, batch, custom_lora,
                                     custom_with, enable_gc, findings, lora, lora_config, probe,
                                     tiny_batch, tiny_lm)
+from tests.helpers.peft_methods import NoGradPrefix
 
 SLUG = "graph-break"
 
@@ -116,18 +117,6 @@ def test_fires_on_a_forward_hook_that_detaches_a_decoder_layer():
     finding = assert_fires(report, SLUG, location="base_model.model.model.layers.2")
     assert any(".layers.0." in p for p in finding.params) and not any(".layers.3." in p for p in finding.params)
     assert report.loss["requires_grad"] is True  # layer 3's adapters still train: a silent break
-
-
-class NoGradPrefix(torch.nn.Module):
-    """A user's wrapper that runs a decoder layer under torch.no_grad to 'save memory on the lower layers'."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, *args, **kwargs):
-        with torch.no_grad():
-            return self.inner(*args, **kwargs)
 
 
 def test_fires_when_a_layer_with_adapters_runs_under_no_grad():

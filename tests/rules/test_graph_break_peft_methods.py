@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.helpers.builders import assert_fires, assert_silent, batch, lora, probe
-from tests.helpers.peft_methods import NoGradCall, adapted, first_layer_without_grad
+from tests.helpers.peft_methods import NoGradPrefix, adapted, first_layer_without_grad
 
 SLUG = "graph-break"
 LAYER0 = "base_model.model.model.layers.0"
@@ -35,7 +35,7 @@ def test_fires_at_an_embedding_with_lora_run_under_no_grad():
     """LoRA on embed_tokens (lora_embedding_A/B are ParameterDicts), the embedding called under torch.no_grad()."""
     model = lora(target_modules=["embed_tokens", "q_proj"])
     inner = model.get_base_model().model
-    inner.embed_tokens = NoGradCall(inner.embed_tokens)
+    inner.embed_tokens = NoGradPrefix(inner.embed_tokens)
     report = probe(model, batch(model))
     finding = assert_fires(report, SLUG, location="base_model.model.model.embed_tokens.inner")
     assert set(finding.params) == _trainable(model, ".lora_embedding_")
