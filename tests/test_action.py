@@ -76,7 +76,8 @@ def test_a_sarif_file_in_a_missing_folder_gets_its_folder(tmp_path):
     proc, outputs = _run_step(tmp_path, {**given, "sarif-file": "taken"}, here)
     assert (proc.returncode, outputs) == (0, {"exit-code": "2"})
     (line,) = [line for line in proc.stdout.splitlines() if line.startswith("::error")]
-    assert line.startswith("::error title=gradflow::cannot write the sarif-file taken (from ") and "findings" not in line
+    assert line.startswith("::error title=gradflow::cannot write the sarif-file taken (from ")
+    assert "findings" not in line
     assert "::group::" not in proc.stdout
 
 
