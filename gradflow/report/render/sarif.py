@@ -16,6 +16,9 @@ the module as a logical location, and one physical location, the first of these 
 Every URI is relative to `%SRCROOT%` (`originalUriBaseIds`): the repository root, i.e. the git top level of the
 working directory, else the working directory. No absolute path of the machine appears in a location.
 
+Each result's fingerprint is its slug, module and the MODEL's identity (gradflow.report.identity), the way
+baselines identify a finding: not its code, not MODEL as typed.
+
 With `--baseline`, each result has a `baselineState` (new / unchanged), and each baseline finding that is gone is
 one more result, `absent`, of kind `pass` and level `none` (fixed: nothing to do).
 """
