@@ -59,3 +59,35 @@ def test_a_python_without_gradflow_is_exit_2_with_one_clear_error(tmp_path):
     assert line.startswith(f"::error title=gradflow::gradflow does not import in {bare / 'python'} "
                            "(ModuleNotFoundError: No module named 'gradflow'): install it")
     assert "::group::" not in proc.stdout  # gradflow never ran
+
+
+@pytest.mark.slow
+def test_a_sarif_file_in_a_missing_folder_gets_its_folder(tmp_path):
+    here = os.path.dirname(sys.executable)
+    given = {"model": "tiny-llama", "sarif": "true", "sarif-file": "reports/ci/gradflow.sarif"}
+    proc, outputs = _run_step(tmp_path, given, here)
+    assert (proc.returncode, outputs) == (0, {"sarif-file": "reports/ci/gradflow.sarif", "exit-code": "0"}), \
+        proc.stderr[-3000:]
+    assert json.loads((tmp_path / "reports" / "ci" / "gradflow.sarif").read_text())["runs"][0]["results"]
+    assert "::error" not in proc.stdout
+    # a path that cannot be written (a folder's name) is exit 2 with one clear error, before gradflow runs
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "github_output").unlink()  # the outputs of this run only
+    proc, outputs = _run_step(tmp_path, {**given, "sarif-file": "taken"}, here)
+    assert (proc.returncode, outputs) == (0, {"exit-code": "2"})
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("::error")]
+    assert line.startswith("::error title=gradflow::cannot write the sarif-file taken (from ")
+    assert "findings" not in line
+    assert "::group::" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_usage_error_with_sarif_hands_on_no_file_and_no_traceback(tmp_path):
+    given = {"model": "nope", "sarif": "true", "sarif-file": "out/gradflow.sarif"}
+    proc, outputs = _run_step(tmp_path, given, os.path.dirname(sys.executable))
+    assert (proc.returncode, outputs) == (0, {"exit-code": "2"})  # no sarif-file output: the upload step is skipped
+    assert not (tmp_path / "out" / "gradflow.sarif").exists()  # no empty file left for a later step
+    assert "Traceback" not in proc.stderr and "JSONDecodeError" not in proc.stderr
+    assert "gradflow: error: " in proc.stderr  # gradflow's own one line
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("::error")]
+    assert line.startswith("::error title=gradflow::usage, input or setup error (exit 2)") and "findings at" not in line

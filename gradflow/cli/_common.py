@@ -79,6 +79,7 @@ class Gate:
         self.trainable = self.settings.trainable
         self.hidden = 0
         self.result = None
+        self.run_for = ""  # "COMMAND MODEL" of this run, for the baseline's note
 
     def judge(self, report, *, command: str, model: str):
         """(the report as selected, the exit code); writes or compares the baseline."""
@@ -88,12 +89,13 @@ class Gate:
 
         shown = apply_selection(report, self.settings.selection)
         self.hidden = len(report.findings) - len(shown.findings)
+        self.run_for = f"{command} {model}"
         code = exit_for(shown, self.settings.fail_on)
         if self.baseline is not None:
             from gradflow.report.baseline import check
 
             self.result = check(shown, self.baseline, update=self.update_baseline, command=command, model=model,
-                                fail_on=str(self.settings.fail_on or "error"))
+                                fail_on=str(self.settings.fail_on or "error"), selection=self.settings.selection)
             shown = dataclasses.replace(shown, baseline=self.result.to_dict())
             if self.result.status != "written":  # only what the baseline does not hold fails (new, at --fail-on)
                 code = int(ExitCode.FINDINGS if self.result.fails else ExitCode.OK)
@@ -111,6 +113,10 @@ class Gate:
         if self.result is None:
             return
         result, path = self.result, self.result.path
+        if result.recorded_for:  # its findings and trainable set are another setup's: say so before the changes
+            (out.tell if result.fails else hint)(
+                f"gradflow: note: the baseline {path} was recorded for {result.recorded_for}, not this run's "
+                f"{self.run_for}; pass --update-baseline to record this setup, or keep one baseline per MODEL")
         if result.status == "written":
             hint(f"gradflow: wrote the baseline {path}")
         elif result.fails:  # why the exit code is 1: printed even with --quiet

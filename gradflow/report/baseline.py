@@ -9,6 +9,10 @@ A finding's identity is its slug and location (slugs are the stable contract; a 
   fixed (in the baseline, gone now). Only a new finding at or above --fail-on fails the run, or a change in the
   trainable set (what the baseline exists to pin) unless --fail-on is never. A fixed finding, or a new one below
   the fail level (info never fails), is reported, and `--update-baseline` records the new state.
+- Rule selection (`--select` / `--ignore`, `[tool.gradflow]`): a baseline finding of a rule the run leaves out is
+  not judged (never "fixed"), and an update keeps it.
+- The file records the command and the MODEL (`model` as typed, `model_id` as gradflow.report.identity names it);
+  a comparison with a baseline recorded for another command or MODEL says so (`BaselineResult.recorded_for`).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import os
 import re
 
 from gradflow.errors import GradflowError
-from gradflow.finding import fails_on
 from gradflow.files import write_json
+from gradflow.finding import fails_on
+from gradflow.report.identity import model_identity
+from gradflow.rules.codes import lookup
 
 FORMAT_VERSION = 1
 
@@ -99,10 +105,14 @@ def record(report, *, command: str | None = None, model: str | None = None) -> d
         names = [p.name for p in snap.trainable_params()]
     else:  # a report read back from JSON: only the detail rows name parameters
         names = [row["name"] for row in report.params.get("per_param", [])]
-    findings = sorted(({"code": f.code, "slug": f.slug, "location": f.location} for f in report.findings),
-                      key=lambda f: (f["code"], f["slug"], f["location"] or ""))
+    findings = _sorted({"code": f.code, "slug": f.slug, "location": f.location} for f in report.findings)
     return {"gradflow_baseline": FORMAT_VERSION, "command": command or report.command, "model": model,
-            "trainable": {"count": len(set(names)), "names": compact_names(names)}, "findings": findings}
+            "model_id": model_identity(model), "trainable": {"count": len(set(names)), "names": compact_names(names)},
+            "findings": findings}
+
+
+def _sorted(findings) -> list[dict]:
+    return sorted(findings, key=lambda f: (f["code"], f["slug"], f["location"] or ""))
 
 
 @dataclasses.dataclass
@@ -123,6 +133,7 @@ class BaselineResult:
     findings_unchanged: list[dict] = dataclasses.field(default_factory=list)
     failing: list[dict] = dataclasses.field(default_factory=list)
     fail_on: str = "error"
+    recorded_for: str | None = None  # "COMMAND MODEL" of the baseline, when it was recorded for another setup
 
     @property
     def changed(self) -> bool:
@@ -163,7 +174,7 @@ def _key(f: dict) -> tuple:
 
 
 def check(report, path: str, *, update: bool = False, command: str | None = None, model: str | None = None,
-          fail_on: str = "error") -> BaselineResult:
+          fail_on: str = "error", selection=None) -> BaselineResult:
     """Write the baseline at `path` when it is missing (or `update`), else compare the report with it.
 
     Args:
@@ -172,16 +183,40 @@ def check(report, path: str, *, update: bool = False, command: str | None = None
         update: write it even when it exists (--update-baseline).
         command, model: recorded in the file.
         fail_on: error | warning | never: which new findings fail the run (`BaselineResult.fails`).
+        selection: the run's RuleSelection. A baseline finding of a rule it leaves out is neither fixed nor
+            compared (this run did not look for it), and an update keeps it.
     """
     current = record(report, command=command, model=model)
-    if update or not os.path.exists(path):
+    old = load(path) if os.path.exists(path) else None
+    judged = _judged(selection)
+    if update or old is None:
+        if old is not None:  # the rules this run did not select keep what the baseline says of them
+            current["findings"] = _sorted(current["findings"] + [f for f in old["findings"] if not judged(f)])
         write_json_atomic(path, current)
         return BaselineResult(path, "written", fail_on=fail_on)
-    old = load(path)
+    result = _compare(report, old, current, [f for f in old["findings"] if judged(f)], path, fail_on)
+    if (old.get("command"), _model_id(old)) != (current["command"], current["model_id"]):
+        result.recorded_for = f"{old.get('command')} {old.get('model')}"
+    return result
+
+
+def _judged(selection):
+    """Whether this run judges a baseline finding: its rule (by slug, else by code) is selected."""
+    if selection is None or not selection.active:
+        return lambda f: True
+    return lambda f: selection.allows(lookup(f["slug"]) or lookup(str(f.get("code") or "")) or str(f.get("code")))
+
+
+def _model_id(baseline: dict) -> str:
+    """The baseline's model identity; a baseline written before `model_id` was recorded: from its `model`."""
+    return baseline.get("model_id") or model_identity(baseline.get("model"))
+
+
+def _compare(report, old: dict, current: dict, old_findings: list[dict], path: str, fail_on: str) -> BaselineResult:
     old_names, new_names = expand_names(old["trainable"]["names"]), expand_names(current["trainable"]["names"])
-    old_f = collections.Counter(_key(f) for f in old["findings"])
+    old_f = collections.Counter(_key(f) for f in old_findings)
     new_f = collections.Counter(_key(f) for f in current["findings"])
-    by_key = {_key(f): f for f in (*old["findings"], *current["findings"])}
+    by_key = {_key(f): f for f in (*old_findings, *current["findings"])}
     ordered = lambda counter: [by_key[k] for k in sorted(counter.elements(), key=str)]  # noqa: E731
     result = BaselineResult(
         path, "unchanged", fail_on=fail_on,

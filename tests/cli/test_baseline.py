@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 import textwrap
 
 import pytest
@@ -158,3 +159,47 @@ def test_the_library_compares_the_same_way(tmp_path):
     log = assert_uploadable(to_sarif(dataclasses.replace(healthy, baseline=section), source=SEED_BUG))
     (absent,) = [r for r in log["runs"][0]["results"] if r["baselineState"] == "absent"]
     assert absent["ruleId"] == "GF101" and absent["level"] == "none"
+
+
+@pytest.mark.parametrize("deselect", [("--select", "GF3"), ("--ignore", "reentrant-checkpoint-no-input-grad"),
+                                      "config"])
+def test_a_deselected_rule_is_never_fixed_and_an_update_keeps_it(here, deselect):
+    assert probe(SEED_BUG, "--baseline", "b.json").code == 1  # written: GF101 (error) and GF302 (info)
+    if deselect == "config":
+        (here / "pyproject.toml").write_text('[tool.gradflow]\nignore = ["GF1"]\n')
+        deselect = ()
+    run = probe(SEED_BUG, "--baseline", "b.json", *deselect, "--format", "sarif")
+    assert run.code == 0 and "fixed" not in run.stderr and "--update-baseline" not in run.stderr
+    assert "matches the baseline b.json" in run.stderr  # GF101 was not looked for: not judged
+    log = assert_uploadable(json.loads(run.stdout))
+    assert [r["baselineState"] for r in log["runs"][0]["results"]] == ["unchanged"]  # GF302, and no absent result
+    assert probe(SEED_BUG, "--baseline", "b.json", *deselect, "--update-baseline").code == 0
+    recorded = json.loads((here / "b.json").read_text())["findings"]
+    assert [f["code"] for f in recorded] == ["GF101", "GF302"]  # the update kept the deselected rule's entry
+    # with the rule selected again, the baseline still holds it: unchanged, and a real fix is still "fixed"
+    assert "matches the baseline" in probe(SEED_BUG, "--baseline", "b.json", "--isolated").stderr
+    fixed = probe(SEED_BUG, "--baseline", "b.json", "--isolated", "--gc", "non-reentrant")
+    assert "  - fixed GF101 reentrant-checkpoint-no-input-grad at base_model.model.model.layers.0" in fixed.stderr
+
+
+def test_a_baseline_of_another_model_or_command_says_so_in_one_note(here):
+    subprocess.run(["git", "init", "-q", str(here)], check=True)  # the repository its paths are named from
+    (here / "train_setup.py").write_text(textwrap.dedent(FACTORY))
+    assert probe("./train_setup.py:lora", "--baseline", "b.json").code == 0
+    # the same factory spelled another way, from another folder of the repository: the same setup, no note
+    (here / "sub").mkdir()
+    same = invoke("probe-backward", "../train_setup.py:lora", "--baseline", "../b.json", cwd=here / "sub")
+    assert same.code == 0 and "note" not in same.stderr and "matches the baseline" in same.stderr
+    other = probe("tiny-llama", "--baseline", "b.json", "--lora-targets", "q_proj")
+    notes = [line for line in other.stderr.splitlines() if line.startswith("gradflow: note: the baseline")]
+    assert notes == ["gradflow: note: the baseline b.json was recorded for probe-backward ./train_setup.py:lora, "
+                     "not this run's probe-backward tiny-llama; pass --update-baseline to record this setup, or "
+                     "keep one baseline per MODEL"]
+    assert other.code == 1  # its trainable set differs: still compared, and said why
+    run = invoke("inspect", "train_setup.py:lora", "--baseline", "b.json")
+    assert "was recorded for probe-backward ./train_setup.py:lora, not this run's inspect" in run.stderr
+    # a baseline written before model_id was recorded: its model as typed, named the same way
+    data = json.loads((here / "b.json").read_text())
+    assert data.pop("model_id") == "file:train_setup.py:lora"
+    (here / "b.json").write_text(json.dumps(data))
+    assert "note" not in probe("train_setup.py:lora", "--baseline", "b.json").stderr

@@ -7,9 +7,9 @@ location"; github/codeql-action#1738, #2459); Microsoft's sarif-sdk encodes the 
 - `version` is "2.1.0", `$schema` is given, `runs` is an array of at most 20 runs;
 - each run has `tool.driver.name`; rule ids are unique, at most 25,000 rules; a rule has `id`,
   `shortDescription.text`, `fullDescription.text`, `help.text`, at most 20 tags;
-- at most 25,000 results per run; each has a `ruleId` (with `ruleIndex` pointing at that rule when given), a
-  non-empty `message.text`, a valid `level` (`none` when its `kind` is not `fail`), a valid `baselineState`,
-  `partialFingerprints` (GitHub's alert identity across runs);
+- at most 25,000 results per run; each has a `ruleId`, one of the driver's rules when it lists rules (with
+  `ruleIndex` pointing at that rule when given), a non-empty `message.text`, a valid `level` (`none` when its
+  `kind` is not `fail`), a valid `baselineState`, `partialFingerprints` (GitHub's alert identity across runs);
 - each result has 1 to 1,000 locations (10 shown), and every one a `physicalLocation` with a non-empty
   `artifactLocation.uri` that is relative (no scheme, no leading '/', no '..': GitHub reads it from the repository
   root and ignores `originalUriBaseIds`) and a `region.startLine` >= 1;
@@ -79,6 +79,8 @@ def _result_problems(result: dict, ids: list, bases: dict) -> list[str]:
     out = []
     if not result.get("ruleId"):
         out.append("ruleId")
+    elif ids and result["ruleId"] not in ids:
+        out.append(f"ruleId {result['ruleId']!r} is not a rule of the driver")
     if "ruleIndex" in result and (result["ruleIndex"] >= len(ids) or ids[result["ruleIndex"]] != result.get("ruleId")):
         out.append("ruleIndex does not point at ruleId")
     if not result.get("message", {}).get("text"):

@@ -16,6 +16,9 @@ the module as a logical location, and one physical location, the first of these 
 Every URI is relative to `%SRCROOT%` (`originalUriBaseIds`): the repository root, i.e. the git top level of the
 working directory, else the working directory. No absolute path of the machine appears in a location.
 
+Each result's fingerprint is its slug, module and the MODEL's identity (gradflow.report.identity), the way
+baselines identify a finding: not its code, not MODEL as typed.
+
 With `--baseline`, each result has a `baselineState` (new / unchanged), and each baseline finding that is gone is
 one more result, `absent`, of kind `pass` and level `none` (fixed: nothing to do).
 """
@@ -28,11 +31,14 @@ import re
 from urllib.parse import quote
 
 from gradflow.report.baseline import comparison_states
+from gradflow.report.identity import model_identity, repository_root
 from gradflow.report.render.source_lines import SourceLines, relative_uri, source_lines  # noqa: F401 (re-exported)
 from gradflow.rules import all_rules
 from gradflow.setup.presets import PRESETS
 
 _LEVEL = {"error": "error", "warning": "warning", "info": "note"}
+# v2: slug, module and the MODEL's identity (v1 hashed the code and MODEL as typed)
+FINGERPRINT = "gradflowFinding/v2"
 
 
 def to_sarif(report, source: str | None = None, *, root: str | None = None, config: str | None = None) -> dict:
@@ -48,20 +54,16 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None, conf
     from gradflow import __version__
 
     root = os.path.abspath(root or repository_root())
-    rules = [{
-        "id": r.code, "name": r.slug,
-        "shortDescription": {"text": r.slug.replace("-", " ")},
-        "fullDescription": {"text": r.doc.strip().split("\n\n")[0].replace("## What it does\n", "")},
-        "defaultConfiguration": {"level": _LEVEL[r.severity]},
-        "help": {"text": r.doc.strip()},
-    } for r in all_rules()]
+    found_states, fixed = comparison_states(report.findings, report.baseline)
+    rules = _rules(fixed)
     index = {r["id"]: i for i, r in enumerate(rules)}
     by_slug = {r["name"]: r["id"] for r in rules}
-    where = locate(source, root=root, config=config, model_class=(report.model or {}).get("class"))
-    found_states, fixed = comparison_states(report.findings, report.baseline)
+    model_class = (report.model or {}).get("class")
+    where = locate(source, root=root, config=config, model_class=model_class)
+    model = model_identity(source, root=root, model_class=model_class)
     results = []
     for i, f in enumerate(report.findings):
-        result = _result(f.code, index[f.code], _LEVEL[f.severity], f.message, f.slug, f.location, where, source)
+        result = _result(f.code, index[f.code], _LEVEL[f.severity], f.message, f.slug, f.location, where, model)
         if f.fix:
             result["properties"].update(fix=f.fix.title, applicability=str(f.fix.applicability))
         if found_states is not None:
@@ -70,8 +72,9 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None, conf
     for f in fixed:  # in the baseline, gone now: reported as fixed, never as a problem
         message = f"Fixed: {f['slug']}" + (f" at {f['location']}" if f.get("location") else "") + \
             f" is in the baseline {report.baseline['file']} but no longer found."
-        code = by_slug.get(f["slug"]) or (f["code"] if f["code"] in index else None)  # slugs outlive codes
-        result = _result(code, index.get(code), "none", message, f["slug"], f.get("location"), where, source,
+        # slugs outlive codes; a retired slug has a rule of its own (_rules)
+        code = by_slug.get(f["slug"]) or (f["code"] if f["code"] in index else f"gradflow/{f['slug']}")
+        result = _result(code, index[code], "none", message, f["slug"], f.get("location"), where, model,
                          identity="absent")
         results.append(dict(result, kind="pass", baselineState="absent"))
     run = {
@@ -83,33 +86,39 @@ def to_sarif(report, source: str | None = None, *, root: str | None = None, conf
     return {"$schema": "https://json.schemastore.org/sarif-2.1.0.json", "version": "2.1.0", "runs": [run]}
 
 
-def _result(code, rule_index, level, message, slug, module, where: SourceLines, source, identity: str = "") -> dict:
-    result = {"ruleId": code} if code else {"ruleId": f"gradflow/{slug}"}  # a code retired since the baseline
-    if rule_index is not None:
-        result["ruleIndex"] = rule_index
+def _rules(fixed: list[dict]) -> list[dict]:
+    """The driver's rules: gradflow's, then one per retired slug a fixed baseline finding names (every result's
+    ruleId is a rule of the driver)."""
+    rules = [{
+        "id": r.code, "name": r.slug,
+        "shortDescription": {"text": r.slug.replace("-", " ")},
+        "fullDescription": {"text": r.doc.strip().split("\n\n")[0].replace("## What it does\n", "")},
+        "defaultConfiguration": {"level": _LEVEL[r.severity]},
+        "help": {"text": r.doc.strip()},
+    } for r in all_rules()]
+    known = {r["name"] for r in rules} | {r["id"] for r in rules}
+    for slug in sorted({f["slug"] for f in fixed if f["slug"] not in known and f.get("code") not in known}):
+        text = f"{slug}: a finding this version of gradflow no longer reports (retired since the baseline)."
+        rules.append({"id": f"gradflow/{slug}", "name": slug, "shortDescription": {"text": slug.replace("-", " ")},
+                      "fullDescription": {"text": text}, "defaultConfiguration": {"level": "none"},
+                      "help": {"text": text + " Pass --update-baseline to drop it from the baseline."}})
+    return rules
+
+
+def _result(code, rule_index, level, message, slug, module, where: SourceLines, model: str,
+            identity: str = "") -> dict:
+    result = {"ruleId": code, "ruleIndex": rule_index}
     location = {"physicalLocation": where.physical(slug)}
     if module:
         location["logicalLocations"] = [{"fullyQualifiedName": module, "kind": "module"}]
-    # one stable identity per finding and place, so code scanning tracks it across commits; a fixed finding's
-    # result has its own, so that the finding's alert closes rather than living on as the fix
-    key = f"{code or slug}|{module or ''}|{source or ''}" + (f"|{identity}" if identity else "")
+    # one identity per finding, module and MODEL (gradflow.report.identity: not its spelling), as the baseline
+    # keys it (the slug, not the code), so code scanning tracks it across commits; a fixed finding's result has
+    # its own, so that the finding's alert closes rather than living on as the fix
+    key = f"{slug}|{module or ''}|{model}" + (f"|{identity}" if identity else "")
     result.update(level=level, message={"text": message}, locations=[location],
-                  partialFingerprints={"gradflowFinding/v1": hashlib.sha256(key.encode()).hexdigest()[:32]},
+                  partialFingerprints={FINGERPRINT: hashlib.sha256(key.encode()).hexdigest()[:32]},
                   properties={"slug": slug})
     return result
-
-
-def repository_root(start: str | None = None) -> str:
-    """The git top level holding `start` (default: the working directory), else `start` itself."""
-    folder = os.path.abspath(start or os.getcwd())
-    probe = folder
-    while True:
-        if os.path.exists(os.path.join(probe, ".git")):  # a folder, or a file in a worktree or submodule
-            return probe
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            return folder
-        probe = parent
 
 
 def locate(source: str | None, *, root: str, config: str | None = None,
@@ -129,7 +138,7 @@ def locate(source: str | None, *, root: str, config: str | None = None,
         return SourceLines(nearest, {}, 1, fallback=(), uri=relative_uri(nearest, root))
     if where is not None:  # a file outside the repository: its name and real lines, not the machine's path
         name = os.path.basename(where.path)
-        if name == "config.json":
+        if name.endswith(".json"):  # a model's config.json, an adapter's adapter_config.json: with the folder
             name = f"{os.path.basename(os.path.dirname(where.path))}/{name}"
         return SourceLines(where.path, where.lines, where.default, where.fallback, uri=f"gradflow/external/{name}")
     return SourceLines("", {}, 1, fallback=(), uri=_virtual_uri(source, model_class))

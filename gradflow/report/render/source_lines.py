@@ -7,8 +7,8 @@ A cheap scan, without importing or running anything:
   the Trainer, or froze parameters; a finding picks the kind of line that explains it
   (`reentrant-checkpoint-no-input-grad` → the `gradient_checkpointing_enable(...)` line). With no such line, the
   function's `def` line.
-- a model directory or config.json: the config file (line 1, or the line of the key that matters, e.g.
-  `"use_cache"`).
+- a model directory or config.json: the config file, or an adapter directory's adapter_config.json (line 1, or
+  the line of the key that matters, e.g. `"use_cache"`).
 - a preset or hub id: no file (None).
 
 gradflow.report.render.sarif turns this into SARIF locations.
@@ -94,12 +94,25 @@ class SourceLines:
                 "region": {"startLine": max(1, self.line_for(slug))}}
 
 
+_INSTALLED = ("site-packages", "dist-packages")  # where pip puts packages, a virtual environment's included
+
+
 def relative_uri(path: str, root: str) -> str | None:
-    """`path` as a URI reference relative to `root` (forward slashes), or None when it lies outside `root`."""
+    """`path` as a URI reference relative to `root` (forward slashes), or None when it lies outside `root` or in an
+    installed package (a virtual environment inside the repository holds no file of the repository)."""
     rel = os.path.relpath(os.path.abspath(path), root)
     if rel == os.pardir or rel.startswith(os.pardir + os.sep) or os.path.isabs(rel):
         return None
+    if any(part in _INSTALLED for part in rel.split(os.sep)):
+        return None
     return quote(rel.replace(os.sep, "/"))
+
+
+def installed_path(path: str) -> str | None:
+    """The path of an installed package's file inside its site-packages (`gradflow/demos.py`), else None."""
+    parts = os.path.abspath(path).split(os.sep)
+    where = max((i for i, part in enumerate(parts) if part in _INSTALLED), default=None)
+    return "/".join(parts[where + 1:]) if where is not None and where + 1 < len(parts) else None
 
 
 def source_lines(source: str, *, root: str | None = None) -> SourceLines | None:
@@ -109,9 +122,9 @@ def source_lines(source: str, *, root: str | None = None) -> SourceLines | None:
     """
     root = os.path.abspath(root or os.getcwd())
     try:
-        if os.path.isdir(source):
-            config = os.path.join(source, "config.json")
-            return _config_lines(config, root) if os.path.isfile(config) else None
+        if os.path.isdir(source):  # a model's config.json, else a PEFT adapter's adapter_config.json
+            configs = [os.path.join(source, name) for name in ("config.json", "adapter_config.json")]
+            return next((_config_lines(config, root) for config in configs if os.path.isfile(config)), None)
         if os.path.isfile(source) and source.lower().endswith(".json"):
             return _config_lines(source, root)
         if ":" in source:
@@ -135,7 +148,7 @@ def _config_lines(path: str, root: str) -> SourceLines:
 
 def _factory_lines(spec: str, root: str) -> SourceLines | None:
     target, _, name = spec.rpartition(":")
-    path = target if target.endswith(".py") else _module_file(target)
+    path = target if target.endswith(".py") else module_file(target)
     if not path or not os.path.isfile(path):
         return None
     tree = _parse(path)
@@ -164,7 +177,7 @@ def trainer_settings(spec: str, *, root: str | None = None) -> list[tuple[str, s
     builds them in main(), beside the factory): [(what, the code, 'path:LINE')], e.g. ('checkpointing',
     'TrainingArguments(gradient_checkpointing=True)', 'train.py:22'). Empty when `spec` is no readable factory."""
     target, _, _ = spec.rpartition(":")
-    path = target if target.endswith(".py") else _module_file(target) if target else None
+    path = target if target.endswith(".py") else module_file(target) if target else None
     try:
         tree = _parse(path)
     except (OSError, SyntaxError, ValueError, UnicodeDecodeError, TypeError):
@@ -207,7 +220,8 @@ def _targets(node):
     return node.targets if isinstance(node, ast.Assign) else [node.target]
 
 
-def _module_file(module: str) -> str | None:
+def module_file(module: str) -> str | None:
+    """The file a module `module` is (or would be) imported from, or None."""
     import importlib.util
     import sys
 
