@@ -66,9 +66,14 @@ def test_a_sarif_file_in_a_missing_folder_gets_its_folder(tmp_path):
     here = os.path.dirname(sys.executable)
     given = {"model": "tiny-llama", "sarif": "true", "sarif-file": "reports/ci/gradflow.sarif"}
     proc, outputs = _run_step(tmp_path, given, here)
-    assert (proc.returncode, outputs) == (0, {"sarif-file": "reports/ci/gradflow.sarif", "exit-code": "0"}), \
-        proc.stderr[-3000:]
-    assert json.loads((tmp_path / "reports" / "ci" / "gradflow.sarif").read_text())["runs"][0]["results"]
+    # absolute, so the upload step (which runs from the workspace, not working-directory) finds it, whatever the
+    # path given
+    written = tmp_path / "reports" / "ci" / "gradflow.sarif"
+    assert (proc.returncode, outputs) == (0, {"sarif-file": str(written), "exit-code": "0"}), proc.stderr[-3000:]
+    assert json.loads(written.read_text())["runs"][0]["results"]
+    action = yaml.safe_load((REPO / "action.yml").read_text())
+    (upload,) = [s for s in action["runs"]["steps"] if "upload-sarif" in s.get("uses", "")]
+    assert upload["with"]["sarif_file"] == "${{ steps.run.outputs.sarif-file }}"
     assert "::error" not in proc.stdout
     # a path that cannot be written (a folder's name) is exit 2 with one clear error, before gradflow runs
     (tmp_path / "taken").mkdir()

@@ -126,7 +126,7 @@ def test_the_action_runs_with_the_documented_inputs(project):
     (uses,) = [s for s in steps(workflows()[1]) if "gradflow@" in s.get("uses", "")]
     proc, outputs = _run_action(project, uses["with"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert outputs == {"sarif-file": "gradflow.sarif", "exit-code": "0"}
+    assert outputs == {"sarif-file": str(project / "gradflow.sarif"), "exit-code": "0"}
     sarif = json.loads((project / "gradflow.sarif").read_text())
     assert sarif["version"] == "2.1.0" and sarif["runs"][0]["results"]  # lora-zero-init (info) is a result
     assert "GF301:" in proc.stdout  # the log lists each result
