@@ -60,22 +60,23 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def layer_span(names: list[str]) -> str:
-    """'model.layers.0–3' for consecutive numbered siblings, else the first name."""
-    import re
+_NUMBERED = re.compile(r"^(.*\.)(\d+)$")
 
+
+def layer_span(names: list[str]) -> str:
+    """'model.layers.0–3' for numbered siblings; several such runs (an encoder's and a decoder's layers) each
+    spanned, up to three; else the first name."""
     if not names:
         return ""
-    m = re.match(r"^(.*\.)(\d+)$", names[0])
-    if m and len(names) > 1:
-        idx = []
-        for n in names:
-            mm = re.match(r"^(.*\.)(\d+)$", n)
-            if not mm or mm.group(1) != m.group(1):
-                return names[0]
-            idx.append(int(mm.group(2)))
-        return f"{m.group(1)}{min(idx)}–{max(idx)}"
-    return names[0]
+    runs: dict[str, list[int]] = {}  # the siblings' parent path -> their numbers, in order of first appearance
+    for name in names:
+        hit = _NUMBERED.match(name)
+        if hit is None:
+            return names[0]
+        runs.setdefault(hit.group(1), []).append(int(hit.group(2)))
+    spans = [f"{parent}{min(idx)}–{max(idx)}" if min(idx) != max(idx) else f"{parent}{idx[0]}"
+             for parent, idx in runs.items()]
+    return short(spans, 3)
 
 
 def owner(names) -> str:

@@ -150,6 +150,9 @@ def test_bart_gets_the_hook_on_the_embeddings_that_run():
         return
     finding = next(f for f in before.findings if f.slug == SLUG)
     assert "the input-grad hook sits on base_model.model.model.shared, which the forward never calls" in finding.message
+    # both stacks of layers are named, not the encoder's alone
+    assert finding.message.startswith("2 reentrant checkpointed regions (base_model.model.model.encoder.layers.0, "
+                                      "base_model.model.model.decoder.layers.0) ")
     model = _tiny_bart()
     report = patched(model, data, fixes=["input-grad-hook"], answers=[SLUG])
     assert report.fixes_applied[0]["data"]["modules"] == ["base_model.model.model.encoder.embed_tokens",
