@@ -265,6 +265,9 @@ class Snapshot:
     # trainable parameters exactly zero at the step that got a nonzero gradient (a gate that starts at zero); read
     # by the probe only when some zero gradient is not one of lora_start_zeros (gradflow.probing.backward)
     zero_valued: list[str] = dataclasses.field(default_factory=list)
+    # ops with a zero derivative (round, floor, ceil, trunc, sign) the probe's replay found on the way from the loss
+    # to trainable parameters whose gradient is exactly zero (gradflow.probing.cuts)
+    zero_derivative_ops: list[str] = dataclasses.field(default_factory=list)
 
     def flipped(self) -> set[str]:
         """Names of the trainable parameters whose requires_grad went off during the step."""
@@ -274,26 +277,37 @@ class Snapshot:
         """Names of the trainable parameters whose module ran but none of whose outputs reached the loss."""
         return {n for m in self.modules for n in m.unused_params}
 
-    def without_grad(self, *, flat_zeros: bool = False) -> list[ParamState]:
+    def without_grad(self, *, flat_zeros: bool = False, zeros: bool = False) -> list[ParamState]:
         """Trainable parameters that ran and got no gradient, outside reentrant no-grad regions (explained by
         reentrant-checkpoint-no-input-grad), minus those explained as switched off during the step or as computed and
-        never used. `flat_zeros`: an FSDP1 unit's zero entries count too (the probe, before it has classed them), but
-        for LoRA's expected zeros at step 0."""
+        never used. A zero gradient counts where the probe's replay placed it at a cut (a zero-derivative op such as
+        round() without a straight-through estimator). Before the replay (the probe deciding whether to run one):
+        `flat_zeros`, an FSDP1 unit's zero entries count; `zeros`, every zero gradient counts; either but the
+        expected zeros (LoRA's at step 0, those behind a zero gate, token rows the batch lacks)."""
         modules = {m.name: m for m in self.modules}
         other = self.flipped() | self.unused_outputs()
-        flat = self.flat_params() if flat_zeros else set()
-        if flat:  # LoRA's zeros at step 0 are no missing gradient (lora-zero-init): no replay for them
-            flat -= {p.name for _, _, hit in self.lora_start_zeros() for p in hit}
+        zero = {n for m in self.modules for n in m.cut_params}
+        if flat_zeros or zeros:
+            counted = self.flat_params() if flat_zeros else set()
+            counted |= {p.name for p in self.params if p.grad == "zero"} if zeros else set()
+            zero |= counted - self.expected_zeros()
         out = []
         for p in self.params:
             if not p.requires_grad or not p.used or p.name in other:
                 continue
-            if p.grad != "none" and not (p.grad == "zero" and p.name in flat):
+            if p.grad != "none" and not (p.grad == "zero" and p.name in zero):
                 continue
             owner = modules.get(p.module)
             if owner is None or not owner.in_reentrant:
                 out.append(p)
         return out
+
+    def expected_zeros(self) -> set[str]:
+        """Zero gradients that are how the training starts, not a fault: LoRA-style pairs at step 0, the params
+        behind a gate that starts at zero, and PEFT's trainable-token rows the batch does not contain."""
+        out = {p.name for _, _, hit in self.lora_start_zeros() for p in hit}
+        out |= {p.name for _, hit in self.gated_zeros() for p in hit}
+        return out | {p.name for p in self.params if ".trainable_tokens_delta." in p.name}
 
     def lora_start_zeros(self) -> list[tuple[str, str, list[ParamState]]]:
         """LoRA's expected zeros at step 0: [(the weight, the one that starts at zero, its params)] for each kind

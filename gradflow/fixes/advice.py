@@ -51,8 +51,15 @@ def _loss(ctx, finding):
 def _graph_break(ctx, finding):
     where = _where(ctx, finding)
     decorator = ctx.snap.grad_off_forward.get(finding.location) if ctx.snap is not None else None
+    zero_ops = ctx.snap.zero_derivative_ops if ctx.snap is not None else []
     if decorator is not None:  # the module's own forward turns autograd off
         change = f"in {where}: remove the @torch.{decorator}() decorator from forward"
+    elif zero_ops and "an exactly-zero gradient" in finding.message:  # graph_break._zero_derivative
+        op = zero_ops[0]
+        change = (f"in {where}: give {'/'.join(zero_ops)}() a straight-through estimator, e.g. "
+                  f"y = x + (torch.{op}(x) - x).detach()")
+        why = "its derivative is zero: parameters before it get zero gradients"
+        return change, why, [f"# {finding.slug}: {change}"]
     elif ctx.snap is not None and finding.location in ctx.snap.no_grad_modules:  # its caller runs it with autograd off
         caller = _caller(ctx, finding.location)
         change = (f"in {caller}: call {finding.location} outside torch.no_grad() / inference_mode" if caller else

@@ -95,7 +95,8 @@ def fill_cuts(snap: Snapshot, tracer, lost: list, budget: int = 3_000_000) -> No
                if name in modules and not rec.in_reentrant and (rec.grad_enabled or rec.no_grad_root)]
     cut_ops = [s for s in tracer.cut_sources if hasattr(s, "next_functions")]  # autograd nodes, not leaves
     roots = [fn for _, rec in records for fn in rec.in_fns + rec.out_fns] + cut_ops
-    reach = _reachable_params(roots, bit_of, budget)
+    barriers: set[str] = set()
+    reach = _reachable_params(roots, bit_of, budget, barriers)
     if reach is None:
         return  # too large a graph to walk; the rule falls back to modules whose output has no grad_fn
     unused = note_unused(records, reach, tracer, lost, bit_of, modules, budget)
@@ -123,12 +124,16 @@ def fill_cuts(snap: Snapshot, tracer, lost: list, budget: int = 3_000_000) -> No
         hit = None if i in unused else first.get(1 << i)
         if hit is not None:
             hit[1].cut_params.append(state.name)
+    if any(state.grad == "zero" for m in snap.modules for state, _ in lost if state.name in m.cut_params):
+        snap.zero_derivative_ops = sorted(barriers)
 
 
 def lost_params(snap: Snapshot, trainable_params) -> list:
-    """(state, tensor) of the parameters `Snapshot.without_grad` names, FSDP1's zero entries included."""
+    """(state, tensor) of the parameters `Snapshot.without_grad` names, unexplained zero gradients (FSDP1's zero
+    entries, a zero-derivative op on the way) included."""
     tensors = dict(trainable_params)
-    return [(state, tensors[state.name]) for state in snap.without_grad(flat_zeros=True) if state.name in tensors]
+    return [(state, tensors[state.name]) for state in snap.without_grad(flat_zeros=True, zeros=True)
+            if state.name in tensors]
 
 
 def flat_zeros_missing(snap: Snapshot) -> None:
@@ -149,8 +154,16 @@ def flat_zeros_missing(snap: Snapshot) -> None:
                 owner.grads["none"] = owner.grads.get("none", 0) + 1
 
 
-def _reachable_params(roots, bit_of: dict, budget: int) -> dict | None:
-    """id(autograd node) -> bitmask of the params (by bit_of) whose AccumulateGrad it reaches; None past budget."""
+# autograd nodes of ops whose derivative is zero wherever it exists: no gradient passes them (fake quantization or
+# binarisation without a straight-through estimator), so the walk stops there as at a .detach()
+_ZERO_DERIVATIVE = {"RoundBackward0": "round", "RoundBackward1": "round", "FloorBackward0": "floor",
+                    "CeilBackward0": "ceil", "TruncBackward0": "trunc", "SignBackward0": "sign", "SgnBackward0": "sgn"}
+
+
+def _reachable_params(roots, bit_of: dict, budget: int, barriers: set | None = None) -> dict | None:
+    """id(autograd node) -> bitmask of the params (by bit_of) whose AccumulateGrad it reaches, through nodes that
+    pass gradient (a zero-derivative op's node reaches nothing; its op name goes into `barriers`); None past
+    budget."""
     reach: dict[int, int] = {}
     keep = []  # hold the node wrappers so their ids are not reused during the walk
     visits = 0
@@ -169,6 +182,12 @@ def _reachable_params(roots, bit_of: dict, budget: int) -> dict | None:
                 reach[key] = value
                 continue
             if key in reach:
+                continue
+            zero_op = _ZERO_DERIVATIVE.get(type(node).__name__)
+            if zero_op is not None:
+                reach[key] = 0
+                if barriers is not None:
+                    barriers.add(zero_op)
                 continue
             visits += 1
             if visits > budget:

@@ -1,7 +1,9 @@
 """## What it does
 Finds the module where the autograd graph is cut: its output does not depend on its input or parameters through
 autograd (`.detach()`, `.data`, `torch.no_grad()`, inference mode, a non-differentiable op), so trainable
-parameters before it get no gradient. `location` names the module. The cut may be partial: a residual block that
+parameters before it get no gradient; or reaches them only through an op whose derivative is zero (`round`,
+`floor`, `ceil`, `trunc`, `sign`: fake quantization without a straight-through estimator), so they get exactly-zero
+gradients. `location` names the module. The cut may be partial: a residual block that
 detaches only its branch still passes gradient through the residual, so only the parameters inside the branch
 are lost; the probe follows each lost parameter's autograd path to find the module where it ends. A module whose
 forward is decorated with `@torch.no_grad()` is named itself; a module called inside `with torch.no_grad():` is
@@ -26,8 +28,14 @@ class Smoother(nn.Module):
     @torch.no_grad()                        # cut: everything before it gets no gradient
     def forward(self, x):
         return self.norm(x)
+
+class FakeQuant(nn.Module):
+    def forward(self, x):
+        return torch.round(x * 16) / 16     # zero derivative: everything before it gets a zero gradient
+        # fix: x + (torch.round(x * 16) / 16 - x).detach()
 ```
-Remove the `.detach()` / `.data` / `no_grad` from the training path.
+Remove the `.detach()` / `.data` / `no_grad` from the training path; give a zero-derivative op a straight-through
+estimator.
 
 ## Fix safety
 Display-only: the cut is in your code; gradflow names the module and does not rewrite it.
@@ -163,6 +171,9 @@ def _traced_cut(ctx: _Lost):
         cut = [n for n in m.cut_params if n in lost]
         if not cut:
             continue
+        zeroed = _zero_derivative(cut, m, ctx.snap)
+        if zeroed is not None:
+            return zeroed
         if m.out_requires_grad:
             how = (f"its output still requires grad, but not through {plural(len(cut), 'trainable parameter')} "
                    f"{'inside it' if all(_inside(n, m.name, ctx.snap) for n in cut) else 'before it'}")
@@ -173,6 +184,25 @@ def _traced_cut(ctx: _Lost):
         message = f"the graph is cut in {m.name or 'the model'} ({m.cls}): {how} ({causes}); {_lose(cut)}"
         return RULE.finding(message, location=m.name or None, params=cut)
     return None
+
+
+_STE_FIX = ("Give the op a straight-through estimator: x + (op(x) - x).detach() passes the gradient as if it were "
+            "the identity")
+
+
+def _zero_derivative(cut: list[str], m, snap):
+    """Cut params whose gradient is exactly zero, not None: the graph reaches them only through an op whose
+    derivative is zero (round, sign ...: fake quantization or binarisation without a straight-through estimator)."""
+    grads = {p.name: p.grad for p in snap.params}
+    if not snap.zero_derivative_ops or any(grads.get(n) != "zero" for n in cut):
+        return None
+    ops = " / ".join(f"{op}()" for op in snap.zero_derivative_ops)
+    where = "inside it" if all(_inside(n, m.name, snap) for n in cut) else "before it"
+    verb = "gets" if len(cut) == 1 else "get"
+    message = (f"the gradient is zeroed in {m.name or 'the model'} ({m.cls}): its output reaches the trainable "
+               f"parameters {where} only through {ops}, whose derivative is zero (no straight-through estimator); "
+               f"{plural(len(cut), 'trainable parameter')} {verb} an exactly-zero gradient: {short(cut, 2)}")
+    return RULE.finding(message, location=m.name or None, params=cut, fix_title=_STE_FIX)
 
 
 def _detached_output(ctx: _Lost):
