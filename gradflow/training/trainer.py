@@ -33,6 +33,9 @@ def training_args(opts, output: str, device: str, model=None):
         remove_unused_columns=False, ddp_find_unused_parameters=False,
         dataloader_num_workers=0, warmup_steps=opts.warmup_steps, optim="adamw_torch", max_grad_norm=1.0,
         use_cpu=device == "cpu",
+        # a NaN or inf loss is logged as it is: the Trainer's default filter logs the running mean instead, which
+        # reads 0.0 (a perfect loss) when every step since the last log was non-finite
+        logging_nan_inf_filter=False,
     )
     if getattr(opts, "fsdp", False):  # FSDP2 through accelerate's plugin (gradflow.training.fsdp)
 

@@ -100,3 +100,35 @@ def test_qlora_runs_on_cpu(tmp_path, quant):
     assert state["gradients"]["missing"] == 0 and state["gradients"]["params_moved"] > 0
     assert os.path.isfile(out / "adapter" / "adapter_model.safetensors")
     PeftModel.from_pretrained(build_preset("tiny-llama", seed=0), str(out / "adapter"))
+
+
+_LATE_NAN = '''
+import torch
+
+from gradflow.setup.build import apply_lora
+from gradflow.setup.presets import build_preset, build_tokenizer
+
+
+def build():
+    model = apply_lora(build_preset("tiny-llama", seed=0, training=True), 4, 8, "all-linear")
+    mlp = model.get_base_model().model.layers[2].mlp
+    lora_b = mlp.down_proj.lora_B["default"].weight  # zero until the first optimizer step
+
+    def inf_once_trained(module, args, out):  # the pre-flight's probes see a finite model
+        return out * float("inf") if bool(lora_b.detach().abs().sum() > 0) else out
+
+    mlp.register_forward_hook(inf_once_trained)
+    return {"model": model, "tokenizer": build_tokenizer()}
+'''
+
+
+def test_a_nan_loss_is_logged_as_nan_not_as_a_perfect_zero(tmp_path):
+    """The Trainer's logging_nan_inf_filter logs the running mean for a non-finite step, which reads 0.0 when every
+    step since the last log was NaN: gradflow logs the loss as it is."""
+    factory = tmp_path / "late_nan.py"
+    factory.write_text(_LATE_NAN)
+    report = gradflow.train(f"{factory}:build", DEMO, str(tmp_path / "run"), max_steps=4, seq_len=64,
+                            logging_steps=1, check_every=10, progress=False)
+    losses = [x["loss"] for x in report.extra["train"]["losses"]]
+    assert losses[0] == losses[0] and losses[-1] != losses[-1], losses  # finite first, NaN at the end
+    assert 0.0 not in losses
