@@ -7,8 +7,8 @@ Usable in anyone's own Trainer:
 
 At `on_train_begin`, after the Trainer has set the run up (checkpointing from its args, the optimizer, the
 dataloader) and before any step, it probes the first batch of the train dataloader with the run's own model and
-optimizer (the pre-flight). Then every `check_every` optimizer steps (and at the first) it checks that every
-trainable parameter got a finite gradient and records per-layer gradient norms. After every step it checks that the
+optimizer (the pre-flight). Then every `check_every` optimizer steps (and at the first this process trains, a
+resumed run's too) it checks that every trainable parameter got a finite gradient and records per-layer norms. After every step it checks that the
 parameters trainable when the first step began still require grad (`requires-grad-changed`: a `set_adapter` or
 `requires_grad_(False)` inside compute_loss; freezing in an `on_train_begin` is the user's choice). At step
 `moved_at_step` it checks that the trainable weights that can have moved by then actually moved. A broken state sets
@@ -117,7 +117,7 @@ class GradFlowCallback(TrainerCallback):
         self._pre_optimizer_seen = False
         self._optimizer_seen = False
         self._model = None
-        self._step = 0
+        self._step, self._first = 0, 1  # the step now; the first step this process trains (on_train_begin)
         self._pending: list = []  # error findings not yet raised (raise_on_error)
         self._hint: dict[str, str] = {}  # slug -> a fix for this Trainer's set-up, shown after the fix title
 
@@ -126,6 +126,7 @@ class GradFlowCallback(TrainerCallback):
         self._main = bool(getattr(state, "is_world_process_zero", True))
         self._model = unwrap(model) if model is not None else None
         self._step = state.global_step  # 0, or the step a resumed run starts from
+        self._first = state.global_step + 1  # a resumed run checks its own first step too
         if self._model is None:
             return
         self._hint = trainer_hints(args)
@@ -204,12 +205,14 @@ class GradFlowCallback(TrainerCallback):
         return None
 
     # ----- the checks ----------------------------------------------------------------------------------------
+    def _due(self, step: int) -> bool:
+        return step == self._first or step % self.check_every == 0
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # grads are complete (accumulated, clipped) and not yet zeroed here
         self._pre_optimizer_seen = True
         step = self._step = state.global_step + 1
         self._check_flags(step, state, control)
-        if step == 1 or step % self.check_every == 0:
+        if self._due(step):
             self._check_grads(step, args, state, control)
         self._raise_pending(f"at step {step}")
 
@@ -220,16 +223,16 @@ class GradFlowCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         step = self._step = state.global_step
-        judged = step == 1 or step % self.check_every == 0 or step == self.moved_at_step or bool(self._moves.waiting)
+        judged = self._due(step) or step == self.moved_at_step or bool(self._moves.waiting)
         if not self._pre_optimizer_seen:
             self._check_flags(step, state, control)
         if not self._optimizer_seen:
             self._moves.count_step()  # no optimizer event (older transformers): count every step
-        if not self._pre_optimizer_seen and (step == 1 or step % self.check_every == 0):
+        if not self._pre_optimizer_seen and self._due(step):
             # older transformers: no pre-optimizer event; grads may be zeroed by now, so only finite checks count
             if any(p.grad is not None for _, p in self._params):
                 self._check_grads(step, args, state, control)
-        if step == 1 or step % self.check_every == 0:
+        if self._due(step):
             self._check_supervised(step, state, control)
         if self.moved_at_step is not None and step == self.moved_at_step:
             self._check_moved(step, state, control)
@@ -251,8 +254,7 @@ class GradFlowCallback(TrainerCallback):
             self.stopped_at = agreed
             control.should_training_stop = True
 
-    def _release(self):
-        """Remove the batch hook and close the TensorBoard writer."""
+    def _release(self):  # the batch hook removed, the TensorBoard writer closed
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
@@ -393,8 +395,5 @@ class GradFlowCallback(TrainerCallback):
             return
         self._release()  # on_train_end will not run: leave no hook on the model
         lines = "".join(f"\n  {self._line(f)}" for f in pending)
-        raise GradflowError(f"GradFlowCallback stopped the run {when}: "
-                            f"{len(pending)} error finding{'s' if len(pending) != 1 else ''}{lines}",
-                            findings=pending)
-
-
+        raise GradflowError(f"GradFlowCallback stopped the run {when}: {len(pending)} error "
+                            f"finding{'s' if len(pending) != 1 else ''}{lines}", findings=pending)

@@ -128,6 +128,9 @@ def test_resume_anyway_continues_with_other_options(reference, tmp_path):
     assert report["train"]["status"] == "completed" and report["train"]["steps"] == STEPS + 2
     assert report["train"]["resume"]["step"] == STEPS
     assert f"checkpoint-{STEPS + 2}" in os.listdir(os.path.join(output, "checkpoints"))
+    # the continued process checks its own first step's gradients, as a fresh run checks step 1
+    grads = report["train"]["gradients"]
+    assert grads["checks"] >= 1 and grads["last_check_step"] >= STEPS + 1 and grads["missing"] == 0, grads
 
 
 def test_a_run_stopped_after_its_last_checkpoint_gets_its_outputs_without_training(reference, tmp_path):

@@ -36,9 +36,9 @@ def train_summary(report) -> str:
                      f"{state['seconds']}s, {state['tokens_per_second']} tokens/s")
         if state["loss_first"] is not None:
             lines.append(f"loss      {state['loss_first']:.4f} → {state['loss_last']:.4f}")
-        lines.append(f"gradients {grads['checks']} checks, last at step {grads['last_check_step']}: "
-                     f"{grads['missing']} missing, {grads['nonfinite']} non-finite; "
-                     f"{grads['params_moved']}/{grads['params_trainable']} trainable params moved")
+        checked = (f"{grads['checks']} checks, last at step {grads['last_check_step']}: {grads['missing']} missing, "
+                   f"{grads['nonfinite']} non-finite" if grads["checks"] else "no check ran in this process")
+        lines.append(f"gradients {checked}; {grads['params_moved']}/{grads['params_trainable']} trainable params moved")
         for f in state["findings"]:
             lines.append(f"  ! {f['code']} {f['slug']}: {f['message']}")
         if state.get("adapter"):
