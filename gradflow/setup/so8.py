@@ -24,6 +24,9 @@ from gradflow.noise import refusing_pickles
 
 MODULE_NAME = "so8"
 META_FILE = "gradflow_so8.json"
+# beside a PEFT adapter: the trainable tensors save_pretrained leaves out (not adapter weights, not modules_to_save,
+# e.g. an embedding unfrozen by hand), so a gradflow run loses none of what it trained; load_adapter restores them
+OUTSIDE_FILE = "trainable_state.pt"
 
 
 class SO8Rotation(torch.nn.Module):
@@ -198,7 +201,8 @@ def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
     """PeftModel.from_pretrained, after installing the SO(8) rotations the adapter was trained with.
 
     Plain `PeftModel.from_pretrained` loads the LoRA weights of any gradflow adapter; this also restores the
-    SO(8) rotations (saved through modules_to_save) and the hooks that apply them.
+    SO(8) rotations (saved through modules_to_save) and the hooks that apply them, and the trainable tensors
+    save_pretrained left out (OUTSIDE_FILE, written by gradflow train).
     """
     from peft import PeftModel
 
@@ -214,4 +218,32 @@ def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
                             "you trust") from exc
     if layers:
         attach_hooks(model)
+    _restore_outside(model, adapter_dir)
     return model
+
+
+def outside_adapter(model) -> dict:
+    """name -> CPU copy of each trainable tensor that save_pretrained leaves out: not under an adapter's name (its
+    weights, its modules_to_save copies)."""
+    adapters = set(getattr(model, "peft_config", {}) or {})
+    return {n: p.detach().cpu() for n, p in model.named_parameters()
+            if p.requires_grad and not adapters & set(n.split("."))}
+
+
+def _restore_outside(model, adapter_dir: str) -> None:
+    path = os.path.join(adapter_dir, OUTSIDE_FILE)
+    if not os.path.isfile(path):
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise GradflowError(f"{path} is not plain tensors (torch refused to unpickle it)",
+                            "Remove it, or write it again with gradflow train") from exc
+    params = dict(model.named_parameters())
+    missing = [n for n in state if n not in params]
+    if missing:
+        raise GradflowError(f"{path} holds {len(missing)} tensor(s) this model does not have, first {missing[0]}",
+                            "Load it onto the base model it was trained from")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))

@@ -24,6 +24,7 @@ from gradflow.noise import ignore_known_noise
 from gradflow.finding import finding_line
 from gradflow.report import Report, ranks as _ranks
 from gradflow.setup.options import SetupOptions
+from gradflow.setup.so8 import OUTSIDE_FILE
 from gradflow.training import fsdp as _fsdp
 from gradflow.training.checkpoint import clear_staging, plain_tensors, set_aside, writing
 from gradflow.training.compiling import apply as apply_compile
@@ -301,8 +302,10 @@ class Run:
                 train["grad_norms_png"] = "grad_norms.png"
             if finished and not opts.fsdp:
                 with writing(f"the adapter in {output}", os.path.join(output, CHECKPOINT_DIR)):
-                    save_adapter(setup, self.model, self.ropts, opts, os.path.join(output, ADAPTER_DIR))
+                    outside = save_adapter(setup, self.model, self.ropts, opts, os.path.join(output, ADAPTER_DIR))
                 train["adapter"] = ADAPTER_DIR
+                if outside:  # trainable tensors save_pretrained drops: kept beside the adapter, and said so
+                    train["adapter_outside"] = {"file": OUTSIDE_FILE, "tensors": outside}
         if finished and opts.merge and is_main:
             merge(os.path.join(output, ADAPTER_DIR), os.path.join(output, "merged"),
                   trust_remote_code=self.ropts.trust_remote_code)

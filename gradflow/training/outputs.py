@@ -72,8 +72,9 @@ def prepare_output(output: str, opts) -> None:
     os.makedirs(output, exist_ok=True)
 
 
-def save_adapter(setup, model_spec, ropts, opts, path: str) -> None:
-    """The adapter, written atomically: PeftModel.from_pretrained loads it; gradflow.load_adapter adds SO(8)."""
+def save_adapter(setup, model_spec, ropts, opts, path: str) -> list[str]:
+    """The adapter, written atomically: PeftModel.from_pretrained loads it; gradflow.load_adapter adds SO(8) and the
+    trainable tensors save_pretrained leaves out (their names are returned)."""
     model = setup.model
     if not hasattr(model, "peft_config"):
         # not a PEFT model (a factory's own module): save its trainable state, which is what trained
@@ -82,13 +83,18 @@ def save_adapter(setup, model_spec, ropts, opts, path: str) -> None:
         tmp = f"{path}.tmp-{os.getpid()}"
         os.makedirs(tmp, exist_ok=True)
         state = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-        torch.save(state, os.path.join(tmp, "trainable_state.pt"))
+        torch.save(state, os.path.join(tmp, so8.OUTSIDE_FILE))
         replace_dir(tmp, path)
-        return
+        return []
     base = model_spec if isinstance(model_spec, str) and setup.kind in (Kind.PRESET, Kind.DIR, Kind.HUB) else None
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    outside = so8.outside_adapter(model)
+    if outside:  # trained, yet dropped by save_pretrained (trainable-param-not-saved): kept beside the adapter
+        import torch
+
+        torch.save(outside, os.path.join(tmp, so8.OUTSIDE_FILE))
     config_path = os.path.join(tmp, "adapter_config.json")
     if base is not None and os.path.isfile(config_path):
         # written after saving: a preset name resolves again through gradflow (a temp path would not), and
@@ -109,6 +115,7 @@ def save_adapter(setup, model_spec, ropts, opts, path: str) -> None:
         except Exception:  # a tokenizer that cannot save is no reason to lose the adapter
             pass
     replace_dir(tmp, path)
+    return list(outside)
 
 
 def replace_dir(tmp: str, path: str) -> None:

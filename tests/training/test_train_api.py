@@ -132,3 +132,38 @@ def test_a_nan_loss_is_logged_as_nan_not_as_a_perfect_zero(tmp_path):
     losses = [x["loss"] for x in report.extra["train"]["losses"]]
     assert losses[0] == losses[0] and losses[-1] != losses[-1], losses  # finite first, NaN at the end
     assert 0.0 not in losses
+
+
+_EMBEDDINGS_BY_HAND = '''
+from gradflow.setup.build import apply_lora
+from gradflow.setup.presets import build_preset, build_tokenizer
+
+
+def build():
+    model = apply_lora(build_preset("tiny-llama", seed=0, training=True), 4, 8, "all-linear")
+    model.get_base_model().model.embed_tokens.weight.requires_grad_(True)  # unfrozen by hand: not in the adapter
+    return {"model": model, "tokenizer": build_tokenizer()}
+'''
+
+
+def test_trainable_tensors_save_pretrained_drops_are_kept_beside_the_adapter(tmp_path):
+    """An embedding unfrozen by hand trains, but save_pretrained leaves it out (trainable-param-not-saved, which
+    train warns of): the run keeps it in adapter/trainable_state.pt, and load_adapter gives back the trained model."""
+    from peft import PeftModel
+
+    from gradflow.training import load_adapter
+
+    factory, out = tmp_path / "by_hand.py", tmp_path / "run"
+    factory.write_text(_EMBEDDINGS_BY_HAND)
+    report = gradflow.train(f"{factory}:build", DEMO, str(out), max_steps=3, seq_len=64, learning_rate=1e-2,
+                            progress=False)
+    state = report.extra["train"]
+    assert state["adapter_outside"] == {"file": "trainable_state.pt",
+                                        "tensors": ["base_model.model.model.embed_tokens.weight"]}
+    assert "trainable-param-not-saved" in report.slugs()
+    trained = _logits(report.trained_model)
+    restored = load_adapter(build_preset("tiny-llama", seed=0), str(out / "adapter"))
+    assert_close(_logits(restored), trained, atol=1e-5, rtol=1e-5)
+    # what plain PEFT loads misses the trained embedding
+    plain = PeftModel.from_pretrained(build_preset("tiny-llama", seed=0), str(out / "adapter"))
+    assert not torch.allclose(_logits(plain), trained, atol=1e-3)

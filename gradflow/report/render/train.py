@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from gradflow.finding import finding_line
+
 
 def train_text(report):
     """train_summary as a rich Text (no markup parsing: names like lora_[AB] print as they are)."""
@@ -28,8 +30,12 @@ def train_summary(report) -> str:
         lines.append(f"pre-flight fixes applied: {len(fixes)}")
         lines.extend(f"  - {f.get('title', f) if isinstance(f, dict) else f}" for f in fixes)
     after = pre["errors_after"]
-    lines.append(f"pre-flight {'refused: ' + str(len(after)) + ' error(s) remain' if after else 'clean: no error'}")
+    warned = [f for f in report.findings if f.severity == "warning"]  # what the pre-flight left, short of an error
+    said = f", {len(warned)} warning{'s' if len(warned) != 1 else ''}" if warned else ""
+    lines.append(f"pre-flight {'refused: ' + str(len(after)) + ' error(s) remain' if after else 'clean: no error'}"
+                 + said)
     lines.extend(f"  - {line}" for line in after)
+    lines.extend(f"  ~ {finding_line(f)}" for f in warned)
     if state["status"] != "refused":
         grads = state["gradients"]
         lines.append(f"train     {state['status']}: {state['steps']}/{state['max_steps']} steps in "
@@ -43,6 +49,13 @@ def train_summary(report) -> str:
             lines.append(f"  ! {f['code']} {f['slug']}: {f['message']}")
         if state.get("adapter"):
             lines.append(f"adapter   {state['output']}/{state['adapter']}")
+        outside = state.get("adapter_outside")
+        if outside:  # trainable tensors save_pretrained leaves out, kept beside the adapter
+            names = outside["tensors"]
+            what = f"{len(names)} trainable tensor{'s' if len(names) != 1 else ''}"
+            lines.append(f"          + {outside['file']}: {what} save_pretrained leaves out "
+                         f"({names[0]}{', ...' if len(names) > 1 else ''}): "
+                         "gradflow.training.load_adapter restores them, PeftModel.from_pretrained does not")
         if state.get("merged"):
             lines.append(f"merged    {state['output']}/{state['merged']}")
     lines.append(f"report    {state['output']}/report.json")
