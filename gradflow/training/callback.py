@@ -104,7 +104,7 @@ class GradFlowCallback(TrainerCallback):
         self._params: list[tuple[str, torch.nn.Parameter]] = []
         self._moves = MovedCheck()
         self._flags: FlagWatch | None = None
-        self._warned: set[str] = set()  # parameters a pre-flight warning named
+        self._warned: set[str] = set()  # parameters a pre-flight warning or error named (said once, there)
         self._groups: list[str] = []
         self._group_index: torch.Tensor | None = None
         self._min_supervised: torch.Tensor | None = None
@@ -168,7 +168,7 @@ class GradFlowCallback(TrainerCallback):
             self._raise(control, state, found)
 
     def _said(self) -> set[str]:
-        """Not said again as missing or unmoved: flipped in a step, frozen between steps, or a pre-flight warning's."""
+        """Not said again as missing or unmoved: flipped in a step, frozen between steps, or named by the pre-flight."""
         return (set(self._flags.flipped) | self._flags.between if self._flags is not None else set()) | self._warned
 
     def _preflight(self, args, state, control, kwargs):
@@ -178,7 +178,7 @@ class GradFlowCallback(TrainerCallback):
         # under torchrun each rank probed its own first batch: every rank takes every rank's findings (a collective,
         # reached by every rank, a failed probe included), so that all stop or raise together and rank 0 says all
         findings, _ = gather_findings(findings)
-        self._warned = {p for f in findings if f.severity == "warning" for p in f.params}
+        self._warned = {p for f in findings if f.severity != "info" for p in f.params}
         for f in findings:
             if f.severity != "info":
                 self._raise(control, state, f, phase="pre-flight")

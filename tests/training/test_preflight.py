@@ -283,3 +283,17 @@ def test_a_trainer_with_its_own_loss_is_not_blamed_for_a_model_without_one(tmp_p
             callbacks=[cb]).train()
     assert cb.findings == [] and _moved(model, start) == len(start)
     assert "returns no loss for the first batch" in capsys.readouterr().err
+
+
+def test_a_preflight_error_is_not_said_again_at_step_one(tmp_path, tok, ds, capsys):
+    """Layer 0 under torch.no_grad(): the pre-flight names the cut (graph-break); the step the Trainer still runs
+    must not add grad-missing-in-training for the same parameters."""
+    from tests.helpers.peft_methods import NoGradPrefix
+
+    model = _lora(modules_to_save=["lm_head"])  # lm_head after the cut trains: nothing raises
+    layers = model.get_base_model().model.layers
+    layers[0] = NoGradPrefix(layers[0])
+    cb = GradFlowCallback()
+    _trainer(tmp_path, model, tok, ds, cb).train()
+    assert [f.slug for f in cb.findings] == ["graph-break"], [(f.slug, f.message) for f in cb.findings]
+    assert cb.stopped_at is not None
