@@ -242,6 +242,7 @@ class Snapshot:
     labels_all_masked: bool | None = None
     output_requires_grad: bool | None = None
     forward_nonfinite_at: str | None = None
+    nonfinite_weights: list[str] = dataclasses.field(default_factory=list)  # its own params already NaN/Inf
     # DistributedDataParallel's find_unused_parameters and static_graph; None when not under DDP. Whoever builds the
     # snapshot for a setup that will be wrapped later (a Trainer's ddp_find_unused_parameters) may fill them in.
     ddp_find_unused: bool | None = None

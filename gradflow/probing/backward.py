@@ -73,6 +73,7 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
         if loss_bad or any(p.grad == "nonfinite" for p in snap.params):
             # the streams the forward started from, to replay it
             snap.forward_nonfinite_at = _locate_nonfinite(model, batch, loss_fn, names, state.rng)
+            snap.nonfinite_weights = _nonfinite_weights(model, snap.forward_nonfinite_at)
         if backward and isinstance(batch, Mapping) and is_packed(batch):
             snap.packed_leak = measure(model, batch)  # several samples per row: does attention keep them apart?
     snap.loss = loss_state
@@ -142,6 +143,22 @@ def _note_loss(loss, loss_state: LossState, tracer) -> None:
         # does the loss depend on any module's output? (the walk stops at the first hit, which for a loss
         # computed by the model is the loss node itself)
         loss_state.reaches_output = loss.grad_fn is not None and _graph_reaches(loss.grad_fn, tracer.output_fns)
+
+
+def _nonfinite_weights(model, module: str | None) -> list[str]:
+    """The parameters of `module` (its own, not its children's) whose values are already NaN/Inf: an earlier
+    optimizer step wrote them, so the fault is upstream in time, not in this module's arithmetic."""
+    import torch
+
+    if module is None:
+        return []
+    try:
+        owner = model.get_submodule(module)
+    except AttributeError:
+        return []
+    prefix = f"{module}." if module else ""
+    return [prefix + n for n, p in owner.named_parameters(recurse=False)
+            if p.is_floating_point() and not bool(torch.isfinite(p.detach()).all())]
 
 
 def _locate_nonfinite(model, batch, loss_fn, names, rng) -> str | None:

@@ -18,7 +18,7 @@ Display-only: the arithmetic is yours (clamp, eps, fp32 for the unstable op).
 
 from __future__ import annotations
 
-from gradflow.rules._base import Rule, plural
+from gradflow.rules._base import Rule, plural, short
 
 
 def check(snap):
@@ -35,7 +35,11 @@ def check(snap):
         location = max(bad, key=lambda p: order.get(p.module, -1)).module
     where = f"first at {location}" if location else "origin unknown"
     what = plural(len(bad), "parameter") + " got a NaN/Inf gradient" if bad else "the loss is NaN/Inf"
-    if snap.forward_nonfinite_at:
+    if snap.forward_nonfinite_at and snap.nonfinite_weights:
+        where = (f"the forward output of {location} is already non-finite: its weights hold NaN/Inf "
+                 f"({short(snap.nonfinite_weights, 1)}), from before this step (an earlier optimizer step, or the "
+                 "weights as loaded): look at the first step whose loss or gradients went non-finite")
+    elif snap.forward_nonfinite_at:
         where = f"the forward output of {location} is already non-finite"
     elif loss_bad:
         where += "; every module output is finite, so the loss computation itself produces the NaN/Inf"
