@@ -13,6 +13,7 @@ input-grad hook, `inputs_embeds` passed directly, a custom checkpoint loop.
 
 ## Example
 ```python
+# transformers 4.x (5.x installs the input-grad hook itself when it turns reentrant checkpointing on)
 model = get_peft_model(model, LoraConfig(target_modules="all-linear"))
 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
 model(input_ids=ids, labels=ids).loss.backward()   # RuntimeError: element 0 of tensors does not require grad
