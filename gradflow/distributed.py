@@ -34,6 +34,7 @@ from gradflow.finding import with_hints
 from gradflow.fixes import findings_for
 from gradflow.forward import call_model
 from gradflow.models import decoder_layers, unwrap
+from gradflow.probing.cuts import in_lockstep
 from gradflow.report import SECTIONS, build_report
 from gradflow.setup.sources import Kind
 from gradflow.setup.wrappers import fsdp1_numels, is_fsdp1, unwrap_fsdp1
@@ -87,8 +88,9 @@ def probe(setup, batch, launch: Launch, *, trainable=None):
     # FSDP1 is probed whole, as gradflow.probe does it in one process: its units are known before the step (their
     # zero-filled flat gradients are then checked by the replay); the names are the unwrapped model's afterwards
     trainable = trainable if trainable is not None else setup.trainable
-    report = gradflow.probe(inner if numels is None else wrapped, batch, loss_fn=through_wrapper,
-                            optimizer=setup.optimizer, trainable=trainable)
+    with in_lockstep():  # every rank probes this batch now: the replay is decided together
+        report = gradflow.probe(inner if numels is None else wrapped, batch, loss_fn=through_wrapper,
+                                optimizer=setup.optimizer, trainable=trainable)
     if numels is not None:
         unwrap_fsdp1(report.snapshot, wrapped, numels)
     return gather(report, inner, launch, hints=getattr(setup, "hints", None))

@@ -309,3 +309,53 @@ def test_the_text_report_says_it_ran_distributed():
     assert res.returncode == 0, res.stderr[-3000:]
     assert "distributed: FSDP2 on 2 ranks (gloo)  batch: the same on every rank" in res.stdout.splitlines()
     assert res.stdout.count(" trainable / ") == 1  # rank 0's report alone
+
+
+# --- the replay, decided by all ranks together (a rank that replays alone leaves the wrapper's collectives unmatched)
+NARROW_IDS_FACTORY = '''
+import torch
+from gradflow.setup.presets import build_preset
+
+
+def build():  # a full fine-tune: the embedding's rows are sharded, and the batch reaches only some ranks' rows
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    return {"model": build_preset("tiny-llama", seed=0, training=True),
+            "batch": {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}}
+'''
+
+DETACHED_FSDP1_FACTORY = '''
+import torch
+import torch.distributed as dist
+from tests.helpers.builders import DetachedBranch, custom_with, tiny_batch
+
+
+def build():
+    torch.manual_seed(0)
+    model = custom_with(DetachedBranch)
+    if dist.is_available() and dist.is_initialized():
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        model = FullyShardedDataParallel(model, use_orig_params=True, device_id=torch.device("cpu"))
+    return {"model": model, "batch": tiny_batch(), "loss_fn": lambda m, b: m(**b)["loss"]}
+'''
+
+
+@pytest.mark.slow
+def test_a_zero_gradient_on_one_ranks_shard_does_not_split_the_ranks(tmp_path):
+    """FSDP2 shards the embedding's gradient by rows; a rank whose rows the batch never reaches sees a zero shard.
+    Replayed on that rank alone, the forward's all-gathers had no partner (gloo aborted): now it is healthy."""
+    (tmp_path / "narrow.py").write_text(NARROW_IDS_FACTORY)
+    gathered = _torchrun(f"{tmp_path / 'narrow.py'}:build", "--fsdp")
+    assert gathered["findings"] == [] and gathered["distributed"]["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_detached_branch_under_two_fsdp1_ranks_is_a_graph_break(tmp_path):
+    (tmp_path / "detached.py").write_text(DETACHED_FSDP1_FACTORY)
+    res = subprocess.run(torchrun("-m", "gradflow", "probe-backward", f"{tmp_path / 'detached.py'}:build", "--fsdp",
+                                  "--format", "json"), capture_output=True, text=True, timeout=180,
+                         env=child_env())
+    assert res.stdout.count('"schema_version"') == 1, res.stderr[-3000:]
+    findings = json.loads(res.stdout)["findings"]
+    assert [(f["slug"], f["location"]) for f in findings][0] == ("graph-break", "base_model.model.blocks.1")
+    assert "grad-missing-unexplained" not in [f["slug"] for f in findings]

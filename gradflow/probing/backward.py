@@ -10,7 +10,7 @@ from typing import Any, Callable
 from gradflow.data.packing import is_packed
 from gradflow.forward import batch_or_synthetic, call_model, extract_loss, fresh
 from gradflow.model_state import kept, set_rng_state
-from gradflow.probing.cuts import fill_cuts, flat_zeros_missing, lost_params, release, replay
+from gradflow.probing.cuts import fill_cuts, flat_zeros_missing, lost_params, release, replay, should_replay
 from gradflow.probing.describe import active_adapters, describe
 from gradflow.probing.leak import measure
 from gradflow.probing.loss_terms import LossTerms
@@ -62,10 +62,12 @@ def probe(model, batch: Any = None, *, loss_fn: Callable | None = None, optimize
             _note_zero_valued(snap, trainable_params)
         release(tracer)
         lost = lost_params(snap, trainable_params) if backward and loss_state.error is None else []
-        if lost:  # after an exception the missing gradients say nothing
+        # after an exception the missing gradients say nothing; in lockstep a rank with none lost replays too
+        if backward and loss_state.error is None and should_replay(lost):
             again = replay(model, batch, loss_fn, names, state, trainable_modules, lost)
             if again is not None:
-                fill_cuts(snap, again, lost)
+                if lost:
+                    fill_cuts(snap, again, lost)
                 release(again)
         if backward and loss_state.error is None:
             flat_zeros_missing(snap)

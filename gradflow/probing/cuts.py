@@ -6,6 +6,7 @@ distributed wrapper ran in a parameter's place)."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import sys
 
 from gradflow.forward import call_model, extract_loss, fresh
@@ -13,6 +14,28 @@ from gradflow.model_state import ModelState
 from gradflow.probing.trace import Tracer
 from gradflow.probing.unreached import note_unused
 from gradflow.snapshot import Snapshot, ancestors
+from gradflow.world import agree_min, is_multi_process
+
+# set by gradflow.distributed.probe: every rank probes the same batch at the same point, so the replay can be
+# decided together (one rank's forward alone would leave a wrapper's collectives unmatched)
+_LOCKSTEP = contextvars.ContextVar("gradflow_probe_lockstep", default=False)
+
+
+@contextlib.contextmanager
+def in_lockstep():
+    """Within: this process's probes run on every rank at once (probe-backward --ddp/--fsdp under torchrun)."""
+    token = _LOCKSTEP.set(True)
+    try:
+        yield
+    finally:
+        _LOCKSTEP.reset(token)
+
+
+def should_replay(lost: list) -> bool:
+    """Whether to replay the forward: some parameter lost its gradient here, or, in lockstep, on any rank."""
+    if _LOCKSTEP.get() and is_multi_process():
+        return agree_min(0 if lost else None) is not None  # a collective: every rank replays, or none
+    return bool(lost)
 
 
 def release(tracer) -> None:
@@ -130,9 +153,11 @@ def fill_cuts(snap: Snapshot, tracer, lost: list, budget: int = 3_000_000) -> No
 
 def lost_params(snap: Snapshot, trainable_params) -> list:
     """(state, tensor) of the parameters `Snapshot.without_grad` names, unexplained zero gradients (FSDP1's zero
-    entries, a zero-derivative op on the way) included."""
+    entries, a zero-derivative op on the way) included. Among several processes a zero is judged on this rank's
+    shard, so zeros count only in lockstep (should_replay agrees across ranks); otherwise a rank would replay alone."""
     tensors = dict(trainable_params)
-    return [(state, tensors[state.name]) for state in snap.without_grad(flat_zeros=True, zeros=True)
+    zeros = _LOCKSTEP.get() or not is_multi_process()
+    return [(state, tensors[state.name]) for state in snap.without_grad(flat_zeros=zeros, zeros=zeros)
             if state.name in tensors]
 
 

@@ -222,12 +222,16 @@ def load_adapter(base, adapter_dir: str, *, is_trainable: bool = False):
     return model
 
 
-def outside_adapter(model) -> dict:
+def outside_adapter(model, full: dict | None = None) -> dict:
     """name -> CPU copy of each trainable tensor that save_pretrained leaves out: not under an adapter's name (its
-    weights, its modules_to_save copies)."""
+    weights, its modules_to_save copies). `full`: the gathered (unsharded) tensors to take them from, where the
+    model's own are FSDP shards."""
     adapters = set(getattr(model, "peft_config", {}) or {})
-    return {n: p.detach().cpu() for n, p in model.named_parameters()
-            if p.requires_grad and not adapters & set(n.split("."))}
+    names = [n for n, p in model.named_parameters() if p.requires_grad and not adapters & set(n.split("."))]
+    if full is not None:
+        return {n: full[n].detach().cpu() for n in names if n in full}
+    params = dict(model.named_parameters())
+    return {n: params[n].detach().cpu() for n in names}
 
 
 def _restore_outside(model, adapter_dir: str) -> None:

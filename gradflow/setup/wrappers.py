@@ -200,6 +200,8 @@ def unwrap_fsdp1(snap, wrapped, numels: dict[int, int]) -> None:
     snap.grad_off_forward = {clean_name(k): v for k, v in snap.grad_off_forward.items()}
     if snap.forward_nonfinite_at is not None:
         snap.forward_nonfinite_at = clean_name(snap.forward_nonfinite_at)
+    snap.zero_valued = [clean_name(n) for n in snap.zero_valued]
+    snap.nonfinite_weights = [clean_name(n) for n in snap.nonfinite_weights]
     for flip in snap.flips:
         flip.params = [clean_name(n) for n in flip.params]
         flip.module = clean_name(flip.module) if flip.module is not None else None

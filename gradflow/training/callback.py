@@ -8,12 +8,13 @@ Usable in anyone's own Trainer:
 At `on_train_begin`, after the Trainer has set the run up (checkpointing from its args, the optimizer, the
 dataloader) and before any step, it probes the first batch of the train dataloader with the run's own model and
 optimizer (the pre-flight). Then every `check_every` optimizer steps (and at the first this process trains, a
-resumed run's too) it checks that every trainable parameter got a finite gradient and records per-layer norms. After every step it checks that the
-parameters trainable when the first step began still require grad (`requires-grad-changed`: a `set_adapter` or
-`requires_grad_(False)` inside compute_loss; freezing in an `on_train_begin` is the user's choice). At step
-`moved_at_step` it checks that the trainable weights that can have moved by then actually moved. A broken state sets
-`control.should_training_stop` (or, with `raise_on_error`, raises GradflowError), prints one line on stderr with
-its fix and lands in `callback.findings`, so the run stops now rather than hours later.
+resumed run's too) it checks that every trainable parameter got a finite gradient and records per-layer norms.
+After every step it checks that the parameters trainable when the first step began still require grad
+(`requires-grad-changed`: a `set_adapter` or `requires_grad_(False)` inside compute_loss; freezing in an
+`on_train_begin` is the user's choice). At step `moved_at_step` it checks that the trainable weights that can
+have moved by then actually moved. A broken state sets `control.should_training_stop` (or, with `raise_on_error`,
+raises GradflowError), prints one line on stderr with its fix and lands in `callback.findings`, so the run stops
+now rather than hours later.
 """
 
 from __future__ import annotations

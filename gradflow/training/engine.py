@@ -293,9 +293,10 @@ class Run:
         opts, setup, train, output = self.opts, self.setup_, self.report.train, self.output
         finished = not self.stopped and not self.interrupted
         is_main = self.trainer.is_world_process_zero()
+        outside = []
         if finished and opts.fsdp:  # every rank gathers the sharded adapter; rank 0 writes it once
-            _fsdp.save_adapter(self.trainer, setup, self.model, self.ropts, opts, os.path.join(output, ADAPTER_DIR),
-                               is_main)
+            outside = _fsdp.save_adapter(self.trainer, setup, self.model, self.ropts, opts,
+                                         os.path.join(output, ADAPTER_DIR), is_main)
             train["adapter"] = ADAPTER_DIR
         if is_main:
             if plot_grad_norms(self.watch.history, os.path.join(output, "grad_norms.png")):
@@ -304,8 +305,8 @@ class Run:
                 with writing(f"the adapter in {output}", os.path.join(output, CHECKPOINT_DIR)):
                     outside = save_adapter(setup, self.model, self.ropts, opts, os.path.join(output, ADAPTER_DIR))
                 train["adapter"] = ADAPTER_DIR
-                if outside:  # trainable tensors save_pretrained drops: kept beside the adapter, and said so
-                    train["adapter_outside"] = {"file": OUTSIDE_FILE, "tensors": outside}
+            if outside:  # trainable tensors save_pretrained drops: kept beside the adapter, and said so
+                train["adapter_outside"] = {"file": OUTSIDE_FILE, "tensors": outside}
         if finished and opts.merge and is_main:
             merge(os.path.join(output, ADAPTER_DIR), os.path.join(output, "merged"),
                   trust_remote_code=self.ropts.trust_remote_code)

@@ -92,11 +92,12 @@ def full_state(trainer) -> dict:
     return {n: t for n, t in full.items() if n in trainable}
 
 
-def save_adapter(trainer, setup, model_spec, ropts, opts, path: str, is_main: bool) -> None:
-    """Gather on every rank; rank 0 writes the consolidated adapter (PeftModel.from_pretrained loads it)."""
+def save_adapter(trainer, setup, model_spec, ropts, opts, path: str, is_main: bool) -> list[str]:
+    """Gather on every rank; rank 0 writes the consolidated adapter (PeftModel.from_pretrained loads it) and returns
+    the names of the trainable tensors kept beside it (gradflow.training.outputs.save_adapter)."""
     state = full_state(trainer)
     if not is_main:
-        return
+        return []
     model = setup.model
     if hasattr(model, "peft_config"):
         original = model.save_pretrained
@@ -106,7 +107,7 @@ def save_adapter(trainer, setup, model_spec, ropts, opts, path: str, is_main: bo
 
         model.save_pretrained = save_full
         try:
-            write(setup, model_spec, ropts, opts, path)
+            return write(setup, model_spec, ropts, opts, path, full=state)
         finally:
             del model.save_pretrained
     else:
@@ -116,6 +117,7 @@ def save_adapter(trainer, setup, model_spec, ropts, opts, path: str, is_main: bo
         os.makedirs(tmp, exist_ok=True)
         torch.save(state, os.path.join(tmp, "trainable_state.pt"))
         replace_dir(tmp, path)
+        return []
 
 
 def local(grad):

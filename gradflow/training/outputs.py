@@ -72,9 +72,9 @@ def prepare_output(output: str, opts) -> None:
     os.makedirs(output, exist_ok=True)
 
 
-def save_adapter(setup, model_spec, ropts, opts, path: str) -> list[str]:
+def save_adapter(setup, model_spec, ropts, opts, path: str, full: dict | None = None) -> list[str]:
     """The adapter, written atomically: PeftModel.from_pretrained loads it; gradflow.load_adapter adds SO(8) and the
-    trainable tensors save_pretrained leaves out (their names are returned)."""
+    trainable tensors save_pretrained leaves out (their names are returned). `full`: FSDP's gathered tensors."""
     model = setup.model
     if not hasattr(model, "peft_config"):
         # not a PEFT model (a factory's own module): save its trainable state, which is what trained
@@ -90,7 +90,7 @@ def save_adapter(setup, model_spec, ropts, opts, path: str) -> list[str]:
     tmp = f"{path}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    outside = so8.outside_adapter(model)
+    outside = so8.outside_adapter(model, full)
     if outside:  # trained, yet dropped by save_pretrained (trainable-param-not-saved): kept beside the adapter
         import torch
 

@@ -132,3 +132,40 @@ def test_fsdp_with_quant_is_one_line_exit_2(tmp_path):
     assert res.code == 2, res.stderr[-2000:]
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("gradflow")]
     assert len(lines) == 1 and "--fsdp cannot shard a --quant" in lines[0] and "Traceback" not in res.stderr
+
+
+EMBEDDINGS_BY_HAND = '''
+from gradflow.setup.build import apply_lora
+from gradflow.setup.presets import build_preset, build_tokenizer
+
+
+def build():
+    model = apply_lora(build_preset("tiny-llama", seed=0, training=True), 4, 8, "all-linear")
+    model.get_base_model().model.embed_tokens.weight.requires_grad_(True)  # unfrozen by hand: not in the adapter
+    return {"model": model, "tokenizer": build_tokenizer()}
+'''
+
+
+@pytest.mark.slow
+def test_fsdp_keeps_the_full_tensors_save_pretrained_leaves_out(tmp_path):
+    """Under FSDP the model's own parameters are shards: the tensors kept beside the adapter are the gathered ones,
+    plain tensors that load_adapter restores whole."""
+    import torch
+
+    from gradflow.setup.presets import build_preset
+    from gradflow.training import load_adapter
+
+    (tmp_path / "by_hand.py").write_text(EMBEDDINGS_BY_HAND)
+    out = tmp_path / "fsdp"
+    args = torchrun("-m", "gradflow", "train", f"{tmp_path / 'by_hand.py'}:build", "--data", DEMO, "--output", out,
+                    "--fsdp", "--seq-len", "48", "--device", "cpu", "--max-steps", 2, "--lr", "1e-2")
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300, env=child_env())
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())["train"]
+    assert report["adapter_outside"]["tensors"] == ["base_model.model.model.embed_tokens.weight"]
+    kept = torch.load(out / "adapter" / "trainable_state.pt", weights_only=True)
+    assert kept["base_model.model.model.embed_tokens.weight"].shape == (512, 64)
+    restored = load_adapter(build_preset("tiny-llama", seed=0), str(out / "adapter"))
+    trained = restored.get_base_model().model.embed_tokens.weight
+    assert torch.equal(trained, kept["base_model.model.model.embed_tokens.weight"])
+    assert not torch.equal(trained, build_preset("tiny-llama", seed=0).model.embed_tokens.weight)
