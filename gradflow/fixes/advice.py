@@ -10,6 +10,7 @@ import dataclasses
 from typing import Callable
 
 from gradflow.fixes._base import Applicability, Fix, Plan, ancestors, describe_module, where_defined
+from gradflow.rules.graph_break import STE_FIX
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +55,7 @@ def _graph_break(ctx, finding):
     zero_ops = ctx.snap.zero_derivative_ops if ctx.snap is not None else []
     if decorator is not None:  # the module's own forward turns autograd off
         change = f"in {where}: remove the @torch.{decorator}() decorator from forward"
-    elif zero_ops and "an exactly-zero gradient" in finding.message:  # graph_break._zero_derivative
+    elif zero_ops and finding.fix is not None and finding.fix.title == STE_FIX:  # graph_break._zero_derivative
         op = zero_ops[0]
         change = (f"in {where}: give {'/'.join(zero_ops)}() a straight-through estimator, e.g. "
                   f"y = x + (torch.{op}(x) - x).detach()")

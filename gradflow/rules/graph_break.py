@@ -186,7 +186,7 @@ def _traced_cut(ctx: _Lost):
     return None
 
 
-_STE_FIX = ("Give the op a straight-through estimator: x + (op(x) - x).detach() passes the gradient as if it were "
+STE_FIX = ("Give the op a straight-through estimator: x + (op(x) - x).detach() passes the gradient as if it were "
             "the identity")
 
 
@@ -202,7 +202,7 @@ def _zero_derivative(cut: list[str], m, snap):
     message = (f"the gradient is zeroed in {m.name or 'the model'} ({m.cls}): its output reaches the trainable "
                f"parameters {where} only through {ops}, whose derivative is zero (no straight-through estimator); "
                f"{plural(len(cut), 'trainable parameter')} {verb} an exactly-zero gradient: {short(cut, 2)}")
-    return RULE.finding(message, location=m.name or None, params=cut, fix_title=_STE_FIX)
+    return RULE.finding(message, location=m.name or None, params=cut, fix_title=STE_FIX)
 
 
 def _detached_output(ctx: _Lost):

@@ -13,7 +13,6 @@ from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCo
                           TrainingArguments)
 
 
-
 IMAGE_TOKEN, VOCAB = 5, 128
 
 
